@@ -1,0 +1,328 @@
+"""Extraction: run a frozen backbone once over a source and commit its features to the store.
+
+Decoding, hashing and resizing run in DataLoader workers while the backbone computes; shards are
+committed in source order, so a killed run resumes with exactly the batches it would have run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .backbones import LoadedBackbone, load_backbone
+from .errors import FeatcacheError
+from .images import Preprocess, array_to_rgb, decode_rgb
+from .progress import Reporter
+from .sources import ImageRecord, ImageSource
+from .store import (MANIFEST, CacheEntry, EntryLock, ShardRows, default_cache_root, fingerprint,
+                    remove_temporaries, write_json_atomic, write_shard)
+
+DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ExtractionInterrupted(FeatcacheError):
+    """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
+
+
+@dataclass
+class ExtractResult:
+    entry: CacheEntry
+    extracted: int
+    skipped: int
+    failed: dict[str, str]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.extracted} extracted ({self.images_per_second:.1f} images/s), "
+                f"{self.skipped} already cached, {len(self.failed)} failed -> {self.entry.path}")
+
+
+def file_state(record: ImageRecord) -> tuple[int, int]:
+    """(size, mtime_ns) of the record's file; (-1, -1) when it does not exist."""
+    try:
+        st = os.stat(record.path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarray, str]:
+    """The record's raw content and its SHA-256 (of the file bytes, or of the array for .npz)."""
+    if record.npz_key is None:
+        data = Path(record.path).read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+    key, index = record.npz_key
+    arrays = npz_cache.setdefault(str(record.path), np.load(record.path, allow_pickle=False))
+    pixels = np.ascontiguousarray(arrays[key][index])
+    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode() + pixels.tobytes())
+    return pixels, digest.hexdigest()
+
+
+class _ImageDataset(Dataset):
+    """Reads, hashes, decodes and resizes one image; failures come back as a reason string."""
+
+    def __init__(self, records: list[ImageRecord], preprocess: Preprocess):
+        self.records, self.preprocess = records, preprocess
+        self._npz: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        size, mtime = file_state(record)
+        item = {"index": i, "size": size, "mtime": mtime, "sha": "", "image": None, "error": None}
+        if size < 0:
+            item["error"] = f"file not found: {record.path}"
+            return item
+        try:
+            content, item["sha"] = read_record(record, self._npz)
+            if isinstance(content, np.ndarray):
+                image = array_to_rgb(content)
+            else:
+                image = decode_rgb(content, self.preprocess.resize_size if self.preprocess.jpeg_draft
+                                   else None)
+            item["image"] = self.preprocess.to_uint8(image)
+        except (ValueError, OSError, KeyError) as exc:
+            item["error"] = f"{exc} ({record.path})"
+        return item
+
+
+def _collate(items: list[dict]) -> dict:
+    ok = [it for it in items if it["image"] is not None]
+    return {"items": items,
+            "images": torch.stack([it["image"] for it in ok]) if ok else None,
+            "ok": [it["index"] for it in ok]}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the backbone's threads
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def entry_path(cache_root: Path, dataset: str, backbone: str, fp: str) -> Path:
+    return Path(cache_root) / dataset / f"{backbone.replace(':', '-')}-{fp}"
+
+
+def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str) -> dict:
+    return {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
+            "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
+            "dtype": dtype, "precision": precision}
+
+
+def provenance(device: torch.device, origin: str) -> dict:
+    return {"featcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "host": platform.node(), "weights_origin": origin,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def plan(source: ImageSource, entry_dir: Path) -> tuple[list[ImageRecord], int]:
+    """Records still to extract: not in the store, or whose file changed since it was stored."""
+    if not (entry_dir / MANIFEST).exists():
+        return list(source.records), 0
+    state = CacheEntry(entry_dir).state()
+    todo, npz_cache = [], {}
+    for record in source.records:
+        known = state.get(record.id)
+        if known is None:
+            todo.append(record)
+            continue
+        if (known.size, known.mtime_ns) == file_state(record):
+            continue
+        try:  # touched but maybe unchanged (copied, re-saved): compare the content hash
+            unchanged = read_record(record, npz_cache)[1] == known.sha256
+        except (OSError, ValueError, KeyError):
+            unchanged = False
+        if not unchanged:
+            todo.append(record)
+    return todo, len(source.records) - len(todo)
+
+
+def extract(
+    source: ImageSource,
+    backbone: str | LoadedBackbone,
+    cache_root: str | os.PathLike | None = None,
+    pools: tuple[str, ...] | None = None,
+    dtype: str = "float16",
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    shard_size: int = 1024,
+    device: str = "auto",
+    precision: str = "auto",
+    jpeg_draft: bool = True,
+    reporter: Reporter | None = None,
+) -> ExtractResult:
+    """Extract features of every image in ``source`` into the cache (resuming where it stopped)."""
+    if dtype not in DTYPES:
+        raise FeatcacheError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    reporter = reporter or Reporter(quiet=True)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    model = backbone if isinstance(backbone, LoadedBackbone) else \
+        load_backbone(backbone, weights=weights, pools=pools, device=dev)
+    if not jpeg_draft:
+        model.preprocess = Preprocess(**{**model.preprocess.to_dict(), "jpeg_draft": False})
+    inputs = fingerprint_inputs(model, dtype, precision)
+    fp = fingerprint(inputs)
+    entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)
+    entry_dir.mkdir(parents=True, exist_ok=True)
+
+    with EntryLock(entry_dir):
+        removed = remove_temporaries(entry_dir)
+        if removed:
+            reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
+        todo, skipped = plan(source, entry_dir)
+        manifest = {
+            "fingerprint": fp, "fingerprint_inputs": inputs, "format_version": 1,
+            "dataset": source.name, "source": str(Path(source.location).resolve()),
+            "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
+            "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
+        }
+        if skipped:
+            reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
+                          f"extracting the other {len(todo)}")
+        start = time.perf_counter()
+        extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
+                         shard_size, manifest, reporter)
+        seconds = time.perf_counter() - start
+        entry = _write_manifest(entry_dir, manifest, source, complete=True)
+    return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes))
+
+
+def _write_manifest(entry_dir: Path, manifest: dict, source: ImageSource, complete: bool) -> CacheEntry:
+    listed = {r.id for r in source.records}
+    payload = {**manifest, "complete": complete}
+    if (entry_dir / MANIFEST).exists():
+        state = CacheEntry(entry_dir).state()
+        payload["shards"] = [p.name for p in sorted(entry_dir.glob("shard-*.h5"))]
+        payload["n_images"] = sum(1 for s in state.values() if s.failed is None)
+        payload["failed"] = {i: s.failed for i, s in state.items() if s.failed is not None}
+        payload["complete"] = complete and listed <= set(state)
+    write_json_atomic(entry_dir / MANIFEST, payload)
+    return CacheEntry(entry_dir)
+
+
+class _StopRequested:
+    """SIGTERM behaves like Ctrl-C: stop after the current batch, keep what was committed."""
+
+    def __enter__(self) -> _StopRequested:
+        self._old = signal.getsignal(signal.SIGTERM)
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
+         precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
+         manifest: dict, reporter: Reporter) -> int:
+    if not (entry_dir / MANIFEST).exists():
+        write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+    if not todo:
+        return 0
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    cuda = dev.type == "cuda"
+    loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+                        worker_init_fn=_worker_init if workers else None,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if cuda and precision != "fp32" else nullcontext())
+    next_shard = len(list(entry_dir.glob("shard-*.h5")))
+    existing = sorted(entry_dir.glob("shard-*.h5"))
+    if existing:
+        next_shard = int(existing[-1].stem.split("-")[1]) + 1
+    rows = ShardRows(model.model.pools)
+    attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
+             "provenance": manifest["provenance"], "backbone": manifest["backbone"]}
+    extracted = 0
+    task = reporter.task(f"extract {model.spec.name}", total=len(todo))
+    try:
+        with _StopRequested(), torch.inference_mode():
+            for batch in loader:
+                feats = {}
+                if batch["images"] is not None:
+                    x = model.preprocess.normalize(batch["images"].to(dev, non_blocking=cuda))
+                    with autocast:
+                        out = model.model(x)
+                    feats = {p: out[p].float().cpu().numpy().astype(dtype) for p in rows.pools}
+                ok_position = {index: n for n, index in enumerate(batch["ok"])}
+                for item in batch["items"]:
+                    record = todo[item["index"]]
+                    args = (record.id, item["sha"], item["size"], item["mtime"])
+                    if item["error"]:
+                        reporter.warn(f"skipped {record.id}: {item['error']}")
+                        rows.add_failed(*args, item["error"])
+                        continue
+                    n = ok_position[item["index"]]
+                    row = {p: feats[p][n] for p in rows.pools}
+                    if not all(np.isfinite(v).all() for v in row.values()):
+                        reason = f"non-finite features (NaN/Inf) for {record.path}"
+                        reporter.warn(f"skipped {record.id}: {reason}")
+                        rows.add_failed(*args, reason)
+                        continue
+                    rows.add(*args, row)
+                    extracted += 1
+                if len(rows) >= shard_size:
+                    write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
+                    next_shard, rows = next_shard + 1, ShardRows(model.model.pools)
+                task.advance(len(batch["items"]))
+            if len(rows):
+                write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(
+            f"Interrupted: {extracted - sum(1 for _ in rows.ids)} new images were committed to "
+            f"{entry_dir}; rerun the same command to resume from there") from None
+    finally:
+        task.close()
+    return extracted

@@ -1,0 +1,126 @@
+"""Decoding any image file into RGB, and the resize/crop/normalise step a backbone asks for.
+
+Workers return uint8 tensors (4x less inter-process traffic than float); normalisation runs on
+the whole batch in the main process, on the device, with the same operations as torchvision's
+``ToTensor`` + ``Normalize`` so that results match a plain timm/torchvision pipeline bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What turns a decoded image into the backbone's input; part of the cache fingerprint."""
+
+    crop_size: int
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # JPEG DCT-domain downscaling (PIL draft) before the resize: much faster on large photos;
+    # it changes pixels slightly, which is why it is part of the fingerprint.
+    jpeg_draft: bool = True
+
+    @classmethod
+    def from_crop_pct(
+        cls,
+        crop_size: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        jpeg_draft: bool = True,
+    ) -> Preprocess:
+        # Same rule as timm's eval transform: resize the short side to floor(size / crop_pct).
+        return cls(
+            crop_size=int(crop_size),
+            resize_size=int(math.floor(crop_size / crop_pct)),
+            interpolation=str(interpolation),
+            mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
+            std=tuple(float(s) for s in std),  # type: ignore[arg-type]
+            jpeg_draft=jpeg_draft,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """Resize the short side, centre-crop, and return a 3xHxW uint8 tensor."""
+        image = TF.resize(image, self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation])
+        image = TF.center_crop(image, [self.crop_size, self.crop_size])
+        return TF.pil_to_tensor(image)
+
+    def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 NxCxHxW -> float32 normalised, exactly as ToTensor() + Normalize() compute it."""
+        mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch_uint8.device).view(1, 3, 1, 1)
+        return batch_uint8.float().div_(255).sub_(mean).div_(std)
+
+
+def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image with EXIF orientation applied.
+
+    Handles grayscale, palette, alpha (flattened onto white), CMYK and 16-bit images.
+    ``min_side`` enables JPEG draft decoding that keeps both sides >= ``min_side``.
+    Raises ``ValueError`` with a plain reason for files that are not decodable images.
+    """
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"image too large to decode safely ({exc})") from None
+        except (OSError, SyntaxError, Image.UnidentifiedImageError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"not a decodable image ({reason})") from None
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without wrapping or clipping high bit depths."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if (mode.startswith("I;16") or array.max() > 255) else 255.0
+        array = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def array_to_rgb(array: np.ndarray) -> Image.Image:
+    """An image stored in an array (HxW or HxWxC, as in MedMNIST .npz files) to RGB."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {array.dtype}")
+    return to_rgb(Image.fromarray(array))

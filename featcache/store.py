@@ -1,0 +1,276 @@
+"""The feature store: fingerprinted cache entries made of atomically committed HDF5 shards.
+
+Layout: ``<cache>/<dataset>/<backbone>-<fingerprint>/`` holding ``shard-00000.h5 …``,
+``manifest.json`` (a summary, rebuilt from the shards) and ``.lock``. A shard is written under a
+hidden temporary name and renamed into place only when complete, so a killed run leaves nothing a
+later run could take for finished work. Shards are the truth: each lists the images it covers,
+with their SHA-256, size and mtime, and the ones that failed with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, EntryLocked
+
+FORMAT_VERSION = 1
+CACHE_ENV = "FEATCACHE_CACHE"
+SHARD_GLOB = "shard-*.h5"
+TEMP_MARK = ".tmp-"
+MANIFEST = "manifest.json"
+STR = h5py.string_dtype("utf-8")
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "cache"))
+
+
+def fingerprint(inputs: dict) -> str:
+    """Name of a cache entry: hash of everything that determines the feature values."""
+    canonical = json.dumps({"format_version": FORMAT_VERSION, **inputs}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EntryLock:
+    """Exclusive lock on an entry (``flock``: released by the kernel even after SIGKILL).
+
+    The holder writes its pid, host, start time and command into the file so that a refused run
+    can say who holds it.
+    """
+
+    def __init__(self, entry_dir: Path):
+        self.path = entry_dir / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> EntryLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise EntryLocked(
+                f"{self.path.parent} is being written by {holder}; wait for it to finish or stop "
+                "it (a second run would only redo its work)") from None
+        os.ftruncate(fd, 0)
+        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{_dt.datetime.now().isoformat(timespec='seconds')} ({' '.join(sys.argv[:3])})")
+        os.write(fd, info.encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class ShardRows:
+    """What one shard commits: extracted rows and failed rows, both in source order."""
+
+    pools: tuple[str, ...]
+    ids: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    mtime_ns: list[int] = field(default_factory=list)
+    features: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    failed: list[tuple[str, str, int, int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.failed)
+
+    def add(self, image_id: str, sha: str, size: int, mtime: int, feats: dict[str, np.ndarray]) -> None:
+        self.ids.append(image_id)
+        self.sha256.append(sha)
+        self.size.append(size)
+        self.mtime_ns.append(mtime)
+        for pool in self.pools:
+            self.features.setdefault(pool, []).append(feats[pool])
+
+    def add_failed(self, image_id: str, sha: str, size: int, mtime: int, reason: str) -> None:
+        self.failed.append((image_id, sha, size, mtime, reason))
+
+
+def write_shard(entry_dir: Path, index: int, rows: ShardRows, dims: dict[str, int], dtype: str,
+                attrs: dict) -> Path:
+    """Write ``rows`` as ``shard-<index>.h5`` atomically (temp file, fsync, rename)."""
+    final = entry_dir / f"shard-{index:05d}.h5"
+    tmp = entry_dir / f".{final.name}{TEMP_MARK}{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("ids", data=np.array(rows.ids, dtype=object), dtype=STR)
+            h5.create_dataset("sha256", data=np.array(rows.sha256, dtype="S64").reshape(-1))
+            h5.create_dataset("size", data=np.array(rows.size, dtype=np.int64))
+            h5.create_dataset("mtime_ns", data=np.array(rows.mtime_ns, dtype=np.int64))
+            group = h5.create_group("features")
+            for pool in rows.pools:
+                stacked = (np.stack(rows.features[pool]) if rows.ids
+                           else np.zeros((0, dims[pool])))
+                group.create_dataset(pool, data=stacked.astype(dtype))  # contiguous: mmap-able
+            failed = h5.create_group("failed")
+            columns = list(zip(*rows.failed, strict=True)) if rows.failed else [[], [], [], [], []]
+            failed.create_dataset("ids", data=np.array(columns[0], dtype=object), dtype=STR)
+            failed.create_dataset("sha256", data=np.array(columns[1], dtype="S64").reshape(-1))
+            failed.create_dataset("size", data=np.array(columns[2], dtype=np.int64))
+            failed.create_dataset("mtime_ns", data=np.array(columns[3], dtype=np.int64))
+            failed.create_dataset("reason", data=np.array(columns[4], dtype=object), dtype=STR)
+            for key, value in attrs.items():
+                h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+            h5.flush()
+            os.fsync(h5.id.get_vfd_handle())
+        os.replace(tmp, final)
+        _fsync_dir(entry_dir)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def remove_temporaries(entry_dir: Path) -> list[Path]:
+    """Delete leftovers of interrupted writes; call only while holding the entry lock."""
+    leftovers = [p for p in entry_dir.glob(f".*{TEMP_MARK}*") if p.is_file()]
+    for path in leftovers:
+        path.unlink()
+    return leftovers
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """What the store knows of one image: enough to tell whether the file changed since."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+    failed: str | None  # the reason, for images that could not be extracted
+    shard: int
+    row: int
+
+
+class CacheEntry:
+    """Read side of one entry. Ids are served in entry order (the order they were extracted)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise CacheError(f"{self.path}: not a cache entry (no {MANIFEST}); "
+                             "run `featcache extract` to create it")
+        self.manifest: dict = json.loads(manifest.read_text())
+        self._state: dict[str, ImageState] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(self.manifest["pools"])
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.path.glob(SHARD_GLOB))
+
+    def state(self) -> dict[str, ImageState]:
+        """id -> :class:`ImageState`; a later shard overrides an earlier one for the same id."""
+        if self._state is None:
+            state: dict[str, ImageState] = {}
+            for shard_no, shard in enumerate(self.shard_paths()):
+                with h5py.File(shard, "r") as h5:
+                    for prefix in ("", "failed/"):
+                        ids = h5[f"{prefix}ids"].asstr()[()]
+                        shas = h5[f"{prefix}sha256"][()]
+                        sizes, mtimes = h5[f"{prefix}size"][()], h5[f"{prefix}mtime_ns"][()]
+                        reasons = h5["failed/reason"].asstr()[()] if prefix else None
+                        for row, image_id in enumerate(ids):
+                            state.pop(image_id, None)  # re-inserted: keeps the latest order
+                            state[image_id] = ImageState(
+                                shas[row].decode(), int(sizes[row]), int(mtimes[row]),
+                                reasons[row] if prefix else None, shard_no, row)
+            self._state = state
+        return self._state
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, s in self.state().items() if s.failed is None]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {i: s.failed for i, s in self.state().items() if s.failed is not None}
+
+    def read(self, pool: str, ids: list[str] | None = None, dtype: str = "float32") -> np.ndarray:
+        """Features of ``ids`` (default: all, entry order) as one array, read shard by shard."""
+        self._check_pool(pool)
+        state = self.state()
+        wanted = self.ids if ids is None else list(ids)
+        missing = [i for i in wanted if i not in state or state[i].failed is not None]
+        if missing:
+            raise CacheError(f"{self.path}: {len(missing)} requested ids have no features "
+                             f"(first: {missing[0]}); run `featcache extract` on this data first")
+        dim = self.manifest["dims"][pool]
+        out = np.empty((len(wanted), dim), dtype=dtype)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for position, image_id in enumerate(wanted):
+            s = state[image_id]
+            by_shard.setdefault(s.shard, []).append((position, s.row))
+        shards = self.shard_paths()
+        for shard_no, pairs in by_shard.items():
+            positions, rows = (np.array(v) for v in zip(*pairs, strict=True))
+            data = self._memmap(shards[shard_no], pool)
+            out[positions] = data[rows]
+        return out
+
+    def iter_chunks(self, pool: str, chunk_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield ``(ids, features)`` chunks in entry order without loading the whole entry."""
+        ids = self.ids
+        for start in range(0, len(ids), chunk_rows):
+            part = ids[start:start + chunk_rows]
+            yield part, self.read(pool, part)
+
+    def memmaps(self, pool: str) -> list[np.ndarray]:
+        """One read-only memory map per shard (stored dtype; rows in that shard's order)."""
+        self._check_pool(pool)
+        return [self._memmap(p, pool) for p in self.shard_paths()]
+
+    def _memmap(self, shard: Path, pool: str) -> np.ndarray:
+        with h5py.File(shard, "r") as h5:
+            dset = h5[f"features/{pool}"]
+            offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
+        if offset is None or shape[0] == 0:  # empty dataset: nothing allocated in the file
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(shard, mode="r", dtype=dtype, offset=offset, shape=shape)
+
+    def _check_pool(self, pool: str) -> None:
+        if pool not in self.pools:
+            raise CacheError(f"{self.path}: no pooling {pool!r}; this entry has {', '.join(self.pools)}")
+
+
+def find_entries(cache_root: Path) -> list[CacheEntry]:
+    return [CacheEntry(p.parent) for p in sorted(Path(cache_root).glob(f"*/*/{MANIFEST}"))]
