@@ -41,6 +41,10 @@ class BackboneSpec:
     package_weights: str | None = None  # "efficientnet_lite0".."2" or "squeezenet_ndf"
 
     @property
+    def is_cnn(self) -> bool:
+        return "cls" not in self.poolings or self.name.startswith(TIMM_PREFIX) and "vit" not in self.arch
+
+    @property
     def online_host(self) -> str:
         return "huggingface.co" if self.library == "timm" else "download.pytorch.org"
 

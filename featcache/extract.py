@@ -28,8 +28,17 @@ from .errors import FeatcacheError
 from .images import Preprocess, array_to_rgb, decode_rgb
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
-from .store import (MANIFEST, CacheEntry, EntryLock, ShardRows, default_cache_root, fingerprint,
-                    remove_temporaries, write_json_atomic, write_shard)
+from .store import (
+    MANIFEST,
+    CacheEntry,
+    EntryLock,
+    ShardRows,
+    default_cache_root,
+    fingerprint,
+    remove_temporaries,
+    write_json_atomic,
+    write_shard,
+)
 
 DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -180,7 +189,7 @@ def extract(
     pools: tuple[str, ...] | None = None,
     dtype: str = "float16",
     weights: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     shard_size: int = 1024,
     device: str = "auto",
@@ -272,6 +281,11 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cuda = dev.type == "cuda"
+    # Measured on 2 CPU cores (docs/benchmarks.md): small batches in channels_last run CNNs ~3x
+    # faster than batch 64 in NCHW; on CUDA large batches keep the GPU busy.
+    batch_size = batch_size or (128 if cuda else 8)
+    memory_format = torch.channels_last if model.spec.is_cnn else torch.contiguous_format
+    model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda,
                         worker_init_fn=_worker_init if workers else None,
@@ -293,6 +307,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                 feats = {}
                 if batch["images"] is not None:
                     x = model.preprocess.normalize(batch["images"].to(dev, non_blocking=cuda))
+                    x = x.contiguous(memory_format=memory_format)
                     with autocast:
                         out = model.model(x)
                     feats = {p: out[p].float().cpu().numpy().astype(dtype) for p in rows.pools}

@@ -1,0 +1,240 @@
+"""The ``featcache`` command line: a thin layer over the Python API, errors as one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FeatcacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Cache frozen-backbone image features once (HDF5), then compare light "
+                       "classifier heads with grouped, stratified cross-validation.\n\n"
+                       "Example: `featcache extract --backbone efficientnet_lite0 --data images/` "
+                       "then `featcache fit --data images/ --backbone efficientnet_lite0 --head all` "
+                       "then `featcache compare`.")
+console = Console()
+
+CacheOpt = typer.Option(None, "--cache", envvar="FEATCACHE_CACHE",
+                        help="Cache root (default ./cache, or $FEATCACHE_CACHE).")
+DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per class, or with a "
+                       "labels.csv), a CSV manifest (generic, HAM10000 metadata, ISIC one-hot) or an .npz.")
+
+
+def _cache(cache: Path | None) -> Path:
+    from .store import default_cache_root
+
+    return cache or default_cache_root()
+
+
+def _reporter(quiet: bool):
+    from .progress import Reporter
+
+    return Reporter(quiet=quiet)
+
+
+@app.command()
+def extract(
+    data: str = DataOpt,
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b",
+                                 help="Registry name (see `featcache backbones`) or timm:<model>."),
+    images: Path | None = typer.Option(None, help="Folder the CSV's image paths are relative to."),
+    pool: str | None = typer.Option(None, help="Comma list of poolings, e.g. `cls,mean,cls+mean` "
+                                    "(ViTs) or `gap,fc7` (VGG/AlexNet); default per backbone."),
+    weights: str | None = typer.Option(None, help="Local weights file (.pth/.safetensors), or "
+                                       "`random` for timing tests only. Default: $FEATCACHE_WEIGHTS_DIR, "
+                                       "an installed weights package, then the online download."),
+    dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
+    batch_size: int | None = typer.Option(None, help="Default 8 on CPU, 128 on CUDA."),
+    workers: int | None = typer.Option(None, help="Decoding worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    precision: str = typer.Option("auto", help="CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32."),
+    no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
+    image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
+    label_col: str | None = typer.Option(None, help="CSV column with the label."),
+    cache: Path | None = CacheOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run a frozen backbone once over the images and write features to HDF5 shards.
+
+    Reruns skip images already committed (resume after a crash or Ctrl-C); a changed image,
+    weights file or preprocessing never reuses old features.
+
+    Example: `featcache extract --backbone efficientnet_lite0 --data ham10000/labels.csv`
+    """
+    from .extract import extract as run_extract
+    from .sources import open_source
+
+    reporter = _reporter(quiet)
+    source = open_source(data, images, image_col, label_col)
+    for note in source.notes[:10]:
+        reporter.warn(note)
+    pools = tuple(p.strip() for p in pool.split(",")) if pool else None
+    result = run_extract(source, backbone, _cache(cache), pools, dtype, weights, batch_size, workers,
+                         device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
+                         reporter=reporter)
+    console.print(result.summary(), highlight=False)
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones, their feature dimensions and where weights would come from."""
+    from .backbones import REGISTRY, weights_available
+
+    table = Table(title="featcache backbones (any timm model also works as timm:<name>)")
+    for col in ("name", "poolings (dim)", "default", "weights here", "description"):
+        table.add_column(col)
+    for spec in REGISTRY.values():
+        table.add_row(spec.name, ", ".join(f"{p} ({d})" for p, d in spec.dims.items()),
+                      ",".join(spec.default_pools), weights_available(spec), spec.description)
+    console.print(table)
+
+
+@app.command()
+def fit(
+    data: str = DataOpt,
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+    head: str = typer.Option("fast", help="A head, a comma list, `fast` (logreg,svm-linear,knn,mlp) "
+                             "or `all` (+svm-rbf,xgboost); baselines majority/stratified come with both."),
+    pool: str | None = typer.Option(None, help="Pooling to use (default: the entry's first)."),
+    cv: int = typer.Option(5, help="Folds; grouped by the source's group column when it has one."),
+    split: str = typer.Option("cv", help="`cv`, or `official` to use the source's split column."),
+    seeds: int = typer.Option(1, help="Repeat the CV with this many seeds."),
+    class_weight: str = typer.Option("balanced", help="balanced or none."),
+    pca: int | None = typer.Option(None, help="Reduce features to N principal components (fit per fold)."),
+    tune: bool = typer.Option(False, help="Choose hyper-parameters by inner CV on training folds."),
+    no_standardize: bool = typer.Option(False, "--no-standardize",
+                                        help="Skip the per-fold StandardScaler (for ablations only)."),
+    label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
+    classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),
+    test_data: str | None = typer.Option(None, help="A held-out source scored after refitting on all of --data."),
+    images: Path | None = typer.Option(None, help="Folder the CSV's image paths are relative to."),
+    force: bool = typer.Option(False, help="Redo runs that already finished."),
+    cache: Path | None = CacheOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train heads on cached features (scaler fit on training folds only) and score them.
+
+    Example: `featcache fit --data ham10000/labels.csv --head all --classes mel,nv`
+    """
+    from .evaluate import Protocol
+    from .heads import parse_heads
+    from .pipeline import find_entry, fit_many
+    from .sources import open_source
+
+    reporter = _reporter(quiet)
+    root = _cache(cache)
+    source = open_source(data, images)
+    entry = find_entry(root, source, backbone, pool)
+    test_source = test_entry = None
+    if test_data:
+        from .extract import extract as run_extract
+
+        test_source = open_source(test_data)
+        test_entry = find_or_extract_like(root, test_source, entry, reporter, run_extract)
+    protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
+                        standardize=not no_standardize)
+    runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
+                    test_source, test_entry, force, reporter)
+    _compare(root, source.name, backbone, None, "balanced_accuracy", runs=runs)
+
+
+def find_or_extract_like(root, source, entry, reporter, run_extract):
+    """Features of ``source`` made exactly like ``entry`` (same fingerprint), extracting if needed."""
+    inputs = entry.manifest["fingerprint_inputs"]
+    origin = entry.manifest["provenance"]["weights_origin"]
+    weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
+        "random" if origin.startswith("random") else None)
+    result = run_extract(source, entry.manifest["backbone"], root, tuple(entry.pools), inputs["dtype"],
+                         weights, jpeg_draft=inputs["preprocess"]["jpeg_draft"], reporter=reporter)
+    if result.entry.fingerprint != entry.fingerprint:
+        raise FeatcacheError(f"--test-data features ({result.entry.fingerprint}) were not made like the "
+                             f"training features ({entry.fingerprint}); extract both with the same options")
+    return result.entry
+
+
+def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | None, metric: str,
+             out: Path | None = None, runs: list[Path] | None = None) -> None:
+    from .compare import collect_runs, print_table, sort_rows, write_outputs
+
+    rows = collect_runs(root, dataset, backbone, head)
+    if runs is not None:
+        wanted = {Path(r).resolve() for r in runs}
+        rows = [r for r in rows if r.run.resolve() in wanted]
+    if not rows:
+        raise FeatcacheError(f"no finished runs in {root} match; run `featcache fit` first")
+    rows = sort_rows(rows, metric)
+    print_table(rows, metric, console)
+    paths = write_outputs(rows, metric, out or root)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['png']}", highlight=False)
+
+
+@app.command()
+def compare(
+    data: str | None = typer.Option(None, help="Only runs on this source (folder/CSV/npz)."),
+    backbone: str | None = typer.Option(None, "--backbone", "-b"),
+    head: str | None = typer.Option(None, help="Only these heads (comma list)."),
+    metric: str = typer.Option("balanced_accuracy", help="Sort key: balanced_accuracy, macro_f1, auroc, accuracy."),
+    out: Path | None = typer.Option(None, help="Folder for compare.csv/.md/.png (default: the cache root)."),
+    cache: Path | None = CacheOpt,
+) -> None:
+    """Tabulate every finished run side by side (mean ± std over folds, pooled value with 95% CI).
+
+    Example: `featcache compare --metric auroc`
+    """
+    dataset = None
+    if data:
+        from .sources import open_source
+
+        dataset = open_source(data).name
+    _compare(_cache(cache), dataset, backbone, head, metric, out)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="A run directory written by `featcache fit`."),
+    inputs: list[str] = typer.Argument(..., help="Image files and/or folders (or one CSV/.npz)."),
+    out: Path = typer.Option(Path("predictions.csv"), help="Output CSV."),
+    weights: str | None = typer.Option(None, help="The same --weights used at extraction, if any."),
+    cache: Path | None = CacheOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Class probabilities for new images with a saved run (features go through the cache).
+
+    Example: `featcache predict --run cache/…/runs/logreg-gap-… new_images/`
+    """
+    from .predict import predict as run_predict
+
+    path = run_predict(run, inputs, _cache(cache), out, _reporter(quiet), weights)
+    console.print(f"predictions written to {path}")
+
+
+@app.command()
+def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Whole pipeline on 200 CC0 ISIC images shipped with featcache: melanoma vs nevus.
+
+    Extracts EfficientNet-Lite0 features (ImageNet weights, offline), fits the fast heads with
+    5-fold stratified CV and prints the comparison. A second run reuses the cache.
+    """
+    from .pipeline import run_demo
+
+    root = _cache(cache)
+    entry, runs = run_demo(root, _reporter(quiet))
+    _compare(root, entry.manifest["dataset"], None, None, "balanced_accuracy", runs=runs)
+    console.print(f"features: {entry.path}\nruns: {entry.path / 'runs'}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except FeatcacheError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The comparison table over finished runs: rich on screen, CSV and Markdown on disk, and a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .evaluate import MAIN_METRICS
+
+BASELINE_HEADS = ("majority", "stratified")
+
+
+@dataclass
+class Row:
+    run: Path
+    dataset: str
+    backbone: str
+    pool: str
+    head: str
+    protocol: str
+    n_images: int
+    metrics: dict  # metric -> {"mean", "std", "pooled", "ci"}
+    test: dict | None
+
+
+def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
+                 head: str | None = None) -> list[Row]:
+    rows = []
+    for metrics_file in sorted(Path(cache_root).glob("*/*/runs/*/metrics.json")):
+        result = json.loads(metrics_file.read_text())
+        config = result["config"]
+        if dataset and config["dataset"] != dataset:
+            continue
+        if backbone and config["backbone"] != backbone:
+            continue
+        if head and config["head"] not in head.split(","):
+            continue
+        metrics = {}
+        for m in MAIN_METRICS:
+            if m in result["folds"]:
+                metrics[m] = {**result["folds"][m], "pooled": result["pooled"].get(m),
+                              "ci": result["pooled"].get("ci95", {}).get(m)}
+        rows.append(Row(metrics_file.parent, config["dataset"], config["backbone"], config["pool"],
+                        config["head"], result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else ""),
+                        result["n_images"], metrics, result.get("test")))
+    return rows
+
+
+def sort_rows(rows: list[Row], metric: str) -> list[Row]:
+    """Grouped by dataset and protocol (never ranked across them), best first within a group."""
+    return sorted(rows, key=lambda r: (r.dataset, r.protocol,
+                                       -(r.metrics.get(metric, {}).get("mean") or -1.0)))
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+
+def _fmt_ci(entry: dict | None) -> str:
+    if not entry or not entry.get("ci"):
+        return "–"
+    return f"{entry['pooled']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+
+
+def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]]:
+    header = ["dataset", "protocol", "backbone", "pool", "head", "n",
+              f"{metric} (folds)", f"{metric} pooled [95% CI]", *[m for m in MAIN_METRICS if m != metric]]
+    has_test = any(r.test for r in rows)
+    if has_test:
+        header += ["test balanced_accuracy [95% CI]", "test auroc"]
+    body = []
+    for r in rows:
+        line = [r.dataset, r.protocol, r.backbone, r.pool,
+                r.head + (" (baseline)" if r.head in BASELINE_HEADS else ""), str(r.n_images),
+                _fmt(r.metrics.get(metric)), _fmt_ci(r.metrics.get(metric)),
+                *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
+        if has_test:
+            t = r.test or {}
+            ci = t.get("ci95", {}).get("balanced_accuracy")
+            line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if t and ci else "–",
+                     f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–"]
+        body.append(line)
+    return header, body
+
+
+def write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, body = table_rows(rows, metric)
+    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(body)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    _plot(rows, metric, paths["png"])
+    return paths
+
+
+def _plot(rows: list[Row], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if metric in r.metrics]
+    if not shown:
+        return
+    labels = [f"{r.backbone}/{r.pool}/{r.head}\n{r.dataset}" for r in shown]
+    means = [r.metrics[metric]["mean"] for r in shown]
+    stds = [r.metrics[metric]["std"] for r in shown]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4))
+    colors = ["#bbbbbb" if r.head in BASELINE_HEADS else "#3b7dd8" for r in shown]
+    ax.bar(range(len(shown)), means, yerr=stds, color=colors, capsize=3)
+    ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric} (mean ± std over folds)")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(rows: list[Row], metric: str, console: Console | None = None) -> None:
+    """On screen, columns that hold one value for every row move into the caption."""
+    header, body = table_rows(rows, metric)
+    constant = [i for i, name in enumerate(header[:2]) if len({line[i] for line in body}) == 1]
+    caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
+    keep = [i for i in range(len(header)) if i not in constant]
+    table = Table(title=f"featcache compare — sorted by {metric}", caption=caption or None)
+    for i in keep:
+        table.add_column(header[i], overflow="fold")
+    for line in body:
+        table.add_row(*[line[i] for i in keep])
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    console.print(table)

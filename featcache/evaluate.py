@@ -1,0 +1,303 @@
+"""Fitting heads on cached features with an honest protocol, and the metrics that go with it.
+
+Cross-validation is stratified and grouped by the source's group column (lesion / patient id)
+whenever there is one; out-of-fold predictions are kept; every number comes with its spread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn import metrics as skm
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
+
+from . import __version__
+from .errors import RunError
+from .heads import GRIDS, make_pipeline
+from .progress import Reporter
+from .sources import ImageSource
+from .store import CacheEntry, write_json_atomic
+
+MAIN_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+
+
+@dataclass
+class Protocol:
+    cv: int = 5
+    split: str = "cv"  # "cv" or "official"
+    seeds: int = 1
+    class_weight: str = "balanced"
+    pca: int | None = None
+    tune: bool = False
+    standardize: bool = True
+
+    def describe(self, grouped: bool) -> str:
+        if self.split == "official":
+            return "official split"
+        return f"{self.cv}-fold {'grouped ' if grouped else ''}stratified CV x{self.seeds}"
+
+
+@dataclass
+class LabeledFeatures:
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None
+    splits: np.ndarray | None
+    ids: list[str]
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_label_map(text: str | None) -> dict[str, str]:
+    """``"akiec=malignant,mel=malignant,*=benign"`` -> mapping; ``*`` maps every other label."""
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in (text or "").split(",") if p.strip()):
+        if "=" not in part:
+            raise RunError(f"--label-map {text!r}: {part!r} is not OLD=NEW")
+        old, new = (s.strip() for s in part.split("=", 1))
+        mapping[old] = new
+    return mapping
+
+
+def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_map: str | None = None,
+                     classes: str | None = None) -> LabeledFeatures:
+    """Features of every labelled, successfully extracted image of ``source``, in source order."""
+    from .extract import plan
+
+    stale, _ = plan(source, entry.path)
+    if stale:
+        raise RunError(
+            f"{len(stale)} images of {source.location} are not in {entry.path} or changed since "
+            f"extraction (first: {stale[0].id}); run `featcache extract` on this data first")
+    mapping = parse_label_map(label_map)
+    keep = [c.strip() for c in classes.split(",")] if classes else None
+    failed = entry.failed
+    notes, rows = [], []
+    unlabeled = 0
+    for record in source.records:
+        if record.id in failed:
+            notes.append(f"left out {record.id}: extraction failed ({failed[record.id]})")
+            continue
+        label = record.label
+        if label is not None and mapping:
+            label = mapping.get(label, mapping.get("*", label))
+        if label is None:
+            unlabeled += 1
+            continue
+        if keep is not None and label not in keep:
+            continue
+        rows.append((record, label))
+    if unlabeled:
+        notes.append(f"left out {unlabeled} images without a label")
+    if not rows:
+        raise RunError(f"no labelled images left in {source.location} after --label-map/--classes")
+    ids = [r.id for r, _ in rows]
+    y = np.array([label for _, label in rows])
+    class_names = sorted(set(y.tolist()))
+    if len(class_names) < 2:
+        raise RunError(f"only one class ({class_names[0]}) in {source.location}; need at least two")
+    groups = np.array([r.group or r.id for r, _ in rows]) if source.has_groups else None
+    splits = np.array([r.split or "" for r, _ in rows]) if source.has_splits else None
+    X = entry.read(pool, ids)
+    return LabeledFeatures(X, y, groups, splits, ids, class_names, notes)
+
+
+def make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold, grouped when ``groups`` is given (no group in two folds)."""
+    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+    if smallest < k:
+        raise RunError(f"--cv {k}: the smallest class has only {smallest} images; use --cv {max(2, smallest)}")
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y, groups))
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+def official_split(splits: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    if splits is None:
+        raise RunError("--split official: this source has no split column (or npz splits)")
+    test = np.isin(np.char.lower(splits.astype(str)), ["test"])
+    if not test.any() or test.all():
+        raise RunError("--split official: need rows with split 'test' and rows with another split")
+    return [(np.flatnonzero(~test), np.flatnonzero(test))]
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """All scalar metrics plus per-class scores and the confusion matrix."""
+    classes = list(classes)
+    y_idx = np.array([classes.index(v) for v in y_true])
+    pred = proba.argmax(axis=1)
+    labels = np.arange(len(classes))
+    p, r, f, support = skm.precision_recall_fscore_support(y_idx, pred, labels=labels, zero_division=0)
+    out = {
+        "accuracy": skm.accuracy_score(y_idx, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y_idx, pred),
+        "macro_f1": float(np.mean(f)),
+        "macro_recall": float(np.mean(r)),
+        "macro_precision": float(np.mean(p)),
+        "log_loss": skm.log_loss(y_idx, np.clip(proba, 1e-7, 1), labels=labels),
+    }
+    present = np.unique(y_idx)
+    if len(classes) == 2:
+        positive = int(np.argmin(np.bincount(y_idx, minlength=2)))  # the rarer class, e.g. melanoma
+        if len(present) == 2:
+            out["auroc"] = skm.roc_auc_score(y_idx == positive, proba[:, positive])
+        out["positive_class"] = classes[positive]
+        tp = np.sum((pred == positive) & (y_idx == positive))
+        tn = np.sum((pred != positive) & (y_idx != positive))
+        out["sensitivity"] = tp / max(1, np.sum(y_idx == positive))
+        out["specificity"] = tn / max(1, np.sum(y_idx != positive))
+    else:
+        if len(present) == len(classes):
+            out["auroc"] = skm.roc_auc_score(y_idx, proba, multi_class="ovr", average="macro",
+                                             labels=labels)
+        out["top2_accuracy"] = skm.top_k_accuracy_score(y_idx, proba, k=2, labels=labels)
+    out = {k: (float(v) if not isinstance(v, str) else v) for k, v in out.items()}
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                            "support": int(support[i])} for i, c in enumerate(classes)}
+    out["confusion_matrix"] = skm.confusion_matrix(y_idx, pred, labels=labels).tolist()
+    return out
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: int = 500,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Percentile 95 % intervals of the main metrics over bootstrap resamples of the images."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in MAIN_METRICS}
+    classes = list(classes)
+    y_idx = np.array([classes.index(v) for v in y_true])
+    pred = proba.argmax(axis=1)
+    for _ in range(n):
+        idx = rng.integers(0, len(y_idx), len(y_idx))
+        yt, pp = y_idx[idx], pred[idx]
+        if len(np.unique(yt)) < 2:
+            continue
+        draws["accuracy"].append(float(np.mean(yt == pp)))
+        draws["balanced_accuracy"].append(skm.balanced_accuracy_score(yt, pp))
+        draws["macro_f1"].append(skm.f1_score(yt, pp, average="macro", labels=np.unique(yt), zero_division=0))
+        if len(np.unique(yt)) == len(classes):
+            if len(classes) == 2:
+                positive = int(np.argmin(np.bincount(y_idx, minlength=2)))
+                draws["auroc"].append(skm.roc_auc_score(yt == positive, proba[idx, positive]))
+            else:
+                draws["auroc"].append(skm.roc_auc_score(yt, proba[idx], multi_class="ovr",
+                                                        labels=np.arange(len(classes))))
+    return {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            for m, v in draws.items() if v}
+
+
+def _align(proba: np.ndarray, fitted: list, classes: list[str]) -> np.ndarray:
+    """Columns of ``proba`` (the estimator's classes) placed under the full class list."""
+    out = np.zeros((len(proba), len(classes)))
+    for j, c in enumerate(fitted):
+        out[:, classes.index(c)] = proba[:, j]
+    return out
+
+
+def _estimator(head: str, protocol: Protocol, seed: int, groups_for_inner: bool):
+    pipe = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize)
+    if protocol.tune and head in GRIDS:
+        inner = StratifiedGroupKFold(3, shuffle=True, random_state=seed) if groups_for_inner \
+            else StratifiedKFold(3, shuffle=True, random_state=seed)
+        return GridSearchCV(pipe, GRIDS[head], cv=inner, scoring="balanced_accuracy", n_jobs=1)
+    return pipe
+
+
+def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
+    if isinstance(estimator, GridSearchCV):
+        return estimator.fit(X, y, groups=groups)
+    return estimator.fit(X, y)
+
+
+def _summarise(per_fold: list[dict]) -> dict:
+    keys = [k for k, v in per_fold[0].items() if isinstance(v, float)]
+    return {k: {"mean": float(np.mean([f[k] for f in per_fold if k in f])),
+                "std": float(np.std([f[k] for f in per_fold if k in f]))} for k in keys}
+
+
+def run_id(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+             source_name: str, label_desc: str = "", force: bool = False,
+             test: LabeledFeatures | None = None, reporter: Reporter | None = None) -> Path:
+    """Cross-validate one head, refit it on all training rows, and write a run directory."""
+    reporter = reporter or Reporter(quiet=True)
+    grouped = data.groups is not None and protocol.split == "cv"
+    config = {"head": head, "pool": pool, "protocol": asdict(protocol), "dataset": source_name,
+              "labels": label_desc, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+              "backbone": entry.manifest["backbone"],
+              "ids_sha256": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+              "test_ids_sha256": hashlib.sha256("\n".join(test.ids).encode()).hexdigest() if test else None}
+    run_dir = entry.path / "runs" / f"{head}-{pool.replace('+', '_')}-{run_id(config)}"
+    if (run_dir / "metrics.json").exists() and not force:
+        reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
+        return run_dir
+    started = time.perf_counter()
+    fold_metrics, oof_rows = [], []
+    for seed in range(protocol.seeds):
+        folds = (official_split(data.splits) if protocol.split == "official"
+                 else make_folds(data.y, data.groups, protocol.cv, seed))
+        oof = np.full((len(data.y), len(data.classes)), np.nan)
+        for fold, (train, test_idx) in enumerate(folds):
+            est = _estimator(head, protocol, seed, data.groups is not None)
+            _fit(est, data.X[train], data.y[train], None if data.groups is None else data.groups[train])
+            proba = _align(est.predict_proba(data.X[test_idx]), list(est.classes_), data.classes)
+            oof[test_idx] = proba
+            fold_metrics.append(compute_metrics(data.y[test_idx], proba, data.classes))
+            for i in test_idx:
+                oof_rows.append((seed, fold, data.ids[i], data.y[i], oof[i]))
+        if seed == 0:
+            scored = ~np.isnan(oof).any(axis=1)
+            pooled = compute_metrics(data.y[scored], oof[scored], data.classes)
+            pooled["ci95"] = bootstrap_ci(data.y[scored], oof[scored], data.classes)
+    cv_seconds = time.perf_counter() - started
+    final = _estimator(head, protocol, 0, data.groups is not None)
+    _fit(final, data.X, data.y, data.groups)
+    model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
+    result = {"config": config, "protocol": protocol.describe(grouped), "n_images": len(data.y),
+              "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
+              "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
+    if hasattr(final, "best_params_"):
+        result["best_params"] = final.best_params_
+    head_est = model.named_steps["head"]
+    if hasattr(head_est, "loss_curve_"):
+        result["mlp_loss_curve"] = head_est.loss_curve_
+    if test is not None:
+        proba = _align(model.predict_proba(test.X), list(model.classes_), data.classes)
+        keep = np.isin(test.y, data.classes)
+        result["test"] = compute_metrics(test.y[keep], proba[keep], data.classes)
+        result["test"]["ci95"] = bootstrap_ci(test.y[keep], proba[keep], data.classes)
+        result["test"]["n_images"] = int(keep.sum())
+    _write_run(run_dir, config, result, model, data, oof_rows)
+    return run_dir
+
+
+def _write_run(run_dir: Path, config: dict, result: dict, model, data: LabeledFeatures,
+               oof_rows: list) -> None:
+    """Written to a temporary directory and renamed, so a run is either complete or absent."""
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_json_atomic(tmp / "config.json", config)
+    joblib.dump({"pipeline": model, "classes": data.classes, "feature_fingerprint":
+                 config["feature_fingerprint"], "pool": config["pool"], "backbone": config["backbone"],
+                 "config": config}, tmp / "model.joblib")
+    with open(tmp / "oof_predictions.csv", "w") as handle:
+        handle.write("seed,fold,id,label," + ",".join(f"p_{c}" for c in data.classes) + "\n")
+        for seed, fold, image_id, label, proba in oof_rows:
+            handle.write(f"{seed},{fold},{image_id},{label}," + ",".join(f"{v:.6f}" for v in proba) + "\n")
+    write_json_atomic(tmp / "metrics.json", result)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(tmp, run_dir)

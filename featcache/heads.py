@@ -1,0 +1,202 @@
+"""Classifier heads: scikit-learn estimators, always inside ``Pipeline([StandardScaler(), head])``.
+
+The scaler is part of the pipeline, so in cross-validation it is fit on training folds only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import LabelEncoder, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
+
+from .errors import RunError
+
+BASELINES = ("majority", "stratified")
+HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
+FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
+
+# Small default grids for --tune (nested inner CV); without --tune the first value of each is used.
+GRIDS: dict[str, dict[str, list]] = {
+    "logreg": {"head__C": [1.0, 0.01, 0.1, 10.0]},
+    "svm-linear": {"head__estimator__C": [0.01, 0.001, 0.1, 1.0]},
+    "svm-rbf": {"head__C": [1.0, 0.3, 3.0, 10.0], "head__gamma": ["scale"]},
+    "knn": {"head__n_neighbors": [11, 5, 21]},
+    "xgboost": {"head__max_depth": [4, 2, 6], "head__learning_rate": [0.1, 0.3]},
+    "mlp": {"head__hidden": [256, 512], "head__dropout": [0.3, 0.5], "head__lr": [1e-3, 3e-4]},
+}
+
+
+class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
+    """A one-hidden-layer MLP with dropout, class-weighted loss and early stopping.
+
+    Early stopping watches the loss on a stratified inner validation split of the training data;
+    the weights of the best epoch are kept. Deterministic for a given ``seed``; uses CUDA if present.
+    """
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.3, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, max_epochs: int = 200, patience: int = 15,
+                 batch_size: int = 256, val_fraction: float = 0.15,
+                 class_weight: str | None = "balanced", seed: int = 0, device: str = "auto"):
+        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
+        self.max_epochs, self.patience, self.batch_size = max_epochs, patience, batch_size
+        self.val_fraction, self.class_weight, self.seed, self.device = (
+            val_fraction, class_weight, seed, device)
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> TorchMLPClassifier:
+        from sklearn.model_selection import train_test_split
+
+        self._encoder = LabelEncoder().fit(y)
+        self.classes_ = self._encoder.classes_
+        target = self._encoder.transform(y)
+        X = np.asarray(X, dtype=np.float32)
+        counts = np.bincount(target, minlength=len(self.classes_))
+        stratify = target if counts.min() >= 2 else None
+        train_idx, val_idx = train_test_split(np.arange(len(X)), test_size=self.val_fraction,
+                                              random_state=self.seed, stratify=stratify)
+        device = self._device()
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        n_classes = len(self.classes_)
+        self.model_ = torch.nn.Sequential(
+            torch.nn.Linear(X.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Dropout(self.dropout),
+            torch.nn.Linear(self.hidden, n_classes)).to(device)
+        weight = None
+        if self.class_weight == "balanced":
+            weight = torch.tensor(len(target) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+            weight = weight.to(device)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        optimiser = torch.optim.AdamW(self.model_.parameters(), lr=self.lr,
+                                      weight_decay=self.weight_decay)
+        Xt = torch.from_numpy(X).to(device)
+        yt = torch.from_numpy(target).long().to(device)
+        tr, va = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
+        best, best_state, waited = np.inf, None, 0
+        self.loss_curve_, self.val_loss_curve_ = [], []
+        for _epoch in range(self.max_epochs):
+            self.model_.train()
+            order = tr[torch.randperm(len(tr), generator=generator).to(device)]
+            total = 0.0
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(self.model_(Xt[idx]), yt[idx])
+                loss.backward()
+                optimiser.step()
+                total += float(loss) * len(idx)
+            self.loss_curve_.append(total / len(order))
+            self.model_.eval()
+            with torch.no_grad():
+                val = float(loss_fn(self.model_(Xt[va]), yt[va]))
+            self.val_loss_curve_.append(val)
+            if val < best - 1e-4:
+                best, waited = val, 0
+                best_state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        if best_state is not None:
+            self.model_.load_state_dict(best_state)
+        self.model_.cpu().eval()
+        self.n_epochs_ = len(self.loss_curve_)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = self.model_(torch.as_tensor(np.asarray(X, dtype=np.float32)))
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class XGBHead(ClassifierMixin, BaseEstimator):
+    """XGBoost (hist, multi-class softprob) with class-balanced sample weights and any labels."""
+
+    def __init__(self, max_depth: int = 4, learning_rate: float = 0.1, n_estimators: int = 200,
+                 class_weight: str | None = "balanced", seed: int = 0, n_jobs: int | None = None):
+        self.max_depth, self.learning_rate, self.n_estimators = max_depth, learning_rate, n_estimators
+        self.class_weight, self.seed, self.n_jobs = class_weight, seed, n_jobs
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> XGBHead:
+        from xgboost import XGBClassifier
+
+        self._encoder = LabelEncoder().fit(y)
+        self.classes_ = self._encoder.classes_
+        target = self._encoder.transform(y)
+        weights = compute_sample_weight("balanced", target) if self.class_weight == "balanced" else None
+        self.model_ = XGBClassifier(
+            tree_method="hist", objective="multi:softprob" if len(self.classes_) > 2 else "binary:logistic",
+            max_depth=self.max_depth, learning_rate=self.learning_rate,
+            n_estimators=self.n_estimators, random_state=self.seed, n_jobs=self.n_jobs)
+        self.model_.fit(X, target, sample_weight=weights)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0):
+    """The estimator for a head name, with its documented defaults."""
+    cw = class_weight if class_weight != "none" else None
+    if name == "logreg":
+        return LogisticRegression(C=1.0, max_iter=3000, class_weight=cw, random_state=seed)
+    if name == "svm-linear":
+        return CalibratedClassifierCV(LinearSVC(C=0.01, class_weight=cw, random_state=seed,
+                                                max_iter=5000), cv=3)
+    if name == "svm-rbf":
+        return SVC(C=1.0, kernel="rbf", gamma="scale", probability=True, class_weight=cw,
+                   random_state=seed)
+    if name == "knn":
+        return KNeighborsClassifier(n_neighbors=11, metric="cosine", weights="distance")
+    if name == "xgboost":
+        return XGBHead(class_weight=cw, seed=seed)
+    if name == "mlp":
+        return TorchMLPClassifier(class_weight=cw, seed=seed)
+    if name == "majority":
+        return DummyClassifier(strategy="most_frequent")
+    if name == "stratified":
+        return DummyClassifier(strategy="stratified", random_state=seed)
+    raise RunError(f"--head {name}: unknown; choose from {', '.join(HEADS + BASELINES)}, fast or all")
+
+
+def parse_heads(spec: str) -> list[str]:
+    """``logreg,mlp`` | ``fast`` | ``all`` -> head names (``all`` and ``fast`` add the baselines)."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        group = {"all": HEADS + BASELINES, "fast": FAST_HEADS + BASELINES}.get(part, (part,))
+        for name in group:
+            make_head(name)  # validates the name
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise RunError("--head is empty; give a head name, a comma list, fast or all")
+    return names
+
+
+def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
+                  seed: int = 0, standardize: bool = True) -> Pipeline:
+    steps = []
+    if standardize:
+        steps.append(("scale", StandardScaler()))
+    if pca:
+        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
+    steps.append(("head", make_head(head, class_weight, seed)))
+    return Pipeline(steps)

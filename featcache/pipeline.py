@@ -1,0 +1,79 @@
+"""Stage glue usable from Python: find the entry for a source, fit several heads, run the demo."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from .errors import RunError
+from .evaluate import Protocol, fit_head, labeled_features
+from .extract import extract
+from .progress import Reporter
+from .sources import ImageSource, open_source
+from .store import CacheEntry, default_cache_root, find_entries
+
+DEMO_BACKBONE = "efficientnet_lite0"
+DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
+
+
+def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None) -> CacheEntry:
+    """The newest cache entry of ``source`` for ``backbone`` (and ``pool`` if given)."""
+    entries = [e for e in find_entries(cache_root)
+               if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
+               and (pool is None or pool in e.pools)]
+    if not entries:
+        raise RunError(f"no features of {source.location} with {backbone}"
+                       f"{' pool ' + pool if pool else ''} in {cache_root}; run "
+                       f"`featcache extract --backbone {backbone} --data {source.location}` first")
+    return max(entries, key=lambda e: e.manifest["provenance"]["date"])
+
+
+def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,
+             protocol: Protocol, label_map: str | None = None, classes: str | None = None,
+             test_source: ImageSource | None = None, test_entry: CacheEntry | None = None,
+             force: bool = False, reporter: Reporter | None = None) -> list[Path]:
+    reporter = reporter or Reporter(quiet=True)
+    pool = pool or entry.pools[0]
+    data = labeled_features(source, entry, pool, label_map, classes)
+    for note in data.notes[:10]:
+        reporter.info(note)
+    test = labeled_features(test_source, test_entry, pool, label_map, classes) if test_source else None
+    label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
+                                       f"classes {classes}" if classes else "") if x)
+    runs = []
+    task = reporter.task(f"fit {len(heads)} head(s) on {len(data.y)} images", total=len(heads))
+    try:
+        for head in heads:
+            runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
+                                 test, reporter))
+            task.advance(1)
+    finally:
+        task.close()
+    return runs
+
+
+def demo_data_dir() -> Path:
+    return Path(str(resources.files("featcache") / "data" / "isic_cc0_demo200"))
+
+
+def run_demo(cache_root: Path | None = None, reporter: Reporter | None = None,
+             heads: tuple[str, ...] = DEMO_HEADS) -> tuple[CacheEntry, list[Path]]:
+    """Melanoma vs nevus on the 200 CC0 ISIC images shipped in the package."""
+    reporter = reporter or Reporter()
+    cache_root = Path(cache_root or default_cache_root())
+    source = open_source(demo_data_dir())
+    reporter.info(f"featcache demo: {len(source.records)} ISIC images (CC0), melanoma vs nevus, "
+                  f"backbone {DEMO_BACKBONE} (ImageNet weights, offline)")
+    result = extract(source, DEMO_BACKBONE, cache_root=cache_root, reporter=reporter)
+    if result.extracted == 0:
+        reporter.info(f"features reused from the cache ({result.skipped} images): {result.entry.path}")
+    else:
+        reporter.info(result.summary())
+    runs = fit_many(source, result.entry, list(heads), None, Protocol(cv=5), reporter=reporter)
+    return result.entry, runs
+
+
+def copy_demo_data(target: Path) -> Path:
+    shutil.copytree(demo_data_dir(), target, dirs_exist_ok=True)
+    return target

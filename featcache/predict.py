@@ -1,0 +1,72 @@
+"""Predicting with a saved run: extract new images through the cache, then apply the saved model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from .errors import RunError
+from .extract import extract
+from .progress import Reporter
+from .sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
+from .store import CacheEntry
+
+# joblib files are pickles: loading one can run code. featcache only loads model.joblib from run
+# directories inside the user's own cache, which featcache itself wrote.
+
+
+def load_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / "model.joblib"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no model.joblib; pass a run directory written by `featcache fit`")
+    return joblib.load(path)
+
+
+def images_source(inputs: list[str]) -> ImageSource:
+    """A source of unlabelled images from file paths and/or folders (searched recursively)."""
+    if len(inputs) == 1 and (Path(inputs[0]).suffix.lower() in (".csv", ".npz")
+                             or (Path(inputs[0]) / "labels.csv").is_file()):
+        return open_source(inputs[0])
+    records = []
+    for item in inputs:
+        path = Path(item)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if path.is_dir() else [path]
+        records += [ImageRecord(id=str(f.resolve()), path=f) for f in files]
+    if not records:
+        raise RunError(f"no images found in {', '.join(inputs)}")
+    return ImageSource(name=slug("predict-" + Path(inputs[0]).resolve().name), location=Path(inputs[0]),
+                       kind="files", records=records)
+
+
+def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
+            reporter: Reporter | None = None, weights: str | None = None) -> Path:
+    saved = load_run(run_dir)
+    source = images_source(inputs)
+    entry_dir = Path(run_dir).resolve().parent.parent
+    manifest = CacheEntry(entry_dir).manifest
+    result = extract(source, saved["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
+                     dtype=manifest["dtype"], weights=weights, reporter=reporter,
+                     jpeg_draft=manifest["fingerprint_inputs"]["preprocess"]["jpeg_draft"])
+    if result.entry.fingerprint != saved["feature_fingerprint"]:
+        raise RunError(
+            f"features of the new images have fingerprint {result.entry.fingerprint} but {run_dir} was "
+            f"trained on {saved['feature_fingerprint']} (other weights or preprocessing); pass the same "
+            "--weights as at extraction")
+    ids = [r.id for r in source.records if r.id not in result.failed]
+    X = result.entry.read(saved["pool"], ids)
+    proba = saved["pipeline"].predict_proba(X)
+    classes = [str(c) for c in saved["pipeline"].classes_]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "predicted", *[f"p_{c}" for c in classes]])
+        for image_id, p in zip(ids, proba, strict=True):
+            writer.writerow([image_id, classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+        for image_id, reason in result.failed.items():
+            if image_id in {r.id for r in source.records}:
+                writer.writerow([image_id, f"FAILED: {reason}", *[""] * len(classes)])
+    return out
