@@ -54,6 +54,8 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
     precision: str = typer.Option("auto", help="CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32."),
     no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
+    input_size: int | None = typer.Option(None, help="Crop size in pixels instead of the backbone's own."),
+    shard_size: int = typer.Option(1024, help="Images per committed shard (the unit of resume)."),
     image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
     label_col: str | None = typer.Option(None, help="CSV column with the label."),
     cache: Path | None = CacheOpt,
@@ -75,8 +77,8 @@ def extract(
         reporter.warn(note)
     pools = tuple(p.strip() for p in pool.split(",")) if pool else None
     result = run_extract(source, backbone, _cache(cache), pools, dtype, weights, batch_size, workers,
-                         device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
-                         reporter=reporter)
+                         shard_size, device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
+                         input_size=input_size, reporter=reporter)
     console.print(result.summary(), highlight=False)
 
 

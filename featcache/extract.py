@@ -195,6 +195,7 @@ def extract(
     device: str = "auto",
     precision: str = "auto",
     jpeg_draft: bool = True,
+    input_size: int | None = None,
     reporter: Reporter | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped)."""
@@ -205,8 +206,12 @@ def extract(
     precision = resolve_precision(precision, dev)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
-    if not jpeg_draft:
-        model.preprocess = Preprocess(**{**model.preprocess.to_dict(), "jpeg_draft": False})
+    changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
+    if input_size:  # keep the backbone's resize/crop ratio at the new size
+        ratio = model.preprocess.resize_size / model.preprocess.crop_size
+        changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
+    if changes:
+        model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
     inputs = fingerprint_inputs(model, dtype, precision)
     fp = fingerprint(inputs)
     entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)

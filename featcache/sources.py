@@ -199,10 +199,11 @@ def read_csv_source(
         if not raw:
             notes.append(f"{csv_path.name} line {line}: empty {image_column!r} cell, row skipped")
             continue
-        if stem_index is not None:
-            file = stem_index.get(Path(raw).stem) or base / raw
-        else:
-            file = Path(raw) if Path(raw).is_absolute() else base / raw
+        file = Path(raw) if Path(raw).is_absolute() else base / raw
+        if stem_index is None and Path(raw).suffix.lower() not in IMAGE_SUFFIXES:
+            stem_index = _index_images(base)  # ISIC-style ids without an extension
+        if stem_index is not None and not file.is_file():
+            file = stem_index.get(Path(raw).stem, file)
         image_id = (row.get(id_column) or "").strip() if id_column else ""
         image_id = image_id or raw
         if image_id in seen:
@@ -253,12 +254,12 @@ def read_npz_source(npz_path: Path) -> ImageSource:
         if image_key not in keys:
             continue
         n_images = arrays[image_key].shape[0]
-        labels = arrays[label_key].reshape(n_images, -1) if label_key in keys else None
-        if labels is not None and arrays[label_key].shape[0] != n_images:
+        if label_key in keys and arrays[label_key].shape[0] != n_images:
             raise SourceError(
                 f"{npz_path}: {image_key} has {n_images} images but {label_key} has "
                 f"{arrays[label_key].shape[0]} labels; fix the file so the lengths match"
             )
+        labels = arrays[label_key].reshape(n_images, -1) if label_key in keys else None
         for i in range(n_images):
             label = None if labels is None else "_".join(str(int(v)) for v in labels[i])
             records.append(ImageRecord(f"{split}/{i:06d}", npz_path, label, None, split,

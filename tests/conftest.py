@@ -1,0 +1,36 @@
+"""Shared fixtures: real image files written by the tests, and the shared/ data when present."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DEMO = REPO / "featcache" / "data" / "isic_cc0_demo200"
+
+
+def shared(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the ../shared data set is not beside this checkout)")
+    return path
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> Path:
+    """An ImageFolder of 12 real dermoscopy JPEGs (6 melanoma, 6 nevus) from the shipped sample."""
+    root = tmp_path / "folder"
+    for label in ("melanoma", "nevus"):
+        (root / label).mkdir(parents=True)
+        for src in sorted((DEMO / "images" / label).glob("*.jpg"))[:6]:
+            shutil.copy(src, root / label / src.name)
+    return root
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    return Image.open(next((DEMO / "images" / "nevus").glob("*.jpg"))).convert("RGB")

@@ -1,0 +1,133 @@
+"""The head stage: no leakage across groups, scaler on training rows only, metrics as sklearn's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
+
+from featcache import heads as H
+from featcache.cli import app
+from featcache.evaluate import LabeledFeatures, Protocol, compute_metrics, fit_head, make_folds
+from featcache.heads import TorchMLPClassifier
+
+from .conftest import shared
+
+
+def test_no_lesion_in_both_train_and_test():
+    import csv
+
+    with open(shared("ham10000_200x150") / "labels.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    y = np.array([r["dx"] for r in rows])
+    groups = np.array([r["lesion_id"] for r in rows])
+    folds = make_folds(y, groups, 5, seed=0)
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        assert set(y[test]) == set(y)  # still stratified: every class in every fold
+    assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(len(y)))
+
+
+def _blobs(n: int = 120, dim: int = 8, seed: int = 0) -> LabeledFeatures:
+    rng = np.random.default_rng(seed)
+    y = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    X = rng.normal(size=(n, dim)) * 50 + 1000  # unscaled, as raw CNN features can be
+    X[:, 0] += (np.arange(n) % 3) * 250
+    X[:, 1] = np.arange(n)  # row identity, to see which rows a scaler saw
+    return LabeledFeatures(X, y, np.array([f"g{i // 2}" for i in range(n)]), None,
+                           [f"id{i}" for i in range(n)], ["a", "b", "c"])
+
+
+class _FakeEntry:
+    fingerprint = "f" * 16
+    manifest = {"backbone": "test"}
+
+    def __init__(self, path):
+        self.path = path
+
+
+SEEN: list[set[int]] = []
+
+
+class RecordingScaler(StandardScaler):
+    """Remembers which rows (by the id in column 1) each fit saw."""
+
+    def fit(self, X, y=None, sample_weight=None):
+        SEEN.append(set(np.asarray(X)[:, 1].astype(int).tolist()))
+        return super().fit(X, y, sample_weight)
+
+
+def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
+    SEEN.clear()
+    seen = SEEN
+    monkeypatch.setattr(H, "StandardScaler", RecordingScaler)
+    data = _blobs()
+    fit_head(data, _FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs")
+    folds = make_folds(data.y, data.groups, 4, seed=0)
+    assert len(seen) == 5  # four folds, then the final refit on everything
+    for rows, (train, test) in zip(seen, folds, strict=False):
+        assert rows == set(train.tolist()) and not rows & set(test.tolist())
+    assert seen[-1] == set(range(len(data.y)))
+
+
+def test_metrics_match_sklearn_on_known_predictions():
+    classes = ["akiec", "mel", "nv"]
+    y = np.array(["nv"] * 6 + ["mel"] * 3 + ["akiec"])
+    pred_idx = np.array([2, 2, 2, 2, 2, 1, 1, 1, 2, 0])
+    proba = np.full((10, 3), 0.1)
+    proba[np.arange(10), pred_idx] = 0.8
+    m = compute_metrics(y, proba, classes)
+    y_idx = np.array([classes.index(v) for v in y])
+    # Balanced accuracy by hand: recalls nv 5/6, mel 2/3, akiec 1/1.
+    assert m["balanced_accuracy"] == pytest.approx((5 / 6 + 2 / 3 + 1) / 3)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y_idx, pred_idx))
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y_idx, pred_idx, average="macro"))
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y_idx, proba, multi_class="ovr"))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y_idx, proba))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y_idx, pred_idx).tolist()
+
+
+def test_binary_metrics_use_the_rarer_class_as_positive():
+    y = np.array(["nevus"] * 8 + ["melanoma"] * 2)
+    proba = np.array([[0.1, 0.9]] * 7 + [[0.6, 0.4]] + [[0.7, 0.3], [0.2, 0.8]])
+    m = compute_metrics(y, proba, ["melanoma", "nevus"])
+    assert m["positive_class"] == "melanoma"
+    assert m["sensitivity"] == pytest.approx(0.5) and m["specificity"] == pytest.approx(7 / 8)
+
+
+def test_mlp_learns_unscaled_features_and_is_deterministic():
+    data = _blobs(n=300, seed=1)
+    X = np.delete(data.X, 1, axis=1)  # drop the row-id column
+    a = H.make_pipeline("mlp", seed=3).fit(X, data.y)  # scaler + MLP, as featcache always runs it
+    b = H.make_pipeline("mlp", seed=3).fit(X, data.y)
+    curve = a.named_steps["head"].loss_curve_
+    assert isinstance(a.named_steps["head"], TorchMLPClassifier)
+    assert curve[-1] < 0.5 * curve[0]
+    assert (a.predict(X) == data.y).mean() > 0.6  # chance is 1/3
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+
+def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
+    runner = CliRunner()
+    cache = str(tmp_path / "cache")
+    out = runner.invoke(app, ["extract", "--data", str(small_folder), "--cache", cache, "-q"])
+    assert out.exit_code == 0, out.output
+    fit = ["fit", "--data", str(small_folder), "--cache", cache, "--head", "logreg,majority", "--cv", "3", "-q"]
+    out = runner.invoke(app, fit)
+    assert out.exit_code == 0, out.output
+    assert "logreg" in out.output and "majority (baseline)" in out.output
+    again = runner.invoke(app, fit[:-1])
+    assert "already finished, reusing" in again.output
+    (run,) = list((tmp_path / "cache").glob("*/*/runs/logreg-*"))
+    assert {p.name for p in run.iterdir()} >= {"metrics.json", "oof_predictions.csv", "model.joblib", "config.json"}
+    out = runner.invoke(app, ["compare", "--cache", cache, "--metric", "auroc"])
+    assert out.exit_code == 0 and (tmp_path / "cache" / "compare.md").exists()
+    preds = tmp_path / "p.csv"
+    out = runner.invoke(app, ["predict", "--run", str(run), str(small_folder / "nevus"), "--out", str(preds),
+                              "--cache", cache, "-q"])
+    assert out.exit_code == 0, out.output
+    lines = preds.read_text().splitlines()
+    assert lines[0] == "id,predicted,p_melanoma,p_nevus" and len(lines) == 7
