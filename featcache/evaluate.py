@@ -131,6 +131,12 @@ def official_split(splits: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarr
     return [(np.flatnonzero(~test), np.flatnonzero(test))]
 
 
+def _clip_rows(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """Keep log-loss finite for hard 0/1 predictions (kNN, baselines) while rows still sum to one."""
+    clipped = np.clip(proba, eps, 1.0)
+    return clipped / clipped.sum(axis=1, keepdims=True)
+
+
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
     """All scalar metrics plus per-class scores and the confusion matrix."""
     classes = list(classes)
@@ -144,7 +150,7 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
         "macro_f1": float(np.mean(f)),
         "macro_recall": float(np.mean(r)),
         "macro_precision": float(np.mean(p)),
-        "log_loss": skm.log_loss(y_idx, np.clip(proba, 1e-7, 1), labels=labels),
+        "log_loss": skm.log_loss(y_idx, _clip_rows(proba), labels=labels),
     }
     present = np.unique(y_idx)
     if len(classes) == 2:
