@@ -96,7 +96,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 loss = loss_fn(self.model_(Xt[idx]), yt[idx])
                 loss.backward()
                 optimiser.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             self.loss_curve_.append(total / len(order))
             self.model_.eval()
             with torch.no_grad():
