@@ -58,7 +58,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class EntryLock:
-    """Exclusive lock on an entry (``flock``: released by the kernel even after SIGKILL).
+    """Exclusive lock on an entry (POSIX ``lockf``: released by the kernel even after SIGKILL).
+
+    Not ``flock``: a flock is shared with forked DataLoader workers, so an orphaned worker of a
+    killed run would keep the entry locked; a POSIX lock belongs to the process alone.
 
     The holder writes its pid, host, start time and command into the file so that a refused run
     can say who holds it.
@@ -72,8 +75,8 @@ class EntryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise EntryLocked(
@@ -88,7 +91,7 @@ class EntryLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
