@@ -110,11 +110,18 @@ def test_published_hash_mismatch_and_offline_message(tmp_path, monkeypatch):
 
 def test_second_writer_is_refused_with_the_holder(tmp_path):
     entry = tmp_path / "entry"
-    with EntryLock(entry):
-        with pytest.raises(EntryLocked, match=f"pid {os.getpid()}"):
+    code = ("import sys, time; from pathlib import Path; from featcache.store import EntryLock\n"
+            "with EntryLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(entry)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(EntryLocked, match=f"pid {holder.pid}"):
             with EntryLock(entry):
                 pass
-    with EntryLock(entry):  # released: usable again
+    finally:
+        holder.kill()
+        holder.wait()
+    with EntryLock(entry):  # the holder was SIGKILLed: the lock is free again
         pass
 
 
