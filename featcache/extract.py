@@ -297,8 +297,8 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if cuda and precision != "fp32" else nullcontext())
-    next_shard = len(list(entry_dir.glob("shard-*.h5")))
     existing = sorted(entry_dir.glob("shard-*.h5"))
+    next_shard = 0
     if existing:
         next_shard = int(existing[-1].stem.split("-")[1]) + 1
     rows = ShardRows(model.model.pools)
@@ -341,7 +341,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                 write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
     except KeyboardInterrupt:
         raise ExtractionInterrupted(
-            f"Interrupted: {extracted - sum(1 for _ in rows.ids)} new images were committed to "
+            f"Interrupted: {extracted - len(rows.ids)} new images were committed to "
             f"{entry_dir}; rerun the same command to resume from there") from None
     finally:
         task.close()

@@ -66,7 +66,8 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
         writer.writerow(["id", "predicted", *[f"p_{c}" for c in classes]])
         for image_id, p in zip(ids, proba, strict=True):
             writer.writerow([image_id, classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+        listed = {r.id for r in source.records}
         for image_id, reason in result.failed.items():
-            if image_id in {r.id for r in source.records}:
+            if image_id in listed:
                 writer.writerow([image_id, f"FAILED: {reason}", *[""] * len(classes)])
     return out
