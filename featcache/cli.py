@@ -101,7 +101,8 @@ def fit(
     data: str = DataOpt,
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     head: str = typer.Option("fast", help="A head, a comma list, `fast` (logreg,svm-linear,knn,mlp) "
-                             "or `all` (+svm-rbf,xgboost); baselines majority/stratified come with both."),
+                             "or `all` (+svm-rbf,xgboost); baselines majority/stratified come with both. "
+                             "Also: svm-rbf-exact (libsvm, slow beyond a few thousand images)."),
     pool: str | None = typer.Option(None, help="Pooling to use (default: the entry's first)."),
     cv: int = typer.Option(5, help="Folds; grouped by the source's group column when it has one."),
     split: str = typer.Option("cv", help="`cv`, or `official` to use the source's split column."),
@@ -109,6 +110,8 @@ def fit(
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     pca: int | None = typer.Option(None, help="Reduce features to N principal components (fit per fold)."),
     tune: bool = typer.Option(False, help="Choose hyper-parameters by inner CV on training folds."),
+    tune_budget: float = typer.Option(300.0, help="Seconds per inner search (each outer fold and the "
+                                      "final refit); candidates after it are skipped, defaults come first."),
     no_standardize: bool = typer.Option(False, "--no-standardize",
                                         help="Skip the per-fold StandardScaler (for ablations only)."),
     label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
@@ -139,7 +142,7 @@ def fit(
         test_source = open_source(test_data)
         test_entry = find_or_extract_like(root, test_source, entry, reporter, run_extract)
     protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
-                        standardize=not no_standardize)
+                        tune_budget_s=tune_budget, standardize=not no_standardize)
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
     _compare(root, source.name, backbone, None, "balanced_accuracy", runs=runs)

@@ -17,7 +17,8 @@ from pathlib import Path
 import joblib
 import numpy as np
 from sklearn import metrics as skm
-from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold, StratifiedKFold, cross_val_score
 
 from . import __version__
 from .errors import RunError
@@ -37,6 +38,7 @@ class Protocol:
     class_weight: str = "balanced"
     pca: int | None = None
     tune: bool = False
+    tune_budget_s: float = 300.0
     standardize: bool = True
 
     def describe(self, grouped: bool) -> str:
@@ -209,19 +211,66 @@ def _align(proba: np.ndarray, fitted: list, classes: list[str]) -> np.ndarray:
     return out
 
 
+class BudgetedSearch(ClassifierMixin, BaseEstimator):
+    """Grid search by inner cross-validation that stops when its time budget is spent.
+
+    Candidates are tried in grid order, and every grid in ``heads.GRIDS`` lists the documented
+    default first, so a search that runs out of time still returns at least the default. A
+    candidate is not started when the mean cost of those before it would overrun the budget.
+    Ties go to the earlier (default-most) candidate. ``cv_results_`` records what was tried.
+    """
+
+    def __init__(self, estimator, param_grid: dict, cv, budget_s: float = 300.0,
+                 scoring: str = "balanced_accuracy"):
+        self.estimator, self.param_grid, self.cv = estimator, param_grid, cv
+        self.budget_s, self.scoring = budget_s, scoring
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> BudgetedSearch:
+        started = time.perf_counter()
+        self.cv_results_: list[dict] = []
+        candidates = list(ParameterGrid(self.param_grid))
+        for params in candidates:
+            spent = time.perf_counter() - started
+            if self.cv_results_ and spent + spent / len(self.cv_results_) > self.budget_s:
+                break
+            tick = time.perf_counter()
+            scores = cross_val_score(clone(self.estimator).set_params(**params), X, y, groups=groups,
+                                     cv=self.cv, scoring=self.scoring)
+            self.cv_results_.append({"params": params, "score": float(np.mean(scores)),
+                                     "seconds": time.perf_counter() - tick})
+        best = max(self.cv_results_, key=lambda r: r["score"])  # first maximum: the default wins ties
+        self.best_params_ = best["params"]
+        self.n_candidates_ = len(candidates)
+        self.best_estimator_ = clone(self.estimator).set_params(**self.best_params_).fit(X, y)
+        self.classes_ = self.best_estimator_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.best_estimator_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.best_estimator_.predict(X)
+
+
 def _estimator(head: str, protocol: Protocol, seed: int, groups_for_inner: bool):
     pipe = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize)
     if protocol.tune and head in GRIDS:
         inner = StratifiedGroupKFold(3, shuffle=True, random_state=seed) if groups_for_inner \
             else StratifiedKFold(3, shuffle=True, random_state=seed)
-        return GridSearchCV(pipe, GRIDS[head], cv=inner, scoring="balanced_accuracy", n_jobs=1)
+        return BudgetedSearch(pipe, GRIDS[head], cv=inner, budget_s=protocol.tune_budget_s)
     return pipe
 
 
 def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
-    if isinstance(estimator, GridSearchCV):
+    if isinstance(estimator, BudgetedSearch):
         return estimator.fit(X, y, groups=groups)
     return estimator.fit(X, y)
+
+
+def estimator_params(estimator) -> dict:
+    """The plain-valued parameters of an estimator, so a run is named by everything that made it."""
+    return {k: v for k, v in sorted(estimator.get_params(deep=True).items())
+            if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def _summarise(per_fold: list[dict]) -> dict:
@@ -243,6 +292,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     config = {"head": head, "pool": pool, "protocol": asdict(protocol), "dataset": source_name,
               "labels": label_desc, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
               "backbone": entry.manifest["backbone"],
+              "estimator": estimator_params(make_pipeline(head, protocol.class_weight, protocol.pca, 0,
+                                                          protocol.standardize)),
               "ids_sha256": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
               "test_ids_sha256": hashlib.sha256("\n".join(test.ids).encode()).hexdigest() if test else None}
     run_dir = entry.path / "runs" / f"{head}-{pool.replace('+', '_')}-{run_id(config)}"
@@ -274,8 +325,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     result = {"config": config, "protocol": protocol.describe(grouped), "n_images": len(data.y),
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
               "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
-    if hasattr(final, "best_params_"):
+    if isinstance(final, BudgetedSearch):
         result["best_params"] = final.best_params_
+        result["search"] = {"tried": final.cv_results_, "grid_size": final.n_candidates_,
+                            "budget_s": protocol.tune_budget_s}
     head_est = model.named_steps["head"]
     if hasattr(head_est, "loss_curve_"):
         result["mlp_loss_curve"] = head_est.loss_curve_
