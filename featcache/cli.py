@@ -58,6 +58,8 @@ def extract(
     shard_size: int = typer.Option(1024, help="Images per committed shard (the unit of resume)."),
     image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
     label_col: str | None = typer.Option(None, help="CSV column with the label."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Clear a lock file left by a dead run on a "
+                                    "file system without POSIX locks (others are freed by the kernel)."),
     cache: Path | None = CacheOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -78,8 +80,10 @@ def extract(
     pools = tuple(p.strip() for p in pool.split(",")) if pool else None
     result = run_extract(source, backbone, _cache(cache), pools, dtype, weights, batch_size, workers,
                          shard_size, device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
-                         input_size=input_size, reporter=reporter)
-    console.print(result.summary(), highlight=False)
+                         input_size=input_size, break_lock=break_lock, reporter=reporter)
+    for note in result.notes[len(source.notes):]:
+        reporter.info(note)
+    console.print(result.summary(), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -175,7 +179,7 @@ def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | 
     rows = sort_rows(rows, metric)
     print_table(rows, metric, console)
     paths = write_outputs(rows, metric, out or root)
-    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['png']}", highlight=False)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['png']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -219,6 +223,56 @@ def predict(
 
 
 @app.command()
+def verify(
+    entry: Path | None = typer.Argument(None, help="A cache entry folder, or a cache root to check every "
+                                        "entry in it (default: the cache root)."),
+    data: str | None = typer.Option(None, help="The source to hash the images against (default: the one "
+                                    "recorded at extraction)."),
+    repair: bool = typer.Option(False, help="Drop damaged shards and leftovers of interrupted writes and "
+                                "rewrite the manifest, so the next extract redoes only those images."),
+    quick: bool = typer.Option(False, help="Skip re-hashing the image files."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="See `extract --break-lock`."),
+    cache: Path | None = CacheOpt,
+) -> None:
+    """Check cache entries: every shard opens, shapes/dtypes/ids are sound, no NaN/Inf, fingerprints
+    agree, and the images still hash to what was extracted. Exit status 1 when something is wrong.
+
+    Example: `featcache verify cache/ham10000_200x150/efficientnet_lite0-0e1ebd8d300e6c4f --repair`
+    """
+    from .sources import open_source
+    from .store import MANIFEST, find_entries
+    from .verify import verify_entry
+
+    target = entry or _cache(cache)
+    if (target / MANIFEST).is_file():
+        entries = [target]
+    else:
+        entries = [e.path for e in find_entries(target)]
+        if not entries:
+            raise FeatcacheError(f"{target}: neither a cache entry nor a cache root with entries in it")
+    source = open_source(data) if data else None
+    all_ok = True
+    for entry_dir in entries:
+        if repair:
+            fixed = verify_entry(entry_dir, source, repair=True, check_files=False, break_lock=break_lock)
+            for line in fixed.repaired:
+                console.print(f"[green]repaired[/] {entry_dir.name}: {line}", highlight=False, soft_wrap=True)
+        report = verify_entry(entry_dir, source, check_files=not quick)
+        status = "[green]ok[/]" if report.ok else "[red]PROBLEMS[/]"
+        console.print(f"{status} {entry_dir}: {report.shards} shards, {report.images} images, "
+                      f"{report.failed} failed at extraction, {report.checked_files} files re-hashed",
+                      highlight=False, soft_wrap=True)
+        for finding in report.findings:
+            colour = "red" if finding.severity == "error" else "yellow"
+            console.print(f"  [{colour}]{finding.severity}[/] {finding.line()}", highlight=False, soft_wrap=True)
+        for note in report.notes:
+            console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+        all_ok &= report.ok
+    if not all_ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Whole pipeline on 200 CC0 ISIC images shipped with featcache: melanoma vs nevus.
 
@@ -230,14 +284,14 @@ def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--qui
     root = _cache(cache)
     entry, runs = run_demo(root, _reporter(quiet))
     _compare(root, entry.manifest["dataset"], None, None, "balanced_accuracy", runs=runs)
-    console.print(f"features: {entry.path}\nruns: {entry.path / 'runs'}", highlight=False)
+    console.print(f"features: {entry.path}\nruns: {entry.path / 'runs'}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     try:
         app()
     except FeatcacheError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .backbones import LoadedBackbone, load_backbone
-from .errors import FeatcacheError
+from .errors import CacheError, FeatcacheError
 from .images import Preprocess, array_to_rgb, decode_rgb
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
@@ -196,6 +196,7 @@ def extract(
     precision: str = "auto",
     jpeg_draft: bool = True,
     input_size: int | None = None,
+    break_lock: bool = False,
     reporter: Reporter | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped)."""
@@ -215,9 +216,10 @@ def extract(
     inputs = fingerprint_inputs(model, dtype, precision)
     fp = fingerprint(inputs)
     entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)
-    entry_dir.mkdir(parents=True, exist_ok=True)
+    if not _writable(entry_dir):
+        return _read_only_result(source, entry_dir)
 
-    with EntryLock(entry_dir):
+    with EntryLock(entry_dir, break_lock=break_lock):
         removed = remove_temporaries(entry_dir)
         if removed:
             reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
@@ -232,11 +234,39 @@ def extract(
             reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
                           f"extracting the other {len(todo)}")
         start = time.perf_counter()
-        extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                         shard_size, manifest, reporter)
+        try:
+            extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
+                             shard_size, manifest, reporter)
+            entry = _write_manifest(entry_dir, manifest, source, complete=True)
+        except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
+            raise CacheError(
+                f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
+                "kept: free space or fix the drive, then rerun the same command to resume") from None
         seconds = time.perf_counter() - start
-        entry = _write_manifest(entry_dir, manifest, source, complete=True)
     return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes))
+
+
+def _writable(entry_dir: Path) -> bool:
+    """Whether the entry (or the nearest folder that exists above it) can be written."""
+    try:
+        entry_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    existing = next(p for p in (entry_dir, *entry_dir.parents) if p.exists())
+    return os.access(existing, os.W_OK)
+
+
+def _read_only_result(source: ImageSource, entry_dir: Path) -> ExtractResult:
+    """A read-only cache is fine when it already holds everything; otherwise say what to do."""
+    todo, skipped = plan(source, entry_dir)
+    if todo:
+        raise CacheError(
+            f"the cache folder {entry_dir} is read-only and {len(todo)} of {len(source.records)} images "
+            f"still need extracting (first: {todo[0].id}); use --cache (or $FEATCACHE_CACHE) to pick a "
+            "writable folder")
+    entry = CacheEntry(entry_dir)
+    return ExtractResult(entry, 0, skipped, entry.failed, 0.0, list(source.notes) + [
+        f"{entry_dir} is read-only; it already holds every image, so nothing was written"])
 
 
 def _write_manifest(entry_dir: Path, manifest: dict, source: ImageSource, complete: bool) -> CacheEntry:

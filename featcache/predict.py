@@ -25,6 +25,16 @@ def load_run(run_dir: Path) -> dict:
     return joblib.load(path)
 
 
+def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str]) -> np.ndarray:
+    """Apply a saved head to features in ``entry``; refuses features made unlike its training ones."""
+    if entry.fingerprint != saved["feature_fingerprint"]:
+        raise RunError(
+            f"the features in {entry.path} have fingerprint {entry.fingerprint} but this head was trained on "
+            f"{saved['feature_fingerprint']} (other backbone, weights or preprocessing); extract the images "
+            "with the same settings as the training data")
+    return saved["pipeline"].predict_proba(entry.read(saved["pool"], ids))
+
+
 def images_source(inputs: list[str]) -> ImageSource:
     """A source of unlabelled images from file paths and/or folders (searched recursively)."""
     if len(inputs) == 1 and (Path(inputs[0]).suffix.lower() in (".csv", ".npz")
@@ -51,14 +61,8 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
     result = extract(source, saved["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                      dtype=manifest["dtype"], weights=weights, reporter=reporter,
                      jpeg_draft=manifest["fingerprint_inputs"]["preprocess"]["jpeg_draft"])
-    if result.entry.fingerprint != saved["feature_fingerprint"]:
-        raise RunError(
-            f"features of the new images have fingerprint {result.entry.fingerprint} but {run_dir} was "
-            f"trained on {saved['feature_fingerprint']} (other weights or preprocessing); pass the same "
-            "--weights as at extraction")
     ids = [r.id for r in source.records if r.id not in result.failed]
-    X = result.entry.read(saved["pool"], ids)
-    proba = saved["pipeline"].predict_proba(X)
+    proba = predict_proba_from_entry(saved, result.entry, ids)
     classes = [str(c) for c in saved["pipeline"].classes_]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:

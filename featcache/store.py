@@ -10,8 +10,10 @@ with their SHA-256, size and mtime, and the ones that failed with the reason.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import socket
@@ -63,37 +65,92 @@ class EntryLock:
     Not ``flock``: a flock is shared with forked DataLoader workers, so an orphaned worker of a
     killed run would keep the entry locked; a POSIX lock belongs to the process alone.
 
-    The holder writes its pid, host, start time and command into the file so that a refused run
-    can say who holds it.
+    The holder writes its pid, host, start time and command into ``.lock`` so that a refused run
+    can say who holds it. On a file system without POSIX locks (some network and FUSE mounts),
+    the lock is the existence of ``.lock.held``, made with O_EXCL: a holder that died on this
+    host is detected by its pid and cleared; one from another host needs ``break_lock=True``
+    (``--break-lock``) once the user has checked that it is gone.
     """
 
-    def __init__(self, entry_dir: Path):
+    NO_POSIX_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+    def __init__(self, entry_dir: Path, break_lock: bool = False):
         self.path = entry_dir / ".lock"
+        self.held_path = entry_dir / ".lock.held"
+        self.break_lock = break_lock
         self._fd: int | None = None
+        self._held_file = False
+
+    @staticmethod
+    def _holder_info() -> str:
+        return (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{_dt.datetime.now().isoformat(timespec='seconds')} ({' '.join(sys.argv[:3])})")
 
     def __enter__(self) -> EntryLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot write to the cache entry {self.path.parent} ({exc.strerror}); "
+                             "use --cache (or $FEATCACHE_CACHE) to pick a writable folder") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in self.NO_POSIX_LOCKS:
+                os.close(fd)
+                self._take_held_file()
+                return self
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise EntryLocked(
                 f"{self.path.parent} is being written by {holder}; wait for it to finish or stop "
                 "it (a second run would only redo its work)") from None
         os.ftruncate(fd, 0)
-        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{_dt.datetime.now().isoformat(timespec='seconds')} ({' '.join(sys.argv[:3])})")
-        os.write(fd, info.encode())
+        os.write(fd, self._holder_info().encode())
         self._fd = fd
         return self
+
+    def _take_held_file(self) -> None:
+        """Fallback lock for file systems without POSIX locks: an O_EXCL file naming its holder."""
+        for _attempt in range(2):
+            try:
+                fd = os.open(self.held_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self.held_path.read_text(errors="replace").strip()
+                if self.break_lock or _holder_is_dead(holder):
+                    self.held_path.unlink(missing_ok=True)
+                    continue
+                raise EntryLocked(
+                    f"{self.path.parent} is locked by {holder or 'an unknown process'} (this file system "
+                    "has no POSIX locks); if that process is gone, rerun with --break-lock") from None
+            os.write(fd, self._holder_info().encode())
+            os.close(fd)
+            self._held_file = True
+            return
+        raise EntryLocked(f"{self.path.parent}: could not take the lock file {self.held_path}")
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if self._held_file:
+            self.held_path.unlink(missing_ok=True)
+            self._held_file = False
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """True only when ``holder`` ("pid N on HOST since ...") names a process of this host that is gone."""
+    parts = holder.split()
+    if len(parts) < 4 or parts[0] != "pid" or parts[2] != "on" or parts[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 @dataclass
@@ -128,34 +185,57 @@ def write_shard(entry_dir: Path, index: int, rows: ShardRows, dims: dict[str, in
     """Write ``rows`` as ``shard-<index>.h5`` atomically (temp file, fsync, rename)."""
     final = entry_dir / f"shard-{index:05d}.h5"
     tmp = entry_dir / f".{final.name}{TEMP_MARK}{os.getpid()}"
+    image = _shard_image(rows, dims, dtype, attrs)
     try:
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("ids", data=np.array(rows.ids, dtype=object), dtype=STR)
-            h5.create_dataset("sha256", data=np.array(rows.sha256, dtype="S64").reshape(-1))
-            h5.create_dataset("size", data=np.array(rows.size, dtype=np.int64))
-            h5.create_dataset("mtime_ns", data=np.array(rows.mtime_ns, dtype=np.int64))
-            group = h5.create_group("features")
-            for pool in rows.pools:
-                stacked = (np.stack(rows.features[pool]) if rows.ids
-                           else np.zeros((0, dims[pool])))
-                group.create_dataset(pool, data=stacked.astype(dtype))  # contiguous: mmap-able
-            failed = h5.create_group("failed")
-            columns = list(zip(*rows.failed, strict=True)) if rows.failed else [[], [], [], [], []]
-            failed.create_dataset("ids", data=np.array(columns[0], dtype=object), dtype=STR)
-            failed.create_dataset("sha256", data=np.array(columns[1], dtype="S64").reshape(-1))
-            failed.create_dataset("size", data=np.array(columns[2], dtype=np.int64))
-            failed.create_dataset("mtime_ns", data=np.array(columns[3], dtype=np.int64))
-            failed.create_dataset("reason", data=np.array(columns[4], dtype=object), dtype=STR)
-            for key, value in attrs.items():
-                h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-            h5.flush()
-            os.fsync(h5.id.get_vfd_handle())
+        with open(tmp, "wb") as handle:
+            handle.write(image)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, final)
         _fsync_dir(entry_dir)
     finally:
         if tmp.exists():
             tmp.unlink()
     return final
+
+
+def _shard_image(rows: ShardRows, dims: dict[str, int], dtype: str, attrs: dict) -> bytes:
+    """The shard's HDF5 file, built in memory.
+
+    HDF5 never touches the disk itself: after a failed write (disk full) h5py leaves the file in a
+    state that crashes the interpreter later (seen with a full tmpfs). A plain write + fsync of
+    the finished bytes turns a full disk into an ordinary OSError instead.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_dataset("ids", data=np.array(rows.ids, dtype=object), dtype=STR)
+        h5.create_dataset("sha256", data=np.array(rows.sha256, dtype="S64").reshape(-1))
+        h5.create_dataset("size", data=np.array(rows.size, dtype=np.int64))
+        h5.create_dataset("mtime_ns", data=np.array(rows.mtime_ns, dtype=np.int64))
+        group = h5.create_group("features")
+        for pool in rows.pools:
+            stacked = (np.stack(rows.features[pool]) if rows.ids
+                       else np.zeros((0, dims[pool])))
+            group.create_dataset(pool, data=stacked.astype(dtype))  # contiguous: mmap-able
+        failed = h5.create_group("failed")
+        columns = list(zip(*rows.failed, strict=True)) if rows.failed else [[], [], [], [], []]
+        failed.create_dataset("ids", data=np.array(columns[0], dtype=object), dtype=STR)
+        failed.create_dataset("sha256", data=np.array(columns[1], dtype="S64").reshape(-1))
+        failed.create_dataset("size", data=np.array(columns[2], dtype=np.int64))
+        failed.create_dataset("mtime_ns", data=np.array(columns[3], dtype=np.int64))
+        failed.create_dataset("reason", data=np.array(columns[4], dtype=object), dtype=STR)
+        for key, value in attrs.items():
+            h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+    return buffer.getvalue()
+
+
+def open_shard(shard: Path) -> h5py.File:
+    """Open a committed shard for reading; a damaged one is a :class:`CacheError` saying what to run."""
+    try:
+        return h5py.File(shard, "r")
+    except OSError as exc:
+        raise CacheError(f"{shard} cannot be read ({exc}); run `featcache verify --repair "
+                         f"{shard.parent}` to drop it, then rerun extract to redo its images") from None
 
 
 def remove_temporaries(entry_dir: Path) -> list[Path]:
@@ -206,17 +286,11 @@ class CacheEntry:
         if self._state is None:
             state: dict[str, ImageState] = {}
             for shard_no, shard in enumerate(self.shard_paths()):
-                with h5py.File(shard, "r") as h5:
-                    for prefix in ("", "failed/"):
-                        ids = h5[f"{prefix}ids"].asstr()[()]
-                        shas = h5[f"{prefix}sha256"][()]
-                        sizes, mtimes = h5[f"{prefix}size"][()], h5[f"{prefix}mtime_ns"][()]
-                        reasons = h5["failed/reason"].asstr()[()] if prefix else None
-                        for row, image_id in enumerate(ids):
-                            state.pop(image_id, None)  # re-inserted: keeps the latest order
-                            state[image_id] = ImageState(
-                                shas[row].decode(), int(sizes[row]), int(mtimes[row]),
-                                reasons[row] if prefix else None, shard_no, row)
+                try:
+                    _read_shard_index(shard, shard_no, state)
+                except (KeyError, ValueError, OSError) as exc:
+                    raise CacheError(f"{shard} is damaged ({exc}); run `featcache verify --repair "
+                                     f"{self.path}` to drop it, then rerun extract") from None
             self._state = state
         return self._state
 
@@ -263,7 +337,7 @@ class CacheEntry:
         return [self._memmap(p, pool) for p in self.shard_paths()]
 
     def _memmap(self, shard: Path, pool: str) -> np.ndarray:
-        with h5py.File(shard, "r") as h5:
+        with open_shard(shard) as h5:
             dset = h5[f"features/{pool}"]
             offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
         if offset is None or shape[0] == 0:  # empty dataset: nothing allocated in the file
@@ -273,6 +347,20 @@ class CacheEntry:
     def _check_pool(self, pool: str) -> None:
         if pool not in self.pools:
             raise CacheError(f"{self.path}: no pooling {pool!r}; this entry has {', '.join(self.pools)}")
+
+
+def _read_shard_index(shard: Path, shard_no: int, state: dict[str, ImageState]) -> None:
+    """Add the ids of one shard to ``state``; a later shard overrides an earlier one."""
+    with open_shard(shard) as h5:
+        for prefix in ("", "failed/"):
+            ids = h5[f"{prefix}ids"].asstr()[()]
+            shas = h5[f"{prefix}sha256"][()]
+            sizes, mtimes = h5[f"{prefix}size"][()], h5[f"{prefix}mtime_ns"][()]
+            reasons = h5["failed/reason"].asstr()[()] if prefix else None
+            for row, image_id in enumerate(ids):
+                state.pop(image_id, None)  # re-inserted: keeps the latest order
+                state[image_id] = ImageState(shas[row].decode(), int(sizes[row]), int(mtimes[row]),
+                                             reasons[row] if prefix else None, shard_no, row)
 
 
 def find_entries(cache_root: Path) -> list[CacheEntry]:
