@@ -1,0 +1,102 @@
+"""Measuring featcache against the hardware: bare forward vs whole extraction, GEMM peak, FLOPs.
+
+Shared by ``benchmarks/*.py`` and the CI smoke test, so the figure in the docs and the check that
+guards it are the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .backbones import LoadedBackbone
+from .extract import extract
+from .sources import ImageSource
+
+
+def gemm_peak_gflops(size: int = 2048, seconds: float = 2.0) -> float:
+    """fp32 matrix-multiply throughput with torch's current thread count (the practical peak)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
+
+
+def gflop_per_image(backbone: LoadedBackbone) -> float:
+    """Forward FLOPs for one image at the backbone's crop size (2 per multiply-add)."""
+    size = backbone.preprocess.crop_size
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        backbone.model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def _memory_format(backbone: LoadedBackbone) -> torch.memory_format:
+    return torch.channels_last if backbone.spec.is_cnn else torch.contiguous_format
+
+
+def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int) -> float:
+    """Images/s of the backbone alone on pre-made tensors: no decode, no hashing, no I/O.
+
+    Same layout, batch size and threads as ``extract`` uses on the CPU.
+    """
+    size = backbone.preprocess.crop_size
+    fmt = _memory_format(backbone)
+    backbone.model.to(memory_format=fmt)
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        backbone.model(x)  # warm-up: allocator and kernel selection
+        batches = max(1, n_images // batch_size)
+        started = time.perf_counter()
+        for _ in range(batches):
+            backbone.model(x)
+        return batches * batch_size / (time.perf_counter() - started)
+
+
+def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int,
+                   workers: int | None = None) -> float:
+    """Images/s of a whole ``extract`` (decode, hash, forward, shard writes) into a fresh cache."""
+    subset = dataclasses.replace(source, records=source.records[:n_images], notes=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        result = extract(subset, backbone, cache_root=tmp, batch_size=batch_size, workers=workers,
+                         dtype="float16")
+    if result.failed:
+        raise RuntimeError(f"{len(result.failed)} images failed during the benchmark: {result.failed}")
+    return result.images_per_second
+
+
+@dataclasses.dataclass
+class EfficiencyResult:
+    backbone: str
+    batch_size: int
+    n_images: int
+    bare_ips: float
+    extract_ips: float
+    gflop_per_image: float
+    gemm_peak_gflops: float
+
+    @property
+    def ratio(self) -> float:
+        return self.extract_ips / self.bare_ips
+
+    @property
+    def achieved_gflops(self) -> float:
+        return self.bare_ips * self.gflop_per_image
+
+
+def extraction_efficiency(backbone: LoadedBackbone, source: ImageSource, n_images: int,
+                          batch_size: int = 8, repeats: int = 2, peak: float | None = None) -> EfficiencyResult:
+    """Bare forward and whole extraction, alternated ``repeats`` times; the best of each is kept,
+    because on a shared machine noise only ever makes a run slower."""
+    bare, whole = [], []
+    for _ in range(repeats):
+        bare.append(bare_forward_ips(backbone, batch_size, n_images))
+        whole.append(extraction_ips(backbone, source, n_images, batch_size))
+    return EfficiencyResult(backbone.spec.name, batch_size, n_images, max(bare), max(whole),
+                            gflop_per_image(backbone), peak if peak is not None else gemm_peak_gflops())

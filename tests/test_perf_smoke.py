@@ -1,0 +1,20 @@
+"""CI guard for issue 6: a whole extraction must run near the speed of the bare backbone forward."""
+
+from __future__ import annotations
+
+from featcache.backbones import load_backbone
+from featcache.benchmark import extraction_efficiency
+from featcache.sources import open_source
+
+from .conftest import DEMO
+
+SMOKE_MIN_RATIO = 0.75  # benchmarks/extraction_efficiency.py measures the full figure (target 0.9)
+
+
+def test_extraction_keeps_up_with_the_bare_forward():
+    source = open_source(DEMO)
+    result = extraction_efficiency(load_backbone("efficientnet_lite0", weights="random"), source,
+                                   n_images=160, batch_size=8, repeats=2, peak=0.0)
+    assert result.ratio >= SMOKE_MIN_RATIO, (
+        f"extract {result.extract_ips:.1f} img/s vs bare forward {result.bare_ips:.1f} img/s: "
+        f"ratio {result.ratio:.2f} < {SMOKE_MIN_RATIO}; decode, hashing or writes no longer overlap compute")
