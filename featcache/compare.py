@@ -28,6 +28,18 @@ class Row:
     test: dict | None
 
 
+def head_label(config: dict) -> str:
+    """The head's name with every setting that makes it a different model than the default."""
+    protocol = config.get("protocol", {})
+    variants = [label for label, on in (
+        ("raw features", protocol.get("standardize") is False),
+        (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
+        ("tuned", bool(protocol.get("tune"))),
+        ("no class weights", protocol.get("class_weight") == "none"),
+    ) if on]
+    return config["head"] + (f" ({', '.join(variants)})" if variants else "")
+
+
 def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
                  head: str | None = None) -> list[Row]:
     rows = []
@@ -45,9 +57,9 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
             if m in result["folds"]:
                 metrics[m] = {**result["folds"][m], "pooled": result["pooled"].get(m),
                               "ci": result["pooled"].get("ci95", {}).get(m)}
+        protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
         rows.append(Row(metrics_file.parent, config["dataset"], config["backbone"], config["pool"],
-                        config["head"], result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else ""),
-                        result["n_images"], metrics, result.get("test")))
+                        head_label(config), protocol, result["n_images"], metrics, result.get("test")))
     return rows
 
 
@@ -78,7 +90,7 @@ def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]
     body = []
     for r in rows:
         line = [r.dataset, r.protocol, r.backbone, r.pool,
-                r.head + (" (baseline)" if r.head in BASELINE_HEADS else ""), str(r.n_images),
+                r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
                 _fmt(r.metrics.get(metric)), _fmt_ci(r.metrics.get(metric)),
                 *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
         if has_test:
@@ -118,7 +130,7 @@ def _plot(rows: list[Row], metric: str, path: Path) -> None:
     means = [r.metrics[metric]["mean"] for r in shown]
     stds = [r.metrics[metric]["std"] for r in shown]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4))
-    colors = ["#bbbbbb" if r.head in BASELINE_HEADS else "#3b7dd8" for r in shown]
+    colors = ["#bbbbbb" if r.head.split(" (")[0] in BASELINE_HEADS else "#3b7dd8" for r in shown]
     ax.bar(range(len(shown)), means, yerr=stds, color=colors, capsize=3)
     ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(f"{metric} (mean ± std over folds)")

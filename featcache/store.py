@@ -313,15 +313,18 @@ class CacheEntry:
                              f"(first: {missing[0]}); run `featcache extract` on this data first")
         dim = self.manifest["dims"][pool]
         out = np.empty((len(wanted), dim), dtype=dtype)
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for position, image_id in enumerate(wanted):
-            s = state[image_id]
-            by_shard.setdefault(s.shard, []).append((position, s.row))
+        shard_of = np.fromiter((state[i].shard for i in wanted), dtype=np.int64, count=len(wanted))
+        row_of = np.fromiter((state[i].row for i in wanted), dtype=np.int64, count=len(wanted))
         shards = self.shard_paths()
-        for shard_no, pairs in by_shard.items():
-            positions, rows = (np.array(v) for v in zip(*pairs, strict=True))
+        for shard_no in np.unique(shard_of):
+            positions = np.flatnonzero(shard_of == shard_no)
+            rows = row_of[positions]
             data = self._memmap(shards[shard_no], pool)
-            out[positions] = data[rows]
+            # Runs of consecutive rows (the usual case: ids in entry order) are copied as slices.
+            if _is_run(positions) and _is_run(rows):
+                out[positions[0]:positions[-1] + 1] = data[rows[0]:rows[-1] + 1]
+            else:
+                out[positions] = data[rows]
         return out
 
     def iter_chunks(self, pool: str, chunk_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -347,6 +350,11 @@ class CacheEntry:
     def _check_pool(self, pool: str) -> None:
         if pool not in self.pools:
             raise CacheError(f"{self.path}: no pooling {pool!r}; this entry has {', '.join(self.pools)}")
+
+
+def _is_run(index: np.ndarray) -> bool:
+    """Whether ``index`` is k, k+1, k+2, ... (so it can be a slice)."""
+    return len(index) > 0 and int(index[-1]) - int(index[0]) == len(index) - 1 and bool(np.all(np.diff(index) == 1))
 
 
 def _read_shard_index(shard: Path, shard_no: int, state: dict[str, ImageState]) -> None:
