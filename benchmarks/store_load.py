@@ -1,7 +1,8 @@
 """Loading cached features from the store, from the page cache: GB/s of stored feature bytes.
 
-Reads every feature of a cache entry three ways: ``CacheEntry.read`` (ids in entry order, the path
-``fit`` uses), ``CacheEntry.read`` of a shuffled id list, and the raw per-shard memory maps. Each is
+Reads every feature of a cache entry four ways: ``CacheEntry.read`` in the stored dtype and as float32
+(ids in entry order; ``fit`` uses float32), ``CacheEntry.read`` of a shuffled id list, and the raw
+per-shard memory maps. Each is
 repeated and the best kept (the first pass warms the page cache). Target (issue 6): >= 1 GB/s.
 
 Run: python benchmarks/store_load.py [ENTRY]   (default: the HAM10000 EfficientNet-Lite0 entry in cache/)
@@ -44,6 +45,7 @@ def main() -> None:
     print("| read | seconds | GB/s of stored bytes |")
     print("|---|---|---|")
     for label, fn in [
+        ("CacheEntry.read (entry order, stored float16)", lambda: entry.read(pool, ids, dtype="float16")),
         ("CacheEntry.read (entry order, as float32)", lambda: entry.read(pool, ids)),
         ("CacheEntry.read (shuffled ids, as float32)", lambda: entry.read(pool, shuffled)),
         ("memory maps, concatenated (stored dtype)", lambda: np.concatenate(entry.memmaps(pool))),

@@ -194,29 +194,59 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
 
 def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: int = 500,
                  seed: int = 0) -> dict[str, list[float]]:
-    """Percentile 95 % intervals of the main metrics over bootstrap resamples of the images."""
+    """Percentile 95 % intervals of the main metrics over bootstrap resamples of the images.
+
+    A resample is a vector of counts per image, so every metric is computed for blocks of resamples
+    at once from weighted confusion matrices and weighted rank sums: the same numbers as scikit-learn
+    on each resample (tested), about 100x faster (10 s per run on 10k images before).
+    """
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {m: [] for m in MAIN_METRICS}
     classes = list(classes)
+    k, m = len(classes), len(y_true)
     y_idx = np.array([classes.index(v) for v in y_true])
     pred = proba.argmax(axis=1)
-    for _ in range(n):
-        idx = rng.integers(0, len(y_idx), len(y_idx))
-        yt, pp = y_idx[idx], pred[idx]
-        if len(np.unique(yt)) < 2:
-            continue
-        draws["accuracy"].append(float(np.mean(yt == pp)))
-        draws["balanced_accuracy"].append(skm.balanced_accuracy_score(yt, pp))
-        draws["macro_f1"].append(skm.f1_score(yt, pp, average="macro", labels=np.unique(yt), zero_division=0))
-        if len(np.unique(yt)) == len(classes):
-            if len(classes) == 2:
-                positive = int(np.argmin(np.bincount(y_idx, minlength=2)))
-                draws["auroc"].append(skm.roc_auc_score(yt == positive, proba[idx, positive]))
-            else:
-                draws["auroc"].append(skm.roc_auc_score(yt, proba[idx], multi_class="ovr",
-                                                        labels=np.arange(len(classes))))
-    return {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-            for m, v in draws.items() if v}
+    pairs = np.eye(k * k)[y_idx * k + pred]  # (m, k*k): one-hot of (true, predicted)
+    auc_columns = [int(np.argmin(np.bincount(y_idx, minlength=2)))] if k == 2 else list(range(k))
+    draws: dict[str, list[np.ndarray]] = {metric: [] for metric in MAIN_METRICS}
+    for start in range(0, n, 100):
+        counts = np.stack([np.bincount(rng.integers(0, m, m), minlength=m)
+                           for _ in range(min(100, n - start))]).astype(np.float64)
+        confusion = (counts @ pairs).reshape(-1, k, k)
+        support, predicted = confusion.sum(axis=2), confusion.sum(axis=1)
+        tp = np.diagonal(confusion, axis1=1, axis2=2)
+        present = support > 0
+        usable = present.sum(axis=1) >= 2
+        recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                       where=(precision + recall) > 0)
+        n_present = np.maximum(present.sum(axis=1), 1)
+        draws["accuracy"].append((tp.sum(axis=1) / m)[usable])
+        draws["balanced_accuracy"].append(((recall * present).sum(axis=1) / n_present)[usable])
+        draws["macro_f1"].append(((f1 * present).sum(axis=1) / n_present)[usable])
+        complete = present.all(axis=1)
+        aucs = np.mean([_weighted_auc(proba[:, c], y_idx == c, counts[complete]) for c in auc_columns], axis=0)
+        draws["auroc"].append(np.atleast_1d(aucs))
+    out = {}
+    for metric, parts in draws.items():
+        values = np.concatenate(parts) if parts else np.array([])
+        if len(values):
+            out[metric] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    return out
+
+
+def _weighted_auc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``scores`` for each row of image ``counts`` (ties count one half, as sklearn)."""
+    if len(counts) == 0:
+        return np.zeros(0)
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie groups
+    weights = counts[:, order]
+    pos = np.add.reduceat(weights * positive[order], starts, axis=1)
+    neg = np.add.reduceat(weights * ~positive[order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
 def _align(proba: np.ndarray, fitted: list, classes: list[str]) -> np.ndarray:

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,9 +323,11 @@ class CacheEntry:
             data = self._memmap(shards[shard_no], pool)
             # Runs of consecutive rows (the usual case: ids in entry order) are copied as slices.
             if _is_run(positions) and _is_run(rows):
-                out[positions[0]:positions[-1] + 1] = data[rows[0]:rows[-1] + 1]
+                _convert_into(out[positions[0]:positions[-1] + 1], data[rows[0]:rows[-1] + 1])
             else:
-                out[positions] = data[rows]
+                block = np.empty((len(rows), dim), dtype=dtype)
+                _convert_into(block, data[rows])
+                out[positions] = block
         return out
 
     def iter_chunks(self, pool: str, chunk_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -350,6 +353,22 @@ class CacheEntry:
     def _check_pool(self, pool: str) -> None:
         if pool not in self.pools:
             raise CacheError(f"{self.path}: no pooling {pool!r}; this entry has {', '.join(self.pools)}")
+
+
+def _convert_into(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` with dtype conversion; float16 -> float32 through torch.
+
+    numpy converts half precision one value at a time (97 ms for HAM10000's 10k x 1280); torch's
+    vectorized copy takes 3.5 ms and gives the same bits.
+    """
+    if source.dtype == np.float16 and target.dtype == np.float32 and target.flags.c_contiguous:
+        import torch
+
+        with warnings.catch_warnings():  # a read-only memmap is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            torch.from_numpy(target).copy_(torch.from_numpy(np.asarray(source)))
+    else:
+        target[...] = source
 
 
 def _is_run(index: np.ndarray) -> bool:

@@ -110,6 +110,36 @@ def test_mlp_learns_unscaled_features_and_is_deterministic():
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_vectorized_bootstrap_equals_sklearn_on_every_resample(n_classes):
+    from featcache.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(n_classes)
+    classes = [f"c{i}" for i in range(n_classes)]
+    y = np.array(classes)[rng.choice(n_classes, 300, p=np.r_[0.55, [0.45 / (n_classes - 1)] * (n_classes - 1)])]
+    proba = rng.dirichlet(np.ones(n_classes), 300)
+    proba[np.arange(300), [classes.index(v) for v in y]] += rng.uniform(0, 0.6, 300)
+    proba = np.round(proba / proba.sum(axis=1, keepdims=True), 2)  # rounding makes ties, as kNN gives
+    # (rounded rows no longer sum to 1, so the reference averages the one-vs-rest AUCs itself)
+    got = bootstrap_ci(y, proba, classes, n=200, seed=7)
+
+    draws = {m: [] for m in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")}
+    resample_rng, y_idx, pred = np.random.default_rng(7), np.array([classes.index(v) for v in y]), proba.argmax(1)
+    for _ in range(200):  # the resamples bootstrap_ci draws, scored one by one by scikit-learn
+        idx = np.sort(resample_rng.integers(0, 300, 300))
+        yt, pp = y_idx[idx], pred[idx]
+        draws["accuracy"].append(skm.accuracy_score(yt, pp))
+        draws["balanced_accuracy"].append(skm.balanced_accuracy_score(yt, pp))
+        draws["macro_f1"].append(skm.f1_score(yt, pp, average="macro", labels=np.unique(yt), zero_division=0))
+        if n_classes == 2:
+            positive = int(np.argmin(np.bincount(y_idx)))
+            draws["auroc"].append(skm.roc_auc_score(yt == positive, proba[idx, positive]))
+        else:
+            draws["auroc"].append(np.mean([skm.roc_auc_score(yt == c, proba[idx, c]) for c in range(n_classes)]))
+    for metric, values in draws.items():
+        assert got[metric] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)], abs=1e-9)
+
+
 def test_svm_probabilities_keep_the_class_balance():
     # 90 % / 10 %, the minority shifted by 0.4 std per feature: calibrating without the class
     # weights gives the minority a recall of 0.0 here (checked by hand); weighted, about 0.85.
