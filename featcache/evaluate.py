@@ -393,7 +393,12 @@ def _write_run(run_dir: Path, config: dict, result: dict, model, data: LabeledFe
     """Written to a temporary directory and renamed, so a run is either complete or absent."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise RunError(f"cannot write the run to {run_dir.parent} ({exc.strerror}); the features are readable "
+                       "but runs are saved next to them: copy the cache to a writable folder and pass "
+                       "--cache") from None
     write_json_atomic(tmp / "config.json", config)
     joblib.dump({"pipeline": model, "classes": data.classes, "feature_fingerprint":
                  config["feature_fingerprint"], "pool": config["pool"], "backbone": config["backbone"],

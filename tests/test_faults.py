@@ -160,6 +160,9 @@ def test_read_only_cache(small_folder, lite0, tmp_path):
         again = _extract(source, lite0, root)  # everything is there: usable read-only
         assert again.extracted == 0 and "read-only" in again.notes[-1]
         assert verify_entry(full.path).ok
+        data = labeled_features(source, full, "gap")  # features are readable; a run cannot be saved
+        with pytest.raises(RunError, match="cannot write the run to .*copy the cache to a writable folder"):
+            fit_head(data, full, "majority", "gap", Protocol(cv=2), source.name)
         Image.open(next(small_folder.rglob("*.jpg"))).save(small_folder / "nevus" / "new.jpg")
         with pytest.raises(CacheError, match=r"read-only and 1 of 13 images still need extracting.*--cache"):
             _extract(open_source(small_folder), lite0, root)
