@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import RunError
 from featcache.evaluate import Protocol
 from featcache.extract import extract
 from featcache.heads import BASELINES, HEADS
-from featcache.pipeline import find_entry, fit_many
+from featcache.pipeline import fit_many
 from featcache.progress import Reporter
 from featcache.sources import open_source
 
@@ -47,14 +46,6 @@ def extraction_seconds_per_image(sample: int) -> float:
     return seconds / sample
 
 
-def features(source, cache: Path, reporter: Reporter):
-    """The source's EfficientNet-Lite0 cache entry, extracted first if missing."""
-    try:
-        return find_entry(cache, source, BACKBONE, None)
-    except RunError:
-        return extract(source, BACKBONE, cache_root=cache, reporter=reporter).entry
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=REPO / "cache")
@@ -63,7 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     reporter = Reporter()
     source, test_source = open_source(HAM), open_source(ISIC_TEST)
-    entry, test_entry = (features(s, args.cache, reporter) for s in (source, test_source))
+    # extract() serves the entry of the current settings from the cache, extracting only what is missing
+    entry, test_entry = (extract(s, BACKBONE, cache_root=args.cache, reporter=reporter).entry
+                         for s in (source, test_source))
     heads = list(HEADS + BASELINES)
     results: dict[bool, dict[str, dict]] = {}
     for standardize in (True, False):

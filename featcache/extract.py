@@ -36,6 +36,7 @@ from .store import (
     default_cache_root,
     fingerprint,
     remove_temporaries,
+    shard_summary,
     write_json_atomic,
     write_shard,
 )
@@ -273,11 +274,9 @@ def _write_manifest(entry_dir: Path, manifest: dict, source: ImageSource, comple
     listed = {r.id for r in source.records}
     payload = {**manifest, "complete": complete}
     if (entry_dir / MANIFEST).exists():
-        state = CacheEntry(entry_dir).state()
-        payload["shards"] = [p.name for p in sorted(entry_dir.glob("shard-*.h5"))]
-        payload["n_images"] = sum(1 for s in state.values() if s.failed is None)
-        payload["failed"] = {i: s.failed for i, s in state.items() if s.failed is not None}
-        payload["complete"] = complete and listed <= set(state)
+        entry = CacheEntry(entry_dir)
+        payload |= shard_summary(entry)
+        payload["complete"] = complete and listed <= set(entry.state())
     write_json_atomic(entry_dir / MANIFEST, payload)
     return CacheEntry(entry_dir)
 

@@ -390,5 +390,13 @@ def _read_shard_index(shard: Path, shard_no: int, state: dict[str, ImageState]) 
                                              reasons[row] if prefix else None, shard_no, row)
 
 
+def shard_summary(entry: CacheEntry) -> dict:
+    """The manifest's summary of what the shards hold (the shards stay the truth)."""
+    state = entry.state()
+    return {"shards": [p.name for p in entry.shard_paths()],
+            "n_images": sum(1 for s in state.values() if s.failed is None),
+            "failed": {i: s.failed for i, s in state.items() if s.failed is not None}}
+
+
 def find_entries(cache_root: Path) -> list[CacheEntry]:
     return [CacheEntry(p.parent) for p in sorted(Path(cache_root).glob(f"*/*/{MANIFEST}"))]

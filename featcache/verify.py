@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,16 @@ import numpy as np
 
 from .errors import CacheError, EntryLocked, FeatcacheError
 from .sources import ImageSource, open_source
-from .store import MANIFEST, SHARD_GLOB, TEMP_MARK, CacheEntry, EntryLock, fingerprint, write_json_atomic
+from .store import (
+    MANIFEST,
+    SHARD_GLOB,
+    TEMP_MARK,
+    CacheEntry,
+    EntryLock,
+    fingerprint,
+    shard_summary,
+    write_json_atomic,
+)
 
 SHA_HEX = re.compile(rb"^[0-9a-f]{64}$")
 ROW_FIELDS = ("ids", "sha256", "size", "mtime_ns")
@@ -155,24 +165,20 @@ def verify_entry(entry_dir: str | Path, source: ImageSource | None = None, repai
             MANIFEST, f"fingerprint {manifest['fingerprint']} (folder {entry_dir.name}) does not match its "
             f"recorded inputs ({expected_fp}): features could be served for the wrong settings",
             f"delete {entry_dir} and extract again"))
-    lock = EntryLock(entry_dir, break_lock=break_lock)
-    try:
-        lock.__enter__()
-        locked = True
-    except EntryLocked as exc:
-        if repair:
-            raise
-        report.notes.append(f"{exc}: shards may still change while this check runs")
-        locked = False
-    except CacheError:  # read-only cache: checking still works, repairing cannot
-        if repair:
-            raise
-        locked = False
-    try:
+    with ExitStack() as held:
+        try:
+            held.enter_context(EntryLock(entry_dir, break_lock=break_lock))
+            locked = True
+        except EntryLocked as exc:
+            if repair:
+                raise
+            report.notes.append(f"{exc}: shards may still change while this check runs")
+            locked = False
+        except CacheError:  # read-only cache: checking still works, repairing cannot
+            if repair:
+                raise
+            locked = False
         _verify_locked(entry_dir, manifest, source, repair, check_files, locked, report)
-    finally:
-        if locked:
-            lock.__exit__(None, None, None)
     return report
 
 
@@ -208,11 +214,8 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
             MANIFEST, f"lists {len(listed)} shards but {len(present)} are present",
             "`featcache verify --repair` rewrites it from the shards", True, "warning"))
     if repair and (dropped or (listed and listed != present)):
-        state = CacheEntry(entry_dir).state()
-        write_json_atomic(entry_dir / MANIFEST, {
-            **manifest, "complete": False, "shards": sorted(present),
-            "n_images": sum(1 for s in state.values() if s.failed is None),
-            "failed": {i: s.failed for i, s in state.items() if s.failed is not None}})
+        write_json_atomic(entry_dir / MANIFEST,
+                          {**manifest, "complete": False, **shard_summary(CacheEntry(entry_dir))})
         report.repaired.append("rewrote manifest.json from the remaining shards")
     try:
         state = CacheEntry(entry_dir).state()
