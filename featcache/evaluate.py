@@ -22,7 +22,7 @@ from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold, Stratif
 
 from . import __version__
 from .errors import RunError
-from .heads import GRIDS, make_pipeline
+from .heads import GRIDS, XGBHead, make_pipeline
 from .progress import Reporter
 from .sources import ImageSource
 from .store import CacheEntry, write_json_atomic
@@ -210,8 +210,8 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: i
     draws: dict[str, list[np.ndarray]] = {metric: [] for metric in MAIN_METRICS}
     for start in range(0, n, 100):
         counts = np.stack([np.bincount(rng.integers(0, m, m), minlength=m)
-                           for _ in range(min(100, n - start))]).astype(np.float64)
-        confusion = (counts @ pairs).reshape(-1, k, k)
+                           for _ in range(min(100, n - start))]).astype(np.int32)
+        confusion = (counts.astype(np.float64) @ pairs).reshape(-1, k, k)
         support, predicted = confusion.sum(axis=2), confusion.sum(axis=1)
         tp = np.diagonal(confusion, axis1=1, axis2=2)
         present = support > 0
@@ -224,8 +224,8 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: i
         draws["accuracy"].append((tp.sum(axis=1) / m)[usable])
         draws["balanced_accuracy"].append(((recall * present).sum(axis=1) / n_present)[usable])
         draws["macro_f1"].append(((f1 * present).sum(axis=1) / n_present)[usable])
-        complete = present.all(axis=1)
-        aucs = np.mean([_weighted_auc(proba[:, c], y_idx == c, counts[complete]) for c in auc_columns], axis=0)
+        complete_counts = counts[present.all(axis=1)]
+        aucs = np.mean([_weighted_auc(proba[:, c], y_idx == c, complete_counts) for c in auc_columns], axis=0)
         draws["auroc"].append(np.atleast_1d(aucs))
     out = {}
     for metric, parts in draws.items():
@@ -242,11 +242,18 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) 
     order = np.argsort(scores, kind="stable")
     sorted_scores = scores[order]
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie groups
-    weights = counts[:, order]
-    pos = np.add.reduceat(weights * positive[order], starts, axis=1)
-    neg = np.add.reduceat(weights * ~positive[order], starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+    # Integer counts keep every sum exact (the same numbers as sklearn) and halve the memory traffic.
+    weights = counts.astype(np.int32, copy=False).take(order, axis=1)
+    pos = weights * positive[order]
+    neg = weights - pos
+    ties = len(starts) < len(scores)
+    if ties:  # merge tied scores into one column per distinct score
+        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+    # pairs (positive above negative) + half the tied pairs = sum pos * (negatives at or below - neg / 2)
+    twice_pairs = 2 * (pos * np.cumsum(neg, axis=1, dtype=np.int32)).sum(axis=1, dtype=np.int64)
+    if ties:
+        twice_pairs -= (pos * neg).sum(axis=1, dtype=np.int64)
+    return twice_pairs / (2.0 * pos.sum(axis=1, dtype=np.int64) * neg.sum(axis=1, dtype=np.int64))
 
 
 def _align(proba: np.ndarray, fitted: list, classes: list[str]) -> np.ndarray:
@@ -313,6 +320,36 @@ def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
     return estimator.fit(X, y)
 
 
+def _fit_task(head: str, protocol: Protocol, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
+              train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
+    """One fold (or the final refit when ``test_idx`` is None) in a worker with ``threads`` threads."""
+    from threadpoolctl import threadpool_limits
+
+    if head == "mlp":
+        import torch
+
+        torch.set_num_threads(threads)
+    with threadpool_limits(threads):
+        est = _estimator(head, protocol, seed, groups is not None)
+        for step in est.get_params().values():  # XGBoost's OpenMP pool is not one threadpoolctl reaches
+            if isinstance(step, XGBHead):
+                step.set_params(n_jobs=threads)
+        _fit(est, X[train], y[train], None if groups is None else groups[train])
+        proba = None if test_idx is None else est.predict_proba(X[test_idx])
+    return est, proba
+
+
+def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, tasks: list, jobs: int | None) -> list:
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(tasks)))
+    threads = max(1, cores // jobs)
+    calls = [joblib.delayed(_fit_task)(head, protocol, data.X, data.y, data.groups, train, test_idx,
+                                       seed, threads) for seed, train, test_idx in tasks]
+    if jobs == 1:
+        return [call[0](*call[1], **call[2]) for call in calls]
+    return joblib.Parallel(n_jobs=jobs)(calls)
+
+
 def estimator_params(estimator) -> dict:
     """The plain-valued parameters of an estimator, so a run is named by everything that made it."""
     return {k: v for k, v in sorted(estimator.get_params(deep=True).items())
@@ -331,8 +368,13 @@ def run_id(config: dict) -> str:
 
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
-             test: LabeledFeatures | None = None, reporter: Reporter | None = None) -> Path:
-    """Cross-validate one head, refit it on all training rows, and write a run directory."""
+             test: LabeledFeatures | None = None, reporter: Reporter | None = None,
+             jobs: int | None = None) -> Path:
+    """Cross-validate one head, refit it on all training rows, and write a run directory.
+
+    ``jobs``: worker processes for the folds (default: one per CPU core, at most the number of
+    tasks). Every fold's estimator is seeded, so the result does not depend on it.
+    """
     reporter = reporter or Reporter(quiet=True)
     grouped = data.groups is not None and protocol.split == "cv"
     config = {"head": head, "pool": pool, "protocol": asdict(protocol), "dataset": source_name,
@@ -347,26 +389,28 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
         return run_dir
     started = time.perf_counter()
-    fold_metrics, oof_rows = [], []
-    for seed in range(protocol.seeds):
-        folds = (official_split(data.splits) if protocol.split == "official"
-                 else make_folds(data.y, data.groups, protocol.cv, seed))
-        oof = np.full((len(data.y), len(data.classes)), np.nan)
-        for fold, (train, test_idx) in enumerate(folds):
-            est = _estimator(head, protocol, seed, data.groups is not None)
-            _fit(est, data.X[train], data.y[train], None if data.groups is None else data.groups[train])
-            proba = _align(est.predict_proba(data.X[test_idx]), list(est.classes_), data.classes)
-            oof[test_idx] = proba
-            fold_metrics.append(compute_metrics(data.y[test_idx], proba, data.classes))
-            for i in test_idx:
-                oof_rows.append((seed, fold, data.ids[i], data.y[i], oof[i]))
-        if seed == 0:
-            scored = ~np.isnan(oof).any(axis=1)
-            pooled = compute_metrics(data.y[scored], oof[scored], data.classes)
-            pooled["ci95"] = bootstrap_ci(data.y[scored], oof[scored], data.classes)
-    cv_seconds = time.perf_counter() - started
-    final = _estimator(head, protocol, 0, data.groups is not None)
-    _fit(final, data.X, data.y, data.groups)
+    fold_plan = [(seed, fold, train, test_idx) for seed in range(protocol.seeds)
+                 for fold, (train, test_idx) in enumerate(
+                     official_split(data.splits) if protocol.split == "official"
+                     else make_folds(data.y, data.groups, protocol.cv, seed))]
+    # Every fold and the final refit on all rows are independent tasks, run side by side in worker
+    # processes of one BLAS/OpenMP/torch thread each: most head solvers are single-threaded, and
+    # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
+    tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
+    tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
+    outputs = _run_tasks(head, protocol, data, tasks, jobs)
+    final, cv_seconds = outputs[-1][0], time.perf_counter() - started
+    fold_metrics, oof_rows, oof_by_seed = [], [], {}
+    for (seed, fold, _, test_idx), (est, proba) in zip(fold_plan, outputs[:-1], strict=True):
+        proba = _align(proba, list(est.classes_), data.classes)
+        oof = oof_by_seed.setdefault(seed, np.full((len(data.y), len(data.classes)), np.nan))
+        oof[test_idx] = proba
+        fold_metrics.append(compute_metrics(data.y[test_idx], proba, data.classes))
+        oof_rows.extend((seed, fold, data.ids[i], data.y[i], proba[k]) for k, i in enumerate(test_idx))
+    oof = oof_by_seed[0]
+    scored = ~np.isnan(oof).any(axis=1)
+    pooled = compute_metrics(data.y[scored], oof[scored], data.classes)
+    pooled["ci95"] = bootstrap_ci(data.y[scored], oof[scored], data.classes)
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
     result = {"config": config, "protocol": protocol.describe(grouped), "n_images": len(data.y),
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
@@ -378,6 +422,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     head_est = model.named_steps["head"]
     if hasattr(head_est, "loss_curve_"):
         result["mlp_loss_curve"] = head_est.loss_curve_
+        # epochs and rows of every fit (folds, then the final refit): what a training loop would redo
+        result["mlp_fits"] = [{"epochs": out[0].named_steps["head"].n_epochs_, "rows": len(task[1])}
+                              for out, task in zip(outputs, tasks, strict=True)
+                              if hasattr(out[0], "named_steps")]
     if test is not None:
         proba = _align(model.predict_proba(test.X), list(model.classes_), data.classes)
         keep = np.isin(test.y, data.classes)

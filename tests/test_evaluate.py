@@ -64,12 +64,23 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
     seen = SEEN
     monkeypatch.setattr(H, "StandardScaler", RecordingScaler)
     data = _blobs()
-    fit_head(data, _FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs")
+    # jobs=1: the folds run in this process, where the recording scaler is patched in
+    fit_head(data, _FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs", jobs=1)
     folds = make_folds(data.y, data.groups, 4, seed=0)
     assert len(seen) == 5  # four folds, then the final refit on everything
     for rows, (train, test) in zip(seen, folds, strict=False):
         assert rows == set(train.tolist()) and not rows & set(test.tolist())
     assert seen[-1] == set(range(len(data.y)))
+
+
+@pytest.mark.parametrize("head", ["logreg", "mlp"])
+def test_parallel_folds_give_the_same_run_as_serial_ones(tmp_path, head):
+    data = _blobs()
+    runs = [fit_head(data, _FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs", jobs=jobs)
+            for jobs in (1, 2)]
+    serial, parallel = ((run / "oof_predictions.csv").read_text() for run in runs)
+    assert serial.count("\n") == len(data.y) + 1
+    assert serial == parallel
 
 
 def test_metrics_match_sklearn_on_known_predictions():
