@@ -22,7 +22,13 @@ from .errors import WeightsUnavailable
 from .images import Preprocess
 
 TIMM_PREFIX = "timm:"
-POOLINGS = ("gap", "fc7", "cls", "mean", "cls+mean")
+# gap: global average of the last feature map (CNN) / of the patch tokens (ViT); penult: global
+# average of the stage before it (before EfficientNet's 1x1 head conv, ResNet's layer3, SqueezeNet's
+# last-but-one Fire); multi: the global averages of the last three stages and gap, concatenated;
+# fc7: VGG/AlexNet's penultimate fully connected layer; cls / mean / cls+mean: a ViT's class token,
+# mean patch token, both; last4: the class tokens of a ViT's last four blocks (DINOv2's linear eval).
+POOLINGS = ("gap", "penult", "multi", "fc7", "cls", "mean", "cls+mean", "last4")
+CNN_LAYER_POOLS = {"penult", "multi"}
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,19 @@ def _tv(name: str, arch: str, dims: dict[str, int], default: tuple[str, ...], de
 
 def _dinov2(size: str, arch: str, dim: int) -> BackboneSpec:
     return BackboneSpec(
-        f"dinov2_vit{size}14", "timm", f"{arch}.lvd142m", ("cls", "mean", "cls+mean"), ("cls",),
-        {"cls": dim, "mean": dim, "cls+mean": 2 * dim}, f"DINOv2 ViT-{size.upper()}/14 (LVD-142M)",
+        f"dinov2_vit{size}14", "timm", f"{arch}.lvd142m", ("cls", "mean", "cls+mean", "last4"), ("cls",),
+        {"cls": dim, "mean": dim, "cls+mean": 2 * dim, "last4": 4 * dim},
+        f"DINOv2 ViT-{size.upper()}/14 (LVD-142M)",
         timm_kwargs={"img_size": 224}, crop_size=224, crop_pct=224 / 256,  # DINOv2's own eval: 256 -> 224
     )
 
 
-def _lite(v: int, dim: int) -> BackboneSpec:
+def _lite(v: int, dim: int, stages: tuple[int, int, int]) -> BackboneSpec:
+    """``stages``: channels of the last three stages (what penult and multi average)."""
     return BackboneSpec(
-        f"efficientnet_lite{v}", "timm", f"tf_efficientnet_lite{v}.in1k", ("gap",), ("gap",),
-        {"gap": dim}, f"EfficientNet-Lite{v} (ImageNet, Google)", package_weights=f"efficientnet_lite{v}",
+        f"efficientnet_lite{v}", "timm", f"tf_efficientnet_lite{v}.in1k", ("gap", "penult", "multi"),
+        ("gap",), {"gap": dim, "penult": stages[-1], "multi": sum(stages) + dim},
+        f"EfficientNet-Lite{v} (ImageNet, Google)", package_weights=f"efficientnet_lite{v}",
     )
 
 
@@ -101,15 +110,18 @@ REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
     _dinov2("b", "vit_base_patch14_dinov2", 768),
     _dinov2("l", "vit_large_patch14_dinov2", 1024),
     _dinov2("g", "vit_giant_patch14_dinov2", 1536),
-    _tv("resnet18", "resnet18", {"gap": 512}, ("gap",), "ResNet-18 (torchvision, ImageNet)"),
-    _tv("resnet50", "resnet50", {"gap": 2048}, ("gap",), "ResNet-50 (torchvision, ImageNet V1)"),
-    _tv("resnet152", "resnet152", {"gap": 2048}, ("gap",), "ResNet-152 (torchvision, ImageNet)"),
+    _tv("resnet18", "resnet18", {"gap": 512, "penult": 256, "multi": 64 + 128 + 256 + 512}, ("gap",),
+        "ResNet-18 (torchvision, ImageNet)"),
+    _tv("resnet50", "resnet50", {"gap": 2048, "penult": 1024, "multi": 256 + 512 + 1024 + 2048}, ("gap",),
+        "ResNet-50 (torchvision, ImageNet V1)"),
+    _tv("resnet152", "resnet152", {"gap": 2048, "penult": 1024, "multi": 256 + 512 + 1024 + 2048}, ("gap",),
+        "ResNet-152 (torchvision, ImageNet)"),
     _tv("vgg16", "vgg16", {"gap": 512, "fc7": 4096}, ("fc7",), "VGG-16 (torchvision, ImageNet)"),
     _tv("vgg19", "vgg19", {"gap": 512, "fc7": 4096}, ("fc7",), "VGG-19 (torchvision, ImageNet)"),
     _tv("alexnet", "alexnet", {"gap": 256, "fc7": 4096}, ("fc7",), "AlexNet (torchvision, ImageNet)"),
-    _tv("squeezenet1_1", "squeezenet1_1", {"gap": 512}, ("gap",), "SqueezeNet 1.1 (ImageNet)",
-        package="squeezenet_ndf"),
-    _lite(0, 1280), _lite(1, 1280), _lite(2, 1280),
+    _tv("squeezenet1_1", "squeezenet1_1", {"gap": 512, "penult": 512, "multi": 384 + 384 + 512 + 512},
+        ("gap",), "SqueezeNet 1.1 (ImageNet)", package="squeezenet_ndf"),
+    _lite(0, 1280, (40, 112, 320)), _lite(1, 1280, (40, 112, 320)), _lite(2, 1280, (48, 120, 352)),
 ]}
 
 # torchvision's own default tag, except ResNet-50 whose V1 weights are the classic frozen baseline.
@@ -161,11 +173,17 @@ class PooledFeatures(nn.Module):
         net = self.net
         if not self.is_timm:
             return self._torchvision(x)
+        wanted = set(self.pools)
+        if wanted & CNN_LAYER_POOLS:  # the last three stages as well as the final map
+            final, stages = net.forward_intermediates(x, indices=3)
+            if final.ndim != 4:
+                raise WeightsUnavailable(f"{self.spec.name} is a ViT: use --pool cls, mean, cls+mean or last4")
+            return _layer_pools(final, stages)
         feats = net.forward_features(x)
         out: dict[str, torch.Tensor] = {}
         if feats.ndim == 4:  # CNN feature map
-            if {"cls", "mean", "cls+mean"} & set(self.pools):
-                raise WeightsUnavailable(f"{self.spec.name} is a CNN: use --pool gap")
+            if {"cls", "mean", "cls+mean", "last4"} & wanted:
+                raise WeightsUnavailable(f"{self.spec.name} is a CNN: use --pool gap, penult or multi")
             out["gap"] = feats.mean(dim=(2, 3))
             return out
         # Token sequence: CLS first, then register tokens (never averaged), then patches.
@@ -175,20 +193,42 @@ class PooledFeatures(nn.Module):
             out[pool] = {"cls": cls, "mean": mean, "gap": mean}.get(pool)
             if pool == "cls+mean":
                 out[pool] = torch.cat([cls, mean], dim=1)
+        if "last4" in wanted:  # class tokens of the last four blocks, each through the final norm
+            blocks = net.forward_intermediates(x, indices=4, return_prefix_tokens=True, norm=True,
+                                               intermediates_only=True)
+            out["last4"] = torch.cat([tokens[:, 0] for _, tokens in blocks], dim=1)
         return out
 
     def _torchvision(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         net, arch = self.net, self.spec.arch
+        layers = set(self.pools) & CNN_LAYER_POOLS
         if arch.startswith("resnet"):
-            for layer in (net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
-                          net.layer3, net.layer4):
+            for layer in (net.conv1, net.bn1, net.relu, net.maxpool):
                 x = layer(x)
-            return {"gap": x.mean(dim=(2, 3))}
+            stages = []
+            for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+                x = layer(x)
+                stages.append(x)
+            return _layer_pools(x, stages[:-1]) if layers else {"gap": x.mean(dim=(2, 3))}
+        if layers:  # SqueezeNet / VGG / AlexNet: the last four modules with channels
+            stages = []
+            for layer in net.features:
+                x = layer(x)
+                if sum(p.numel() for p in layer.parameters()):
+                    stages = [*stages[-3:], x]
+            return _layer_pools(stages[-1], stages[:-1])
         fmap = net.features(x)
         out = {"gap": fmap.mean(dim=(2, 3))}
         if "fc7" in self.pools:  # VGG / AlexNet penultimate layer, after its ReLU
             out["fc7"] = net.classifier[:-1](torch.flatten(net.avgpool(fmap), 1))
         return out
+
+
+def _layer_pools(final: torch.Tensor, stages: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gap of the final map, penult of the stage before it, multi of the last three stages + gap."""
+    gap = final.mean(dim=(2, 3))
+    averaged = [s.mean(dim=(2, 3)) for s in stages[-3:]]
+    return {"gap": gap, "penult": averaged[-1], "multi": torch.cat([*averaged, gap], dim=1)}
 
 
 def _build(spec: BackboneSpec) -> nn.Module:

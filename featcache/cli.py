@@ -55,6 +55,10 @@ def extract(
     precision: str = typer.Option("auto", help="CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32."),
     no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
     input_size: int | None = typer.Option(None, help="Crop size in pixels instead of the backbone's own."),
+    views: int = typer.Option(1, help="Views per image stored: 1, 2, 4 or 8 (mirrors and quarter turns of "
+                              "the input; heads train on all and average over them)."),
+    resize: str = typer.Option("crop", help="crop (the backbone's resize + centre crop), full (whole image "
+                               "squeezed to a square) or pad (whole image padded to a square)."),
     shard_size: int = typer.Option(1024, help="Images per committed shard (the unit of resume)."),
     image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
     label_col: str | None = typer.Option(None, help="CSV column with the label."),
@@ -80,7 +84,8 @@ def extract(
     pools = tuple(p.strip() for p in pool.split(",")) if pool else None
     result = run_extract(source, backbone, _cache(cache), pools, dtype, weights, batch_size, workers,
                          shard_size, device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
-                         input_size=input_size, break_lock=break_lock, reporter=reporter)
+                         input_size=input_size, views=views, resize=resize, break_lock=break_lock,
+                         reporter=reporter)
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     console.print(result.summary(), highlight=False, soft_wrap=True)
@@ -109,7 +114,8 @@ def fit(
                              "Also: svm-rbf-exact (libsvm, slow beyond a few thousand images)."),
     pool: str | None = typer.Option(None, help="Pooling to use (default: the entry's first)."),
     cv: int = typer.Option(5, help="Folds; grouped by the source's group column when it has one."),
-    split: str = typer.Option("cv", help="`cv`, or `official` to use the source's split column."),
+    split: str = typer.Option("cv", help="`cv`; `official` to use the source's split column; `random712` for "
+                              "an image-level 70/10/20 split (DermaMNIST's protocol: it ignores lesion groups)."),
     seeds: int = typer.Option(1, help="Repeat the CV with this many seeds."),
     class_weight: str = typer.Option("balanced", help="balanced or none."),
     pca: int | None = typer.Option(None, help="Reduce features to N principal components (fit per fold)."),
@@ -118,6 +124,13 @@ def fit(
                                       "final refit); candidates after it are skipped, defaults come first."),
     no_standardize: bool = typer.Option(False, "--no-standardize",
                                         help="Skip the per-fold StandardScaler (for ablations only)."),
+    views: int | None = typer.Option(None, help="Use the entry extracted with this many views "
+                                     "(default: the newest entry)."),
+    resize: str | None = typer.Option(None, help="Use the entry extracted with this --resize."),
+    use_views: str = typer.Option("all", help="On multi-view entries: `all` (train on every view, average "
+                                  "predictions over them), `train` (no test-time averaging), `first` (original only)."),
+    meta: str | None = typer.Option(None, help="Metadata columns as extra features, e.g. `age,sex,localization` "
+                                    "(imputed and encoded inside the pipeline)."),
     label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
     classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),
     test_data: str | None = typer.Option(None, help="A held-out source scored after refitting on all of --data."),
@@ -138,28 +151,24 @@ def fit(
     reporter = _reporter(quiet)
     root = _cache(cache)
     source = open_source(data, images)
-    entry = find_entry(root, source, backbone, pool)
+    entry = find_entry(root, source, backbone, pool, views, resize)
     test_source = test_entry = None
     if test_data:
-        from .extract import extract as run_extract
-
         test_source = open_source(test_data)
-        test_entry = find_or_extract_like(root, test_source, entry, reporter, run_extract)
+        test_entry = find_or_extract_like(root, test_source, entry, reporter)
     protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
-                        tune_budget_s=tune_budget, standardize=not no_standardize)
+                        tune_budget_s=tune_budget, standardize=not no_standardize, views=use_views,
+                        meta=meta or "")
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
     _compare(root, source.name, backbone, None, "balanced_accuracy", runs=runs)
 
 
-def find_or_extract_like(root, source, entry, reporter, run_extract):
+def find_or_extract_like(root: Path, source, entry, reporter):
     """Features of ``source`` made exactly like ``entry`` (same fingerprint), extracting if needed."""
-    inputs = entry.manifest["fingerprint_inputs"]
-    origin = entry.manifest["provenance"]["weights_origin"]
-    weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
-        "random" if origin.startswith("random") else None)
-    result = run_extract(source, entry.manifest["backbone"], root, tuple(entry.pools), inputs["dtype"],
-                         weights, jpeg_draft=inputs["preprocess"]["jpeg_draft"], reporter=reporter)
+    from .extract import extract_like
+
+    result = extract_like(source, entry, root, reporter=reporter)
     if result.entry.fingerprint != entry.fingerprint:
         raise FeatcacheError(f"--test-data features ({result.entry.fingerprint}) were not made like the "
                              f"training features ({entry.fingerprint}); extract both with the same options")
@@ -167,8 +176,8 @@ def find_or_extract_like(root, source, entry, reporter, run_extract):
 
 
 def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | None, metric: str,
-             out: Path | None = None, runs: list[Path] | None = None) -> None:
-    from .compare import collect_runs, print_table, sort_rows, write_outputs
+             out: Path | None = None, runs: list[Path] | None = None, ensemble: str | None = None) -> None:
+    from .compare import collect_runs, ensemble_rows, print_table, sort_rows, write_outputs
 
     rows = collect_runs(root, dataset, backbone, head)
     if runs is not None:
@@ -176,6 +185,11 @@ def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | 
         rows = [r for r in rows if r.run.resolve() in wanted]
     if not rows:
         raise FeatcacheError(f"no finished runs in {root} match; run `featcache fit` first")
+    if ensemble:
+        try:
+            rows += ensemble_rows(rows, ensemble, metric)
+        except ValueError as exc:
+            raise FeatcacheError(str(exc)) from None
     rows = sort_rows(rows, metric)
     print_table(rows, metric, console)
     paths = write_outputs(rows, metric, out or root)
@@ -189,6 +203,8 @@ def compare(
     head: str | None = typer.Option(None, help="Only these heads (comma list)."),
     metric: str = typer.Option("balanced_accuracy", help="Sort key: balanced_accuracy, macro_f1, auroc, accuracy."),
     out: Path | None = typer.Option(None, help="Folder for compare.csv/.md/.png (default: the cache root)."),
+    ensemble: str | None = typer.Option(None, help="Add soft-vote ensembles of the best runs of each "
+                                        "comparable group, e.g. `top3` (scored on the same out-of-fold predictions)."),
     cache: Path | None = CacheOpt,
 ) -> None:
     """Tabulate every finished run side by side (mean ± std over folds, pooled value with 95% CI).
@@ -200,7 +216,7 @@ def compare(
         from .sources import open_source
 
         dataset = open_source(data).name
-    _compare(_cache(cache), dataset, backbone, head, metric, out)
+    _compare(_cache(cache), dataset, backbone, head, metric, out, ensemble=ensemble)
 
 
 @app.command()

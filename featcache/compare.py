@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +27,7 @@ class Row:
     n_images: int
     metrics: dict  # metric -> {"mean", "std", "pooled", "ci"}
     test: dict | None
+    config: dict | None = None
 
 
 def head_label(config: dict) -> str:
@@ -36,6 +38,10 @@ def head_label(config: dict) -> str:
         (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
         ("tuned", bool(protocol.get("tune"))),
         ("no class weights", protocol.get("class_weight") == "none"),
+        (f"{config.get('views')} views + TTA", config.get("views", 1) > 1 and protocol.get("views", "all") == "all"),
+        (f"{config.get('views')} views, no TTA", config.get("views", 1) > 1 and protocol.get("views") == "train"),
+        ("original view only", config.get("views", 1) > 1 and protocol.get("views") == "first"),
+        (f"+ meta {protocol.get('meta')}", bool(protocol.get("meta"))),
     ) if on]
     return config["head"] + (f" ({', '.join(variants)})" if variants else "")
 
@@ -59,8 +65,71 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
                               "ci": result["pooled"].get("ci95", {}).get(m)}
         protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
         rows.append(Row(metrics_file.parent, config["dataset"], config["backbone"], config["pool"],
-                        head_label(config), protocol, result["n_images"], metrics, result.get("test")))
+                        head_label(config), protocol, result["n_images"], metrics, result.get("test"), config))
     return rows
+
+
+def _read_predictions(path: Path, seed_column: bool) -> tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """ids, labels, probabilities, class names and folds from a run's prediction CSV (seed 0 only)."""
+    with open(path) as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        lines = [line for line in reader if not seed_column or line[0] == "0"]
+    first = 4 if seed_column else 2  # seed,fold,id,label,p_… or id,label,p_…
+    ids = [line[first - 2] for line in lines]
+    labels = np.array([line[first - 1] for line in lines])
+    proba = np.array([[float(v) for v in line[first:]] for line in lines])
+    folds = np.array([int(line[1]) if seed_column else 0 for line in lines])
+    return ids, labels, proba, [c.removeprefix("p_") for c in header[first:]], folds
+
+
+def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:
+    """Soft-vote ensembles of the top runs of each comparable group (``spec``: ``top3``, ``top5``).
+
+    Runs are comparable when they scored the same images under the same protocol, so their
+    out-of-fold predictions line up image by image; the ensemble averages those probabilities and
+    is scored exactly like a run (its interval by the same bootstrap). The members are chosen by
+    the same out-of-fold scores, which makes the ensemble's score slightly optimistic; with the
+    test set (``test_predictions.csv``) the test score is free of that selection.
+    """
+    from .evaluate import bootstrap_ci, compute_metrics
+
+    if not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2:
+        raise ValueError(f"--ensemble {spec}: use topN with N >= 2, e.g. top3")
+    size = int(spec[3:])
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        if row.config is None or row.head.split(" (")[0] in BASELINE_HEADS or metric not in row.metrics:
+            continue
+        key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"))
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (dataset, protocol, _, _), members in groups.items():
+        members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))[:size]
+        if len(members) < size:
+            continue
+        oof = [_read_predictions(r.run / "oof_predictions.csv", True) for r in members]
+        ids, labels, _, classes, folds = oof[0]
+        if any(o[0] != ids or o[3] != classes for o in oof):
+            continue  # not aligned image by image: not comparable after all
+        proba = np.mean([o[2] for o in oof], axis=0)
+        pooled = compute_metrics(labels, proba, classes)
+        ci = bootstrap_ci(labels, proba, classes)
+        per_fold = [compute_metrics(labels[folds == f], proba[folds == f], classes) for f in np.unique(folds)]
+        metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
+                       "pooled": pooled[m], "ci": ci.get(m)} for m in MAIN_METRICS if m in pooled}
+        test = None
+        if all((r.run / "test_predictions.csv").exists() for r in members):
+            tests = [_read_predictions(r.run / "test_predictions.csv", False) for r in members]
+            t_labels, t_classes = tests[0][1], tests[0][3]
+            t_proba = np.mean([t[2] for t in tests], axis=0)
+            keep = np.isin(t_labels, t_classes)
+            test = compute_metrics(t_labels[keep], t_proba[keep], t_classes)
+            test["ci95"] = bootstrap_ci(t_labels[keep], t_proba[keep], t_classes)
+        names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
+        out.append(Row(members[0].run.parent, dataset, "ensemble", "–", f"{spec}: {names}", protocol,
+                       len(labels), metrics, test, None))
+    return out
 
 
 def sort_rows(rows: list[Row], metric: str) -> list[Row]:
@@ -126,7 +195,7 @@ def _plot(rows: list[Row], metric: str, path: Path) -> None:
     shown = [r for r in rows if metric in r.metrics]
     if not shown:
         return
-    labels = [f"{r.backbone}/{r.pool}/{r.head}\n{r.dataset}" for r in shown]
+    labels = [_shorten(f"{r.backbone}/{r.pool}/{r.head}") + f"\n{r.dataset}" for r in shown]
     means = [r.metrics[metric]["mean"] for r in shown]
     stds = [r.metrics[metric]["std"] for r in shown]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4))
@@ -138,6 +207,10 @@ def _plot(rows: list[Row], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _shorten(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def print_table(rows: list[Row], metric: str, console: Console | None = None) -> None:

@@ -22,7 +22,7 @@ from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold, Stratif
 
 from . import __version__
 from .errors import RunError
-from .heads import GRIDS, XGBHead, make_pipeline
+from .heads import GRIDS, ViewEnsemble, XGBHead, make_pipeline
 from .progress import Reporter
 from .sources import ImageSource
 from .store import CacheEntry, write_json_atomic
@@ -40,11 +40,26 @@ class Protocol:
     tune: bool = False
     tune_budget_s: float = 300.0
     standardize: bool = True
+    # On entries with several views: "all" = train on every view, average predictions over them;
+    # "train" = train on every view, predict from the original; "first" = the original view only.
+    views: str = "all"
+    meta: str = ""  # comma list of metadata columns used as extra features, e.g. "age,sex,localization"
 
     def describe(self, grouped: bool) -> str:
         if self.split == "official":
             return "official split"
+        if self.split == "random712":
+            return "image-level random 7:1:2 split (train on 70 %, test on 20 %)"
         return f"{self.cv}-fold {'grouped ' if grouped else ''}stratified CV x{self.seeds}"
+
+    def config(self) -> dict:
+        """What names a run: every field, except the newer ones while they hold their defaults
+        (so runs made before those options existed keep their names)."""
+        fields = asdict(self)
+        for key, default in (("views", "all"), ("meta", "")):
+            if fields[key] == default:
+                del fields[key]
+        return fields
 
 
 @dataclass
@@ -56,6 +71,8 @@ class LabeledFeatures:
     ids: list[str]
     classes: list[str]
     notes: list[str] = field(default_factory=list)
+    meta: np.ndarray | None = None  # (n, numeric + categorical columns), NaN where missing
+    meta_spec: list[dict] = field(default_factory=list)  # per column: name, kind, categories
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:
@@ -69,9 +86,45 @@ def parse_label_map(text: str | None) -> dict[str, str]:
     return mapping
 
 
+def encode_meta(records: list, columns: list[str], spec: list[dict] | None = None,
+                source_name: str = "") -> tuple[np.ndarray, list[dict]]:
+    """Metadata columns as numbers: numeric ones as floats, categorical ones as codes into their
+    sorted categories; empty cells are NaN (imputed later, inside the pipeline). Numeric columns
+    come first. ``spec`` (from training data) fixes the categories, so test data is coded alike;
+    a category unseen in training becomes missing."""
+    if spec is None:
+        spec = []
+        for name in columns:
+            values = [r.meta.get(name, "") for r in records]
+            if name not in records[0].meta:
+                raise RunError(f"--meta {name}: {source_name} has no column {name!r}; it has "
+                               f"{', '.join(records[0].meta) or 'no extra columns'}")
+            filled = [v for v in values if v.strip()]
+            try:
+                [float(v) for v in filled]
+                spec.append({"name": name, "kind": "numeric"})
+            except ValueError:
+                spec.append({"name": name, "kind": "categorical", "categories": sorted(set(filled))})
+        spec.sort(key=lambda c: c["kind"] != "numeric")
+    out = np.full((len(records), len(spec)), np.nan)
+    for j, column in enumerate(spec):
+        if column["name"] not in records[0].meta:
+            raise RunError(f"--meta {column['name']}: {source_name} has no column {column['name']!r}")
+        codes = {c: float(i) for i, c in enumerate(column.get("categories", []))}
+        for i, record in enumerate(records):
+            value = record.meta.get(column["name"], "").strip()
+            if value:
+                out[i, j] = float(value) if column["kind"] == "numeric" else codes.get(value, np.nan)
+    return out, spec
+
+
 def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_map: str | None = None,
-                     classes: str | None = None) -> LabeledFeatures:
-    """Features of every labelled, successfully extracted image of ``source``, in source order."""
+                     classes: str | None = None, meta: str = "",
+                     meta_spec: list[dict] | None = None) -> LabeledFeatures:
+    """Features of every labelled, successfully extracted image of ``source``, in source order.
+
+    ``meta``: metadata columns to add (see :func:`encode_meta`); ``meta_spec`` codes them like
+    the training data's."""
     from .extract import plan
 
     stale, _ = plan(source, entry.path)
@@ -109,7 +162,11 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     groups = np.array([r.group or r.id for r, _ in rows]) if source.has_groups else None
     splits = np.array([r.split or "" for r, _ in rows]) if source.has_splits else None
     X = entry.read(pool, ids)
-    return LabeledFeatures(X, y, groups, splits, ids, class_names, notes)
+    meta_values, spec = None, []
+    columns = [c.strip() for c in meta.split(",") if c.strip()]
+    if columns:
+        meta_values, spec = encode_meta([r for r, _ in rows], columns, meta_spec, str(source.location))
+    return LabeledFeatures(X, y, groups, splits, ids, class_names, notes, meta_values, spec)
 
 
 _FOLDS_MEMO: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -147,6 +204,18 @@ def official_split(splits: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarr
     if not test.any() or test.all():
         raise RunError("--split official: need rows with split 'test' and rows with another split")
     return [(np.flatnonzero(~test), np.flatnonzero(test))]
+
+
+def random_712_split(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Image-level stratified random split 70 / 10 / 20 (DermaMNIST's protocol): train on the 70 %,
+    test on the 20 %; the 10 % validation part is left unused. Lesions are *not* kept together,
+    which is the point of running it: it shows how much image-level splitting inflates scores."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(y))
+    rest, test = train_test_split(index, test_size=0.2, random_state=seed, stratify=y)
+    train, _val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=y[rest])
+    return [(np.sort(train), np.sort(test))]
 
 
 def _clip_rows(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
@@ -305,13 +374,48 @@ class BudgetedSearch(ClassifierMixin, BaseEstimator):
         return self.best_estimator_.predict(X)
 
 
-def _estimator(head: str, protocol: Protocol, seed: int, groups_for_inner: bool):
-    pipe = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize)
+@dataclass(frozen=True)
+class Layout:
+    """How a row of features is laid out: image features (per view), then metadata columns."""
+
+    image_dim: int
+    views: bool = False  # rows are (views, dim) blocks: wrap the pipeline in a ViewEnsemble
+    meta_numeric: int = 0
+    meta_categorical: int = 0
+
+    @classmethod
+    def of(cls, data: LabeledFeatures) -> Layout:
+        kinds = [c["kind"] for c in data.meta_spec]
+        return cls(int(data.X.shape[-1]), data.X.ndim == 3, kinds.count("numeric"), kinds.count("categorical"))
+
+
+def with_meta(data: LabeledFeatures) -> np.ndarray:
+    """The image features with the metadata columns appended (repeated for every view)."""
+    if data.meta is None:
+        return data.X
+    meta = data.meta.astype(data.X.dtype)
+    if data.X.ndim == 3:
+        meta = np.repeat(meta[:, None, :], data.X.shape[1], axis=1)
+    return np.concatenate([data.X, meta], axis=-1)
+
+
+def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout | None = None,
+                    groups_for_inner: bool = False):
+    """The whole model for one fit: pipeline, view handling, and the tuning search around them."""
+    layout = layout or Layout(0)
+    model = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize,
+                          layout.image_dim, layout.meta_numeric, layout.meta_categorical)
+    prefix = ""
+    if layout.views:
+        model = ViewEnsemble(model, train_views="first" if protocol.views == "first" else "all",
+                             test_views="all" if protocol.views == "all" else "first")
+        prefix = "estimator__"
     if protocol.tune and head in GRIDS:
         inner = StratifiedGroupKFold(3, shuffle=True, random_state=seed) if groups_for_inner \
             else StratifiedKFold(3, shuffle=True, random_state=seed)
-        return BudgetedSearch(pipe, GRIDS[head], cv=inner, budget_s=protocol.tune_budget_s)
-    return pipe
+        grid = {prefix + key: values for key, values in GRIDS[head].items()}
+        return BudgetedSearch(model, grid, cv=inner, budget_s=protocol.tune_budget_s)
+    return model
 
 
 def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
@@ -320,8 +424,8 @@ def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
     return estimator.fit(X, y)
 
 
-def _fit_task(head: str, protocol: Protocol, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
-              train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
+def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: np.ndarray,
+              groups: np.ndarray | None, train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
     """One fold (or the final refit when ``test_idx`` is None) in a worker with ``threads`` threads."""
     from threadpoolctl import threadpool_limits
 
@@ -330,7 +434,7 @@ def _fit_task(head: str, protocol: Protocol, X: np.ndarray, y: np.ndarray, group
 
         torch.set_num_threads(threads)
     with threadpool_limits(threads):
-        est = _estimator(head, protocol, seed, groups is not None)
+        est = build_estimator(head, protocol, seed, layout, groups is not None)
         for step in est.get_params().values():  # XGBoost's OpenMP pool is not one threadpoolctl reaches
             if isinstance(step, XGBHead):
                 step.set_params(n_jobs=threads)
@@ -339,11 +443,13 @@ def _fit_task(head: str, protocol: Protocol, X: np.ndarray, y: np.ndarray, group
     return est, proba
 
 
-def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, tasks: list, jobs: int | None) -> list:
+def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarray, tasks: list,
+               jobs: int | None) -> list:
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs or cores, len(tasks)))
     threads = max(1, cores // jobs)
-    calls = [joblib.delayed(_fit_task)(head, protocol, data.X, data.y, data.groups, train, test_idx,
+    layout = Layout.of(data)
+    calls = [joblib.delayed(_fit_task)(head, protocol, layout, X, data.y, data.groups, train, test_idx,
                                        seed, threads) for seed, train, test_idx in tasks]
     if jobs == 1:
         return [call[0](*call[1], **call[2]) for call in calls]
@@ -377,13 +483,18 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     """
     reporter = reporter or Reporter(quiet=True)
     grouped = data.groups is not None and protocol.split == "cv"
-    config = {"head": head, "pool": pool, "protocol": asdict(protocol), "dataset": source_name,
+    if test is not None and [c["name"] for c in test.meta_spec] != [c["name"] for c in data.meta_spec]:
+        raise RunError("the test data must carry the same --meta columns as the training data")
+    config = {"head": head, "pool": pool, "protocol": protocol.config(), "dataset": source_name,
               "labels": label_desc, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
               "backbone": entry.manifest["backbone"],
-              "estimator": estimator_params(make_pipeline(head, protocol.class_weight, protocol.pca, 0,
-                                                          protocol.standardize)),
+              "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
               "ids_sha256": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
               "test_ids_sha256": hashlib.sha256("\n".join(test.ids).encode()).hexdigest() if test else None}
+    if data.X.ndim == 3:
+        config["views"] = int(data.X.shape[1])
+    if data.meta_spec:
+        config["meta_spec"] = data.meta_spec  # how to code the columns again at prediction time
     run_dir = entry.path / "runs" / f"{head}-{pool.replace('+', '_')}-{run_id(config)}"
     if (run_dir / "metrics.json").exists() and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
@@ -392,13 +503,15 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     fold_plan = [(seed, fold, train, test_idx) for seed in range(protocol.seeds)
                  for fold, (train, test_idx) in enumerate(
                      official_split(data.splits) if protocol.split == "official"
+                     else random_712_split(data.y, seed) if protocol.split == "random712"
                      else make_folds(data.y, data.groups, protocol.cv, seed))]
     # Every fold and the final refit on all rows are independent tasks, run side by side in worker
     # processes of one BLAS/OpenMP/torch thread each: most head solvers are single-threaded, and
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
-    outputs = _run_tasks(head, protocol, data, tasks, jobs)
+    X = with_meta(data)
+    outputs = _run_tasks(head, protocol, data, X, tasks, jobs)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started
     fold_metrics, oof_rows, oof_by_seed = [], [], {}
     for (seed, fold, _, test_idx), (est, proba) in zip(fold_plan, outputs[:-1], strict=True):
@@ -426,18 +539,20 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         result["mlp_fits"] = [{"epochs": out[0].named_steps["head"].n_epochs_, "rows": len(task[1])}
                               for out, task in zip(outputs, tasks, strict=True)
                               if hasattr(out[0], "named_steps")]
+    test_rows = None
     if test is not None:
-        proba = _align(model.predict_proba(test.X), list(model.classes_), data.classes)
+        proba = _align(model.predict_proba(with_meta(test)), list(model.classes_), data.classes)
+        test_rows = (test.ids, test.y, proba)
         keep = np.isin(test.y, data.classes)
         result["test"] = compute_metrics(test.y[keep], proba[keep], data.classes)
         result["test"]["ci95"] = bootstrap_ci(test.y[keep], proba[keep], data.classes)
         result["test"]["n_images"] = int(keep.sum())
-    _write_run(run_dir, config, result, model, data, oof_rows)
+    _write_run(run_dir, config, result, model, data, oof_rows, test_rows)
     return run_dir
 
 
 def _write_run(run_dir: Path, config: dict, result: dict, model, data: LabeledFeatures,
-               oof_rows: list) -> None:
+               oof_rows: list, test_rows: tuple | None = None) -> None:
     """Written to a temporary directory and renamed, so a run is either complete or absent."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -455,6 +570,11 @@ def _write_run(run_dir: Path, config: dict, result: dict, model, data: LabeledFe
         handle.write("seed,fold,id,label," + ",".join(f"p_{c}" for c in data.classes) + "\n")
         for seed, fold, image_id, label, proba in oof_rows:
             handle.write(f"{seed},{fold},{image_id},{label}," + ",".join(f"{v:.6f}" for v in proba) + "\n")
+    if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
+        with open(tmp / "test_predictions.csv", "w") as handle:
+            handle.write("id,label," + ",".join(f"p_{c}" for c in data.classes) + "\n")
+            for image_id, label, proba in zip(*test_rows, strict=True):
+                handle.write(f"{image_id},{label}," + ",".join(f"{v:.6f}" for v in proba) + "\n")
     write_json_atomic(tmp / "metrics.json", result)
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import LoadedBackbone, load_backbone
 from .errors import CacheError, FeatcacheError
-from .images import Preprocess, array_to_rgb, decode_rgb
+from .images import RESIZE_MODES, Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
 from .store import (
@@ -110,7 +110,7 @@ class _ImageDataset(Dataset):
             if isinstance(content, np.ndarray):
                 image = array_to_rgb(content)
             else:
-                image = decode_rgb(content, self.preprocess.resize_size if self.preprocess.jpeg_draft
+                image = decode_rgb(content, self.preprocess.decode_min_side if self.preprocess.jpeg_draft
                                    else None)
             item["image"] = self.preprocess.to_uint8(image)
         except (ValueError, OSError, KeyError) as exc:
@@ -147,10 +147,13 @@ def entry_path(cache_root: Path, dataset: str, backbone: str, fp: str) -> Path:
     return Path(cache_root) / dataset / f"{backbone.replace(':', '-')}-{fp}"
 
 
-def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str) -> dict:
-    return {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
-            "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
-            "dtype": dtype, "precision": precision}
+def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1) -> dict:
+    inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
+              "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
+              "dtype": dtype, "precision": precision}
+    if views > 1:  # only when used, so entries made before --views keep their names
+        inputs["views"] = views
+    return inputs
 
 
 def provenance(device: torch.device, origin: str) -> dict:
@@ -197,10 +200,17 @@ def extract(
     precision: str = "auto",
     jpeg_draft: bool = True,
     input_size: int | None = None,
+    views: int = 1,
+    resize: str = "crop",
     break_lock: bool = False,
     reporter: Reporter | None = None,
 ) -> ExtractResult:
-    """Extract features of every image in ``source`` into the cache (resuming where it stopped)."""
+    """Extract features of every image in ``source`` into the cache (resuming where it stopped).
+
+    ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.images.VIEWS`: flips and quarter turns
+    of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
+    ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
+    """
     if dtype not in DTYPES:
         raise FeatcacheError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     reporter = reporter or Reporter(quiet=True)
@@ -208,13 +218,18 @@ def extract(
     precision = resolve_precision(precision, dev)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
+    view_names = _checked_views(views)
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
+    if resize != model.preprocess.resize_mode:
+        if resize not in RESIZE_MODES:
+            raise FeatcacheError(f"--resize {resize}: choose one of {', '.join(RESIZE_MODES)}")
+        changes["resize_mode"] = resize
     if input_size:  # keep the backbone's resize/crop ratio at the new size
         ratio = model.preprocess.resize_size / model.preprocess.crop_size
         changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
     if changes:
         model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
-    inputs = fingerprint_inputs(model, dtype, precision)
+    inputs = fingerprint_inputs(model, dtype, precision, views)
     fp = fingerprint(inputs)
     entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)
     if not _writable(entry_dir):
@@ -230,6 +245,7 @@ def extract(
             "dataset": source.name, "source": str(Path(source.location).resolve()),
             "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
             "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
+            "views": list(view_names),
         }
         if skipped:
             reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
@@ -237,7 +253,7 @@ def extract(
         start = time.perf_counter()
         try:
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                             shard_size, manifest, reporter)
+                             shard_size, manifest, view_names, reporter)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
             raise CacheError(
@@ -245,6 +261,35 @@ def extract(
                 "kept: free space or fix the drive, then rerun the same command to resume") from None
         seconds = time.perf_counter() - start
     return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes))
+
+
+def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,
+                 weights: str | None = None, reporter: Reporter | None = None) -> ExtractResult:
+    """Features of ``source`` made exactly like ``entry``'s (same backbone, poolings, dtype,
+    preprocessing and views), extracting what is missing. ``weights``: the file given at extraction,
+    if any (default: the one the entry recorded, when it was a file)."""
+    manifest = entry.manifest
+    inputs = manifest["fingerprint_inputs"]
+    origin = manifest["provenance"]["weights_origin"]
+    if weights is None:
+        weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
+            "random" if origin.startswith("random") else None)
+    preprocess = inputs["preprocess"]
+    return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
+                   dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
+                   views=entry.views, resize=preprocess.get("resize_mode", "crop"), reporter=reporter)
+
+
+def _checked_views(views: int) -> tuple[str, ...]:
+    try:
+        return views_for(views)
+    except ValueError as exc:
+        raise FeatcacheError(str(exc)) from None
+
+
+def _views_axis(outs: list[dict[str, torch.Tensor]], pool: str) -> torch.Tensor:
+    """(batch, dim) for one view; (batch, views, dim) for several."""
+    return outs[0][pool] if len(outs) == 1 else torch.stack([o[pool] for o in outs], dim=1)
 
 
 def _writable(entry_dir: Path) -> bool:
@@ -307,7 +352,7 @@ def _in_main_thread() -> bool:
 
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
-         manifest: dict, reporter: Reporter) -> int:
+         manifest: dict, view_names: tuple[str, ...], reporter: Reporter) -> int:
     if not (entry_dir / MANIFEST).exists():
         write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
     if not todo:
@@ -330,7 +375,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
     next_shard = 0
     if existing:
         next_shard = int(existing[-1].stem.split("-")[1]) + 1
-    rows = ShardRows(model.model.pools)
+    rows = ShardRows(model.model.pools, len(view_names))
     attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
              "provenance": manifest["provenance"], "backbone": manifest["backbone"]}
     extracted = 0
@@ -341,10 +386,11 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                 feats = {}
                 if batch["images"] is not None:
                     x = model.preprocess.normalize(batch["images"].to(dev, non_blocking=cuda))
-                    x = x.contiguous(memory_format=memory_format)
-                    with autocast:
-                        out = model.model(x)
-                    feats = {p: out[p].float().cpu().numpy().astype(dtype) for p in rows.pools}
+                    outs = []
+                    for view in view_names:  # one forward per view, at the batch size measured best
+                        with autocast:
+                            outs.append(model.model(apply_view(x, view).contiguous(memory_format=memory_format)))
+                    feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in rows.pools}
                 ok_position = {index: n for n, index in enumerate(batch["ok"])}
                 for item in batch["items"]:
                     record = todo[item["index"]]
@@ -364,7 +410,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                     extracted += 1
                 if len(rows) >= shard_size:
                     write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
-                    next_shard, rows = next_shard + 1, ShardRows(model.model.pools)
+                    next_shard, rows = next_shard + 1, ShardRows(model.model.pools, len(view_names))
                 task.advance(len(batch["items"]))
             if len(rows):
                 write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.dummy import DummyClassifier
+from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import LabelEncoder, StandardScaler
+from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
 from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
@@ -27,7 +30,8 @@ FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
 
 # Small default grids for --tune (nested inner CV); without --tune the first value of each is used.
 GRIDS: dict[str, dict[str, list]] = {
-    "logreg": {"head__C": [1.0, 0.01, 0.1, 10.0]},
+    # DINOv2's linear-probe recipe sweeps C over many decades; the default comes first
+    "logreg": {"head__C": [1.0, *np.logspace(-4, 2, 13).round(6).tolist()]},
     "svm-linear": {"head__alpha": [1e-3, 1e-4, 1e-2]},
     "svm-rbf": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
     "svm-rbf-exact": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
@@ -63,18 +67,18 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> TorchMLPClassifier:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> TorchMLPClassifier:
+        """``groups``: rows that belong together (the views of one image) stay on one side of the
+        early-stopping split, so the validation loss is not measured on copies of training rows."""
         import torch
-        from sklearn.model_selection import train_test_split
 
         self._encoder = LabelEncoder().fit(y)
         self.classes_ = self._encoder.classes_
         target = self._encoder.transform(y)
         X = np.asarray(X, dtype=np.float32)
         counts = np.bincount(target, minlength=len(self.classes_))
-        stratify = target if counts.min() >= 2 else None
-        train_idx, val_idx = train_test_split(np.arange(len(X)), test_size=self.val_fraction,
-                                              random_state=self.seed, stratify=stratify)
+        train_idx, val_idx = _validation_split(target, groups, self.val_fraction, self.seed,
+                                               counts.min() >= 2)
         device = self._device()
         generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
@@ -134,6 +138,20 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
+def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+                      stratified: bool) -> tuple[np.ndarray, np.ndarray]:
+    if groups is None:
+        return train_test_split(np.arange(len(target)), test_size=fraction, random_state=seed,
+                                stratify=target if stratified else None)
+    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    label_of_group = target[first]
+    stratify = label_of_group if np.bincount(label_of_group).min() >= 2 else None
+    _, val_groups = train_test_split(np.arange(len(names)), test_size=fraction, random_state=seed,
+                                     stratify=stratify)
+    is_val = np.isin(inverse, val_groups)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
 class SVMHead(ClassifierMixin, BaseEstimator):
     """A support vector machine with class-balanced, calibrated probabilities.
 
@@ -173,7 +191,8 @@ class SVMHead(ClassifierMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float32)
         return self.kernel_map_.transform(X) if self.kernel_map_ is not None else X
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> SVMHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> SVMHead:
+        """``groups``: rows that belong together (the views of one image) share a calibration fold."""
         X = np.asarray(X, dtype=np.float32)
         self._encoder = LabelEncoder().fit(y)
         self.classes_ = self._encoder.classes_
@@ -183,7 +202,10 @@ class SVMHead(ClassifierMixin, BaseEstimator):
                                         n_components=min(self.n_components, len(X))).fit(X)
         weights = compute_sample_weight("balanced", y) if self.class_weight == "balanced" else None
         smallest_class = int(np.bincount(self._encoder.transform(y)).min())
-        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), cv=max(2, min(3, smallest_class)))
+        cv = max(2, min(3, smallest_class))
+        if groups is not None:
+            cv = list(StratifiedGroupKFold(cv, shuffle=True, random_state=self.seed).split(X, y, groups))
+        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), cv=cv)
         self.model_.fit(self._features(X), y, sample_weight=weights)
         return self
 
@@ -232,6 +254,61 @@ class XGBHead(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
+def _accepts_groups(estimator) -> bool:
+    import inspect
+
+    return "groups" in inspect.signature(estimator.fit).parameters
+
+
+class ViewEnsemble(ClassifierMixin, BaseEstimator):
+    """A classifier on images with several cached views each (``X`` of shape ``(n, views, dim)``).
+
+    ``train_views="all"`` trains ``estimator`` on every view of every training image (augmentation
+    at no extraction cost), ``"first"`` on the original view only. ``test_views="all"`` averages
+    the predicted probabilities over the views (test-time augmentation), ``"first"`` uses the
+    original. A pipeline's ``head`` that takes ``groups`` is told which rows are views of one image.
+    """
+
+    def __init__(self, estimator, train_views: str = "all", test_views: str = "all"):
+        self.estimator, self.train_views, self.test_views = estimator, train_views, test_views
+
+    @staticmethod
+    def _select(X: np.ndarray, which: str) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 3:
+            raise RunError(f"ViewEnsemble needs features of shape (images, views, dim), got {X.shape}")
+        if which not in ("all", "first"):
+            raise RunError(f"views {which!r}: use all or first")
+        return X if which == "all" else X[:, :1]
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ViewEnsemble:
+        from sklearn.base import clone
+
+        chosen = self._select(X, self.train_views)
+        n, views = chosen.shape[:2]
+        rows = chosen.reshape(n * views, -1)
+        self.estimator_ = clone(self.estimator)
+        params = {}
+        head = self.estimator_.steps[-1][1] if isinstance(self.estimator_, Pipeline) else self.estimator_
+        if views > 1 and _accepts_groups(head):
+            key = f"{self.estimator_.steps[-1][0]}__groups" if isinstance(self.estimator_, Pipeline) else "groups"
+            params[key] = np.repeat(np.arange(n), views)
+        self.estimator_.fit(rows, np.repeat(np.asarray(y), views), **params)
+        self.classes_ = self.estimator_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        chosen = self._select(X, self.test_views)
+        return np.mean([self.estimator_.predict_proba(chosen[:, v]) for v in range(chosen.shape[1])], axis=0)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    @property
+    def named_steps(self):  # the wrapped pipeline's steps, so callers can reach the head
+        return self.estimator_.named_steps if hasattr(self, "estimator_") else self.estimator.named_steps
+
+
 def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0):
     """The estimator for a head name, with its documented defaults."""
     cw = class_weight if class_weight != "none" else None
@@ -270,10 +347,32 @@ def parse_heads(spec: str) -> list[str]:
 
 
 def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
-                  seed: int = 0, standardize: bool = True) -> Pipeline:
-    steps = []
-    if standardize:
-        steps.append(("scale", StandardScaler()))
+                  seed: int = 0, standardize: bool = True, image_dim: int | None = None,
+                  meta_numeric: int = 0, meta_categorical: int = 0) -> Pipeline:
+    """Scaling (fit on training rows only), optional PCA, then the head.
+
+    With tabular metadata the rows are ``image_dim`` image features, then ``meta_numeric`` numeric
+    columns, then ``meta_categorical`` integer-coded categories (NaN = missing). Missing values
+    are imputed (median / most frequent), numbers scaled and categories one-hot encoded, all
+    inside the pipeline, so that they too are learned from training rows only.
+    """
+    image_step = StandardScaler() if standardize else "passthrough"
+    if meta_numeric or meta_categorical:
+        if image_dim is None:
+            raise RunError("make_pipeline: metadata columns need image_dim")
+        numeric = list(range(image_dim, image_dim + meta_numeric))
+        categorical = list(range(image_dim + meta_numeric, image_dim + meta_numeric + meta_categorical))
+        parts = [("image", image_step, list(range(image_dim)))]
+        if numeric:
+            parts.append(("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
+                                               ("scale", StandardScaler())]), numeric))
+        if categorical:
+            parts.append(("categorical", Pipeline([
+                ("impute", SimpleImputer(strategy="most_frequent")),
+                ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), categorical))
+        steps = [("prep", ColumnTransformer(parts))]
+    else:
+        steps = [("scale", image_step)] if standardize else []
     if pca:
         steps.append(("pca", PCA(n_components=pca, random_state=seed)))
     steps.append(("head", make_head(head, class_weight, seed)))

@@ -18,6 +18,13 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+RESIZE_MODES = ("crop", "full", "pad")
+# The dihedral group of the square, in the order --views K takes them: 2 = the identity and a
+# mirror, 4 = both mirrors and the half turn (every view keeps the image's own axes), 8 = all.
+# Dermoscopy has no natural orientation, so each is as plausible a photo as the original.
+VIEWS = ("identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
+VIEW_COUNTS = (1, 2, 4, 8)
+
 _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
@@ -38,6 +45,15 @@ class Preprocess:
     # JPEG DCT-domain downscaling (PIL draft) before the resize: much faster on large photos;
     # it changes pixels slightly, which is why it is part of the fingerprint.
     jpeg_draft: bool = True
+    # "crop": resize the short side, centre-crop (the backbone's own eval transform);
+    # "full": the whole image squeezed to a square (nothing cut, aspect changed);
+    # "pad": the whole image padded to a square with black, then resized (nothing cut or squeezed).
+    # A centre crop can cut off a lesion that reaches the border.
+    resize_mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"--resize {self.resize_mode}: choose one of {', '.join(RESIZE_MODES)}")
 
     @classmethod
     def from_crop_pct(
@@ -60,11 +76,27 @@ class Preprocess:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        fields = asdict(self)
+        if fields["resize_mode"] == "crop":  # the default before there was a choice: keeps old fingerprints
+            del fields["resize_mode"]
+        return fields
+
+    @property
+    def decode_min_side(self) -> int:
+        """The smallest side a JPEG draft decode may shrink the image to without losing detail."""
+        return self.resize_size if self.resize_mode == "crop" else self.crop_size
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """Resize the short side, centre-crop, and return a 3xHxW uint8 tensor."""
-        image = TF.resize(image, self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation])
+        """Resize (and crop or pad, by ``resize_mode``) to a 3 x crop x crop uint8 tensor."""
+        interpolation = _INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "pad":
+            side = max(image.size)
+            square = Image.new("RGB", (side, side))
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = square
+        if self.resize_mode in ("full", "pad"):
+            return TF.pil_to_tensor(TF.resize(image, [self.crop_size, self.crop_size], interpolation=interpolation))
+        image = TF.resize(image, self.resize_size, interpolation=interpolation)
         image = TF.center_crop(image, [self.crop_size, self.crop_size])
         return TF.pil_to_tensor(image)
 
@@ -73,6 +105,29 @@ class Preprocess:
         mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch_uint8.device).view(1, 3, 1, 1)
         return batch_uint8.float().div_(255).sub_(mean).div_(std)
+
+
+def apply_view(batch: torch.Tensor, view: str) -> torch.Tensor:
+    """One of :data:`VIEWS` applied to a square N x C x H x W batch (exact: pixels are only moved)."""
+    h, w = -2, -1
+    transforms = {
+        "identity": lambda x: x,
+        "hflip": lambda x: x.flip(w),
+        "vflip": lambda x: x.flip(h),
+        "rot180": lambda x: x.flip(h, w),
+        "rot90": lambda x: x.rot90(1, (h, w)),
+        "rot270": lambda x: x.rot90(-1, (h, w)),
+        "transpose": lambda x: x.transpose(h, w),
+        "antitranspose": lambda x: x.transpose(h, w).flip(h, w),
+    }
+    return transforms[view](batch)
+
+
+def views_for(count: int) -> tuple[str, ...]:
+    if count not in VIEW_COUNTS:
+        raise ValueError(f"--views {count}: choose one of {', '.join(map(str, VIEW_COUNTS))} "
+                         f"(views are taken in the order {', '.join(VIEWS)})")
+    return VIEWS[:count]
 
 
 def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:

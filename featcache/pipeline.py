@@ -17,15 +17,19 @@ DEMO_BACKBONE = "efficientnet_lite0"
 DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 
 
-def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None) -> CacheEntry:
-    """The newest cache entry of ``source`` for ``backbone`` (and ``pool`` if given)."""
+def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None,
+               views: int | None = None, resize: str | None = None) -> CacheEntry:
+    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize`` if given)."""
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
-               and (pool is None or pool in e.pools)]
+               and (pool is None or pool in e.pools) and (views is None or e.views == views)
+               and (resize is None or e.manifest["fingerprint_inputs"]["preprocess"].get(
+                   "resize_mode", "crop") == resize)]
     if not entries:
-        raise RunError(f"no features of {source.location} with {backbone}"
-                       f"{' pool ' + pool if pool else ''} in {cache_root}; run "
-                       f"`featcache extract --backbone {backbone} --data {source.location}` first")
+        wanted = "".join(f" {k} {v}" for k, v in (("pool", pool), ("views", views), ("resize", resize)) if v)
+        options = "".join(f" --{k} {v}" for k, v in (("views", views), ("resize", resize)) if v)
+        raise RunError(f"no features of {source.location} with {backbone}{wanted} in {cache_root}; run "
+                       f"`featcache extract --backbone {backbone} --data {source.location}{options}` first")
     return max(entries, key=lambda e: e.manifest["provenance"]["date"])
 
 
@@ -35,10 +39,11 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
              force: bool = False, reporter: Reporter | None = None) -> list[Path]:
     reporter = reporter or Reporter(quiet=True)
     pool = pool or entry.pools[0]
-    data = labeled_features(source, entry, pool, label_map, classes)
+    data = labeled_features(source, entry, pool, label_map, classes, protocol.meta)
     for note in data.notes[:10]:
         reporter.info(note)
-    test = labeled_features(test_source, test_entry, pool, label_map, classes) if test_source else None
+    test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
+                            data.meta_spec) if test_source else None
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)
     runs = []

@@ -9,7 +9,8 @@ import joblib
 import numpy as np
 
 from .errors import RunError
-from .extract import extract
+from .evaluate import LabeledFeatures, encode_meta, with_meta
+from .extract import extract_like
 from .progress import Reporter
 from .sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
 from .store import CacheEntry
@@ -25,14 +26,27 @@ def load_run(run_dir: Path) -> dict:
     return joblib.load(path)
 
 
-def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str]) -> np.ndarray:
-    """Apply a saved head to features in ``entry``; refuses features made unlike its training ones."""
+def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
+                             records: list[ImageRecord] | None = None) -> np.ndarray:
+    """Apply a saved head to features in ``entry``; refuses features made unlike its training ones.
+
+    A head trained with ``--meta`` also needs the images' ``records`` (from a CSV with the same
+    metadata columns)."""
     if entry.fingerprint != saved["feature_fingerprint"]:
         raise RunError(
             f"the features in {entry.path} have fingerprint {entry.fingerprint} but this head was trained on "
             f"{saved['feature_fingerprint']} (other backbone, weights or preprocessing); extract the images "
             "with the same settings as the training data")
-    return saved["pipeline"].predict_proba(entry.read(saved["pool"], ids))
+    X = entry.read(saved["pool"], ids)
+    spec = saved["config"].get("meta_spec")
+    if spec:
+        if records is None:
+            raise RunError("this head was trained with metadata (--meta "
+                           f"{','.join(c['name'] for c in spec)}); predict from a CSV that has those columns")
+        by_id = {r.id: r for r in records}
+        meta, _ = encode_meta([by_id[i] for i in ids], [c["name"] for c in spec], spec, str(entry.path))
+        X = with_meta(LabeledFeatures(X, np.array([]), None, None, ids, [], meta=meta, meta_spec=spec))
+    return saved["pipeline"].predict_proba(X)
 
 
 def images_source(inputs: list[str]) -> ImageSource:
@@ -56,13 +70,10 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
             reporter: Reporter | None = None, weights: str | None = None) -> Path:
     saved = load_run(run_dir)
     source = images_source(inputs)
-    entry_dir = Path(run_dir).resolve().parent.parent
-    manifest = CacheEntry(entry_dir).manifest
-    result = extract(source, saved["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
-                     dtype=manifest["dtype"], weights=weights, reporter=reporter,
-                     jpeg_draft=manifest["fingerprint_inputs"]["preprocess"]["jpeg_draft"])
+    result = extract_like(source, CacheEntry(Path(run_dir).resolve().parent.parent), cache_root,
+                          weights, reporter)
     ids = [r.id for r in source.records if r.id not in result.failed]
-    proba = predict_proba_from_entry(saved, result.entry, ids)
+    proba = predict_proba_from_entry(saved, result.entry, ids, source.records)
     classes = [str(c) for c in saved["pipeline"].classes_]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:

@@ -154,11 +154,17 @@ def _holder_is_dead(holder: str) -> bool:
     return False
 
 
+def row_shape(views: int, dim: int, n: int) -> tuple[int, ...]:
+    """The shape of ``n`` rows of features: ``(n, dim)``, or ``(n, views, dim)`` with several views."""
+    return (n, views, dim) if views > 1 else (n, dim)
+
+
 @dataclass
 class ShardRows:
     """What one shard commits: extracted rows and failed rows, both in source order."""
 
     pools: tuple[str, ...]
+    views: int = 1  # > 1: each row's features are (views, dim)
     ids: list[str] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
@@ -216,7 +222,7 @@ def _shard_image(rows: ShardRows, dims: dict[str, int], dtype: str, attrs: dict)
         group = h5.create_group("features")
         for pool in rows.pools:
             stacked = (np.stack(rows.features[pool]) if rows.ids
-                       else np.zeros((0, dims[pool])))
+                       else np.zeros(row_shape(rows.views, dims[pool], 0)))
             group.create_dataset(pool, data=stacked.astype(dtype))  # contiguous: mmap-able
         failed = h5.create_group("failed")
         columns = list(zip(*rows.failed, strict=True)) if rows.failed else [[], [], [], [], []]
@@ -279,6 +285,11 @@ class CacheEntry:
     def pools(self) -> tuple[str, ...]:
         return tuple(self.manifest["pools"])
 
+    @property
+    def views(self) -> int:
+        """Views per image (1 unless extracted with --views); features are then (n, views, dim)."""
+        return len(self.manifest.get("views", ["identity"]))
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
 
@@ -313,7 +324,7 @@ class CacheEntry:
             raise CacheError(f"{self.path}: {len(missing)} requested ids have no features "
                              f"(first: {missing[0]}); run `featcache extract` on this data first")
         dim = self.manifest["dims"][pool]
-        out = np.empty((len(wanted), dim), dtype=dtype)
+        out = np.empty(row_shape(self.views, dim, len(wanted)), dtype=dtype)
         shard_of = np.fromiter((state[i].shard for i in wanted), dtype=np.int64, count=len(wanted))
         row_of = np.fromiter((state[i].row for i in wanted), dtype=np.int64, count=len(wanted))
         shards = self.shard_paths()
@@ -325,7 +336,7 @@ class CacheEntry:
             if _is_run(positions) and _is_run(rows):
                 _convert_into(out[positions[0]:positions[-1] + 1], data[rows[0]:rows[-1] + 1])
             else:
-                block = np.empty((len(rows), dim), dtype=dtype)
+                block = np.empty(row_shape(self.views, dim, len(rows)), dtype=dtype)
                 _convert_into(block, data[rows])
                 out[positions] = block
         return out

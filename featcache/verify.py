@@ -26,6 +26,7 @@ from .store import (
     CacheEntry,
     EntryLock,
     fingerprint,
+    row_shape,
     shard_summary,
     write_json_atomic,
 )
@@ -98,13 +99,14 @@ def check_shard(shard: Path, manifest: dict) -> tuple[list[str], int]:
                     problems.append(f"no {name} dataset")
                     continue
                 dset = h5[name]
-                expected = (len(ids), manifest["dims"][pool])
+                expected = row_shape(len(manifest.get("views", ["identity"])), manifest["dims"][pool], len(ids))
                 if dset.shape != expected:
                     problems.append(f"{name} has shape {dset.shape}, expected {expected}")
                     continue
                 if dset.dtype != np.dtype(manifest["dtype"]):
                     problems.append(f"{name} is {dset.dtype}, the entry stores {manifest['dtype']}")
-                bad_rows = sum(int((~np.isfinite(dset[start:start + 4096])).any(axis=1).sum())
+                bad_rows = sum(int((~np.isfinite(dset[start:start + 4096])).reshape(
+                                   min(4096, dset.shape[0] - start), -1).any(axis=1).sum())
                                for start in range(0, dset.shape[0], 4096))
                 if bad_rows:
                     problems.append(f"{bad_rows} rows of {name} hold NaN/Inf")
