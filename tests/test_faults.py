@@ -229,7 +229,10 @@ def ham70_reference(tmp_path_factory):
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(ham70_reference, tmp_path):
     data, reference, _ = ham70_reference
-    proc = subprocess.Popen(_extract_cmd(data, tmp_path), stderr=subprocess.PIPE, text=True)
+    # A shell running the tests in the background ignores SIGINT for its children; a user's Ctrl-C
+    # reaches a process with the default handler, which is what this test is about.
+    proc = subprocess.Popen(_extract_cmd(data, tmp_path), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and len(list(tmp_path.glob("*/*/shard-*.h5"))) < 2:
         time.sleep(0.05)
