@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.compare import collect_runs, ensemble_rows
+from featcache.compare import collect_runs, ensemble_rows, head_label
 from featcache.evaluate import Protocol, fit_head, labeled_features
 from featcache.extract import extract
 from featcache.pipeline import find_entry
@@ -120,13 +120,9 @@ def _ci(block: dict, metric: str) -> str:
 
 
 def _label(r: dict) -> str:
-    parts = [r["backbone"], r["pool"], r["head"] + (" (tuned)" if r["tune"] else "")]
-    views = {"all": f"{r['views']} views + TTA", "train": f"{r['views']} views, no TTA",
-             "first": "original view"}[r["use_views"]] if r["views"] > 1 else "1 view"
-    extra = [views] + ([f"resize {r['resize']}"] if r["resize"] != "crop" else []) + (
-        [f"+ meta {r['meta']}"] if r["meta"] else []) + (
-        ["unweighted: fit for accuracy"] if r.get("class_weight") == "none" else [])
-    return " / ".join(parts) + f" ({', '.join(extra)})"
+    """As `featcache compare` labels the run, plus the resize policy (not part of a run's config)."""
+    resize = f" (resize {r['resize']})" if r["resize"] != "crop" else ""
+    return f"{r['backbone']} / {r['pool']} / {head_label(r['result']['config'])}{resize}"
 
 
 def _table(rows: list[dict], with_test: bool) -> list[str]:
@@ -180,9 +176,10 @@ def _four_view_fingerprints(runner: Runner) -> set[str]:
 
 
 def _verdict(pooled: dict, accuracy: float, auroc: float | None) -> str:
-    ahead = 100 * pooled["accuracy"] > accuracy and (auroc is None or 100 * pooled["auroc"] > auroc)
-    return "beats it" if ahead else f"behind by {accuracy - 100 * pooled['accuracy']:.1f} accuracy points" \
-        if 100 * pooled["accuracy"] <= accuracy else "behind in AUROC"
+    ours_accuracy, ours_auroc = 100 * pooled["accuracy"], 100 * pooled["auroc"]
+    if ours_accuracy <= accuracy:
+        return f"behind by {accuracy - ours_accuracy:.1f} accuracy points"
+    return "behind in AUROC" if auroc is not None and ours_auroc <= auroc else "beats it"
 
 
 def write_page(out: Path, timings: dict, main_rows: list[dict], pool_rows: dict, view_rows: list[dict],

@@ -38,12 +38,14 @@ def head_label(config: dict) -> str:
         (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
         ("tuned", bool(protocol.get("tune"))),
         ("no class weights", protocol.get("class_weight") == "none"),
-        (f"{config.get('views')} views + TTA", config.get("views", 1) > 1 and protocol.get("views", "all") == "all"),
-        (f"{config.get('views')} views, no TTA", config.get("views", 1) > 1 and protocol.get("views") == "train"),
-        ("original view only", config.get("views", 1) > 1 and protocol.get("views") == "first"),
+        (_views_label(config.get("views", 1), protocol.get("views", "all")), config.get("views", 1) > 1),
         (f"+ meta {protocol.get('meta')}", bool(protocol.get("meta"))),
     ) if on]
     return config["head"] + (f" ({', '.join(variants)})" if variants else "")
+
+
+def _views_label(views: int, use: str) -> str:
+    return {"all": f"{views} views + TTA", "train": f"{views} views, no TTA"}.get(use, "original view only")
 
 
 def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
@@ -92,7 +94,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
     the same out-of-fold scores, which makes the ensemble's score slightly optimistic; with the
     test set (``test_predictions.csv``) the test score is free of that selection.
     """
-    from .evaluate import bootstrap_ci, compute_metrics
+    from .evaluate import compute_metrics, score_with_ci
 
     if not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2:
         raise ValueError(f"--ensemble {spec}: use topN with N >= 2, e.g. top3")
@@ -113,19 +115,17 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         if any(o[0] != ids or o[3] != classes for o in oof):
             continue  # not aligned image by image: not comparable after all
         proba = np.mean([o[2] for o in oof], axis=0)
-        pooled = compute_metrics(labels, proba, classes)
-        ci = bootstrap_ci(labels, proba, classes)
+        pooled = score_with_ci(labels, proba, classes)
         per_fold = [compute_metrics(labels[folds == f], proba[folds == f], classes) for f in np.unique(folds)]
         metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
-                       "pooled": pooled[m], "ci": ci.get(m)} for m in MAIN_METRICS if m in pooled}
+                       "pooled": pooled[m], "ci": pooled["ci95"].get(m)} for m in MAIN_METRICS if m in pooled}
         test = None
         if all((r.run / "test_predictions.csv").exists() for r in members):
             tests = [_read_predictions(r.run / "test_predictions.csv", False) for r in members]
             t_labels, t_classes = tests[0][1], tests[0][3]
             t_proba = np.mean([t[2] for t in tests], axis=0)
             keep = np.isin(t_labels, t_classes)
-            test = compute_metrics(t_labels[keep], t_proba[keep], t_classes)
-            test["ci95"] = bootstrap_ci(t_labels[keep], t_proba[keep], t_classes)
+            test = score_with_ci(t_labels[keep], t_proba[keep], t_classes)
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", f"{spec}: {names}", protocol,
                        len(labels), metrics, test, None))

@@ -92,30 +92,36 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
     sorted categories; empty cells are NaN (imputed later, inside the pipeline). Numeric columns
     come first. ``spec`` (from training data) fixes the categories, so test data is coded alike;
     a category unseen in training becomes missing."""
+    names = [c["name"] for c in spec] if spec is not None else columns
+    missing = [name for name in names if name not in records[0].meta]
+    if missing:
+        raise RunError(f"--meta {missing[0]}: {source_name} has no column {missing[0]!r}; it has "
+                       f"{', '.join(records[0].meta) or 'no extra columns'}")
     if spec is None:
         spec = []
         for name in columns:
-            values = [r.meta.get(name, "") for r in records]
-            if name not in records[0].meta:
-                raise RunError(f"--meta {name}: {source_name} has no column {name!r}; it has "
-                               f"{', '.join(records[0].meta) or 'no extra columns'}")
-            filled = [v for v in values if v.strip()]
-            try:
-                [float(v) for v in filled]
+            filled = [v for v in (r.meta.get(name, "").strip() for r in records) if v]
+            if all(_is_number(v) for v in filled):
                 spec.append({"name": name, "kind": "numeric"})
-            except ValueError:
+            else:
                 spec.append({"name": name, "kind": "categorical", "categories": sorted(set(filled))})
         spec.sort(key=lambda c: c["kind"] != "numeric")
     out = np.full((len(records), len(spec)), np.nan)
     for j, column in enumerate(spec):
-        if column["name"] not in records[0].meta:
-            raise RunError(f"--meta {column['name']}: {source_name} has no column {column['name']!r}")
         codes = {c: float(i) for i, c in enumerate(column.get("categories", []))}
         for i, record in enumerate(records):
             value = record.meta.get(column["name"], "").strip()
             if value:
                 out[i, j] = float(value) if column["kind"] == "numeric" else codes.get(value, np.nan)
     return out, spec
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_map: str | None = None,
@@ -389,14 +395,21 @@ class Layout:
         return cls(int(data.X.shape[-1]), data.X.ndim == 3, kinds.count("numeric"), kinds.count("categorical"))
 
 
-def with_meta(data: LabeledFeatures) -> np.ndarray:
-    """The image features with the metadata columns appended (repeated for every view)."""
-    if data.meta is None:
-        return data.X
-    meta = data.meta.astype(data.X.dtype)
-    if data.X.ndim == 3:
-        meta = np.repeat(meta[:, None, :], data.X.shape[1], axis=1)
-    return np.concatenate([data.X, meta], axis=-1)
+def with_meta(X: np.ndarray, meta: np.ndarray | None) -> np.ndarray:
+    """Image features ``X`` with the metadata columns appended (repeated for every view)."""
+    if meta is None:
+        return X
+    meta = meta.astype(X.dtype)
+    if X.ndim == 3:
+        meta = np.repeat(meta[:, None, :], X.shape[1], axis=1)
+    return np.concatenate([X, meta], axis=-1)
+
+
+def score_with_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """:func:`compute_metrics` plus the bootstrap 95 % intervals under ``ci95``."""
+    scores = compute_metrics(y_true, proba, classes)
+    scores["ci95"] = bootstrap_ci(y_true, proba, classes)
+    return scores
 
 
 def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout | None = None,
@@ -451,9 +464,7 @@ def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarr
     layout = Layout.of(data)
     calls = [joblib.delayed(_fit_task)(head, protocol, layout, X, data.y, data.groups, train, test_idx,
                                        seed, threads) for seed, train, test_idx in tasks]
-    if jobs == 1:
-        return [call[0](*call[1], **call[2]) for call in calls]
-    return joblib.Parallel(n_jobs=jobs)(calls)
+    return joblib.Parallel(n_jobs=jobs)(calls)  # n_jobs=1 runs in this process
 
 
 def estimator_params(estimator) -> dict:
@@ -483,8 +494,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     """
     reporter = reporter or Reporter(quiet=True)
     grouped = data.groups is not None and protocol.split == "cv"
-    if test is not None and [c["name"] for c in test.meta_spec] != [c["name"] for c in data.meta_spec]:
-        raise RunError("the test data must carry the same --meta columns as the training data")
+    meta_names = [c["name"] for c in data.meta_spec]
+    if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
+        raise RunError(f"the test data must carry the same --meta columns as the training data "
+                       f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     config = {"head": head, "pool": pool, "protocol": protocol.config(), "dataset": source_name,
               "labels": label_desc, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
               "backbone": entry.manifest["backbone"],
@@ -510,7 +523,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
-    X = with_meta(data)
+    X = with_meta(data.X, data.meta)
     outputs = _run_tasks(head, protocol, data, X, tasks, jobs)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started
     fold_metrics, oof_rows, oof_by_seed = [], [], {}
@@ -522,8 +535,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         oof_rows.extend((seed, fold, data.ids[i], data.y[i], proba[k]) for k, i in enumerate(test_idx))
     oof = oof_by_seed[0]
     scored = ~np.isnan(oof).any(axis=1)
-    pooled = compute_metrics(data.y[scored], oof[scored], data.classes)
-    pooled["ci95"] = bootstrap_ci(data.y[scored], oof[scored], data.classes)
+    pooled = score_with_ci(data.y[scored], oof[scored], data.classes)
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
     result = {"config": config, "protocol": protocol.describe(grouped), "n_images": len(data.y),
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
@@ -541,11 +553,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                               if hasattr(out[0], "named_steps")]
     test_rows = None
     if test is not None:
-        proba = _align(model.predict_proba(with_meta(test)), list(model.classes_), data.classes)
+        proba = _align(model.predict_proba(with_meta(test.X, test.meta)), list(model.classes_), data.classes)
         test_rows = (test.ids, test.y, proba)
         keep = np.isin(test.y, data.classes)
-        result["test"] = compute_metrics(test.y[keep], proba[keep], data.classes)
-        result["test"]["ci95"] = bootstrap_ci(test.y[keep], proba[keep], data.classes)
+        result["test"] = score_with_ci(test.y[keep], proba[keep], data.classes)
         result["test"]["n_images"] = int(keep.sum())
     _write_run(run_dir, config, result, model, data, oof_rows, test_rows)
     return run_dir

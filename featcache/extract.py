@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import LoadedBackbone, load_backbone
 from .errors import CacheError, FeatcacheError
-from .images import RESIZE_MODES, Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
+from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
 from .store import (
@@ -221,14 +221,15 @@ def extract(
     view_names = _checked_views(views)
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
     if resize != model.preprocess.resize_mode:
-        if resize not in RESIZE_MODES:
-            raise FeatcacheError(f"--resize {resize}: choose one of {', '.join(RESIZE_MODES)}")
         changes["resize_mode"] = resize
     if input_size:  # keep the backbone's resize/crop ratio at the new size
         ratio = model.preprocess.resize_size / model.preprocess.crop_size
         changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
     if changes:
-        model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
+        try:  # Preprocess checks the values (an unknown --resize) and says what to use
+            model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
+        except ValueError as exc:
+            raise FeatcacheError(str(exc)) from None
     inputs = fingerprint_inputs(model, dtype, precision, views)
     fp = fingerprint(inputs)
     entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)

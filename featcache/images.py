@@ -107,20 +107,21 @@ class Preprocess:
         return batch_uint8.float().div_(255).sub_(mean).div_(std)
 
 
+_VIEW_TRANSFORMS = {  # on the last two axes (height, width)
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot180": lambda x: x.flip(-2, -1),
+    "rot90": lambda x: x.rot90(1, (-2, -1)),
+    "rot270": lambda x: x.rot90(-1, (-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: x.transpose(-2, -1).flip(-2, -1),
+}
+
+
 def apply_view(batch: torch.Tensor, view: str) -> torch.Tensor:
     """One of :data:`VIEWS` applied to a square N x C x H x W batch (exact: pixels are only moved)."""
-    h, w = -2, -1
-    transforms = {
-        "identity": lambda x: x,
-        "hflip": lambda x: x.flip(w),
-        "vflip": lambda x: x.flip(h),
-        "rot180": lambda x: x.flip(h, w),
-        "rot90": lambda x: x.rot90(1, (h, w)),
-        "rot270": lambda x: x.rot90(-1, (h, w)),
-        "transpose": lambda x: x.transpose(h, w),
-        "antitranspose": lambda x: x.transpose(h, w).flip(h, w),
-    }
-    return transforms[view](batch)
+    return _VIEW_TRANSFORMS[view](batch)
 
 
 def views_for(count: int) -> tuple[str, ...]:

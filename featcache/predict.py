@@ -9,7 +9,7 @@ import joblib
 import numpy as np
 
 from .errors import RunError
-from .evaluate import LabeledFeatures, encode_meta, with_meta
+from .evaluate import encode_meta, with_meta
 from .extract import extract_like
 from .progress import Reporter
 from .sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
@@ -27,7 +27,7 @@ def load_run(run_dir: Path) -> dict:
 
 
 def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
-                             records: list[ImageRecord] | None = None) -> np.ndarray:
+                             records: list[ImageRecord] | None = None, source_name: str = "") -> np.ndarray:
     """Apply a saved head to features in ``entry``; refuses features made unlike its training ones.
 
     A head trained with ``--meta`` also needs the images' ``records`` (from a CSV with the same
@@ -44,8 +44,8 @@ def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
             raise RunError("this head was trained with metadata (--meta "
                            f"{','.join(c['name'] for c in spec)}); predict from a CSV that has those columns")
         by_id = {r.id: r for r in records}
-        meta, _ = encode_meta([by_id[i] for i in ids], [c["name"] for c in spec], spec, str(entry.path))
-        X = with_meta(LabeledFeatures(X, np.array([]), None, None, ids, [], meta=meta, meta_spec=spec))
+        meta, _ = encode_meta([by_id[i] for i in ids], [c["name"] for c in spec], spec, source_name)
+        X = with_meta(X, meta)
     return saved["pipeline"].predict_proba(X)
 
 
@@ -73,7 +73,7 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
     result = extract_like(source, CacheEntry(Path(run_dir).resolve().parent.parent), cache_root,
                           weights, reporter)
     ids = [r.id for r in source.records if r.id not in result.failed]
-    proba = predict_proba_from_entry(saved, result.entry, ids, source.records)
+    proba = predict_proba_from_entry(saved, result.entry, ids, source.records, str(source.location))
     classes = [str(c) for c in saved["pipeline"].classes_]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
