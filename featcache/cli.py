@@ -131,6 +131,9 @@ def fit(
                                   "predictions over them), `train` (no test-time averaging), `first` (original only)."),
     meta: str | None = typer.Option(None, help="Metadata columns as extra features, e.g. `age,sex,localization` "
                                     "(imputed and encoded inside the pipeline)."),
+    calibrate: str | None = typer.Option(None, help="Recalibrate probabilities: `sigmoid`, `isotonic` or "
+                                         "`temperature` (never changes the predicted class), on 3 inner folds "
+                                         "of the training rows, weighted like the head (--class-weight)."),
     label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
     classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),
     test_data: str | None = typer.Option(None, help="A held-out source scored after refitting on all of --data."),
@@ -158,7 +161,7 @@ def fit(
         test_entry = find_or_extract_like(root, test_source, entry, reporter)
     protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
                         tune_budget_s=tune_budget, standardize=not no_standardize, views=use_views,
-                        meta=meta or "")
+                        meta=meta or "", calibrate=calibrate or "")
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
     _compare(root, source.name, backbone, None, "balanced_accuracy", runs=runs)

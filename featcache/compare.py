@@ -30,16 +30,19 @@ class Row:
     config: dict | None = None
 
 
-def head_label(config: dict) -> str:
-    """The head's name with every setting that makes it a different model than the default."""
+def head_label(config: dict, resize: str = "crop") -> str:
+    """The head's name with every setting that makes it a different model than the default
+    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config)."""
     protocol = config.get("protocol", {})
     variants = [label for label, on in (
+        (f"resize {resize}", resize != "crop"),
         ("raw features", protocol.get("standardize") is False),
         (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
         ("tuned", bool(protocol.get("tune"))),
         ("no class weights", protocol.get("class_weight") == "none"),
         (_views_label(config.get("views", 1), protocol.get("views", "all")), config.get("views", 1) > 1),
         (f"+ meta {protocol.get('meta')}", bool(protocol.get("meta"))),
+        (f"{protocol.get('calibrate')} calibration", bool(protocol.get("calibrate"))),
     ) if on]
     return config["head"] + (f" ({', '.join(variants)})" if variants else "")
 
@@ -48,9 +51,19 @@ def _views_label(views: int, use: str) -> str:
     return {"all": f"{views} views + TTA", "train": f"{views} views, no TTA"}.get(use, "original view only")
 
 
+def _resize_mode(entry_dir: Path, known: dict[Path, str]) -> str:
+    if entry_dir not in known:
+        try:
+            manifest = json.loads((entry_dir / "manifest.json").read_text())
+            known[entry_dir] = manifest["fingerprint_inputs"]["preprocess"].get("resize_mode", "crop")
+        except (OSError, ValueError, KeyError):  # a run copied without its entry: label it as the default
+            known[entry_dir] = "crop"
+    return known[entry_dir]
+
+
 def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
                  head: str | None = None) -> list[Row]:
-    rows = []
+    rows, resize_modes = [], {}
     for metrics_file in sorted(Path(cache_root).glob("*/*/runs/*/metrics.json")):
         result = json.loads(metrics_file.read_text())
         config = result["config"]
@@ -67,7 +80,8 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
                               "ci": result["pooled"].get("ci95", {}).get(m)}
         protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
         rows.append(Row(metrics_file.parent, config["dataset"], config["backbone"], config["pool"],
-                        head_label(config), protocol, result["n_images"], metrics, result.get("test"), config))
+                        head_label(config, _resize_mode(metrics_file.parents[2], resize_modes)), protocol,
+                        result["n_images"], metrics, result.get("test"), config))
     return rows
 
 

@@ -19,10 +19,11 @@ import numpy as np
 from sklearn import metrics as skm
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold, StratifiedKFold, cross_val_score
+from sklearn.utils.class_weight import compute_sample_weight
 
 from . import __version__
 from .errors import RunError
-from .heads import GRIDS, ViewEnsemble, XGBHead, make_pipeline
+from .heads import GRIDS, ViewEnsemble, XGBHead, calibrated_grid, make_pipeline
 from .progress import Reporter
 from .sources import ImageSource
 from .store import CacheEntry, write_json_atomic
@@ -44,6 +45,7 @@ class Protocol:
     # "train" = train on every view, predict from the original; "first" = the original view only.
     views: str = "all"
     meta: str = ""  # comma list of metadata columns used as extra features, e.g. "age,sex,localization"
+    calibrate: str = ""  # "", sigmoid, isotonic or temperature: recalibrate the head's probabilities
 
     def describe(self, grouped: bool) -> str:
         if self.split == "official":
@@ -56,7 +58,7 @@ class Protocol:
         """What names a run: every field, except the newer ones while they hold their defaults
         (so runs made before those options existed keep their names)."""
         fields = asdict(self)
-        for key, default in (("views", "all"), ("meta", "")):
+        for key, default in (("views", "all"), ("meta", ""), ("calibrate", "")):
             if fields[key] == default:
                 del fields[key]
         return fields
@@ -230,6 +232,18 @@ def _clip_rows(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     return clipped / clipped.sum(axis=1, keepdims=True)
 
 
+def expected_calibration_error(y_idx: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |confidence - accuracy| averaged over ``bins`` equal-width confidence bins,
+    weighted by the share of images in each (Guo et al. 2017)."""
+    confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == y_idx
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        in_bin = which == b
+        total += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(total)
+
+
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
     """All scalar metrics plus per-class scores and the confusion matrix."""
     classes = list(classes)
@@ -244,6 +258,11 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
         "macro_recall": float(np.mean(r)),
         "macro_precision": float(np.mean(p)),
         "log_loss": skm.log_loss(y_idx, _clip_rows(proba), labels=labels),
+        # the same with every class weighing equally: the yardstick for class-balanced probabilities
+        "log_loss_balanced": skm.log_loss(y_idx, _clip_rows(proba), labels=labels,
+                                          sample_weight=compute_sample_weight("balanced", y_idx)),
+        "brier": float(np.mean(np.sum((proba - np.eye(len(classes))[y_idx]) ** 2, axis=1))),
+        "ece": expected_calibration_error(y_idx, proba),
     }
     present = np.unique(y_idx)
     if len(classes) == 2:
@@ -417,16 +436,17 @@ def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout
     """The whole model for one fit: pipeline, view handling, and the tuning search around them."""
     layout = layout or Layout(0)
     model = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize,
-                          layout.image_dim, layout.meta_numeric, layout.meta_categorical)
+                          layout.image_dim, layout.meta_numeric, layout.meta_categorical, protocol.calibrate)
+    grid = calibrated_grid(GRIDS.get(head, {}), model.named_steps["head"])
     prefix = ""
     if layout.views:
         model = ViewEnsemble(model, train_views="first" if protocol.views == "first" else "all",
                              test_views="all" if protocol.views == "all" else "first")
         prefix = "estimator__"
-    if protocol.tune and head in GRIDS:
+    if protocol.tune and grid:
         inner = StratifiedGroupKFold(3, shuffle=True, random_state=seed) if groups_for_inner \
             else StratifiedKFold(3, shuffle=True, random_state=seed)
-        grid = {prefix + key: values for key, values in GRIDS[head].items()}
+        grid = {prefix + key: values for key, values in grid.items()}
         return BudgetedSearch(model, grid, cv=inner, budget_s=protocol.tune_budget_s)
     return model
 
@@ -467,10 +487,19 @@ def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarr
     return joblib.Parallel(n_jobs=jobs)(calls)  # n_jobs=1 runs in this process
 
 
+# Estimator parameters added after runs were first named, left out while at their defaults so that
+# those runs keep their names (as Protocol.config does for protocol fields).
+_LATER_PARAM_DEFAULTS = {"calibration": "sigmoid"}
+
+
 def estimator_params(estimator) -> dict:
     """The plain-valued parameters of an estimator, so a run is named by everything that made it."""
+    def later_default(key: str, value) -> bool:
+        name = key.rsplit("__", 1)[-1]
+        return name in _LATER_PARAM_DEFAULTS and value == _LATER_PARAM_DEFAULTS[name]
+
     return {k: v for k, v in sorted(estimator.get_params(deep=True).items())
-            if v is None or isinstance(v, (str, int, float, bool))}
+            if (v is None or isinstance(v, (str, int, float, bool))) and not later_default(k, v)}
 
 
 def _summarise(per_fold: list[dict]) -> dict:

@@ -5,6 +5,8 @@ The scaler is part of the pipeline, so in cross-validation it is fit on training
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -14,7 +16,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
@@ -27,6 +29,7 @@ BASELINES = ("majority", "stratified")
 HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
 EXTRA_HEADS = ("svm-rbf-exact",)  # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows
 FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
+CALIBRATIONS = ("sigmoid", "isotonic", "temperature")
 
 # Small default grids for --tune (nested inner CV); without --tune the first value of each is used.
 GRIDS: dict[str, dict[str, list]] = {
@@ -153,6 +156,21 @@ def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: f
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def _calibration_setup(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None,
+                       seed: int) -> tuple[np.ndarray | None, list]:
+    """Sample weights and up to 3 stratified folds for a calibrator (``groups`` share a fold).
+
+    The calibrator gets the class balancing as sample weights: calibrated on unweighted rows it
+    would learn the skewed prior back and hand most rows to the majority class.
+    """
+    weights = compute_sample_weight("balanced", y) if class_weight == "balanced" else None
+    smallest_class = int(np.unique(y, return_counts=True)[1].min())
+    k = max(2, min(3, smallest_class))
+    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if groups is not None \
+        else StratifiedKFold(k, shuffle=True, random_state=seed)
+    return weights, list(splitter.split(X, y, groups))
+
+
 class SVMHead(ClassifierMixin, BaseEstimator):
     """A support vector machine with class-balanced, calibrated probabilities.
 
@@ -167,15 +185,17 @@ class SVMHead(ClassifierMixin, BaseEstimator):
     ``kernel="rbf-exact"``: libsvm's hinge-loss SVC, for when the exact kernel machine is wanted.
     ``gamma`` multiplies 1/n_features, which is scikit-learn's "scale" on standardized features.
 
-    Probabilities come from sigmoid calibration on 3 internal folds. Class balancing is passed as
-    sample weights to both the SVM *and* the calibrator: calibrating unweighted would undo the
-    balancing and hand every row to the majority class.
+    Probabilities come from calibration (``calibration``: sigmoid, isotonic or temperature) on 3
+    internal folds. Class balancing is passed as sample weights to both the SVM *and* the
+    calibrator: calibrating unweighted would undo the balancing and hand every row to the
+    majority class.
     """
 
     def __init__(self, kernel: str = "linear", C: float = 1.0, alpha: float = 1e-3, gamma: float = 1.0,
-                 n_components: int = 1024, class_weight: str | None = "balanced", seed: int = 0):
+                 n_components: int = 1024, class_weight: str | None = "balanced", seed: int = 0,
+                 calibration: str = "sigmoid"):
         self.kernel, self.C, self.alpha, self.gamma, self.n_components = kernel, C, alpha, gamma, n_components
-        self.class_weight, self.seed = class_weight, seed
+        self.class_weight, self.seed, self.calibration = class_weight, seed, calibration
 
     def _svm(self, n_features: int):
         if self.kernel == "linear":
@@ -201,17 +221,55 @@ class SVMHead(ClassifierMixin, BaseEstimator):
         if self.kernel == "rbf":  # unsupervised, and fit on this (training) data only
             self.kernel_map_ = Nystroem(gamma=self.gamma / X.shape[1], random_state=self.seed,
                                         n_components=min(self.n_components, len(X))).fit(X)
-        weights = compute_sample_weight("balanced", y) if self.class_weight == "balanced" else None
-        smallest_class = int(np.bincount(self._encoder.transform(y)).min())
-        cv = max(2, min(3, smallest_class))
-        if groups is not None:
-            cv = list(StratifiedGroupKFold(cv, shuffle=True, random_state=self.seed).split(X, y, groups))
-        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), cv=cv)
+        weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
+        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), method=self.calibration, cv=folds)
         self.model_.fit(self._features(X), y, sample_weight=weights)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(self._features(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class CalibratedHead(ClassifierMixin, BaseEstimator):
+    """``estimator`` with its probabilities recalibrated (``method``: sigmoid, isotonic, temperature).
+
+    The estimator itself is fit once on all rows, exactly as it would be uncalibrated (so its
+    decisions change only as much as the calibration map changes them); the map is learned on
+    out-of-fold probabilities from 3 internal folds (``ensemble=False`` in scikit-learn's terms).
+    ``class_weight="balanced"`` weights the calibration rows by inverse class frequency, the
+    balance the head was trained with: the probabilities are then calibrated for a class-balanced
+    population and the balanced decisions are kept; with ``"none"`` they are calibrated for the
+    training prevalence. ``temperature`` rescales all logits by one number and never changes the
+    predicted class.
+    """
+
+    def __init__(self, estimator, method: str = "sigmoid", class_weight: str | None = "balanced", seed: int = 0):
+        self.estimator, self.method, self.class_weight, self.seed = estimator, method, class_weight, seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> CalibratedHead:
+        """``groups``: rows that belong together (the views of one image) share a calibration fold."""
+        from sklearn.base import clone
+
+        if self.method not in CALIBRATIONS:
+            raise RunError(f"--calibrate {self.method!r}: use {', '.join(CALIBRATIONS)}")
+        weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
+        # Wrapped in a one-step Pipeline, whose fit takes no sample_weight by name: scikit-learn then
+        # gives the weights to the calibrator only, and the head keeps its own class_weight (passed
+        # to both, the balancing would be applied twice).
+        base = Pipeline([("head", clone(self.estimator))])
+        params = {"head__groups": groups} if groups is not None and _accepts_groups(self.estimator) else {}
+        self.model_ = CalibratedClassifierCV(base, method=self.method, cv=folds, ensemble=False)
+        with warnings.catch_warnings():  # scikit-learn warns about exactly the routing we want here
+            warnings.filterwarnings("ignore", "Since Pipeline does not appear to accept sample_weight")
+            self.model_.fit(X, y, sample_weight=weights, **params)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(X)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
@@ -310,15 +368,36 @@ class ViewEnsemble(ClassifierMixin, BaseEstimator):
         return self.estimator_.named_steps if hasattr(self, "estimator_") else self.estimator.named_steps
 
 
-def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0):
-    """The estimator for a head name, with its documented defaults."""
+def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0, calibrate: str = ""):
+    """The estimator for a head name, with its documented defaults.
+
+    ``calibrate`` (sigmoid, isotonic, temperature): the SVMs, which always calibrate, use that
+    method; other heads are wrapped in :class:`CalibratedHead`; the baselines stay as they are.
+    """
+    if calibrate and calibrate not in CALIBRATIONS:
+        raise RunError(f"--calibrate {calibrate!r}: use {', '.join(CALIBRATIONS)} (or leave it out)")
+    head = _make_head(name, class_weight, seed, calibrate or "sigmoid")
+    if calibrate and name not in BASELINES and not isinstance(head, SVMHead):
+        return CalibratedHead(head, calibrate, class_weight if class_weight != "none" else None, seed)
+    return head
+
+
+def calibrated_grid(grid: dict[str, list], head) -> dict[str, list]:
+    """A --tune grid (``head__C``…) addressed through a :class:`CalibratedHead` when there is one."""
+    if not isinstance(head, CalibratedHead):
+        return grid
+    return {key.replace("head__", "head__estimator__", 1): values for key, values in grid.items()}
+
+
+def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: str):
     cw = class_weight if class_weight != "none" else None
     if name == "logreg":
         return LogisticRegression(C=1.0, max_iter=3000, class_weight=cw, random_state=seed)
     if name == "svm-linear":
-        return SVMHead("linear", alpha=1e-3, class_weight=cw, seed=seed)
+        return SVMHead("linear", alpha=1e-3, class_weight=cw, seed=seed, calibration=svm_calibration)
     if name in ("svm-rbf", "svm-rbf-exact"):
-        return SVMHead(name.removeprefix("svm-"), C=1.0, gamma=1.0, class_weight=cw, seed=seed)
+        return SVMHead(name.removeprefix("svm-"), C=1.0, gamma=1.0, class_weight=cw, seed=seed,
+                       calibration=svm_calibration)
     if name == "knn":
         return KNeighborsClassifier(n_neighbors=11, metric="cosine", weights="distance")
     if name == "xgboost":
@@ -349,7 +428,7 @@ def parse_heads(spec: str) -> list[str]:
 
 def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
                   seed: int = 0, standardize: bool = True, image_dim: int | None = None,
-                  meta_numeric: int = 0, meta_categorical: int = 0) -> Pipeline:
+                  meta_numeric: int = 0, meta_categorical: int = 0, calibrate: str = "") -> Pipeline:
     """Scaling (fit on training rows only), optional PCA, then the head.
 
     With tabular metadata the rows are ``image_dim`` image features, then ``meta_numeric`` numeric
@@ -376,5 +455,5 @@ def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | N
         steps = [("scale", image_step)] if standardize else []
     if pca:
         steps.append(("pca", PCA(n_components=pca, random_state=seed)))
-    steps.append(("head", make_head(head, class_weight, seed)))
+    steps.append(("head", make_head(head, class_weight, seed, calibrate)))
     return Pipeline(steps)

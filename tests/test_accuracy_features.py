@@ -199,15 +199,21 @@ def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path
            "--head", "logreg,knn", "--cv", "3", "-q"]
     out = runner.invoke(app, fit)
     assert out.exit_code == 0, out.output
-    assert "2 views + TTA" in out.output
+    assert "2 views + TTA" in (tmp_path / "cache" / "compare.md").read_text()
+    out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", cache, "--views", "2", "--resize", "pad",
+                              "--head", "logreg", "--cv", "3", "--calibrate", "temperature", "-q"])
+    assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["compare", "--cache", cache, "--ensemble", "top2"])
     assert out.exit_code == 0, out.output
-    assert "ensemble" in (tmp_path / "cache" / "compare.md").read_text()
+    table = (tmp_path / "cache" / "compare.md").read_text()
+    assert "ensemble" in table and "resize pad" in table and "temperature calibration" in table
     out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", cache, "--views", "8", "-q"])
     assert out.exit_code != 0 and "--views 8" in out.output + str(out.exception)  # says what to extract
-    (run,) = list((tmp_path / "cache").glob("*/*/runs/logreg-*"))
-    preds = tmp_path / "p.csv"
-    out = runner.invoke(app, ["predict", "--run", str(run), str(small_folder / "nevus"), "--out", str(preds),
-                              "--cache", cache, "--weights", "random", "-q"])
-    assert out.exit_code == 0, out.output
-    assert len(preds.read_text().splitlines()) == 7
+    runs = sorted((tmp_path / "cache").glob("*/*/runs/logreg-*"))
+    assert len(runs) == 2  # plain and temperature-calibrated
+    for run in runs:
+        preds = tmp_path / "p.csv"
+        out = runner.invoke(app, ["predict", "--run", str(run), str(small_folder / "nevus"), "--out", str(preds),
+                                  "--cache", cache, "--weights", "random", "-q"])
+        assert out.exit_code == 0, out.output
+        assert len(preds.read_text().splitlines()) == 7
