@@ -85,7 +85,7 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
     return rows
 
 
-def _read_predictions(path: Path, seed_column: bool) -> tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]:
+def read_predictions(path: Path, seed_column: bool) -> tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]:
     """ids, labels, probabilities, class names and folds from a run's prediction CSV (seed 0 only)."""
     with open(path) as handle:
         reader = csv.reader(handle)
@@ -124,7 +124,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))[:size]
         if len(members) < size:
             continue
-        oof = [_read_predictions(r.run / "oof_predictions.csv", True) for r in members]
+        oof = [read_predictions(r.run / "oof_predictions.csv", True) for r in members]
         ids, labels, _, classes, folds = oof[0]
         if any(o[0] != ids or o[3] != classes for o in oof):
             continue  # not aligned image by image: not comparable after all
@@ -135,7 +135,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
                        "pooled": pooled[m], "ci": pooled["ci95"].get(m)} for m in MAIN_METRICS if m in pooled}
         test = None
         if all((r.run / "test_predictions.csv").exists() for r in members):
-            tests = [_read_predictions(r.run / "test_predictions.csv", False) for r in members]
+            tests = [read_predictions(r.run / "test_predictions.csv", False) for r in members]
             t_labels, t_classes = tests[0][1], tests[0][3]
             t_proba = np.mean([t[2] for t in tests], axis=0)
             keep = np.isin(t_labels, t_classes)

@@ -217,3 +217,23 @@ def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path
                                   "--cache", cache, "--weights", "random", "-q"])
         assert out.exit_code == 0, out.output
         assert len(preds.read_text().splitlines()) == 7
+
+
+def test_vit_poolings_are_the_tokens_they_name():
+    """cls / mean / cls+mean / last4 against a hand-run of the blocks (random weights: values, not accuracy)."""
+    backbone = load_backbone("dinov2_vits14", weights="random", pools=("cls", "mean", "cls+mean", "last4"))
+    net = backbone.model.net
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        out = backbone.model(x)
+        tokens = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+        normed = []
+        for block in net.blocks:
+            tokens = block(tokens)
+            normed.append(net.norm(tokens))
+    prefix = net.num_prefix_tokens
+    torch.testing.assert_close(out["cls"], normed[-1][:, 0])
+    torch.testing.assert_close(out["mean"], normed[-1][:, prefix:].mean(dim=1))  # patches only
+    torch.testing.assert_close(out["cls+mean"], torch.cat([out["cls"], out["mean"]], dim=1))
+    torch.testing.assert_close(out["last4"], torch.cat([t[:, 0] for t in normed[-4:]], dim=1))
+    assert out["last4"].shape == (2, 4 * 384) and backbone.dims["last4"] == 4 * 384
