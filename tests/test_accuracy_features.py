@@ -21,13 +21,7 @@ from featcache.heads import SVMHead, ViewEnsemble, _validation_split, make_pipel
 from featcache.images import VIEWS, Preprocess, apply_view
 from featcache.sources import ImageRecord, open_source
 
-
-class _Entry:
-    fingerprint = "e" * 16
-    manifest = {"backbone": "test"}
-
-    def __init__(self, path):
-        self.path = path
+from .fakes import FakeEntry
 
 
 def test_the_eight_views_are_distinct_pixel_permutations():
@@ -116,7 +110,7 @@ def test_a_multi_view_run_scores_images_not_views(tmp_path):
     X = rng.normal(size=(90, 4, 6)).astype(np.float32)
     X[:, :, 0] += (np.arange(90) % 3)[:, None] * 2
     data = LabeledFeatures(X, y, None, None, [f"i{k}" for k in range(90)], ["a", "b", "c"])
-    run = fit_head(data, _Entry(tmp_path), "logreg", "gap", Protocol(cv=3), "views")
+    run = fit_head(data, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=3), "views")
     lines = (run / "oof_predictions.csv").read_text().splitlines()
     assert len(lines) == 91  # one prediction per image, not per view
 
@@ -146,7 +140,7 @@ def test_metadata_features_carry_signal_the_image_features_lack(tmp_path):
     for use_meta in (False, True):
         data = LabeledFeatures(X, y, None, None, [r.id for r in records], ["mel", "nv"],
                                meta=meta if use_meta else None, meta_spec=spec if use_meta else [])
-        run = fit_head(data, _Entry(tmp_path / str(use_meta)), "logreg", "gap",
+        run = fit_head(data, FakeEntry(tmp_path / str(use_meta)), "logreg", "gap",
                        Protocol(cv=3, meta="site,age" if use_meta else ""), "meta")
         import json
 
@@ -169,7 +163,7 @@ def test_ensemble_averages_the_out_of_fold_probabilities(tmp_path):
     cache = tmp_path / "cache"
     entry_dir = cache / "toy" / "bb-0"
     entry_dir.mkdir(parents=True)
-    runs = [fit_head(data, _Entry(entry_dir), head, "gap", Protocol(cv=3), "toy") for head in ("logreg", "knn")]
+    runs = [fit_head(data, FakeEntry(entry_dir), head, "gap", Protocol(cv=3), "toy") for head in ("logreg", "knn")]
     rows = collect_runs(cache)
     [row] = ensemble_rows(rows, "top2")
     probas = []

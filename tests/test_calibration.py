@@ -20,13 +20,7 @@ from featcache.evaluate import (
 )
 from featcache.heads import CalibratedHead, SVMHead, ViewEnsemble, _calibration_setup, make_pipeline
 
-
-class _Entry:
-    fingerprint = "c" * 16
-    manifest = {"backbone": "test"}
-
-    def __init__(self, path):
-        self.path = path
+from .fakes import FakeEntry
 
 
 def _imbalanced(n: int = 1200, minority: float = 0.06, shift: float = 1.6, seed: int = 0):
@@ -110,8 +104,8 @@ def test_a_calibrated_run_is_scored_named_and_labelled(tmp_path):
     cache = tmp_path / "cache"
     entry = cache / "toy" / "bb-0"
     entry.mkdir(parents=True)
-    plain = fit_head(data, _Entry(entry), "xgboost", "gap", Protocol(cv=3), "toy")
-    calibrated = fit_head(data, _Entry(entry), "xgboost", "gap", Protocol(cv=3, calibrate="sigmoid"), "toy")
+    plain = fit_head(data, FakeEntry(entry), "xgboost", "gap", Protocol(cv=3), "toy")
+    calibrated = fit_head(data, FakeEntry(entry), "xgboost", "gap", Protocol(cv=3, calibrate="sigmoid"), "toy")
     assert plain != calibrated
     metrics = {run: json.loads((run / "metrics.json").read_text())["pooled"] for run in (plain, calibrated)}
     for scores in metrics.values():

@@ -14,6 +14,7 @@ from featcache.evaluate import LabeledFeatures, Protocol, compute_metrics, fit_h
 from featcache.heads import TorchMLPClassifier
 
 from .conftest import shared
+from .fakes import FakeEntry
 
 
 def test_no_lesion_in_both_train_and_test():
@@ -40,14 +41,6 @@ def _blobs(n: int = 120, dim: int = 8, seed: int = 0) -> LabeledFeatures:
                            [f"id{i}" for i in range(n)], ["a", "b", "c"])
 
 
-class _FakeEntry:
-    fingerprint = "f" * 16
-    manifest = {"backbone": "test"}
-
-    def __init__(self, path):
-        self.path = path
-
-
 SEEN: list[set[int]] = []
 
 
@@ -65,7 +58,7 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
     monkeypatch.setattr(H, "StandardScaler", RecordingScaler)
     data = _blobs()
     # jobs=1: the folds run in this process, where the recording scaler is patched in
-    fit_head(data, _FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs", jobs=1)
+    fit_head(data, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs", jobs=1)
     folds = make_folds(data.y, data.groups, 4, seed=0)
     assert len(seen) == 5  # four folds, then the final refit on everything
     for rows, (train, test) in zip(seen, folds, strict=False):
@@ -76,7 +69,7 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("head", ["logreg", "mlp"])
 def test_parallel_folds_give_the_same_run_as_serial_ones(tmp_path, head):
     data = _blobs()
-    runs = [fit_head(data, _FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs", jobs=jobs)
+    runs = [fit_head(data, FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs", jobs=jobs)
             for jobs in (1, 2)]
     serial, parallel = ((run / "oof_predictions.csv").read_text() for run in runs)
     assert serial.count("\n") == len(data.y) + 1
