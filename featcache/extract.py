@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -345,6 +346,19 @@ class _StopRequested:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _quiet_worker_teardown() -> None:
+    """After Ctrl-C the loader's workers die mid-handshake with multiprocessing's fd-sharing thread,
+    which then prints a ConnectionResetError traceback under the clean "Interrupted" message (seen
+    under load). Connection errors are expected at that point: they alone are silenced, from then on."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -416,6 +430,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
             if len(rows):
                 write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
     except KeyboardInterrupt:
+        _quiet_worker_teardown()
         raise ExtractionInterrupted(
             f"Interrupted: {extracted - len(rows.ids)} new images were committed to "
             f"{entry_dir}; rerun the same command to resume from there") from None

@@ -281,3 +281,19 @@ def test_twenty_random_sigkills_never_leave_wrong_or_unfinished_work(ham70_refer
     assert not list(final.path.glob(".*tmp-*"))
     _same_features(final, reference)
     assert len(kills) == 20
+
+
+def test_after_an_interrupt_only_the_dying_workers_connection_errors_are_silenced(monkeypatch, capsys):
+    """multiprocessing's fd-sharing thread reports through sys.excepthook; after Ctrl-C its
+    ConnectionResetError (workers killed mid-handshake) must not print a traceback, anything else must."""
+    import sys
+
+    from featcache.extract import _quiet_worker_teardown
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    _quiet_worker_teardown()
+    for error in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(), EOFError()):
+        sys.excepthook(type(error), error, None)
+    assert capsys.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("a real bug"), None)
+    assert "a real bug" in capsys.readouterr().err
