@@ -6,7 +6,8 @@ One command writes docs/results.md:
 
 Stages (each reuses what the cache already holds, so a rerun only does what is missing):
 1. extraction: EfficientNet-Lite0, SqueezeNet 1.1, EfficientNet-Lite1 and (beyond the one-hour budget)
-   EfficientNet-Lite2 (offline ImageNet weights), 4 views per image (identity, both mirrors, half turn), poolings gap / penult / multi, over HAM10000
+   EfficientNet-Lite2 (offline ImageNet weights), 4 views per image (identity, both mirrors, half turn),
+   poolings gap / penult / multi, over HAM10000
    (10,015) and the ISIC 2018 test set (1,512); plus EfficientNet-Lite0 with the whole image (``full``,
    ``pad``) instead of the centre crop, 1 view, for the resize comparison;
 2. heads under three protocols: (a) HAM10000, lesion-grouped 5-fold; (b) HAM10000, image-level random
