@@ -16,7 +16,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
@@ -158,18 +158,20 @@ def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: f
 
 
 def _calibration_setup(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None,
-                       seed: int) -> tuple[np.ndarray | None, list]:
-    """Sample weights and up to 3 stratified folds for a calibrator (``groups`` share a fold).
+                       seed: int) -> tuple[np.ndarray | None, int | list]:
+    """Sample weights and the folds (up to 3, stratified) a calibrator learns on.
 
     The calibrator gets the class balancing as sample weights: calibrated on unweighted rows it
-    would learn the skewed prior back and hand most rows to the majority class.
+    would learn the skewed prior back and hand most rows to the majority class. Without ``groups``
+    the folds are scikit-learn's unshuffled StratifiedKFold (an int); with them, rows of one group
+    (the views of one image) share a fold. Kept exactly so: saved runs are named by their
+    parameters, and a change here would serve old runs under the new behaviour's name.
     """
     weights = compute_sample_weight("balanced", y) if class_weight == "balanced" else None
-    smallest_class = int(np.unique(y, return_counts=True)[1].min())
-    k = max(2, min(3, smallest_class))
-    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if groups is not None \
-        else StratifiedKFold(k, shuffle=True, random_state=seed)
-    return weights, list(splitter.split(X, y, groups))
+    k = max(2, min(3, int(np.unique(y, return_counts=True)[1].min())))
+    if groups is None:
+        return weights, k
+    return weights, list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
 
 
 class SVMHead(ClassifierMixin, BaseEstimator):

@@ -72,6 +72,7 @@ def test_views_of_one_image_share_a_calibration_fold():
     groups = np.arange(400) // 4
     weights, folds = _calibration_setup(X, y, groups, "balanced", seed=0)
     assert len(folds) == 3 and weights is not None
+    assert _calibration_setup(X, y, None, "balanced", seed=0)[1] == 3  # plain StratifiedKFold, as SVMs always had
     for train, held_out in folds:
         assert not set(groups[train]) & set(groups[held_out])
     # and ViewEnsemble hands the image groups through the pipeline to the calibrated head
