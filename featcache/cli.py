@@ -132,7 +132,7 @@ def fit(
     meta: str | None = typer.Option(None, help="Metadata columns as extra features, e.g. `age,sex,localization` "
                                     "(imputed and encoded inside the pipeline)."),
     calibrate: str | None = typer.Option(None, help="Recalibrate probabilities: `sigmoid`, `isotonic` or "
-                                         "`temperature` (never changes the predicted class), on 3 inner folds "
+                                         "`temperature` (keeps each view's predicted class), on 3 inner folds "
                                          "of the training rows, weighted like the head (--class-weight)."),
     label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
     classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),

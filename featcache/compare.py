@@ -11,7 +11,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .errors import CacheError
 from .evaluate import MAIN_METRICS
+from .store import CacheEntry
 
 BASELINE_HEADS = ("majority", "stratified")
 
@@ -54,9 +56,8 @@ def _views_label(views: int, use: str) -> str:
 def _resize_mode(entry_dir: Path, known: dict[Path, str]) -> str:
     if entry_dir not in known:
         try:
-            manifest = json.loads((entry_dir / "manifest.json").read_text())
-            known[entry_dir] = manifest["fingerprint_inputs"]["preprocess"].get("resize_mode", "crop")
-        except (OSError, ValueError, KeyError):  # a run copied without its entry: label it as the default
+            known[entry_dir] = CacheEntry(entry_dir).resize_mode
+        except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
             known[entry_dir] = "crop"
     return known[entry_dir]
 

@@ -279,7 +279,7 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
     preprocess = inputs["preprocess"]
     return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
-                   views=entry.views, resize=preprocess.get("resize_mode", "crop"), reporter=reporter)
+                   views=entry.views, resize=entry.resize_mode, reporter=reporter)
 
 
 def _checked_views(views: int) -> tuple[str, ...]:
@@ -351,11 +351,14 @@ def _quiet_worker_teardown() -> None:
     which then prints a ConnectionResetError traceback under the clean "Interrupted" message (seen
     under load). Connection errors are expected at that point: they alone are silenced, from then on."""
     previous = sys.excepthook
+    if getattr(previous, "featcache_quiet_teardown", False):  # already installed by an earlier interrupt
+        return
 
     def hook(kind, value, traceback) -> None:
         if not issubclass(kind, (ConnectionError, EOFError)):
             previous(kind, value, traceback)
 
+    hook.featcache_quiet_teardown = True
     sys.excepthook = hook
 
 

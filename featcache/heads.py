@@ -246,7 +246,7 @@ class CalibratedHead(ClassifierMixin, BaseEstimator):
     balance the head was trained with: the probabilities are then calibrated for a class-balanced
     population and the balanced decisions are kept; with ``"none"`` they are calibrated for the
     training prevalence. ``temperature`` rescales all logits by one number and never changes the
-    predicted class.
+    predicted class of a row (averaged over views, the rescaled probabilities may still tip one).
     """
 
     def __init__(self, estimator, method: str = "sigmoid", class_weight: str | None = "balanced", seed: int = 0):

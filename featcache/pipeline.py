@@ -23,8 +23,7 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str |
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
                and (pool is None or pool in e.pools) and (views is None or e.views == views)
-               and (resize is None or e.manifest["fingerprint_inputs"]["preprocess"].get(
-                   "resize_mode", "crop") == resize)]
+               and (resize is None or e.resize_mode == resize)]
     if not entries:
         wanted = "".join(f" {k} {v}" for k, v in (("pool", pool), ("views", views), ("resize", resize)) if v)
         options = "".join(f" --{k} {v}" for k, v in (("views", views), ("resize", resize)) if v)

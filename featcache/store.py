@@ -290,6 +290,11 @@ class CacheEntry:
         """Views per image (1 unless extracted with --views); features are then (n, views, dim)."""
         return len(self.manifest.get("views", ["identity"]))
 
+    @property
+    def resize_mode(self) -> str:
+        """The --resize the entry was extracted with (entries from before the option are ``crop``)."""
+        return self.manifest["fingerprint_inputs"]["preprocess"].get("resize_mode", "crop")
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
 
