@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +28,27 @@ from . import __version__
 from .backbones import LoadedBackbone, load_backbone
 from .errors import CacheError, FeatcacheError
 from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
+from .options import DEVICE_PATTERN, Dtype, Precision
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
 from .store import (
+    ENTRY_KEYS,
     MANIFEST,
+    SHARD_GLOB,
     CacheEntry,
     EntryLock,
     ShardRows,
     default_cache_root,
     fingerprint,
+    rebuild_manifest,
     remove_temporaries,
     shard_summary,
     write_json_atomic,
     write_shard,
 )
 
-DTYPES = ("float16", "float32")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = tuple(d.value for d in Dtype)
+PRECISIONS = tuple(p.value for p in Precision)
 
 
 class ExtractionInterrupted(FeatcacheError):
@@ -131,9 +136,19 @@ def _worker_init(_: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything else, or a CUDA device
+    this machine does not have, is an error that says what to use."""
+    if not DEVICE_PATTERN.match(str(device)):
+        raise FeatcacheError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise FeatcacheError(f"--device {device}: this machine has {count} CUDA device(s); "
+                                 "use --device cpu (or auto)")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -212,10 +227,16 @@ def extract(
     of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
     """
+    dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
-        raise FeatcacheError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+        raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     reporter = reporter or Reporter(quiet=True)
     dev = resolve_device(device)
+    if precision not in ("auto", "fp32") and dev.type != "cuda":
+        reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
+                      "in fp32 (and the entry is named so)")
     precision = resolve_precision(precision, dev)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
@@ -241,6 +262,10 @@ def extract(
         removed = remove_temporaries(entry_dir)
         if removed:
             reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
+        if not (entry_dir / MANIFEST).exists() and any(entry_dir.glob(SHARD_GLOB)):
+            # its shards are still the truth: without this, every image would be extracted again
+            rebuild_manifest(entry_dir)
+            reporter.warn(f"{entry_dir / MANIFEST} was missing; rebuilt it from the shards")
         todo, skipped = plan(source, entry_dir)
         manifest = {
             "fingerprint": fp, "fingerprint_inputs": inputs, "format_version": 1,
@@ -395,7 +420,8 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
         next_shard = int(existing[-1].stem.split("-")[1]) + 1
     rows = ShardRows(model.model.pools, len(view_names))
     attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
-             "provenance": manifest["provenance"], "backbone": manifest["backbone"]}
+             "provenance": manifest["provenance"], "backbone": manifest["backbone"],
+             "entry": {k: manifest[k] for k in ENTRY_KEYS}}
     extracted = 0
     task = reporter.task(f"extract {model.spec.name}", total=len(todo))
     try:

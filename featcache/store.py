@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheError, EntryLocked
+from .hashing import bytes_hash, stable_hash
 
 FORMAT_VERSION = 1
 CACHE_ENV = "FEATCACHE_CACHE"
@@ -40,10 +40,14 @@ def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, "cache"))
 
 
+# What a shard records of its entry, so that a lost manifest.json can be rebuilt from the shards.
+ENTRY_KEYS = ("fingerprint", "fingerprint_inputs", "format_version", "dataset", "source", "source_kind",
+              "backbone", "pools", "dims", "dtype", "views")
+
+
 def fingerprint(inputs: dict) -> str:
     """Name of a cache entry: hash of everything that determines the feature values."""
-    canonical = json.dumps({"format_version": FORMAT_VERSION, **inputs}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return stable_hash({"format_version": FORMAT_VERSION, **inputs}, 16)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -220,10 +224,13 @@ def _shard_image(rows: ShardRows, dims: dict[str, int], dtype: str, attrs: dict)
         h5.create_dataset("size", data=np.array(rows.size, dtype=np.int64))
         h5.create_dataset("mtime_ns", data=np.array(rows.mtime_ns, dtype=np.int64))
         group = h5.create_group("features")
+        checksums = {}
         for pool in rows.pools:
             stacked = (np.stack(rows.features[pool]) if rows.ids
-                       else np.zeros(row_shape(rows.views, dims[pool], 0)))
-            group.create_dataset(pool, data=stacked.astype(dtype))  # contiguous: mmap-able
+                       else np.zeros(row_shape(rows.views, dims[pool], 0))).astype(dtype)
+            group.create_dataset(pool, data=stacked)  # contiguous: mmap-able
+            checksums[pool] = bytes_hash(stacked)
+        h5.attrs["features_sha256"] = json.dumps(checksums, sort_keys=True)
         failed = h5.create_group("failed")
         columns = list(zip(*rows.failed, strict=True)) if rows.failed else [[], [], [], [], []]
         failed.create_dataset("ids", data=np.array(columns[0], dtype=object), dtype=STR)
@@ -406,12 +413,66 @@ def _read_shard_index(shard: Path, shard_no: int, state: dict[str, ImageState]) 
                                              reasons[row] if prefix else None, shard_no, row)
 
 
+def checksum_problems(h5: h5py.File) -> list[str]:
+    """Pools whose stored feature bytes no longer hash to the checksum written with the shard
+    (a bit flip that leaves finite values passes every other check)."""
+    recorded = h5.attrs.get("features_sha256")
+    if recorded is None:  # written before featcache 0.2: verify says so apart
+        return []
+    problems = []
+    for pool, expected in json.loads(recorded).items():
+        if f"features/{pool}" not in h5:
+            continue  # reported by the shape checks
+        if bytes_hash(h5[f"features/{pool}"][()]) != expected:
+            problems.append(f"features/{pool} bytes do not match their checksum (changed on disk)")
+    return problems
+
+
+def rebuild_manifest(entry_dir: Path) -> CacheEntry:
+    """Write ``manifest.json`` again from what the shards record (call with the entry lock held).
+
+    Shards written since featcache 0.2 carry their entry's description; every shard must name the
+    entry's fingerprint (the folder name), or nothing is written."""
+    shards = sorted(Path(entry_dir).glob(SHARD_GLOB))
+    if not shards:
+        raise CacheError(f"{entry_dir}: no manifest.json and no shards; nothing to rebuild. Delete the "
+                         "folder and run `featcache extract` again")
+    described = []
+    for shard in shards:
+        with open_shard(shard) as h5:
+            raw = h5.attrs.get("entry")
+            provenance = h5.attrs.get("provenance")
+        if raw is None:
+            raise CacheError(f"{shard} predates featcache 0.2 and does not describe its entry, so "
+                             f"{entry_dir / MANIFEST} cannot be rebuilt: delete {entry_dir} and extract again")
+        described.append((json.loads(raw), provenance))
+    core, provenance = described[-1]
+    for other, _ in described:
+        if other["fingerprint"] != core["fingerprint"]:
+            raise CacheError(f"{entry_dir}: its shards belong to different entries ({other['fingerprint']} "
+                             f"and {core['fingerprint']}); run `featcache verify --repair {entry_dir}`")
+    if not Path(entry_dir).name.endswith(core["fingerprint"]):
+        raise CacheError(f"{entry_dir}: its shards are of entry {core['fingerprint']}, not of this folder; "
+                         "move them back where they came from")
+    manifest = {**core, "provenance": json.loads(provenance) if provenance else {}, "complete": False}
+    write_json_atomic(Path(entry_dir) / MANIFEST, manifest)
+    entry = CacheEntry(entry_dir)
+    write_json_atomic(Path(entry_dir) / MANIFEST, {**manifest, **shard_summary(entry)})
+    return CacheEntry(entry_dir)
+
+
 def shard_summary(entry: CacheEntry) -> dict:
     """The manifest's summary of what the shards hold (the shards stay the truth)."""
     state = entry.state()
     return {"shards": [p.name for p in entry.shard_paths()],
             "n_images": sum(1 for s in state.values() if s.failed is None),
             "failed": {i: s.failed for i, s in state.items() if s.failed is not None}}
+
+
+def entry_dirs(cache_root: Path) -> list[Path]:
+    """Every entry folder under ``cache_root``: with a manifest, or with shards whose manifest was lost."""
+    root = Path(cache_root)
+    return sorted({p.parent for pattern in (f"*/*/{MANIFEST}", f"*/*/{SHARD_GLOB}") for p in root.glob(pattern)})
 
 
 def find_entries(cache_root: Path) -> list[CacheEntry]:

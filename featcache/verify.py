@@ -25,7 +25,9 @@ from .store import (
     TEMP_MARK,
     CacheEntry,
     EntryLock,
+    checksum_problems,
     fingerprint,
+    rebuild_manifest,
     row_shape,
     shard_summary,
     write_json_atomic,
@@ -33,6 +35,7 @@ from .store import (
 
 SHA_HEX = re.compile(rb"^[0-9a-f]{64}$")
 ROW_FIELDS = ("ids", "sha256", "size", "mtime_ns")
+NO_CHECKSUM = "no feature checksums (written before featcache 0.2)"
 
 
 @dataclass
@@ -110,6 +113,9 @@ def check_shard(shard: Path, manifest: dict) -> tuple[list[str], int]:
                                for start in range(0, dset.shape[0], 4096))
                 if bad_rows:
                     problems.append(f"{bad_rows} rows of {name} hold NaN/Inf")
+            problems += checksum_problems(h5)
+            if "features_sha256" not in h5.attrs:
+                problems.append(NO_CHECKSUM)
         except (KeyError, OSError, ValueError, TypeError) as exc:
             problems.append(f"is incomplete or damaged ({exc})")
             return problems, 0
@@ -156,6 +162,15 @@ def verify_entry(entry_dir: str | Path, source: ImageSource | None = None, repai
     entry_dir = Path(entry_dir)
     report = VerifyReport(entry_dir)
     manifest_path = entry_dir / MANIFEST
+    if not manifest_path.exists() and any(entry_dir.glob(SHARD_GLOB)):
+        if not repair:
+            report.findings.append(Finding(
+                MANIFEST, "missing (the shards are still there)",
+                f"`featcache verify --repair {entry_dir}` rebuilds it from the shards", True))
+            return report
+        with EntryLock(entry_dir, break_lock=break_lock):
+            rebuild_manifest(entry_dir)
+        report.repaired.append("rebuilt manifest.json from the shards")
     try:
         manifest = json.loads(manifest_path.read_text())
         expected_fp = fingerprint(manifest["fingerprint_inputs"])
@@ -196,8 +211,12 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
                 report.repaired.append(f"deleted {leftover.name}")
     shards = sorted(entry_dir.glob(SHARD_GLOB))
     dropped = 0
+    unchecked = []
     for shard in shards:
         problems, n_failed = check_shard(shard, manifest)
+        if NO_CHECKSUM in problems:  # old but not damaged: said once below, never dropped
+            problems.remove(NO_CHECKSUM)
+            unchecked.append(shard.name)
         if problems:
             report.findings.append(Finding(
                 shard.name, "; ".join(problems),
@@ -209,6 +228,10 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
             continue
         report.shards += 1
         report.failed += n_failed
+    if unchecked:
+        report.findings.append(Finding(
+            f"{len(unchecked)} shards", f"{NO_CHECKSUM}: a changed feature value in them cannot be detected "
+            f"(first: {unchecked[0]})", "delete the entry and extract again to add checksums", severity="warning"))
     listed = set(manifest.get("shards", []))
     present = {p.name for p in entry_dir.glob(SHARD_GLOB)}
     if listed and listed != present:
