@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CacheError
+from .errors import CacheError, FeatcacheError
 from .evaluate import MAIN_METRICS
+from .options import Metric
+from .runs import find_runs, has_test_predictions, read_metrics, read_predictions
 from .store import CacheEntry
 
 BASELINE_HEADS = ("majority", "stratified")
@@ -62,11 +64,32 @@ def _resize_mode(entry_dir: Path, known: dict[Path, str]) -> str:
     return known[entry_dir]
 
 
+def checked_metric(metric: str, rows: list[Row] | None = None) -> str:
+    """``metric`` if it is one of :class:`Metric` or ``auroc:<class>`` with a class some run has;
+    otherwise a :class:`FeatcacheError` listing what is valid."""
+    metric = metric.value if isinstance(metric, Enum) else metric
+    valid = [m.value for m in Metric]
+    if metric in valid:
+        return metric
+    if metric.startswith("auroc:"):
+        if rows is None:
+            return metric
+        classes = sorted({c for r in rows for c in (r.config or {}).get("classes", [])})
+        if metric[6:] in classes:
+            return metric
+        raise FeatcacheError(f"--metric {metric}: no run has the class {metric[6:]!r}; the classes are "
+                             f"{', '.join(classes) or 'none'} (use auroc:<class>)")
+    raise FeatcacheError(f"--metric {metric!r}: choose one of {', '.join(valid)}, or auroc:<class>")
+
+
 def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
-                 head: str | None = None) -> list[Row]:
+                 head: str | None = None, metric: str | None = None) -> list[Row]:
+    """Every finished run under ``cache_root`` that matches; ``metric`` (e.g. ``auroc:mel``) is read
+    besides the main metrics."""
     rows, resize_modes = [], {}
-    for metrics_file in sorted(Path(cache_root).glob("*/*/runs/*/metrics.json")):
-        result = json.loads(metrics_file.read_text())
+    wanted = [*MAIN_METRICS, *([metric] if metric and metric not in MAIN_METRICS else [])]
+    for run in find_runs(cache_root):
+        result = read_metrics(run)
         config = result["config"]
         if dataset and config["dataset"] != dataset:
             continue
@@ -75,29 +98,16 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
         if head and config["head"] not in head.split(","):
             continue
         metrics = {}
-        for m in MAIN_METRICS:
+        for m in wanted:
             if m in result["folds"]:
                 metrics[m] = {**result["folds"][m], "pooled": result["pooled"].get(m),
-                              "ci": result["pooled"].get("ci95", {}).get(m)}
+                              "ci": result["pooled"].get("ci95", {}).get(m),
+                              "n_folds": result.get("n_folds", len(result.get("per_fold", [])))}
         protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
-        rows.append(Row(metrics_file.parent, config["dataset"], config["backbone"], config["pool"],
-                        head_label(config, _resize_mode(metrics_file.parents[2], resize_modes)), protocol,
+        rows.append(Row(run, config["dataset"], config["backbone"], config["pool"],
+                        head_label(config, _resize_mode(run.parents[1], resize_modes)), protocol,
                         result["n_images"], metrics, result.get("test"), config))
     return rows
-
-
-def read_predictions(path: Path, seed_column: bool) -> tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]:
-    """ids, labels, probabilities, class names and folds from a run's prediction CSV (seed 0 only)."""
-    with open(path) as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        lines = [line for line in reader if not seed_column or line[0] == "0"]
-    first = 4 if seed_column else 2  # seed,fold,id,label,p_… or id,label,p_…
-    ids = [line[first - 2] for line in lines]
-    labels = np.array([line[first - 1] for line in lines])
-    proba = np.array([[float(v) for v in line[first:]] for line in lines])
-    folds = np.array([int(line[1]) if seed_column else 0 for line in lines])
-    return ids, labels, proba, [c.removeprefix("p_") for c in header[first:]], folds
 
 
 def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:
@@ -109,7 +119,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
     the same out-of-fold scores, which makes the ensemble's score slightly optimistic; with the
     test set (``test_predictions.csv``) the test score is free of that selection.
     """
-    from .evaluate import compute_metrics, score_with_ci
+    from .evaluate import compute_metrics, score_parts, score_with_ci
 
     if not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2:
         raise ValueError(f"--ensemble {spec}: use topN with N >= 2, e.g. top3")
@@ -125,25 +135,31 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))[:size]
         if len(members) < size:
             continue
-        oof = [read_predictions(r.run / "oof_predictions.csv", True) for r in members]
-        ids, labels, _, classes, folds = oof[0]
-        if any(o[0] != ids or o[3] != classes for o in oof):
+        oof = [read_predictions(r.run, "oof") for r in members]
+        first = oof[0]
+        if any(o.ids != first.ids or o.classes != first.classes or not np.array_equal(o.seeds, first.seeds)
+               for o in oof):
             continue  # not aligned image by image: not comparable after all
-        proba = np.mean([o[2] for o in oof], axis=0)
-        pooled = score_with_ci(labels, proba, classes)
-        per_fold = [compute_metrics(labels[folds == f], proba[folds == f], classes) for f in np.unique(folds)]
+        proba = np.mean([o.proba for o in oof], axis=0)
+        seeds = np.unique(first.seeds)
+        parts = [(first.labels[first.seeds == s], proba[first.seeds == s], first.group_array(first.seeds == s))
+                 for s in seeds]
+        pooled = score_parts(parts, first.classes)
+        cells = [(first.seeds == s) & (first.folds == f) for s in seeds for f in np.unique(first.folds)]
+        per_fold = [compute_metrics(first.labels[at], proba[at], first.classes) for at in cells if at.any()]
         metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
-                       "pooled": pooled[m], "ci": pooled["ci95"].get(m)} for m in MAIN_METRICS if m in pooled}
+                       "pooled": pooled[m], "ci": pooled["ci95"].get(m), "n_folds": len(per_fold) // len(seeds)}
+                   for m in members[0].metrics if m in pooled}
         test = None
-        if all((r.run / "test_predictions.csv").exists() for r in members):
-            tests = [read_predictions(r.run / "test_predictions.csv", False) for r in members]
-            t_labels, t_classes = tests[0][1], tests[0][3]
-            t_proba = np.mean([t[2] for t in tests], axis=0)
+        if all(has_test_predictions(r.run) for r in members):
+            tests = [read_predictions(r.run, "test") for r in members]
+            t_labels, t_classes = tests[0].labels, tests[0].classes
+            t_proba = np.mean([t.proba for t in tests], axis=0)
             keep = np.isin(t_labels, t_classes)
             test = score_with_ci(t_labels[keep], t_proba[keep], t_classes)
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", f"{spec}: {names}", protocol,
-                       len(labels), metrics, test, None))
+                       len(first.labels) // len(seeds), metrics, test, None))
     return out
 
 
@@ -156,6 +172,8 @@ def sort_rows(rows: list[Row], metric: str) -> list[Row]:
 def _fmt(entry: dict | None) -> str:
     if not entry:
         return "–"
+    if entry.get("n_folds") == 1:  # a single split has no spread over folds: its interval says it all
+        return f"{entry['mean']:.3f} (one split)"
     return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
 
 
@@ -187,6 +205,14 @@ def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]
 
 
 def write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
+    try:
+        return _write_outputs(rows, metric, out_dir)
+    except OSError as exc:
+        raise CacheError(f"cannot write the comparison to {out_dir} ({exc.strerror or exc}); pass --out DIR "
+                         "with a writable folder (the table above is complete)") from None
+
+
+def _write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     header, body = table_rows(rows, metric)
     paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}

@@ -6,12 +6,10 @@ whenever there is one; out-of-fold predictions are kept; every number comes with
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import joblib
@@ -21,22 +19,34 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold, StratifiedKFold, cross_val_score
 from sklearn.utils.class_weight import compute_sample_weight
 
-from . import __version__
+from . import __version__, options
 from .errors import RunError
-from .heads import GRIDS, ViewEnsemble, XGBHead, calibrated_grid, make_pipeline
+from .hashing import bytes_hash, rows_hash, stable_hash
+from .heads import GRIDS, HEADS_VERSION, ViewEnsemble, XGBHead, calibrated_grid, make_pipeline
+from .leakage import DuplicatePairs, duplicate_groups, find_duplicates, held_out_with_duplicate, threshold_for
+from .options import Calibration, ClassWeight, Grouping, Split, UseViews
 from .progress import Reporter
-from .sources import ImageSource
-from .store import CacheEntry, write_json_atomic
+from .runs import is_finished, run_path, write_run
+from .sources import ImageSource, is_number
+from .store import CacheEntry
 
 MAIN_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+
+
+def checked_choice(value: object, choices: type[Enum], option: str, optional: bool = False) -> str:
+    """:func:`featcache.options.checked_choice`, failing as a :class:`RunError`."""
+    try:
+        return options.checked_choice(value, choices, option, optional)
+    except options.ChoiceError as exc:
+        raise RunError(str(exc)) from None
 
 
 @dataclass
 class Protocol:
     cv: int = 5
-    split: str = "cv"  # "cv" or "official"
+    split: str = "cv"  # Split
     seeds: int = 1
-    class_weight: str = "balanced"
+    class_weight: str = "balanced"  # ClassWeight
     pca: int | None = None
     tune: bool = False
     tune_budget_s: float = 300.0
@@ -46,22 +56,38 @@ class Protocol:
     views: str = "all"
     meta: str = ""  # comma list of metadata columns used as extra features, e.g. "age,sex,localization"
     calibrate: str = ""  # "", sigmoid, isotonic or temperature: recalibrate the head's probabilities
+    groups: str = "auto"  # Grouping
+    near_dup_threshold: float | None = None  # None: the calibrated one for the backbone (leakage.py)
 
-    def describe(self, grouped: bool) -> str:
+    def __post_init__(self) -> None:
+        self.split = checked_choice(self.split, Split, "--split")
+        self.class_weight = checked_choice(self.class_weight, ClassWeight, "--class-weight")
+        self.views = checked_choice(self.views, UseViews, "--use-views")
+        self.calibrate = checked_choice(self.calibrate, Calibration, "--calibrate", optional=True)
+        self.groups = checked_choice(self.groups, Grouping, "--groups")
+        for name, value, low in (("--cv", self.cv, 2), ("--seeds", self.seeds, 1)):
+            if int(value) < low:
+                raise RunError(f"{name} {value}: must be at least {low}")
+        if self.pca is not None and self.pca < 1:
+            raise RunError(f"--pca {self.pca}: give a positive number of components")
+
+    def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
+        """The protocol line shown with every score; an ungrouped CV says so in capitals."""
+        counts = split_counts or {}
         if self.split == "official":
-            return "official split"
+            val = f" / val {counts['val']} unused" if counts.get("val") else ""
+            return f"official split (train {counts.get('train')}{val} / test {counts.get('test')})"
         if self.split == "random712":
-            return "image-level random 7:1:2 split (train on 70 %, test on 20 %)"
-        return f"{self.cv}-fold {'grouped ' if grouped else ''}stratified CV x{self.seeds}"
+            return (f"image-level random 7:1:2 split, UNGROUPED (train {counts.get('train')} / val "
+                    f"{counts.get('val')} unused / test {counts.get('test')})")
+        seeds = f" x{self.seeds} seeds" if self.seeds > 1 else " x1"
+        if grouping.get("grouped"):
+            return f"{self.cv}-fold grouped stratified CV{seeds} (groups: {grouping['by']})"
+        return f"{self.cv}-fold stratified CV{seeds}, UNGROUPED ({grouping['by']})"
 
     def config(self) -> dict:
-        """What names a run: every field, except the newer ones while they hold their defaults
-        (so runs made before those options existed keep their names)."""
-        fields = asdict(self)
-        for key, default in (("views", "all"), ("meta", ""), ("calibrate", "")):
-            if fields[key] == default:
-                del fields[key]
-        return fields
+        """What names a run, with everything else that sets its numbers (see :func:`fit_head`)."""
+        return asdict(self)
 
 
 @dataclass
@@ -75,6 +101,22 @@ class LabeledFeatures:
     notes: list[str] = field(default_factory=list)
     meta: np.ndarray | None = None  # (n, numeric + categorical columns), NaN where missing
     meta_spec: list[dict] = field(default_factory=list)  # per column: name, kind, categories
+    sha256: list[str] = field(default_factory=list)  # of each row's image file (or array)
+    # how the groups were found: {"grouped": bool, "by": text, "mode": Grouping value, "column": name}
+    grouping: dict = field(default_factory=lambda: {"grouped": False, "by": "no groups", "mode": "none"})
+    duplicates: DuplicatePairs | None = None  # the leakage audit of these rows
+
+    def identity(self) -> str:
+        """Hash of every value of these rows that sets a run's numbers: ids, image SHA-256s,
+        labels, groups, splits and metadata (features are named by the image hash and the entry's
+        fingerprint)."""
+        n = len(self.ids)
+        groups = self.groups if self.groups is not None else [None] * n
+        splits = self.splits if self.splits is not None else [None] * n
+        meta = self.meta.tolist() if self.meta is not None else [None] * n
+        # rows built without a cache entry (the Python API) are named by their exact feature bytes
+        images = self.sha256 or [bytes_hash(self.X)] * n
+        return rows_hash(zip(self.ids, images, self.y.tolist(), list(groups), list(splits), meta, strict=True))
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:
@@ -103,7 +145,7 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
         spec = []
         for name in columns:
             filled = [v for v in (r.meta.get(name, "").strip() for r in records) if v]
-            if all(_is_number(v) for v in filled):
+            if all(is_number(v) for v in filled):
                 spec.append({"name": name, "kind": "numeric"})
             else:
                 spec.append({"name": name, "kind": "categorical", "categories": sorted(set(filled))})
@@ -118,30 +160,31 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
     return out, spec
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_map: str | None = None,
                      classes: str | None = None, meta: str = "",
-                     meta_spec: list[dict] | None = None) -> LabeledFeatures:
+                     meta_spec: list[dict] | None = None, groups: str = "auto",
+                     near_dup_threshold: float | None = None) -> LabeledFeatures:
     """Features of every labelled, successfully extracted image of ``source``, in source order.
 
     ``meta``: metadata columns to add (see :func:`encode_meta`); ``meta_spec`` codes them like
-    the training data's."""
+    the training data's. ``groups``: a :class:`Grouping` value. The leakage audit (identical and
+    near-identical images) is run on the rows and kept in ``duplicates``."""
     from .extract import plan
 
+    groups = checked_choice(groups, Grouping, "--groups")
     stale, _ = plan(source, entry.path)
     if stale:
         raise RunError(
             f"{len(stale)} images of {source.location} are not in {entry.path} or changed since "
             f"extraction (first: {stale[0].id}); run `featcache extract` on this data first")
     mapping = parse_label_map(label_map)
-    keep = [c.strip() for c in classes.split(",")] if classes else None
+    keep = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if keep is not None:
+        known = {mapping.get(r.label, mapping.get("*", r.label)) for r in source.records if r.label is not None}
+        unknown = [c for c in keep if c not in known]
+        if unknown:
+            raise RunError(f"--classes: {', '.join(map(repr, unknown))} not among the labels of {source.location} "
+                           f"({', '.join(sorted(known))})")
     failed = entry.failed
     notes, rows = [], []
     unlabeled = 0
@@ -167,14 +210,54 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     class_names = sorted(set(y.tolist()))
     if len(class_names) < 2:
         raise RunError(f"only one class ({class_names[0]}) in {source.location}; need at least two")
-    groups = np.array([r.group or r.id for r, _ in rows]) if source.has_groups else None
     splits = np.array([r.split or "" for r, _ in rows]) if source.has_splits else None
     X = entry.read(pool, ids)
+    finite = np.isfinite(X.reshape(len(X), -1)).all(axis=1)
+    if not finite.all():
+        raise RunError(f"{int((~finite).sum())} images have NaN/Inf features in {entry.path} (first: "
+                       f"{ids[int(np.argmin(finite))]}): the cache is damaged. Run `featcache verify --repair "
+                       f"{entry.path}`, then `featcache extract` again")
+    state = entry.state()
+    sha256 = [state[i].sha256 for i in ids]
+    threshold, calibrated = _threshold(entry, pool, near_dup_threshold)
+    duplicates = find_duplicates(X, sha256, threshold, calibrated)
+    group_values, grouping = _grouping(source, [r for r, _ in rows], groups, duplicates)
     meta_values, spec = None, []
     columns = [c.strip() for c in meta.split(",") if c.strip()]
     if columns:
         meta_values, spec = encode_meta([r for r, _ in rows], columns, meta_spec, str(source.location))
-    return LabeledFeatures(X, y, groups, splits, ids, class_names, notes, meta_values, spec)
+    return LabeledFeatures(X, y, group_values, splits, ids, class_names, notes, meta_values, spec, sha256,
+                           grouping, duplicates)
+
+
+def _threshold(entry: CacheEntry, pool: str, given: float | None) -> tuple[float, bool]:
+    try:
+        return threshold_for(entry.manifest["backbone"], pool, given)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _grouping(source: ImageSource, records: list, mode: str,
+              duplicates: DuplicatePairs) -> tuple[np.ndarray | None, dict]:
+    """Group labels for ``records`` under ``mode`` and a description of where they came from."""
+    column = source.group_column
+    if mode == Grouping.near_duplicates.value:
+        if column:
+            raise RunError(f"--groups near-duplicates: {source.location} already has the group column "
+                           f"{column!r}; use it (the default) or pass --no-groups, not both")
+        groups = duplicate_groups(len(records), duplicates)
+        return groups, {"grouped": True, "mode": mode, "column": None,
+                        "by": f"near-duplicates, {len(set(groups.tolist()))} groups of {len(records)} images"}
+    if mode == Grouping.none.value:
+        return None, {"grouped": False, "mode": mode, "column": column, "by": "--no-groups"}
+    if column:
+        groups = np.array([r.group or f"(image {r.id})" for r in records])  # an empty cell: its own group
+        return groups, {"grouped": True, "mode": mode, "column": column, "by": f"column {column!r}"}
+    why = "no group column"
+    if source.suspect_group_columns:
+        why += f"; {', '.join(map(repr, source.suspect_group_columns))} may be one: pass --group-col NAME"
+    return None, {"grouped": False, "mode": mode, "column": None, "by": why,
+                  "suspects": list(source.suspect_group_columns)}
 
 
 _FOLDS_MEMO: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -186,9 +269,8 @@ def make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> l
     Memoized by the content of ``y`` and ``groups``: StratifiedGroupKFold takes ~2 s on 10k images
     (its search is in Python), which every head of a grid would otherwise pay again.
     """
-    key = hashlib.sha256(b"".join([np.asarray(y, dtype=str).tobytes(), b"|",
-                                   b"" if groups is None else np.asarray(groups, dtype=str).tobytes(),
-                                   f"|{k}|{seed}|{groups is None}".encode()])).hexdigest()
+    key = stable_hash([np.asarray(y, dtype=str).tolist(),
+                       None if groups is None else np.asarray(groups, dtype=str).tolist(), k, seed])
     if key not in _FOLDS_MEMO:
         _FOLDS_MEMO[key] = _make_folds(y, groups, k, seed)
     return [(train.copy(), test.copy()) for train, test in _FOLDS_MEMO[key]]
@@ -205,16 +287,26 @@ def _make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> 
     return list(splitter.split(np.zeros(len(y)), y))
 
 
-def official_split(splits: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+VALIDATION_SPLITS = ("val", "valid", "validation", "dev")
+
+
+def official_split(splits: np.ndarray | None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """Train on the rows marked train (or anything but test and validation), test on ``test``.
+    Validation rows are left out: heads choose their settings by inner CV on the training part."""
     if splits is None:
         raise RunError("--split official: this source has no split column (or npz splits)")
-    test = np.isin(np.char.lower(splits.astype(str)), ["test"])
-    if not test.any() or test.all():
-        raise RunError("--split official: need rows with split 'test' and rows with another split")
-    return [(np.flatnonzero(~test), np.flatnonzero(test))]
+    lowered = np.char.lower(splits.astype(str))
+    test = lowered == "test"
+    val = np.isin(lowered, VALIDATION_SPLITS)
+    if not test.any() or (test | val).all():
+        raise RunError("--split official: need rows with split 'test' and rows with a training split; "
+                       f"found {', '.join(sorted(set(lowered.tolist())))}")
+    train = ~(test | val)
+    counts = {"train": int(train.sum()), "val": int(val.sum()), "test": int(test.sum())}
+    return [(np.flatnonzero(train), np.flatnonzero(test))], counts
 
 
-def random_712_split(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_712_split(y: np.ndarray, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """Image-level stratified random split 70 / 10 / 20 (DermaMNIST's protocol): train on the 70 %,
     test on the 20 %; the 10 % validation part is left unused. Lesions are *not* kept together,
     which is the point of running it: it shows how much image-level splitting inflates scores."""
@@ -222,8 +314,9 @@ def random_712_split(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndar
 
     index = np.arange(len(y))
     rest, test = train_test_split(index, test_size=0.2, random_state=seed, stratify=y)
-    train, _val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=y[rest])
-    return [(np.sort(train), np.sort(test))]
+    train, val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=y[rest])
+    counts = {"train": len(train), "val": len(val), "test": len(test)}
+    return [(np.sort(train), np.sort(test))], counts
 
 
 def _clip_rows(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
@@ -279,6 +372,9 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
             out["auroc"] = skm.roc_auc_score(y_idx, proba, multi_class="ovr", average="macro",
                                              labels=labels)
         out["top2_accuracy"] = skm.top_k_accuracy_score(y_idx, proba, k=2, labels=labels)
+    for i, c in enumerate(classes):  # one-vs-rest, per class: `compare --metric auroc:<class>`
+        if 0 < np.sum(y_idx == i) < len(y_idx):
+            out[f"auroc:{c}"] = skm.roc_auc_score(y_idx == i, proba[:, i])
     out = {k: (float(v) if not isinstance(v, str) else v) for k, v in out.items()}
     out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                             "support": int(support[i])} for i, c in enumerate(classes)}
@@ -286,25 +382,32 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
     return out
 
 
-def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: int = 500,
-                 seed: int = 0) -> dict[str, list[float]]:
-    """Percentile 95 % intervals of the main metrics over bootstrap resamples of the images.
+def bootstrap_draws(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: int = 500,
+                    seed: int = 0, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The main metrics on ``n`` bootstrap resamples (NaN where a resample cannot score one).
 
+    With ``groups`` whole groups are resampled (all images of a lesion together), as the folds
+    were made: resampling images of correlated groups would make the interval too narrow.
     A resample is a vector of counts per image, so every metric is computed for blocks of resamples
     at once from weighted confusion matrices and weighted rank sums: the same numbers as scikit-learn
-    on each resample (tested), about 100x faster (10 s per run on 10k images before).
+    on each resample (tested), about 100x faster (10 s per run on 10k images before). The same
+    ``seed`` draws the same resamples for the same rows, so draws of several seeds' predictions line up.
     """
     rng = np.random.default_rng(seed)
     classes = list(classes)
     k, m = len(classes), len(y_true)
     y_idx = np.array([classes.index(v) for v in y_true])
+    group_of = None if groups is None else np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    units = m if group_of is None else int(group_of.max()) + 1
     pred = proba.argmax(axis=1)
     pairs = np.eye(k * k)[y_idx * k + pred]  # (m, k*k): one-hot of (true, predicted)
     auc_columns = [int(np.argmin(np.bincount(y_idx, minlength=2)))] if k == 2 else list(range(k))
     draws: dict[str, list[np.ndarray]] = {metric: [] for metric in MAIN_METRICS}
     for start in range(0, n, 100):
-        counts = np.stack([np.bincount(rng.integers(0, m, m), minlength=m)
+        counts = np.stack([np.bincount(rng.integers(0, units, units), minlength=units)
                            for _ in range(min(100, n - start))]).astype(np.int32)
+        if group_of is not None:
+            counts = counts[:, group_of]  # every image of a drawn group, as often as the group
         confusion = (counts.astype(np.float64) @ pairs).reshape(-1, k, k)
         support, predicted = confusion.sum(axis=2), confusion.sum(axis=1)
         tp = np.diagonal(confusion, axis1=1, axis2=2)
@@ -315,18 +418,32 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: i
         f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
                        where=(precision + recall) > 0)
         n_present = np.maximum(present.sum(axis=1), 1)
-        draws["accuracy"].append((tp.sum(axis=1) / m)[usable])
-        draws["balanced_accuracy"].append(((recall * present).sum(axis=1) / n_present)[usable])
-        draws["macro_f1"].append(((f1 * present).sum(axis=1) / n_present)[usable])
-        complete_counts = counts[present.all(axis=1)]
-        aucs = np.mean([_weighted_auc(proba[:, c], y_idx == c, complete_counts) for c in auc_columns], axis=0)
-        draws["auroc"].append(np.atleast_1d(aucs))
+        draws["accuracy"].append(np.where(usable, tp.sum(axis=1) / np.maximum(counts.sum(axis=1), 1), np.nan))
+        draws["balanced_accuracy"].append(np.where(usable, (recall * present).sum(axis=1) / n_present, np.nan))
+        draws["macro_f1"].append(np.where(usable, (f1 * present).sum(axis=1) / n_present, np.nan))
+        complete = present.all(axis=1)
+        aucs = np.full(len(counts), np.nan)
+        if complete.any():
+            aucs[complete] = np.mean([_weighted_auc(proba[:, c], y_idx == c, counts[complete])
+                                      for c in auc_columns], axis=0)
+        draws["auroc"].append(aucs)
+    return {metric: np.concatenate(parts) for metric, parts in draws.items()}
+
+
+def percentile_ci(draws: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """95 % percentile intervals of bootstrap ``draws`` (resamples that cannot score are left out)."""
     out = {}
-    for metric, parts in draws.items():
-        values = np.concatenate(parts) if parts else np.array([])
+    for metric, values in draws.items():
+        values = values[~np.isnan(values)]
         if len(values):
             out[metric] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
     return out
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n: int = 500,
+                 seed: int = 0, groups: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Percentile 95 % intervals of the main metrics (see :func:`bootstrap_draws`)."""
+    return percentile_ci(bootstrap_draws(y_true, proba, classes, n, seed, groups))
 
 
 def _weighted_auc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -424,10 +541,36 @@ def with_meta(X: np.ndarray, meta: np.ndarray | None) -> np.ndarray:
     return np.concatenate([X, meta], axis=-1)
 
 
-def score_with_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
-    """:func:`compute_metrics` plus the bootstrap 95 % intervals under ``ci95``."""
-    scores = compute_metrics(y_true, proba, classes)
-    scores["ci95"] = bootstrap_ci(y_true, proba, classes)
+def score_with_ci(y_true: np.ndarray, proba: np.ndarray, classes: list[str],
+                  groups: np.ndarray | None = None) -> dict:
+    """:func:`compute_metrics` plus the bootstrap 95 % intervals under ``ci95`` (``groups``:
+    resample whole groups)."""
+    return score_parts([(y_true, proba, groups)], classes)
+
+
+def score_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], classes: list[str]) -> dict:
+    """Scores of several seeds' predictions ``(y_true, proba, groups)``, one part per seed.
+
+    Every scalar is the mean over seeds, ``seeds`` holds each seed's value and their spread, the
+    confusion matrix counts every seed's predictions, and the interval is that of the
+    seed-averaged score: resample k of every seed is scored, the k-th scores are averaged, and the
+    percentiles are taken over those averages (the same rows draw the same resamples)."""
+    per_seed = [compute_metrics(y, p, classes) for y, p, _ in parts]
+    draws = [bootstrap_draws(y, p, classes, groups=g) for y, p, g in parts]
+    ci = percentile_ci({m: np.mean([d[m] for d in draws], axis=0) for m in draws[0]})
+    if len(per_seed) == 1:
+        return {**per_seed[0], "ci95": ci}
+    first = per_seed[0]
+    scores = {k: float(np.mean([s[k] for s in per_seed])) for k, v in first.items()
+              if isinstance(v, float) and all(k in s for s in per_seed)}
+    scores.update({k: v for k, v in first.items() if isinstance(v, str)})
+    scores["per_class"] = {c: {m: (float(np.mean([s["per_class"][c][m] for s in per_seed])) if m != "support"
+                                   else first["per_class"][c][m]) for m in first["per_class"][c]}
+                           for c in first["per_class"]}
+    scores["confusion_matrix"] = np.sum([s["confusion_matrix"] for s in per_seed], axis=0).tolist()
+    scores["seeds"] = {m: {"values": [s[m] for s in per_seed], "std": float(np.std([s[m] for s in per_seed]))}
+                       for m in MAIN_METRICS if m in scores}
+    scores["ci95"] = ci
     return scores
 
 
@@ -487,19 +630,10 @@ def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarr
     return joblib.Parallel(n_jobs=jobs)(calls)  # n_jobs=1 runs in this process
 
 
-# Estimator parameters added after runs were first named, left out while at their defaults so that
-# those runs keep their names (as Protocol.config does for protocol fields).
-_LATER_PARAM_DEFAULTS = {"calibration": "sigmoid"}
-
-
 def estimator_params(estimator) -> dict:
     """The plain-valued parameters of an estimator, so a run is named by everything that made it."""
-    def later_default(key: str, value) -> bool:
-        name = key.rsplit("__", 1)[-1]
-        return name in _LATER_PARAM_DEFAULTS and value == _LATER_PARAM_DEFAULTS[name]
-
     return {k: v for k, v in sorted(estimator.get_params(deep=True).items())
-            if (v is None or isinstance(v, (str, int, float, bool))) and not later_default(k, v)}
+            if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def _summarise(per_fold: list[dict]) -> dict:
@@ -508,8 +642,47 @@ def _summarise(per_fold: list[dict]) -> dict:
                 "std": float(np.std([f[k] for f in per_fold if k in f]))} for k in keys}
 
 
-def run_id(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+def split_plan(data: LabeledFeatures, protocol: Protocol, seed: int) -> tuple[Folds, dict]:
+    """The (train, held-out) index pairs of one seed, and the part sizes of a single split."""
+    if protocol.split == "official":
+        return official_split(data.splits)
+    if protocol.split == "random712":
+        return random_712_split(data.y, seed)
+    return make_folds(data.y, data.groups, protocol.cv, seed), {}
+
+
+def leakage_summary(data: LabeledFeatures, folds: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """What the duplicate audit found in ``data``, and how many held-out images of ``folds`` have an
+    identical or near-identical image on the training side."""
+    pairs = data.duplicates
+    if pairs is None:
+        return {}
+    leaking = held_out_with_duplicate(pairs, folds, len(data.y))
+    held_out = int(sum(len(test) for _, test in folds))
+    return {"exact_duplicate_pairs": pairs.n_exact, "near_duplicate_pairs": pairs.n_near,
+            "threshold": pairs.threshold, "threshold_calibrated": pairs.calibrated,
+            "held_out_with_duplicate_in_train": leaking, "held_out": held_out}
+
+
+def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
+    """A sentence for the user about ``leak`` and whether it is a warning (scores likely inflated)."""
+    if not leak:
+        return "", False
+    calibrated = "" if leak["threshold_calibrated"] else (
+        " (threshold not calibrated for this backbone; set --near-dup-threshold)")
+    found = (f"leakage audit: {leak['exact_duplicate_pairs']} identical and {leak['near_duplicate_pairs']} "
+             f"near-identical image pairs (cosine >= {leak['threshold']:.2f}){calibrated}")
+    n, total = leak["held_out_with_duplicate_in_train"], leak["held_out"]
+    if not n:
+        return found + "; no held-out image has one on its training side", False
+    found += f"; {n} of {total} held-out images have one on their training side"
+    if grouping.get("grouped"):
+        return found + f" despite the groups ({grouping['by']}): check that the groups are right", True
+    return (found + ": scores are likely inflated. Pass --group-col NAME if the data has a patient or lesion "
+            "column, or --groups near-duplicates to keep such images together"), True
 
 
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
@@ -518,35 +691,38 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
              jobs: int | None = None) -> Path:
     """Cross-validate one head, refit it on all training rows, and write a run directory.
 
+    The run is named by the hash of everything that sets its numbers: the head's code version and
+    every estimator parameter, the protocol, the feature fingerprint and pooling, and every row
+    used (id, image SHA-256, label, group, split, metadata) of the training and the test data.
+    A change to any of these makes a new run; an identical fit reuses the finished one.
+
     ``jobs``: worker processes for the folds (default: one per CPU core, at most the number of
     tasks). Every fold's estimator is seeded, so the result does not depend on it.
     """
     reporter = reporter or Reporter(quiet=True)
-    grouped = data.groups is not None and protocol.split == "cv"
     meta_names = [c["name"] for c in data.meta_spec]
     if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
-    config = {"head": head, "pool": pool, "protocol": protocol.config(), "dataset": source_name,
-              "labels": label_desc, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
-              "backbone": entry.manifest["backbone"],
-              "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
-              "ids_sha256": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
-              "test_ids_sha256": hashlib.sha256("\n".join(test.ids).encode()).hexdigest() if test else None}
-    if data.X.ndim == 3:
-        config["views"] = int(data.X.shape[1])
-    if data.meta_spec:
-        config["meta_spec"] = data.meta_spec  # how to code the columns again at prediction time
-    run_dir = entry.path / "runs" / f"{head}-{pool.replace('+', '_')}-{run_id(config)}"
-    if (run_dir / "metrics.json").exists() and not force:
+    identity = {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.config(),
+                "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+                "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
+                "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
+                "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec}
+    config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
+              "grouping": data.grouping,
+              # which images were scored: runs whose predictions line up image by image (ensembles)
+              "ids_sha256": rows_hash([i] for i in data.ids),
+              "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None}
+    run_dir = run_path(entry.path, head, pool, stable_hash(identity, 12))
+    if is_finished(run_dir) and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
         return run_dir
     started = time.perf_counter()
-    fold_plan = [(seed, fold, train, test_idx) for seed in range(protocol.seeds)
-                 for fold, (train, test_idx) in enumerate(
-                     official_split(data.splits) if protocol.split == "official"
-                     else random_712_split(data.y, seed) if protocol.split == "random712"
-                     else make_folds(data.y, data.groups, protocol.cv, seed))]
+    plans = [split_plan(data, protocol, seed) for seed in range(protocol.seeds)]
+    split_counts = plans[0][1]
+    fold_plan = [(seed, fold, train, test_idx) for seed, (folds, _) in enumerate(plans)
+                 for fold, (train, test_idx) in enumerate(folds)]
     # Every fold and the final refit on all rows are independent tasks, run side by side in worker
     # processes of one BLAS/OpenMP/torch thread each: most head solvers are single-threaded, and
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
@@ -561,12 +737,21 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         oof = oof_by_seed.setdefault(seed, np.full((len(data.y), len(data.classes)), np.nan))
         oof[test_idx] = proba
         fold_metrics.append(compute_metrics(data.y[test_idx], proba, data.classes))
-        oof_rows.extend((seed, fold, data.ids[i], data.y[i], proba[k]) for k, i in enumerate(test_idx))
-    oof = oof_by_seed[0]
-    scored = ~np.isnan(oof).any(axis=1)
-    pooled = score_with_ci(data.y[scored], oof[scored], data.classes)
+        oof_rows.extend((seed, fold, data.ids[i], None if data.groups is None else data.groups[i], data.y[i],
+                         proba[k]) for k, i in enumerate(test_idx))
+    # Pooled over every seed: each seed's out-of-fold predictions scored, then averaged; the
+    # interval resamples groups when there are groups.
+    parts = []
+    for seed in range(protocol.seeds):
+        scored = ~np.isnan(oof_by_seed[seed]).any(axis=1)
+        parts.append((data.y[scored], oof_by_seed[seed][scored],
+                      None if data.groups is None else data.groups[scored]))
+    pooled = score_parts(parts, data.classes)
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
-    result = {"config": config, "protocol": protocol.describe(grouped), "n_images": len(data.y),
+    leak = leakage_summary(data, plans[0][0])
+    result = {"config": config, "protocol": protocol.describe(data.grouping, split_counts),
+              "grouping": data.grouping, "split_counts": split_counts, "leakage": leak,
+              "n_images": len(data.y), "n_folds": len(plans[0][0]), "seeds": protocol.seeds,
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
               "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
     if isinstance(final, BudgetedSearch):
@@ -585,37 +770,11 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         proba = _align(model.predict_proba(with_meta(test.X, test.meta)), list(model.classes_), data.classes)
         test_rows = (test.ids, test.y, proba)
         keep = np.isin(test.y, data.classes)
-        result["test"] = score_with_ci(test.y[keep], proba[keep], data.classes)
+        result["test"] = score_with_ci(test.y[keep], proba[keep], data.classes,
+                                       None if test.groups is None else test.groups[keep])
         result["test"]["n_images"] = int(keep.sum())
-    _write_run(run_dir, config, result, model, data, oof_rows, test_rows)
+    payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+               "pool": pool, "backbone": config["backbone"], "config": config,
+               "train_ids": data.ids, "train_sha256": data.sha256}  # for predict's duplicate check
+    write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows)
     return run_dir
-
-
-def _write_run(run_dir: Path, config: dict, result: dict, model, data: LabeledFeatures,
-               oof_rows: list, test_rows: tuple | None = None) -> None:
-    """Written to a temporary directory and renamed, so a run is either complete or absent."""
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise RunError(f"cannot write the run to {run_dir.parent} ({exc.strerror}); the features are readable "
-                       "but runs are saved next to them: copy the cache to a writable folder and pass "
-                       "--cache") from None
-    write_json_atomic(tmp / "config.json", config)
-    joblib.dump({"pipeline": model, "classes": data.classes, "feature_fingerprint":
-                 config["feature_fingerprint"], "pool": config["pool"], "backbone": config["backbone"],
-                 "config": config}, tmp / "model.joblib")
-    with open(tmp / "oof_predictions.csv", "w") as handle:
-        handle.write("seed,fold,id,label," + ",".join(f"p_{c}" for c in data.classes) + "\n")
-        for seed, fold, image_id, label, proba in oof_rows:
-            handle.write(f"{seed},{fold},{image_id},{label}," + ",".join(f"{v:.6f}" for v in proba) + "\n")
-    if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
-        with open(tmp / "test_predictions.csv", "w") as handle:
-            handle.write("id,label," + ",".join(f"p_{c}" for c in data.classes) + "\n")
-            for image_id, label, proba in zip(*test_rows, strict=True):
-                handle.write(f"{image_id},{label}," + ",".join(f"{v:.6f}" for v in proba) + "\n")
-    write_json_atomic(tmp / "metrics.json", result)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    os.replace(tmp, run_dir)

@@ -25,6 +25,9 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from .errors import RunError
 
+# Part of every run's name: bump it whenever a change to this module changes any head's numbers
+# (a default, a solver, a seed), so that no run made by the old code is served as the new one's.
+HEADS_VERSION = 2
 BASELINES = ("majority", "stratified")
 HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
 EXTRA_HEADS = ("svm-rbf-exact",)  # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows

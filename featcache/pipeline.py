@@ -7,7 +7,16 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import RunError
-from .evaluate import Protocol, fit_head, labeled_features
+from .evaluate import (
+    Grouping,
+    LabeledFeatures,
+    Protocol,
+    fit_head,
+    labeled_features,
+    leakage_message,
+    leakage_summary,
+    split_plan,
+)
 from .extract import extract
 from .progress import Reporter
 from .sources import ImageSource, open_source
@@ -38,11 +47,14 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
              force: bool = False, reporter: Reporter | None = None) -> list[Path]:
     reporter = reporter or Reporter(quiet=True)
     pool = pool or entry.pools[0]
-    data = labeled_features(source, entry, pool, label_map, classes, protocol.meta)
+    data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
+                            near_dup_threshold=protocol.near_dup_threshold)
     for note in data.notes[:10]:
         reporter.info(note)
     test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
-                            data.meta_spec) if test_source else None
+                            data.meta_spec, groups=Grouping.none if protocol.groups == "near-duplicates"
+                            else Grouping.auto) if test_source else None
+    report_protocol(data, protocol, reporter)
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)
     runs = []
@@ -55,6 +67,19 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     finally:
         task.close()
     return runs
+
+
+def report_protocol(data: LabeledFeatures, protocol: Protocol, reporter: Reporter) -> None:
+    """Say, before any fitting, how the images are split and what the leakage audit found; an
+    ungrouped split is a warning unless asked for with --no-groups."""
+    folds, counts = split_plan(data, protocol, 0)
+    reporter.info(f"protocol: {protocol.describe(data.grouping, counts)}")
+    if not data.grouping["grouped"] and protocol.split == "cv" and data.grouping["mode"] != "none":
+        reporter.warn(f"cross-validation is NOT grouped ({data.grouping['by']}): images of one patient or "
+                      "lesion can land in training and held-out folds. Pass --group-col NAME, or --no-groups "
+                      "if every image is independent")
+    message, serious = leakage_message(leakage_summary(data, folds), data.grouping)
+    (reporter.warn if serious else reporter.info)(message)
 
 
 def demo_data_dir() -> Path:

@@ -5,25 +5,19 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 from .errors import RunError
 from .evaluate import encode_meta, with_meta
 from .extract import extract_like
+from .leakage import nearest_known, normalised, threshold_for
 from .progress import Reporter
+from .runs import load_model
 from .sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
 from .store import CacheEntry
 
 # joblib files are pickles: loading one can run code. featcache only loads model.joblib from run
 # directories inside the user's own cache, which featcache itself wrote.
-
-
-def load_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / "model.joblib"
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no model.joblib; pass a run directory written by `featcache fit`")
-    return joblib.load(path)
 
 
 def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
@@ -49,14 +43,18 @@ def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
     return saved["pipeline"].predict_proba(X)
 
 
-def images_source(inputs: list[str]) -> ImageSource:
+def images_source(inputs: list[str], group_col: str | None = None) -> ImageSource:
     """A source of unlabelled images from file paths and/or folders (searched recursively)."""
     if len(inputs) == 1 and (Path(inputs[0]).suffix.lower() in (".csv", ".npz")
                              or (Path(inputs[0]) / "labels.csv").is_file()):
-        return open_source(inputs[0])
+        return open_source(inputs[0], group_col=group_col)
+    if group_col:
+        raise RunError(f"--group-col {group_col}: only a CSV of images has columns; pass one CSV")
     records = []
     for item in inputs:
         path = Path(item)
+        if not path.exists():
+            raise RunError(f"{path}: no such file or folder")
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
             if path.is_dir() else [path]
         records += [ImageRecord(id=str(f.resolve()), path=f) for f in files]
@@ -66,23 +64,64 @@ def images_source(inputs: list[str]) -> ImageSource:
                        kind="files", records=records)
 
 
+def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str]
+                        ) -> list[tuple[str, float] | None]:
+    """For each of ``ids`` (in ``entry``): the training image it is identical (same SHA-256,
+    similarity 1.0) or nearly identical to, with the similarity; None when it is neither."""
+    train_ids = saved.get("train_ids")
+    if not train_ids or not ids:
+        return [None] * len(ids)
+    pool = saved["pool"]
+    threshold, _ = threshold_for(saved["backbone"], pool, saved["config"]["protocol"].get("near_dup_threshold"))
+    known_sha = {sha: i for i, sha in zip(train_ids, saved["train_sha256"], strict=True)}
+    state = entry.state()
+    Z_train, center = normalised(train_entry.read(pool, train_ids))
+    Z_new, _ = normalised(entry.read(pool, ids), center)
+    nearest, similarity = nearest_known(Z_new, Z_train)
+    found: list[tuple[str, float] | None] = []
+    for k, image_id in enumerate(ids):
+        if state[image_id].sha256 in known_sha:
+            found.append((known_sha[state[image_id].sha256], 1.0))
+        elif similarity[k] >= threshold:
+            found.append((train_ids[nearest[k]], float(similarity[k])))
+        else:
+            found.append(None)
+    return found
+
+
 def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
-            reporter: Reporter | None = None, weights: str | None = None) -> Path:
-    saved = load_run(run_dir)
-    source = images_source(inputs)
-    result = extract_like(source, CacheEntry(Path(run_dir).resolve().parent.parent), cache_root,
-                          weights, reporter)
+            reporter: Reporter | None = None, weights: str | None = None, group_col: str | None = None) -> Path:
+    reporter = reporter or Reporter(quiet=True)
+    saved = load_model(run_dir)
+    source = images_source(inputs, group_col)
+    train_entry = CacheEntry(Path(run_dir).resolve().parent.parent)
+    result = extract_like(source, train_entry, cache_root, weights, reporter)
     ids = [r.id for r in source.records if r.id not in result.failed]
+    for image_id, reason in result.failed.items():
+        reporter.warn(f"no prediction for {image_id}: {reason}")
     proba = predict_proba_from_entry(saved, result.entry, ids, source.records, str(source.location))
+    duplicates = training_duplicates(saved, train_entry, result.entry, ids)
+    near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
+    if near:
+        image_id, (train_id, similarity) = near[0]
+        reporter.warn(f"{len(near)} of {len(ids)} images are identical or nearly identical to a training image "
+                      f"of this run (first: {image_id} ~ {train_id}, cosine {similarity:.3f}): their predictions "
+                      "say little about new data; see the near_duplicate_of column")
     classes = [str(c) for c in saved["pipeline"].classes_]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "predicted", *[f"p_{c}" for c in classes]])
-        for image_id, p in zip(ids, proba, strict=True):
-            writer.writerow([image_id, classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
-        listed = {r.id for r in source.records}
-        for image_id, reason in result.failed.items():
-            if image_id in listed:
-                writer.writerow([image_id, f"FAILED: {reason}", *[""] * len(classes)])
+    groups = {r.id: r.group or "" for r in source.records}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "group", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of",
+                             "similarity"])
+            for image_id, p, dup in zip(ids, proba, duplicates, strict=True):
+                writer.writerow([image_id, groups[image_id], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p],
+                                 *((dup[0], f"{dup[1]:.4f}") if dup else ("", ""))])
+            listed = set(groups)
+            for image_id, reason in result.failed.items():
+                if image_id in listed:
+                    writer.writerow([image_id, groups[image_id], f"FAILED: {reason}", *[""] * len(classes), "", ""])
+    except OSError as exc:
+        raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
     return out

@@ -19,7 +19,10 @@ from .errors import SourceError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 IMAGE_COLUMNS = ("path", "image_path", "filepath", "file", "filename", "image", "image_name")
 LABEL_COLUMNS = ("label", "dx", "class", "diagnosis", "target", "y")
-GROUP_COLUMNS = ("group", "lesion_id", "patient_id", "patient", "subject")
+# Columns that say which images belong together (one lesion, patient or case): CV keeps each
+# group on one side. Matched case-insensitively, in this order; `--group-col NAME` names another.
+GROUP_COLUMNS = ("group", "group_id", "lesion_id", "lesion", "patient_id", "patient", "patientid", "case_id",
+                 "case", "subject_id", "subject", "participant_id", "participant", "study_id", "individual_id")
 SPLIT_COLUMNS = ("split", "partition", "subset")
 ID_COLUMNS = ("image_id", "id", "isic_id")
 # The seven HAM10000 / ISIC 2018 diagnoses; their one-hot columns mark the ISIC ground-truth form.
@@ -49,6 +52,9 @@ class ImageSource:
     kind: str
     records: list[ImageRecord]
     notes: list[str] = field(default_factory=list)
+    group_column: str | None = None  # the column the groups came from ("npz splits" etc. have none)
+    # columns that look like groups (ids shared by several images) but were not recognised as such
+    suspect_group_columns: list[str] = field(default_factory=list)
 
     @property
     def has_groups(self) -> bool:
@@ -82,15 +88,15 @@ def open_source(
     path = Path(data).expanduser()
     if not path.exists():
         raise SourceError(f"--data {path}: no such file or folder")
+    manifest = path / "labels.csv" if path.is_dir() else path
+    if manifest.is_file() and manifest.suffix.lower() == ".csv":
+        return read_csv_source(manifest, images, image_col, label_col, group_col)
+    if group_col:
+        raise SourceError(f"--group-col {group_col}: {path} has no columns (only a CSV manifest has); "
+                          "write a CSV with an image, a label and a group column")
     if path.is_dir():
-        manifest = path / "labels.csv"
-        if manifest.is_file():
-            return read_csv_source(manifest, images, image_col, label_col, group_col)
         return read_image_folder(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return read_csv_source(path, images, image_col, label_col, group_col)
-    if suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         return read_npz_source(path)
     raise SourceError(
         f"--data {path}: expected a folder of class sub-folders, a .csv manifest or an .npz file"
@@ -121,9 +127,11 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
           csv_path: Path) -> str | None:
     lower = {c.lower(): c for c in columns}
     if wanted:
-        if wanted not in columns:
-            raise SourceError(f"{csv_path}: no column {wanted!r} for the {what}; columns are {columns}")
-        return wanted
+        if wanted in columns:
+            return wanted
+        if wanted.lower() in lower:
+            return lower[wanted.lower()]
+        raise SourceError(f"{csv_path}: no column {wanted!r} for the {what}; columns are {', '.join(columns)}")
     for candidate in candidates:
         if candidate in lower:
             return lower[candidate]
@@ -231,7 +239,41 @@ def read_csv_source(
     name = csv_path.parent.resolve().name
     if csv_path.stem.lower() not in ("labels", "metadata"):
         name = f"{name}-{csv_path.stem}"
-    return ImageSource(name=slug(name), location=csv_path, kind=kind, records=records, notes=notes)
+    empty_groups = sum(1 for r in records if group_column and not r.group)
+    if empty_groups:
+        notes.append(f"{csv_path.name}: {empty_groups} rows have an empty {group_column!r}; each of those "
+                     "images is its own group")
+    suspects = [] if group_column else _suspect_group_columns(records, meta_columns)
+    return ImageSource(name=slug(name), location=csv_path, kind=kind, records=records, notes=notes,
+                       group_column=group_column, suspect_group_columns=suspects)
+
+
+def _suspect_group_columns(records: list[ImageRecord], columns: list[str]) -> list[str]:
+    """Columns whose values look like ids shared by a few images each: a patient or lesion column
+    under a name featcache does not know. Numbers with few distinct values (age) and columns with
+    only a handful of values (sex, body site) are not ids."""
+    n = len(records)
+    suspects = []
+    for column in columns:
+        values = [r.meta.get(column, "").strip() for r in records]
+        filled = [v for v in values if v]
+        distinct = set(filled)
+        if len(filled) < n * 0.5 or len(distinct) == len(filled) or len(distinct) < max(3, n // 20):
+            continue
+        if any(key in column.lower() for key in ("id", "patient", "lesion", "case", "subject", "group")):
+            suspects.append(column)
+        elif not all(is_number(v) for v in filled) and len(distinct) > n // 4:
+            suspects.append(column)
+    return suspects
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _truthy(value: str | None) -> bool:
