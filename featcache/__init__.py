@@ -1,3 +1,3 @@
 """featcache: frozen-backbone features cached once, light heads compared honestly."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

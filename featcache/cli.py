@@ -5,13 +5,41 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import FeatcacheError
+from .options import (
+    DEVICE_PATTERN,
+    Calibration,
+    ClassWeight,
+    Dtype,
+    Grouping,
+    Metric,
+    Precision,
+    ResizeMode,
+    Split,
+    UseViews,
+    ViewCount,
+)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+
+class _PeopleErrors(TyperGroup):
+    """Every command's :class:`FeatcacheError` becomes one red line and exit status 2 (130 for an
+    interrupted extraction), in the installed command and under typer's test runner alike."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as exc:
+            Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
+
+
+app = typer.Typer(cls=_PeopleErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Cache frozen-backbone image features once (HDF5), then compare light "
                        "classifier heads with grouped, stratified cross-validation.\n\n"
                        "Example: `featcache extract --backbone efficientnet_lite0 --data images/` "
@@ -23,6 +51,37 @@ CacheOpt = typer.Option(None, "--cache", envvar="FEATCACHE_CACHE",
                         help="Cache root (default ./cache, or $FEATCACHE_CACHE).")
 DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per class, or with a "
                        "labels.csv), a CSV manifest (generic, HAM10000 metadata, ISIC one-hot) or an .npz.")
+
+
+GroupColOpt = typer.Option(None, "--group-col", help="CSV column saying which images belong together "
+                          "(patient, lesion, case). Default: the first of group, lesion_id, patient_id, case_id, "
+                          "subject_id, participant_id, study_id … (any case).")
+
+
+def _check_device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _check_metric(value: str) -> str:
+    from .compare import checked_metric
+
+    try:
+        return checked_metric(value)
+    except FeatcacheError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+def _say_groups(source, reporter) -> None:
+    """Where the groups come from, or loudly that there are none."""
+    if source.group_column:
+        n = len({r.group for r in source.records if r.group})
+        reporter.info(f"groups: column {source.group_column!r} ({n} groups of {len(source.records)} images)")
+    elif source.suspect_group_columns:
+        reporter.warn(f"no group column recognised in {source.location}, but "
+                      f"{', '.join(map(repr, source.suspect_group_columns))} looks like one (ids shared by "
+                      "several images): pass --group-col NAME, or --no-groups if the images are independent")
 
 
 def _cache(cache: Path | None) -> Path:
@@ -48,20 +107,22 @@ def extract(
     weights: str | None = typer.Option(None, help="Local weights file (.pth/.safetensors), or "
                                        "`random` for timing tests only. Default: $FEATCACHE_WEIGHTS_DIR, "
                                        "an installed weights package, then the online download."),
-    dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
+    dtype: Dtype = typer.Option(Dtype.float16, help="Stored feature dtype."),
     batch_size: int | None = typer.Option(None, help="Default 8 on CPU, 128 on CUDA."),
     workers: int | None = typer.Option(None, help="Decoding worker processes."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
-    precision: str = typer.Option("auto", help="CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32."),
+    device: str = typer.Option("auto", callback=_check_device, help="auto, cpu, cuda or cuda:N."),
+    precision: Precision = typer.Option(Precision.auto, help="CUDA autocast: auto (bf16 if supported), bf16, "
+                                        "fp16, fp32. CPUs always compute in fp32."),
     no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
     input_size: int | None = typer.Option(None, help="Crop size in pixels instead of the backbone's own."),
-    views: int = typer.Option(1, help="Views per image stored: 1, 2, 4 or 8 (mirrors and quarter turns of "
-                              "the input; heads train on all and average over them)."),
-    resize: str = typer.Option("crop", help="crop (the backbone's resize + centre crop), full (whole image "
-                               "squeezed to a square) or pad (whole image padded to a square)."),
+    views: ViewCount = typer.Option(ViewCount.one, help="Views per image stored (mirrors and quarter turns of "
+                                    "the input; heads train on all and average over them)."),
+    resize: ResizeMode = typer.Option(ResizeMode.crop, help="crop (the backbone's resize + centre crop), full "
+                                      "(whole image squeezed to a square) or pad (whole image padded to a square)."),
     shard_size: int = typer.Option(1024, help="Images per committed shard (the unit of resume)."),
     image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
     label_col: str | None = typer.Option(None, help="CSV column with the label."),
+    group_col: str | None = GroupColOpt,
     break_lock: bool = typer.Option(False, "--break-lock", help="Clear a lock file left by a dead run on a "
                                     "file system without POSIX locks (others are freed by the kernel)."),
     cache: Path | None = CacheOpt,
@@ -78,14 +139,15 @@ def extract(
     from .sources import open_source
 
     reporter = _reporter(quiet)
-    source = open_source(data, images, image_col, label_col)
+    source = open_source(data, images, image_col, label_col, group_col)
     for note in source.notes[:10]:
         reporter.warn(note)
+    _say_groups(source, reporter)
     pools = tuple(p.strip() for p in pool.split(",")) if pool else None
-    result = run_extract(source, backbone, _cache(cache), pools, dtype, weights, batch_size, workers,
-                         shard_size, device=device, precision=precision, jpeg_draft=not no_jpeg_draft,
-                         input_size=input_size, views=views, resize=resize, break_lock=break_lock,
-                         reporter=reporter)
+    result = run_extract(source, backbone, _cache(cache), pools, dtype.value, weights, batch_size, workers,
+                         shard_size, device=device, precision=precision.value, jpeg_draft=not no_jpeg_draft,
+                         input_size=input_size, views=int(views.value), resize=resize.value,
+                         break_lock=break_lock, reporter=reporter)
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     console.print(result.summary(), highlight=False, soft_wrap=True)
@@ -114,31 +176,43 @@ def fit(
                              "Also: svm-rbf-exact (libsvm, slow beyond a few thousand images)."),
     pool: str | None = typer.Option(None, help="Pooling to use (default: the entry's first)."),
     cv: int = typer.Option(5, help="Folds; grouped by the source's group column when it has one."),
-    split: str = typer.Option("cv", help="`cv`; `official` to use the source's split column; `random712` for "
-                              "an image-level 70/10/20 split (DermaMNIST's protocol: it ignores lesion groups)."),
-    seeds: int = typer.Option(1, help="Repeat the CV with this many seeds."),
-    class_weight: str = typer.Option("balanced", help="balanced or none."),
+    split: Split = typer.Option(Split.cv, help="`cv`; `official` to use the source's split column (validation "
+                                "rows are left out); `random712` for an image-level 70/10/20 split (DermaMNIST's "
+                                "protocol: it ignores lesion groups)."),
+    seeds: int = typer.Option(1, min=1, help="Repeat the CV with this many seeds; scores are averaged over all."),
+    class_weight: ClassWeight = typer.Option(ClassWeight.balanced, help="Weigh classes equally in training."),
     pca: int | None = typer.Option(None, help="Reduce features to N principal components (fit per fold)."),
     tune: bool = typer.Option(False, help="Choose hyper-parameters by inner CV on training folds."),
     tune_budget: float = typer.Option(300.0, help="Seconds per inner search (each outer fold and the "
                                       "final refit); candidates after it are skipped, defaults come first."),
     no_standardize: bool = typer.Option(False, "--no-standardize",
                                         help="Skip the per-fold StandardScaler (for ablations only)."),
-    views: int | None = typer.Option(None, help="Use the entry extracted with this many views "
-                                     "(default: the newest entry)."),
-    resize: str | None = typer.Option(None, help="Use the entry extracted with this --resize."),
-    use_views: str = typer.Option("all", help="On multi-view entries: `all` (train on every view, average "
-                                  "predictions over them), `train` (no test-time averaging), `first` (original only)."),
+    views: ViewCount | None = typer.Option(None, help="Use the entry extracted with this many views "
+                                           "(default: the newest entry)."),
+    resize: ResizeMode | None = typer.Option(None, help="Use the entry extracted with this --resize."),
+    use_views: UseViews = typer.Option(UseViews.all, help="On multi-view entries: `all` (train on every view, "
+                                       "average predictions over them), `train` (no test-time averaging), "
+                                       "`first` (original only)."),
     meta: str | None = typer.Option(None, help="Metadata columns as extra features, e.g. `age,sex,localization` "
                                     "(imputed and encoded inside the pipeline)."),
-    calibrate: str | None = typer.Option(None, help="Recalibrate probabilities: `sigmoid`, `isotonic` or "
+    calibrate: Calibration | None = typer.Option(None, help="Recalibrate probabilities: `sigmoid`, `isotonic` or "
                                          "`temperature` (keeps each view's predicted class), on 3 inner folds "
                                          "of the training rows, weighted like the head (--class-weight)."),
     label_map: str | None = typer.Option(None, help="Merge labels: `akiec=malignant,mel=malignant,*=benign`."),
     classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),
     test_data: str | None = typer.Option(None, help="A held-out source scored after refitting on all of --data."),
     images: Path | None = typer.Option(None, help="Folder the CSV's image paths are relative to."),
-    force: bool = typer.Option(False, help="Redo runs that already finished."),
+    group_col: str | None = GroupColOpt,
+    test_group_col: str | None = typer.Option(None, help="Group column of --test-data, if its name differs."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="Cross-validate without groups, on purpose "
+                                   "(every image independent); the protocol line records it."),
+    groups: Grouping = typer.Option(Grouping.auto, help="`auto`: the group column when there is one; "
+                                    "`near-duplicates`: identical and near-identical images form groups "
+                                    "(for data without a patient/lesion column); `none` = --no-groups."),
+    near_dup_threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Cosine similarity above "
+                                                    "which two images count as near-duplicates (default: "
+                                                    "calibrated per backbone on HAM10000)."),
+    force: bool = typer.Option(False, "--force", help="Redo runs that already finished."),
     cache: Path | None = CacheOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -151,20 +225,27 @@ def fit(
     from .pipeline import find_entry, fit_many
     from .sources import open_source
 
+    if no_groups and groups not in (Grouping.auto, Grouping.none):
+        raise typer.BadParameter(f"--no-groups contradicts --groups {groups.value}; give one", param_hint="--groups")
+    if no_groups and group_col:
+        raise typer.BadParameter("--no-groups contradicts --group-col; give one", param_hint="--group-col")
     reporter = _reporter(quiet)
     root = _cache(cache)
-    source = open_source(data, images)
-    entry = find_entry(root, source, backbone, pool, views, resize)
+    source = open_source(data, images, group_col=group_col)
+    _say_groups(source, reporter)
+    entry = find_entry(root, source, backbone, pool, int(views.value) if views else None,
+                       resize.value if resize else None)
     test_source = test_entry = None
     if test_data:
-        test_source = open_source(test_data)
+        test_source = open_source(test_data, group_col=test_group_col)
         test_entry = find_or_extract_like(root, test_source, entry, reporter)
     protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
                         tune_budget_s=tune_budget, standardize=not no_standardize, views=use_views,
-                        meta=meta or "", calibrate=calibrate or "")
+                        meta=meta or "", calibrate=calibrate, groups=Grouping.none if no_groups else groups,
+                        near_dup_threshold=near_dup_threshold)
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
-    _compare(root, source.name, backbone, None, "balanced_accuracy", runs=runs)
+    _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs)
 
 
 def find_or_extract_like(root: Path, source, entry, reporter):
@@ -180,14 +261,16 @@ def find_or_extract_like(root: Path, source, entry, reporter):
 
 def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | None, metric: str,
              out: Path | None = None, runs: list[Path] | None = None, ensemble: str | None = None) -> None:
-    from .compare import collect_runs, ensemble_rows, print_table, sort_rows, write_outputs
+    from .compare import checked_metric, collect_runs, ensemble_rows, print_table, sort_rows, write_outputs
 
-    rows = collect_runs(root, dataset, backbone, head)
+    metric = checked_metric(metric)
+    rows = collect_runs(root, dataset, backbone, head, metric)
     if runs is not None:
         wanted = {Path(r).resolve() for r in runs}
         rows = [r for r in rows if r.run.resolve() in wanted]
     if not rows:
         raise FeatcacheError(f"no finished runs in {root} match; run `featcache fit` first")
+    checked_metric(metric, rows)
     if ensemble:
         try:
             rows += ensemble_rows(rows, ensemble, metric)
@@ -204,7 +287,9 @@ def compare(
     data: str | None = typer.Option(None, help="Only runs on this source (folder/CSV/npz)."),
     backbone: str | None = typer.Option(None, "--backbone", "-b"),
     head: str | None = typer.Option(None, help="Only these heads (comma list)."),
-    metric: str = typer.Option("balanced_accuracy", help="Sort key: balanced_accuracy, macro_f1, auroc, accuracy."),
+    metric: str = typer.Option("balanced_accuracy", callback=_check_metric,
+                               help="Sort key: balanced_accuracy, macro_f1, auroc, accuracy, or auroc:<class> "
+                                    "(one-vs-rest AUROC of one class)."),
     out: Path | None = typer.Option(None, help="Folder for compare.csv/.md/.png (default: the cache root)."),
     ensemble: str | None = typer.Option(None, help="Add soft-vote ensembles of the best runs of each "
                                         "comparable group, e.g. `top3` (scored on the same out-of-fold predictions)."),
@@ -228,16 +313,18 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files and/or folders (or one CSV/.npz)."),
     out: Path = typer.Option(Path("predictions.csv"), help="Output CSV."),
     weights: str | None = typer.Option(None, help="The same --weights used at extraction, if any."),
+    group_col: str | None = GroupColOpt,
     cache: Path | None = CacheOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Class probabilities for new images with a saved run (features go through the cache).
+    """Class probabilities for new images with a saved run (features go through the cache); warns
+    when a new image is identical or nearly identical to a training image.
 
     Example: `featcache predict --run cache/…/runs/logreg-gap-… new_images/`
     """
     from .predict import predict as run_predict
 
-    path = run_predict(run, inputs, _cache(cache), out, _reporter(quiet), weights)
+    path = run_predict(run, inputs, _cache(cache), out, _reporter(quiet), weights, group_col)
     console.print(f"predictions written to {path}")
 
 
@@ -259,14 +346,14 @@ def verify(
     Example: `featcache verify cache/ham10000_200x150/efficientnet_lite0-0e1ebd8d300e6c4f --repair`
     """
     from .sources import open_source
-    from .store import MANIFEST, find_entries
+    from .store import MANIFEST, SHARD_GLOB, entry_dirs
     from .verify import verify_entry
 
     target = entry or _cache(cache)
-    if (target / MANIFEST).is_file():
+    if (target / MANIFEST).is_file() or any(target.glob(SHARD_GLOB)):
         entries = [target]
     else:
-        entries = [e.path for e in find_entries(target)]
+        entries = entry_dirs(target)
         if not entries:
             raise FeatcacheError(f"{target}: neither a cache entry nor a cache root with entries in it")
     source = open_source(data) if data else None
@@ -307,11 +394,7 @@ def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--qui
 
 
 def main() -> None:
-    try:
-        app()
-    except FeatcacheError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
+    app()
 
 
 if __name__ == "__main__":
