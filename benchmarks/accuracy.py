@@ -27,13 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from docs_blocks import keep_blocks
 
-from featcache.compare import collect_runs, ensemble_rows, head_label, read_predictions
+from featcache.compare import collect_runs, ensemble_rows, head_label
 from featcache.evaluate import Protocol, compute_metrics, fit_head, labeled_features
 from featcache.extract import extract
 from featcache.heads import CALIBRATIONS
 from featcache.pipeline import find_entry
 from featcache.progress import Reporter
+from featcache.runs import has_test_predictions, read_predictions
 from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,14 +196,16 @@ def _calibration_lines(rows: list[dict]) -> list[str]:
            "test balanced acc. | test balanced log-loss | test ECE |", "|---|---|---|---|---|---|---|---|---|"]
     scored = {}
     for r in rows:
-        _, labels, proba, classes, _ = read_predictions(r["run"] / "oof_predictions.csv", True)
+        oof = read_predictions(r["run"], "oof")
+        seed0 = oof.seeds == 0
+        labels, proba, classes = oof.labels[seed0], oof.proba[seed0], oof.classes
         cv = compute_metrics(labels, proba, classes)
         scored.setdefault(r["head"], []).append((r, cv))
         line = (f"| {_label(r)} | {cv['balanced_accuracy']:.3f} | {cv['log_loss_balanced']:.3f} | "
                 f"{cv['log_loss']:.3f} | {cv['ece']:.3f} | {cv['brier']:.3f} |")
-        test_file = r["run"] / "test_predictions.csv"
-        if test_file.exists():
-            _, labels, proba, _, _ = read_predictions(test_file, False)
+        if has_test_predictions(r["run"]):
+            test_predictions = read_predictions(r["run"], "test")
+            labels, proba = test_predictions.labels, test_predictions.proba
             keep = np.isin(labels, classes)
             test = compute_metrics(labels[keep], proba[keep], classes)
             line += f" {test['balanced_accuracy']:.3f} | {test['log_loss_balanced']:.3f} | {test['ece']:.3f} |"
@@ -370,7 +374,7 @@ def write_page(out: Path, timings: dict, main_rows: list[dict], pool_rows: dict,
             lines.append(f"| featcache top-3 soft-vote ensemble (members chosen on the CV scores, not on the test) | "
                          f"{_ci(ens_a.test, 'balanced_accuracy')} |")
         lines.append("")
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text(keep_blocks(out, "\n".join(lines)))  # other scripts' blocks (the leakage audit) stay
 
 
 def main() -> None:

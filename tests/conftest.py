@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,9 +15,14 @@ DEMO = REPO / "featcache" / "data" / "isic_cc0_demo200"
 
 
 def shared(name: str) -> Path:
+    """A data set of ../shared; absent, the test skips, except in CI (CI=true), where it fails: CI
+    must not pass by quietly testing less."""
     path = SHARED / name
     if not path.exists():
-        pytest.skip(f"{path} is absent (the ../shared data set is not beside this checkout)")
+        message = f"{path} is absent (the ../shared data set is not beside this checkout)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI=true, so this fails instead of skipping")
+        pytest.skip(message)
     return path
 
 

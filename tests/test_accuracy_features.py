@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -150,8 +152,9 @@ def test_metadata_features_carry_signal_the_image_features_lack(tmp_path):
 
 def test_random_712_split_is_image_level_and_stratified():
     y = np.array(["a"] * 700 + ["b"] * 300)
-    [(train, test)] = random_712_split(y, seed=0)
+    [(train, test)], counts = random_712_split(y, seed=0)
     assert len(train) == 700 and len(test) == 200 and not set(train) & set(test)
+    assert counts == {"train": 700, "val": 100, "test": 200}
     assert (y[test] == "b").mean() == pytest.approx(0.3, abs=0.01)
 
 
@@ -168,9 +171,10 @@ def test_ensemble_averages_the_out_of_fold_probabilities(tmp_path):
     [row] = ensemble_rows(rows, "top2")
     probas = []
     for run in runs:
-        lines = (run / "oof_predictions.csv").read_text().splitlines()[1:]
-        probas.append(np.array([[float(v) for v in line.split(",")[4:]] for line in lines]))
-        labels = np.array([line.split(",")[3] for line in lines])
+        with open(run / "oof_predictions.csv", newline="") as handle:
+            lines = list(csv.DictReader(handle))
+        probas.append(np.array([[float(line[f"p_{c}"]) for c in "abc"] for line in lines]))
+        labels = np.array([line["label"] for line in lines])
     expected = compute_metrics(labels, np.mean(probas, axis=0), ["a", "b", "c"])
     assert row.metrics["balanced_accuracy"]["pooled"] == pytest.approx(expected["balanced_accuracy"])
     assert row.backbone == "ensemble" and "logreg" in row.head and "knn" in row.head

@@ -92,8 +92,8 @@ def test_calibrate_choices_and_what_they_wrap():
     assert not isinstance(make_pipeline("majority", calibrate="sigmoid").named_steps["head"], CalibratedHead)
     with pytest.raises(Exception, match="--calibrate 'platt'"):
         make_pipeline("logreg", calibrate="platt")
-    # runs made before --calibrate existed keep their names: the SVM's default calibrator is not named
-    assert "head__calibration" not in estimator_params(make_pipeline("svm-rbf"))
+    # every parameter names the run, the SVM's default calibrator too
+    assert estimator_params(make_pipeline("svm-rbf"))["head__calibration"] == "sigmoid"
     assert estimator_params(make_pipeline("svm-rbf", calibrate="isotonic"))["head__calibration"] == "isotonic"
     tuned = build_estimator("logreg", Protocol(tune=True, calibrate="sigmoid"))
     assert all(k.startswith("head__estimator__") for k in tuned.param_grid)

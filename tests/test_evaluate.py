@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -189,7 +191,12 @@ def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
     assert out.exit_code == 0 and (tmp_path / "cache" / "compare.md").exists()
     preds = tmp_path / "p.csv"
     out = runner.invoke(app, ["predict", "--run", str(run), str(small_folder / "nevus"), "--out", str(preds),
-                              "--cache", cache, "-q"])
+                              "--cache", cache])
     assert out.exit_code == 0, out.output
     lines = preds.read_text().splitlines()
-    assert lines[0] == "id,predicted,p_melanoma,p_nevus" and len(lines) == 7
+    assert lines[0] == "id,group,predicted,p_melanoma,p_nevus,near_duplicate_of,similarity" and len(lines) == 7
+    # these are the training images themselves: every one is named as an exact duplicate
+    with open(preds, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["near_duplicate_of"].startswith("nevus/") and r["similarity"] == "1.0000" for r in rows)
+    assert "identical or nearly identical to a training image" in out.output

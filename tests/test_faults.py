@@ -27,7 +27,8 @@ from featcache.backbones import load_backbone
 from featcache.errors import CacheError, EntryLocked, RunError
 from featcache.evaluate import Protocol, fit_head, labeled_features
 from featcache.extract import extract
-from featcache.predict import load_run, predict_proba_from_entry
+from featcache.predict import predict_proba_from_entry
+from featcache.runs import load_model
 from featcache.sources import open_source
 from featcache.store import CacheEntry, EntryLock
 from featcache.verify import verify_entry
@@ -204,7 +205,7 @@ def test_saved_head_refuses_features_made_differently(small_folder, lite0, tmp_p
     entry = _extract(source, lite0, tmp_path).entry
     data = labeled_features(source, entry, "gap")
     run = fit_head(data, entry, "logreg", "gap", Protocol(cv=2), source.name)
-    saved = load_run(run)
+    saved = load_model(run)
     assert predict_proba_from_entry(saved, entry, entry.ids).shape == (12, 2)
     other = _extract(source, lite0, tmp_path, input_size=192).entry
     with pytest.raises(RunError, match=f"fingerprint {other.fingerprint} but this head was trained on "
