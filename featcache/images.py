@@ -18,12 +18,14 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-RESIZE_MODES = ("crop", "full", "pad")
+from .options import ResizeMode, ViewCount
+
+RESIZE_MODES = tuple(m.value for m in ResizeMode)
 # The dihedral group of the square, in the order --views K takes them: 2 = the identity and a
 # mirror, 4 = both mirrors and the half turn (every view keeps the image's own axes), 8 = all.
 # Dermoscopy has no natural orientation, so each is as plausible a photo as the original.
 VIEWS = ("identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
-VIEW_COUNTS = (1, 2, 4, 8)
+VIEW_COUNTS = tuple(int(v.value) for v in ViewCount)
 
 _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
