@@ -100,6 +100,10 @@ def main() -> None:
     lines += ["", f"Image-level CV overstates lesion-grouped balanced accuracy by {min(inflation):+.3f} to "
               f"{max(inflation):+.3f} on these heads; grouping by the audit's near-duplicates takes back "
               f"{min(recovered):+.3f} to {max(recovered):+.3f} of it."]
+    lines += ["", "The intervals elsewhere on this page were computed by featcache 0.1, which resampled images; "
+              "since 0.2 a grouped run resamples whole lesions, which widens them a little (lesion-grouped "
+              f"svm-rbf here: {_ci_text(args.cache, entry, source)}, against [0.536, 0.575] by images in the "
+              "README's head table)."]
     lines += ["", "What this shows: the audit is precise but finds few of HAM10000's same-lesion pairs. Most "
               "of them are different photographs of one lesion (other day, zoom, lighting), not copies, and "
               "ImageNet features of 200x150 images do not tell them apart from similar lesions. So the audit "
@@ -107,6 +111,13 @@ def main() -> None:
               "for a patient or lesion column: featcache says so when a run has neither."]
     replace_block(args.out, "leakage-audit", "\n".join(lines))
     print("\n".join(lines))
+
+
+def _ci_text(cache: Path, entry, source) -> str:
+    data = labeled_features(source, entry, POOL)
+    pooled = read_metrics(fit_head(data, entry, "svm-rbf", POOL, Protocol(), source.name))["pooled"]
+    low, high = pooled["ci95"]["balanced_accuracy"]
+    return f"{pooled['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _lesion_pairs(lesions: np.ndarray) -> dict:

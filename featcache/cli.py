@@ -53,6 +53,8 @@ DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per cla
                        "labels.csv), a CSV manifest (generic, HAM10000 metadata, ISIC one-hot) or an .npz.")
 
 
+ImageColOpt = typer.Option(None, "--image-col", help="CSV column with the image path or id (any case).")
+LabelColOpt = typer.Option(None, "--label-col", help="CSV column with the label (any case).")
 GroupColOpt = typer.Option(None, "--group-col", help="CSV column saying which images belong together "
                           "(patient, lesion, case). Default: the first of group, lesion_id, patient_id, case_id, "
                           "subject_id, participant_id, study_id … (any case).")
@@ -120,8 +122,8 @@ def extract(
     resize: ResizeMode = typer.Option(ResizeMode.crop, help="crop (the backbone's resize + centre crop), full "
                                       "(whole image squeezed to a square) or pad (whole image padded to a square)."),
     shard_size: int = typer.Option(1024, help="Images per committed shard (the unit of resume)."),
-    image_col: str | None = typer.Option(None, help="CSV column with the image path or id."),
-    label_col: str | None = typer.Option(None, help="CSV column with the label."),
+    image_col: str | None = ImageColOpt,
+    label_col: str | None = LabelColOpt,
     group_col: str | None = GroupColOpt,
     break_lock: bool = typer.Option(False, "--break-lock", help="Clear a lock file left by a dead run on a "
                                     "file system without POSIX locks (others are freed by the kernel)."),
@@ -202,6 +204,8 @@ def fit(
     classes: str | None = typer.Option(None, help="Keep only these classes, e.g. `mel,nv`."),
     test_data: str | None = typer.Option(None, help="A held-out source scored after refitting on all of --data."),
     images: Path | None = typer.Option(None, help="Folder the CSV's image paths are relative to."),
+    image_col: str | None = ImageColOpt,
+    label_col: str | None = LabelColOpt,
     group_col: str | None = GroupColOpt,
     test_group_col: str | None = typer.Option(None, help="Group column of --test-data, if its name differs."),
     no_groups: bool = typer.Option(False, "--no-groups", help="Cross-validate without groups, on purpose "
@@ -231,7 +235,7 @@ def fit(
         raise typer.BadParameter("--no-groups contradicts --group-col; give one", param_hint="--group-col")
     reporter = _reporter(quiet)
     root = _cache(cache)
-    source = open_source(data, images, group_col=group_col)
+    source = open_source(data, images, image_col, label_col, group_col)
     _say_groups(source, reporter)
     entry = find_entry(root, source, backbone, pool, int(views.value) if views else None,
                        resize.value if resize else None)
@@ -301,9 +305,11 @@ def compare(
     """
     dataset = None
     if data:
-        from .sources import open_source
+        from .sources import source_name
 
-        dataset = open_source(data).name
+        if not Path(data).exists():
+            raise FeatcacheError(f"--data {data}: no such file or folder")
+        dataset = source_name(data)
     _compare(_cache(cache), dataset, backbone, head, metric, out, ensemble=ensemble)
 
 

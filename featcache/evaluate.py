@@ -685,6 +685,19 @@ def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
             "column, or --groups near-duplicates to keep such images together"), True
 
 
+def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
+    """A neighbour count larger than a training part fails deep inside scikit-learn; say it here."""
+    wanted = max((v for k, v in params.items() if k.endswith("n_neighbors")), default=0)
+    tuned = max((max(v) for k, v in GRIDS.get(head, {}).items() if k.endswith("n_neighbors")), default=0)
+    inner_train = smallest_train * 2 // 3  # --tune's inner 3-fold CV trains on two thirds
+    if wanted > smallest_train:
+        raise RunError(f"{head}: {wanted} neighbours, but a training part has only {smallest_train} images; "
+                       "use fewer --cv folds, more images, or another head")
+    if tune and tuned > inner_train:
+        raise RunError(f"{head} --tune tries up to {tuned} neighbours, but its inner training parts have about "
+                       f"{inner_train} images; drop --tune or use fewer --cv folds")
+
+
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
@@ -728,6 +741,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
+    _check_neighbours(identity["estimator"], min(len(train) for _, train, _ in tasks), head, protocol.tune)
     X = with_meta(data.X, data.meta)
     outputs = _run_tasks(head, protocol, data, X, tasks, jobs)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started

@@ -73,6 +73,20 @@ def slug(text: str) -> str:
     return cleaned or "data"
 
 
+def source_name(data: str | os.PathLike) -> str:
+    """The dataset name a source's features are cached under, from its path alone: the folder's
+    name, or the CSV's folder (plus the CSV's name unless it is labels/metadata), or the .npz's."""
+    path = Path(data).expanduser()
+    if path.is_dir() and (path / "labels.csv").is_file():
+        path = path / "labels.csv"
+    if path.suffix.lower() == ".csv":
+        name = path.parent.resolve().name
+        return slug(name if path.stem.lower() in ("labels", "metadata") else f"{name}-{path.stem}")
+    if path.suffix.lower() == ".npz":
+        return slug(path.stem)
+    return slug(path.resolve().name)
+
+
 def open_source(
     data: str | os.PathLike,
     images: str | os.PathLike | None = None,
@@ -120,7 +134,7 @@ def read_image_folder(root: Path) -> ImageSource:
             f"--data {root}: no images found; expected one sub-folder per class holding "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} files (or a labels.csv beside them)"
         )
-    return ImageSource(name=slug(root.resolve().name), location=root, kind="folder", records=records)
+    return ImageSource(name=source_name(root), location=root, kind="folder", records=records)
 
 
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
@@ -236,22 +250,23 @@ def read_csv_source(
         records.append(ImageRecord(image_id, file, label, group, split, meta=meta))
     if not records:
         raise SourceError(f"{csv_path}: no usable rows")
-    name = csv_path.parent.resolve().name
-    if csv_path.stem.lower() not in ("labels", "metadata"):
-        name = f"{name}-{csv_path.stem}"
     empty_groups = sum(1 for r in records if group_column and not r.group)
     if empty_groups:
         notes.append(f"{csv_path.name}: {empty_groups} rows have an empty {group_column!r}; each of those "
                      "images is its own group")
     suspects = [] if group_column else _suspect_group_columns(records, meta_columns)
-    return ImageSource(name=slug(name), location=csv_path, kind=kind, records=records, notes=notes,
+    return ImageSource(name=source_name(csv_path), location=csv_path, kind=kind, records=records, notes=notes,
                        group_column=group_column, suspect_group_columns=suspects)
+
+
+GROUP_WORDS = {"id", "ids", "patient", "lesion", "case", "subject", "participant", "group", "individual", "mole"}
 
 
 def _suspect_group_columns(records: list[ImageRecord], columns: list[str]) -> list[str]:
     """Columns whose values look like ids shared by a few images each: a patient or lesion column
-    under a name featcache does not know. Numbers with few distinct values (age) and columns with
-    only a handful of values (sex, body site) are not ids."""
+    under a name featcache does not know. A column counts when some of its values repeat, it has
+    many distinct values (not sex or body site), and either a word of its name says id, patient,
+    lesion, case … (``PatientNo``, ``mole_ref``; not ``width``) or its values are not numbers."""
     n = len(records)
     suspects = []
     for column in columns:
@@ -260,9 +275,9 @@ def _suspect_group_columns(records: list[ImageRecord], columns: list[str]) -> li
         distinct = set(filled)
         if len(filled) < n * 0.5 or len(distinct) == len(filled) or len(distinct) < max(3, n // 20):
             continue
-        if any(key in column.lower() for key in ("id", "patient", "lesion", "case", "subject", "group")):
-            suspects.append(column)
-        elif not all(is_number(v) for v in filled) and len(distinct) > n // 4:
+        words = set(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", column).lower()))
+        numeric = all(is_number(v) for v in filled)
+        if words & GROUP_WORDS or (not numeric and len(distinct) > n // 4):
             suspects.append(column)
     return suspects
 
@@ -309,4 +324,4 @@ def read_npz_source(npz_path: Path) -> ImageSource:
     if not records:
         raise SourceError(f"{npz_path}: no <split>_images arrays (found {sorted(keys)}); "
                           "expected train_images/train_labels, val_*, test_*")
-    return ImageSource(name=slug(npz_path.stem), location=npz_path, kind="npz", records=records)
+    return ImageSource(name=source_name(npz_path), location=npz_path, kind="npz", records=records)

@@ -84,8 +84,8 @@ def test_group_col_names_any_column_and_refuses_a_missing_one(clinic, small_fold
 
 def test_an_unrecognised_patient_column_is_named_as_a_suspect(tmp_path, small_folder):
     images = sorted(small_folder.rglob("*.jpg"))
-    rows = [[str(p), p.parent.name, f"M-{k // 3}", str(40 + k % 2)] for k, p in enumerate(images)]
-    source = open_source(_write_csv(tmp_path / "moles.csv", ["path", "label", "mole_ref", "age"], rows))
+    rows = [[str(p), p.parent.name, f"M-{k // 3}", str(40 + k % 2), str(300 + k % 4)] for k, p in enumerate(images)]
+    source = open_source(_write_csv(tmp_path / "moles.csv", ["path", "label", "mole_ref", "age", "width"], rows))
     assert source.group_column is None and source.suspect_group_columns == ["mole_ref"]
 
 
@@ -356,6 +356,19 @@ def test_predict_with_one_corrupt_image_predicts_the_rest(small_folder, tmp_path
     assert out.exit_code == 0 and "Traceback" not in out.output, out.output
     rows = {Path(r["id"]).name: r for r in csv.DictReader(open(tmp_path / "p.csv", newline=""))}
     assert rows["broken.jpg"]["predicted"].startswith("FAILED") and rows["fine.jpg"]["p_nevus"]
+
+
+def test_a_stranger_csv_fits_with_named_columns_and_too_few_images_for_knn_is_one_line(tmp_path, small_folder, lite0):
+    rows = [[str(p), p.parent.name, f"P{k // 2}"] for k, p in enumerate(sorted(small_folder.rglob("*.jpg")))]
+    befunde = _write_csv(tmp_path / "befunde.csv", ["Bild", "Befund", "PatientNr"], rows)
+    cache = str(tmp_path / "cache")
+    columns = ("--image-col", "bild", "--label-col", "BEFUND")
+    assert _cli("extract", "--data", str(befunde), "--cache", cache, *columns, "-q").exit_code == 0
+    out = _cli("fit", "--data", str(befunde), "--cache", cache, *columns, "--group-col", "patientnr",
+               "--head", "logreg", "--cv", "3")
+    assert out.exit_code == 0 and "groups: column 'PatientNr' (6 groups of 12 images)" in out.output, out.output
+    out = _cli("fit", "--data", str(befunde), "--cache", cache, *columns, "--head", "knn", "--cv", "3")
+    assert out.exit_code == 2 and "knn: 11 neighbours, but a training part has only 8 images" in out.output
 
 
 def test_fit_on_a_shard_holding_inf_points_to_verify(small_folder, tmp_path, lite0):
