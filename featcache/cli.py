@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from .errors import FeatcacheError
 from .options import (
@@ -35,9 +36,19 @@ class _PeopleErrors(TyperGroup):
         try:
             return super().invoke(ctx)
         except FeatcacheError as exc:
-            Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
 
+
+_value_type = TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: TyperOption, ctx: click.Context) -> str | None:
+    """A flag takes no value, so its help shows no type (typer 0.29 prints `<bool>` for it)."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+TyperOption.display_type_rich = _no_type_for_flags
 
 app = typer.Typer(cls=_PeopleErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Cache frozen-backbone image features once (HDF5), then compare light "
@@ -53,6 +64,11 @@ DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per cla
                        "labels.csv), a CSV manifest (generic, HAM10000 metadata, ISIC one-hot) or an .npz.")
 
 
+MlflowOpt = typer.Option(False, "--mlflow", help="Log each run to MLflow (default store: CACHE/mlflow.db); "
+                         "needs `pip install 'featcache[mlflow]'`.")
+MlflowUriOpt = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow), e.g. "
+                            "http://mlflow.lab:5000 or sqlite:///runs.db.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors, warnings and the final lines.")
 ImageColOpt = typer.Option(None, "--image-col", help="CSV column with the image path or id (any case).")
 LabelColOpt = typer.Option(None, "--label-col", help="CSV column with the label (any case).")
 GroupColOpt = typer.Option(None, "--group-col", help="CSV column saying which images belong together "
@@ -128,7 +144,7 @@ def extract(
     break_lock: bool = typer.Option(False, "--break-lock", help="Clear a lock file left by a dead run on a "
                                     "file system without POSIX locks (others are freed by the kernel)."),
     cache: Path | None = CacheOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Run a frozen backbone once over the images and write features to HDF5 shards.
 
@@ -184,7 +200,7 @@ def fit(
     seeds: int = typer.Option(1, min=1, help="Repeat the CV with this many seeds; scores are averaged over all."),
     class_weight: ClassWeight = typer.Option(ClassWeight.balanced, help="Weigh classes equally in training."),
     pca: int | None = typer.Option(None, help="Reduce features to N principal components (fit per fold)."),
-    tune: bool = typer.Option(False, help="Choose hyper-parameters by inner CV on training folds."),
+    tune: bool = typer.Option(False, "--tune", help="Choose hyper-parameters by inner CV on training folds."),
     tune_budget: float = typer.Option(300.0, help="Seconds per inner search (each outer fold and the "
                                       "final refit); candidates after it are skipped, defaults come first."),
     no_standardize: bool = typer.Option(False, "--no-standardize",
@@ -217,8 +233,10 @@ def fit(
                                                     "which two images count as near-duplicates (default: "
                                                     "calibrated per backbone on HAM10000)."),
     force: bool = typer.Option(False, "--force", help="Redo runs that already finished."),
+    mlflow: bool = MlflowOpt,
+    mlflow_uri: str | None = MlflowUriOpt,
     cache: Path | None = CacheOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Train heads on cached features (scaler fit on training folds only) and score them.
 
@@ -249,7 +267,17 @@ def fit(
                         near_dup_threshold=near_dup_threshold)
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
-    _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs)
+    _track(runs, root, mlflow, mlflow_uri)
+    _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs, quiet=quiet)
+
+
+def _track(runs: list[Path], root: Path, mlflow: bool, uri: str | None) -> None:
+    if mlflow or uri:
+        from .tracking import default_uri, log_runs
+
+        log_runs(runs, root, uri)
+        console.print(f"logged {len(runs)} run(s) to MLflow at {uri or default_uri(root)}", highlight=False,
+                      soft_wrap=True)
 
 
 def find_or_extract_like(root: Path, source, entry, reporter):
@@ -264,8 +292,17 @@ def find_or_extract_like(root: Path, source, entry, reporter):
 
 
 def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | None, metric: str,
-             out: Path | None = None, runs: list[Path] | None = None, ensemble: str | None = None) -> None:
-    from .compare import checked_metric, collect_runs, ensemble_rows, print_table, sort_rows, write_outputs
+             out: Path | None = None, runs: list[Path] | None = None, ensemble: str | None = None,
+             paths: bool = False, quiet: bool = False) -> None:
+    from .compare import (
+        checked_metric,
+        collect_runs,
+        ensemble_rows,
+        print_table,
+        sort_rows,
+        unique_rows,
+        write_outputs,
+    )
 
     metric = checked_metric(metric)
     rows = collect_runs(root, dataset, backbone, head, metric)
@@ -275,15 +312,17 @@ def _compare(root: Path, dataset: str | None, backbone: str | None, head: str | 
     if not rows:
         raise FeatcacheError(f"no finished runs in {root} match; run `featcache fit` first")
     checked_metric(metric, rows)
+    rows = unique_rows(rows)
     if ensemble:
         try:
             rows += ensemble_rows(rows, ensemble, metric)
         except ValueError as exc:
             raise FeatcacheError(str(exc)) from None
     rows = sort_rows(rows, metric)
-    print_table(rows, metric, console)
-    paths = write_outputs(rows, metric, out or root)
-    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['png']}", highlight=False, soft_wrap=True)
+    if not quiet:
+        print_table(rows, metric, console, paths)
+    files = write_outputs(rows, metric, out or root)
+    console.print(f"written: {files['csv']}, {files['md']}, {files['png']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -297,7 +336,9 @@ def compare(
     out: Path | None = typer.Option(None, help="Folder for compare.csv/.md/.png (default: the cache root)."),
     ensemble: str | None = typer.Option(None, help="Add soft-vote ensembles of the best runs of each "
                                         "comparable group, e.g. `top3` (scored on the same out-of-fold predictions)."),
+    paths: bool = typer.Option(False, "--paths", help="Show each run's folder (the files always have it)."),
     cache: Path | None = CacheOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Tabulate every finished run side by side (mean ± std over folds, pooled value with 95% CI).
 
@@ -310,7 +351,7 @@ def compare(
         if not Path(data).exists():
             raise FeatcacheError(f"--data {data}: no such file or folder")
         dataset = source_name(data)
-    _compare(_cache(cache), dataset, backbone, head, metric, out, ensemble=ensemble)
+    _compare(_cache(cache), dataset, backbone, head, metric, out, ensemble=ensemble, paths=paths, quiet=quiet)
 
 
 @app.command()
@@ -321,7 +362,7 @@ def predict(
     weights: str | None = typer.Option(None, help="The same --weights used at extraction, if any."),
     group_col: str | None = GroupColOpt,
     cache: Path | None = CacheOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Class probabilities for new images with a saved run (features go through the cache); warns
     when a new image is identical or nearly identical to a training image.
@@ -340,9 +381,9 @@ def verify(
                                         "entry in it (default: the cache root)."),
     data: str | None = typer.Option(None, help="The source to hash the images against (default: the one "
                                     "recorded at extraction)."),
-    repair: bool = typer.Option(False, help="Drop damaged shards and leftovers of interrupted writes and "
+    repair: bool = typer.Option(False, "--repair", help="Drop damaged shards and leftovers of interrupted writes and "
                                 "rewrite the manifest, so the next extract redoes only those images."),
-    quick: bool = typer.Option(False, help="Skip re-hashing the image files."),
+    quick: bool = typer.Option(False, "--quick", help="Skip re-hashing the image files."),
     break_lock: bool = typer.Option(False, "--break-lock", help="See `extract --break-lock`."),
     cache: Path | None = CacheOpt,
 ) -> None:
@@ -385,7 +426,7 @@ def verify(
 
 
 @app.command()
-def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+def demo(cache: Path | None = CacheOpt, quiet: bool = QuietOpt) -> None:
     """Whole pipeline on 200 CC0 ISIC images shipped with featcache: melanoma vs nevus.
 
     Extracts EfficientNet-Lite0 features (ImageNet weights, offline), fits the fast heads with
@@ -397,6 +438,104 @@ def demo(cache: Path | None = CacheOpt, quiet: bool = typer.Option(False, "--qui
     entry, runs = run_demo(root, _reporter(quiet))
     _compare(root, entry.manifest["dataset"], None, None, "balanced_accuracy", runs=runs)
     console.print(f"features: {entry.path}\nruns: {entry.path / 'runs'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def show(run: Path = typer.Argument(..., help="A run folder (see `featcache compare --paths`)."),
+         quiet: bool = QuietOpt) -> None:
+    """Print a run's protocol, scores, confusion matrix and per-class precision/recall/F1.
+
+    Example: `featcache show cache/ham10000_200x150/efficientnet_lite0-…/runs/logreg-gap-…`
+    """
+    from .runs import read_metrics
+
+    result = read_metrics(run)
+    pooled, classes = result["pooled"], result["config"]["classes"]
+    console.print(f"[bold]{result['config']['head']}[/] on {result['config']['backbone']}/{result['config']['pool']}"
+                  f" — {result['protocol']}, {result['n_images']} images", highlight=False, soft_wrap=True)
+    ci = pooled.get("ci95", {})
+    for metric in ("balanced_accuracy", "macro_f1", "auroc", "accuracy"):
+        if metric in pooled:
+            interval = f" [{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]" if metric in ci else ""
+            console.print(f"  {metric}: {pooled[metric]:.3f}{interval}", highlight=False)
+    matrix = Table(title="confusion matrix (rows: true, columns: predicted)")
+    matrix.add_column("true \\ predicted")
+    for name in classes:
+        matrix.add_column(name, justify="right")
+    for name, counts in zip(classes, pooled["confusion_matrix"], strict=True):
+        matrix.add_row(name, *[str(c) for c in counts])
+    per_class = Table(title="per class")
+    for column in ("class", "precision", "recall", "F1", "AUROC (one-vs-rest)", "images"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, values in pooled["per_class"].items():
+        auroc = pooled.get(f"auroc:{name}")
+        per_class.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}", f"{values['f1']:.3f}",
+                          "–" if auroc is None else f"{auroc:.3f}", str(values["support"]))
+    if not quiet:
+        console.print(matrix)
+        console.print(per_class)
+    for line in result.get("notes", [])[:5]:
+        console.print(f"  note: {line}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    data: str | None = typer.Option(None, help="Only runs on this source (default: every run in the cache)."),
+    out: Path | None = typer.Option(None, help="Where to write the page (default: CACHE/report.html)."),
+    metric: str = typer.Option("balanced_accuracy", callback=_check_metric, help="Ranking metric."),
+    top: int = typer.Option(20, min=1, help="Runs shown per protocol in the leaderboard."),
+    best: int = typer.Option(3, min=0, help="Best runs shown with confusion matrix, ROC and reliability."),
+    ensemble: int | None = typer.Option(None, min=2, help="Add a soft-vote ensemble of the N best runs."),
+    cache: Path | None = CacheOpt,
+) -> None:
+    """Write one self-contained report.html (no network requests, figures inline): leaderboard with
+    intervals, best runs' confusion matrices, per-class tables, ROC and reliability, every run's folder
+    and predict command, grouping and leakage warnings, and the features' provenance.
+
+    Example: `featcache report --data ham10000/labels.csv`
+    """
+    from .report import write_report
+    from .sources import source_name
+
+    root = _cache(cache)
+    dataset = source_name(data) if data else None
+    path = write_report(out or root / "report.html", cache_root=root, dataset=dataset, metric=metric, top=top,
+                        best=best, ensemble=ensemble)
+    console.print(f"report written to {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(
+    study: Path = typer.Argument(..., help="A study file (TOML): [data], [extract], [fit], [compare], [report]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and what is already cached; do nothing."),
+    mlflow: bool = MlflowOpt,
+    mlflow_uri: str | None = MlflowUriOpt,
+    cache: Path | None = CacheOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run a whole study: every extraction and fit in order with one progress display, reusing
+    everything already finished (rerun the same command after a kill to resume), then the report.
+
+    Example: `featcache run study.toml --dry-run`
+    """
+    from .study import load_study, run_study
+
+    plan = load_study(study)
+    result = run_study(plan, _cache(cache), _reporter(quiet), dry_run=dry_run)
+    done = sum(1 for step in result.steps if step.done)
+    if dry_run:
+        table = Table(title=f"plan of {study.name}")
+        for column in ("step", "status", "detail"):
+            table.add_column(column, overflow="fold")
+        for step in result.steps:
+            status = {True: "[green]done[/]", False: "to do", None: "to do"}[step.done]
+            table.add_row(step.label, status, step.detail)
+        console.print(table)
+        console.print(f"{done} of {len(result.steps)} steps already done", highlight=False)
+        return
+    _track(result.runs, _cache(cache), mlflow, mlflow_uri)
+    console.print(f"{len(result.runs)} runs ({done} of {len(result.steps)} steps were already done); "
+                  f"report: {result.report}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -163,6 +163,23 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
     return out
 
 
+def unique_rows(rows: list[Row]) -> list[Row]:
+    """Each result once: runs that scored the same images under the same protocol with the same
+    numbers (the same fit kept in two cache entries) collapse to the newest; baselines, which do not
+    look at the features, appear once per dataset and protocol, with the backbone shown as '(any)'."""
+    kept: dict[tuple, Row] = {}
+    for row in sorted(rows, key=lambda r: r.run.stat().st_mtime if r.run.exists() else 0, reverse=True):
+        baseline = row.head.split(" (")[0] in BASELINE_HEADS
+        scores = tuple(round((row.metrics.get(m) or {}).get("pooled") or 0.0, 6) for m in MAIN_METRICS)
+        ids = (row.config or {}).get("ids_sha256")
+        key = (row.dataset, row.protocol, row.head, row.n_images, ids, scores) + (
+            () if baseline else (row.backbone, row.pool))
+        if key not in kept:
+            kept[key] = Row(row.run, row.dataset, "(any)", "–", row.head, row.protocol, row.n_images, row.metrics,
+                            row.test, row.config) if baseline else row
+    return list(kept.values())
+
+
 def sort_rows(rows: list[Row], metric: str) -> list[Row]:
     """Grouped by dataset and protocol (never ranked across them), best first within a group."""
     return sorted(rows, key=lambda r: (r.dataset, r.protocol,
@@ -183,12 +200,14 @@ def _fmt_ci(entry: dict | None) -> str:
     return f"{entry['pooled']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
 
-def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[str], list[list[str]]]:
     header = ["dataset", "protocol", "backbone", "pool", "head", "n",
               f"{metric} (folds)", f"{metric} pooled [95% CI]", *[m for m in MAIN_METRICS if m != metric]]
     has_test = any(r.test for r in rows)
     if has_test:
         header += ["test balanced_accuracy [95% CI]", "test auroc"]
+    if paths:
+        header.append("run folder")
     body = []
     for r in rows:
         line = [r.dataset, r.protocol, r.backbone, r.pool,
@@ -200,6 +219,8 @@ def table_rows(rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]
             ci = t.get("ci95", {}).get("balanced_accuracy")
             line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if t and ci else "–",
                      f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–"]
+        if paths:
+            line.append(str(r.run))
         body.append(line)
     return header, body
 
@@ -214,7 +235,7 @@ def write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path
 
 def _write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    header, body = table_rows(rows, metric)
+    header, body = table_rows(rows, metric, paths=True)  # the files always say where each run is
     paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -227,36 +248,44 @@ def _write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Pat
     return paths
 
 
-def _plot(rows: list[Row], metric: str, path: Path) -> None:
-    import matplotlib
+def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
+    """The leaderboard as a forest plot: pooled score and 95 % interval per run, best first,
+    baselines grey, ensembles orange, a chance line where chance is known."""
+    from .plots import forest_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows = [r for r in rows if (r.metrics.get(metric) or {}).get("pooled") is not None]
+    classes = len((rows[0].config or {}).get("classes", [])) if rows and rows[0].config else 0
+    chance = (1 / classes if metric == "balanced_accuracy" and classes else
+              0.5 if metric.startswith("auroc") else None)
+    colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"
+               else "#2b6cb0" for r in rows]
+    return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}", 90) for r in rows],
+                         [r.metrics[metric]["pooled"] for r in rows],
+                         [tuple(r.metrics[metric].get("ci") or (r.metrics[metric]["pooled"],) * 2) for r in rows],
+                         colours, f"{metric}, pooled out-of-fold, with 95 % bootstrap interval", title, chance)
 
-    shown = [r for r in rows if metric in r.metrics]
-    if not shown:
+
+def _plot(rows: list[Row], metric: str, path: Path, top: int = 40) -> None:
+    """compare.png: one forest plot per dataset and protocol, stacked, at most ``top`` runs each."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.protocol), []).append(row)
+    first = next(iter(groups.items()), None)
+    if first is None:
         return
-    labels = [_shorten(f"{r.backbone}/{r.pool}/{r.head}") + f"\n{r.dataset}" for r in shown]
-    means = [r.metrics[metric]["mean"] for r in shown]
-    stds = [r.metrics[metric]["std"] for r in shown]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown)), 4))
-    colors = ["#bbbbbb" if r.head.split(" (")[0] in BASELINE_HEADS else "#3b7dd8" for r in shown]
-    ax.bar(range(len(shown)), means, yerr=stds, color=colors, capsize=3)
-    ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel(f"{metric} (mean ± std over folds)")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    (dataset, protocol), members = first
+    more = f" (top {top} of {len(members)})" if len(members) > top else ""
+    extra = f"; {len(groups) - 1} more protocol(s) in compare.md" if len(groups) > 1 else ""
+    path.write_bytes(forest_png(members[:top], metric, f"{dataset} · {_shorten(protocol, 80)}{more}{extra}"))
 
 
 def _shorten(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def print_table(rows: list[Row], metric: str, console: Console | None = None) -> None:
+def print_table(rows: list[Row], metric: str, console: Console | None = None, paths: bool = False) -> None:
     """On screen, columns that hold one value for every row move into the caption."""
-    header, body = table_rows(rows, metric)
+    header, body = table_rows(rows, metric, paths)
     constant = [i for i, name in enumerate(header[:2]) if len({line[i] for line in body}) == 1]
     caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
     keep = [i for i in range(len(header)) if i not in constant]

@@ -685,13 +685,29 @@ def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
             "column, or --groups near-duplicates to keep such images together"), True
 
 
+def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+                 test: LabeledFeatures | None = None) -> dict:
+    """Everything that sets a run's numbers; its hash names the run (see :func:`fit_head`)."""
+    return {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.config(),
+            "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+            "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
+            "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
+            "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec}
+
+
+def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+                test: LabeledFeatures | None = None) -> Path:
+    """The folder :func:`fit_head` writes this run to (finished or not)."""
+    return run_path(entry.path, head, pool, stable_hash(run_identity(data, entry, head, pool, protocol, test), 12))
+
+
 def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
     """A neighbour count larger than a training part fails deep inside scikit-learn; say it here."""
     wanted = max((v for k, v in params.items() if k.endswith("n_neighbors")), default=0)
     tuned = max((max(v) for k, v in GRIDS.get(head, {}).items() if k.endswith("n_neighbors")), default=0)
     inner_train = smallest_train * 2 // 3  # --tune's inner 3-fold CV trains on two thirds
     if wanted > smallest_train:
-        raise RunError(f"{head}: {wanted} neighbours, but a training part has only {smallest_train} images; "
+        raise RunError(f"{head}: {wanted} neighbours, but a training part has only {smallest_train} rows; "
                        "use fewer --cv folds, more images, or another head")
     if tune and tuned > inner_train:
         raise RunError(f"{head} --tune tries up to {tuned} neighbours, but its inner training parts have about "
@@ -717,11 +733,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
-    identity = {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.config(),
-                "classes": data.classes, "feature_fingerprint": entry.fingerprint,
-                "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
-                "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
-                "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec}
+    identity = run_identity(data, entry, head, pool, protocol, test)
     config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
               "grouping": data.grouping,
               # which images were scored: runs whose predictions line up image by image (ensembles)
@@ -741,7 +753,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
-    _check_neighbours(identity["estimator"], min(len(train) for _, train, _ in tasks), head, protocol.tune)
+    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1  # a head sees every view
+    _check_neighbours(identity["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
     X = with_meta(data.X, data.meta)
     outputs = _run_tasks(head, protocol, data, X, tasks, jobs)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started

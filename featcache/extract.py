@@ -241,17 +241,7 @@ def extract(
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
     view_names = _checked_views(views)
-    changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
-    if resize != model.preprocess.resize_mode:
-        changes["resize_mode"] = resize
-    if input_size:  # keep the backbone's resize/crop ratio at the new size
-        ratio = model.preprocess.resize_size / model.preprocess.crop_size
-        changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
-    if changes:
-        try:  # Preprocess checks the values (an unknown --resize) and says what to use
-            model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
-        except ValueError as exc:
-            raise FeatcacheError(str(exc)) from None
+    configure_preprocess(model, resize, jpeg_draft, input_size)
     inputs = fingerprint_inputs(model, dtype, precision, views)
     fp = fingerprint(inputs)
     entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)
@@ -288,6 +278,33 @@ def extract(
                 "kept: free space or fix the drive, then rerun the same command to resume") from None
         seconds = time.perf_counter() - start
     return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes))
+
+
+def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
+                         input_size: int | None = None) -> None:
+    """Apply --resize, --no-jpeg-draft and --input-size to the backbone's own preprocessing."""
+    changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
+    if resize != model.preprocess.resize_mode:
+        changes["resize_mode"] = resize
+    if input_size:  # keep the backbone's resize/crop ratio at the new size
+        ratio = model.preprocess.resize_size / model.preprocess.crop_size
+        changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
+    if changes:
+        try:  # Preprocess checks the values (an unknown --resize) and says what to use
+            model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
+        except ValueError as exc:
+            raise FeatcacheError(str(exc)) from None
+
+
+def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
+                  views: int = 1, resize: str = "crop") -> tuple[Path, int]:
+    """Where ``extract`` with these settings (on this machine's device) keeps the features of
+    ``source``, and how many of its images still need extracting. Nothing is written."""
+    configure_preprocess(model, resize)
+    precision = resolve_precision("auto", resolve_device("auto"))
+    fp = fingerprint(fingerprint_inputs(model, dtype, precision, views))
+    entry_dir = entry_path(Path(cache_root), source.name, model.spec.name, fp)
+    return entry_dir, len(plan(source, entry_dir)[0])
 
 
 def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str |
 def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,
              protocol: Protocol, label_map: str | None = None, classes: str | None = None,
              test_source: ImageSource | None = None, test_entry: CacheEntry | None = None,
-             force: bool = False, reporter: Reporter | None = None) -> list[Path]:
+             force: bool = False, reporter: Reporter | None = None,
+             on_head: Callable[[], None] | None = None) -> list[Path]:
+    """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluate.fit_head`);
+    ``on_head`` is called after each (a study's overall progress)."""
     reporter = reporter or Reporter(quiet=True)
     pool = pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
@@ -52,21 +56,28 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     for note in data.notes[:10]:
         reporter.info(note)
     test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
-                            data.meta_spec, groups=Grouping.none if protocol.groups == "near-duplicates"
-                            else Grouping.auto) if test_source else None
+                            data.meta_spec, groups=test_grouping(protocol)) if test_source else None
     report_protocol(data, protocol, reporter)
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)
     runs = []
-    task = reporter.task(f"fit {len(heads)} head(s) on {len(data.y)} images", total=len(heads))
+    task = reporter.task(f"fit {len(heads)} head(s) on {len(data.y)} images", total=len(heads), unit="head")
     try:
         for head in heads:
             runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
                                  test, reporter))
             task.advance(1)
+            if on_head is not None:
+                on_head()
     finally:
         task.close()
     return runs
+
+
+def test_grouping(protocol: Protocol) -> Grouping:
+    """How a held-out set is grouped (for its bootstrap): by its own group column, never by
+    near-duplicates of the training set's kind."""
+    return Grouping.none if protocol.groups == Grouping.near_duplicates.value else Grouping.auto
 
 
 def report_protocol(data: LabeledFeatures, protocol: Protocol, reporter: Reporter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,45 +17,65 @@ from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
+    """Images/s for image work, items/s (heads, steps) for the rest."""
+
     def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "– img/s", style="cyan")
+        unit = task.fields.get("unit", "img")
+        return Text(f"{speed:.1f} {unit}/s" if speed else f"– {unit}/s", style="cyan")
 
 
 class Reporter:
-    """Where long-running stages report progress, notes and warnings."""
+    """Where long-running stages report progress, notes and warnings.
+
+    Tasks opened while another is open join the same live display (a study's overall bar above the
+    current stage's), since a terminal can show only one live display at a time."""
 
     def __init__(self, quiet: bool = False, console: Console | None = None, max_warnings: int = 20):
         self.quiet = quiet
         self.console = console or Console(stderr=True)
         self.max_warnings, self._warned = max_warnings, 0
+        self._live: Progress | None = None
+        self._open = 0
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(escape(message), highlight=False)
 
     def warn(self, message: str) -> None:
         self._warned += 1
         if self.quiet:
             return
         if self._warned <= self.max_warnings:
-            self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
         elif self._warned == self.max_warnings + 1:
             self.console.print("[yellow]warning:[/] more problems; all are listed in the manifest")
 
-    def task(self, description: str, total: int) -> _Task:
-        return _Task(self, description, total)
+    def task(self, description: str, total: int, unit: str = "img") -> _Task:
+        """A progress bar counting ``unit`` (``img`` for images, ``head``, ``step`` …)."""
+        return _Task(self, description, total, unit)
+
+    def _display(self) -> Progress:
+        if self._live is None:
+            self._live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self._live.start()
+        self._open += 1
+        return self._live
+
+    def _closed(self) -> None:
+        self._open -= 1
+        if self._open == 0 and self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 class _Task:
-    def __init__(self, reporter: Reporter, description: str, total: int):
-        self._progress = None
+    def __init__(self, reporter: Reporter, description: str, total: int, unit: str = "img"):
+        self._reporter, self._progress = reporter, None
         if not reporter.quiet:
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(),
-                                      TimeRemainingColumn(), console=reporter.console)
-            self._progress.start()
-            self._id = self._progress.add_task(description, total=total)
+            self._progress = reporter._display()
+            self._id = self._progress.add_task(description, total=total, unit=unit)
 
     def advance(self, n: int) -> None:
         if self._progress is not None:
@@ -62,5 +83,6 @@ class _Task:
 
     def close(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.remove_task(self._id)
             self._progress = None
+            self._reporter._closed()

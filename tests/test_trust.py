@@ -368,7 +368,7 @@ def test_a_stranger_csv_fits_with_named_columns_and_too_few_images_for_knn_is_on
                "--head", "logreg", "--cv", "3")
     assert out.exit_code == 0 and "groups: column 'PatientNr' (6 groups of 12 images)" in out.output, out.output
     out = _cli("fit", "--data", str(befunde), "--cache", cache, *columns, "--head", "knn", "--cv", "3")
-    assert out.exit_code == 2 and "knn: 11 neighbours, but a training part has only 8 images" in out.output
+    assert out.exit_code == 2 and "knn: 11 neighbours, but a training part has only 8 rows" in out.output
 
 
 def test_fit_on_a_shard_holding_inf_points_to_verify(small_folder, tmp_path, lite0):
