@@ -172,16 +172,22 @@ def extract(
 
 
 @app.command()
-def backbones() -> None:
-    """List the registered backbones, their feature dimensions and where weights would come from."""
-    from .backbones import REGISTRY, weights_available
+def backbones(quiet: bool = QuietOpt) -> None:
+    """List the registered backbones, those whose weights are on this machine first, with their
+    poolings (feature dimensions) and where the weights would come from."""
+    from .registry import REGISTRY, weights_available
 
-    table = Table(title="featcache backbones (any timm model also works as timm:<name>)")
+    found = {spec.name: weights_available(spec) for spec in REGISTRY.values()}
+    ordered = sorted(REGISTRY.values(), key=lambda spec: found[spec.name].startswith("download"))
+    if quiet:
+        console.print("\n".join(s.name for s in ordered if not found[s.name].startswith("download")))
+        return
+    table = Table(title="featcache backbones, usable here first (any timm model also works as timm:<name>)")
     for col in ("name", "poolings (dim)", "default", "weights here", "description"):
         table.add_column(col)
-    for spec in REGISTRY.values():
+    for spec in ordered:
         table.add_row(spec.name, ", ".join(f"{p} ({d})" for p, d in spec.dims.items()),
-                      ",".join(spec.default_pools), weights_available(spec), spec.description)
+                      ",".join(spec.default_pools), found[spec.name], spec.description)
     console.print(table)
 
 
@@ -268,7 +274,7 @@ def fit(
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
                     test_source, test_entry, force, reporter)
     _track(runs, root, mlflow, mlflow_uri)
-    _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs, quiet=quiet)
+    _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs)
 
 
 def _track(runs: list[Path], root: Path, mlflow: bool, uri: str | None) -> None:
@@ -386,6 +392,7 @@ def verify(
     quick: bool = typer.Option(False, "--quick", help="Skip re-hashing the image files."),
     break_lock: bool = typer.Option(False, "--break-lock", help="See `extract --break-lock`."),
     cache: Path | None = CacheOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Check cache entries: every shard opens, shapes/dtypes/ids are sound, no NaN/Inf, fingerprints
     agree, and the images still hash to what was extracted. Exit status 1 when something is wrong.
@@ -411,6 +418,9 @@ def verify(
             for line in fixed.repaired:
                 console.print(f"[green]repaired[/] {entry_dir.name}: {line}", highlight=False, soft_wrap=True)
         report = verify_entry(entry_dir, source, check_files=not quick)
+        all_ok &= report.ok
+        if quiet and not report.findings:
+            continue
         status = "[green]ok[/]" if report.ok else "[red]PROBLEMS[/]"
         console.print(f"{status} {entry_dir}: {report.shards} shards, {report.images} images, "
                       f"{report.failed} failed at extraction, {report.checked_files} files re-hashed",
@@ -420,7 +430,6 @@ def verify(
             console.print(f"  [{colour}]{finding.severity}[/] {finding.line()}", highlight=False, soft_wrap=True)
         for note in report.notes:
             console.print(f"  note: {note}", highlight=False, soft_wrap=True)
-        all_ok &= report.ok
     if not all_ok:
         raise typer.Exit(1)
 
@@ -487,6 +496,7 @@ def report(
     best: int = typer.Option(3, min=0, help="Best runs shown with confusion matrix, ROC and reliability."),
     ensemble: int | None = typer.Option(None, min=2, help="Add a soft-vote ensemble of the N best runs."),
     cache: Path | None = CacheOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Write one self-contained report.html (no network requests, figures inline): leaderboard with
     intervals, best runs' confusion matrices, per-class tables, ROC and reliability, every run's folder

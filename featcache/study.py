@@ -237,7 +237,7 @@ def _strings(values: list, key: str, where: str) -> list[str]:
 
 
 def _check_backbones(backbones: list[str], pools: list[str] | None, where: str) -> None:
-    from .backbones import get_spec
+    from .registry import get_spec
 
     for name in backbones:
         try:

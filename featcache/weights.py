@@ -13,11 +13,14 @@ import os
 import pickle
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import WeightsUnavailable
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: listing backbones needs none
+    import torch
 
 WEIGHTS_DIR_ENV = "FEATCACHE_WEIGHTS_DIR"
 RANDOM = "random"
@@ -33,6 +36,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """Hash of the tensors a model actually runs with, whatever file format they came from."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous().reshape(-1)
@@ -63,6 +68,8 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
+            import torch
+
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader error means the same thing to the user
         raise WeightsUnavailable(f"--weights {path}: not a readable weights file ({exc})") from None
@@ -74,12 +81,19 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def find_in_weights_dir(filenames: tuple[str, ...]) -> Path | None:
+def weights_dir() -> Path | None:
     folder = os.environ.get(WEIGHTS_DIR_ENV)
-    if not folder:
+    return Path(folder).expanduser() if folder else None
+
+
+def find_in_weights_dir(filenames) -> Path | None:
+    """The first of ``filenames`` (a tuple, or a callable giving one: it may need the network
+    libraries) found in $FEATCACHE_WEIGHTS_DIR."""
+    folder = weights_dir()
+    if folder is None:
         return None
-    for name in filenames:
-        candidate = Path(folder).expanduser() / name
+    for name in filenames() if callable(filenames) else filenames:
+        candidate = folder / name
         if candidate.is_file():
             return candidate
     return None
@@ -137,6 +151,8 @@ def squeezenet_from_ndf(target: dict[str, torch.Tensor], pickle_path: Path) -> d
     Kernels go from (kh, kw, in, out) to (out, in, kh, kw). The weights expect Caffe BGR input, so
     the first convolution's input channels are reversed: the model then takes RGB like all others.
     """
+    import torch
+
     # The ndf pickle holds only numpy arrays; it ships inside a package the user installed.
     with open(pickle_path, "rb") as handle:
         arrays = pickle.load(handle)  # noqa: S301

@@ -195,3 +195,24 @@ def test_fit_logs_each_run_to_a_real_local_mlflow_store_once(tmp_path, folder):
     assert mlflow_run.data.params["protocol.cv"] == "3"
     artefacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"metrics.json", "oof_predictions.csv", "model.joblib", "confusion_matrix.png"} <= artefacts
+
+
+def test_backbones_lists_the_usable_ones_first_without_importing_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys, featcache.cli, featcache.registry as r; "
+             "[r.weights_available(s) for s in r.REGISTRY.values()]; "
+             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    out = _cli("backbones", "-q")
+    assert out.exit_code == 0
+    assert set(out.output.split()) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                       "squeezenet1_1"}
+
+
+def test_help_shows_flags_without_a_type_and_every_command_has_quiet():
+    out = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "160"})
+    assert "<bool>" not in out.output and "--tune" in out.output and "--no-tune" not in out.output
+    for command in ("extract", "fit", "compare", "predict", "demo", "run", "show", "backbones", "verify"):
+        assert "--quiet" in runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output, command
