@@ -13,7 +13,7 @@ Stages (each reuses what the cache already holds, so a rerun only does what is m
 2. heads under three protocols: (a) HAM10000, lesion-grouped 5-fold; (b) HAM10000, image-level random
    7:1:2 split (the DermaMNIST protocol of the published table); (c) train on all of HAM10000, test
    on the official ISIC 2018 test set;
-3. the page: tables with 95 % intervals, the effect of each item of issue 7 on the same folds, and the
+3. the page: tables with 95 % intervals, the effect of each option on the same folds, and the
    published numbers beside them.
 
 Needs ../shared/data/ham10000_200x150 and ../shared/data/isic2018_task3_test_224.
@@ -266,7 +266,7 @@ def write_page(out: Path, timings: dict, main_rows: list[dict], pool_rows: dict,
         "",
         f"All views ({VIEWS} per image: identity, both mirrors, half turn), poolings "
         f"{', '.join(LAYER_POOLS)} in the same forward, HAM10000 (10,015) + ISIC 2018 test (1,512), for "
-        f"{', '.join(BUDGET_BACKBONES)} (the three the issue's one-hour budget covers) and, beyond that "
+        f"{', '.join(BUDGET_BACKBONES)} (the three a one-hour extraction budget covers) and, beyond that "
         f"budget, {', '.join(BACKBONES[len(BUDGET_BACKBONES):])}; plus EfficientNet-Lite0 with `--resize full` "
         "and `--resize pad` (1 view):",
         "",
@@ -292,7 +292,7 @@ def write_page(out: Path, timings: dict, main_rows: list[dict], pool_rows: dict,
         *_table(main_sorted, with_test=True),
         *ensemble_main,
         "",
-        "## What each item of issue 7 changes (same folds, same images)",
+        "## What each option changes (same folds, same images)",
         "",
         *_effect("1. Augmented views cached at extraction (EfficientNet-Lite0, gap, svm-rbf)", view_rows, view_rows[0]),
         *_effect("1b. The same with the MLP head", view_rows_mlp, view_rows_mlp[0]),
