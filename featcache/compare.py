@@ -254,7 +254,7 @@ def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
     from .plots import forest_figure
 
     rows = [r for r in rows if (r.metrics.get(metric) or {}).get("pooled") is not None]
-    classes = len((rows[0].config or {}).get("classes", [])) if rows and rows[0].config else 0
+    classes = next((len(r.config["classes"]) for r in rows if r.config and r.config.get("classes")), 0)
     chance = (1 / classes if metric == "balanced_accuracy" and classes else
               0.5 if metric.startswith("auroc") else None)
     colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"

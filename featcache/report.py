@@ -100,8 +100,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-top: 1.5em; }
 table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; }
-th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } code { font-size: 0.9em; } .warn { color: #a33; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+th { background: #f3f3f3; } code { font-size: 0.9em; word-break: break-all; } .warn { color: #a33; }
 img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display: flex; flex-wrap: wrap; gap: 1em; }
 .pair img.figure { max-width: 48%; } .muted { color: #777; }
 """
