@@ -63,13 +63,15 @@ class ExtractResult:
     failed: dict[str, str]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    reused: int = 0  # images whose features came from another entry with the same fingerprint
 
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"{self.extracted} extracted ({self.images_per_second:.1f} images/s), "
+        reused = f"{self.reused} reused from other entries, " if self.reused else ""
+        return (f"{self.extracted} extracted ({self.images_per_second:.1f} images/s), {reused}"
                 f"{self.skipped} already cached, {len(self.failed)} failed -> {self.entry.path}")
 
 
@@ -269,6 +271,9 @@ def extract(
                           f"extracting the other {len(todo)}")
         start = time.perf_counter()
         try:
+            if not (entry_dir / MANIFEST).exists():
+                write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+            todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
                              shard_size, manifest, view_names, reporter)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
@@ -277,7 +282,54 @@ def extract(
                 f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
                 "kept: free space or fix the drive, then rerun the same command to resume") from None
         seconds = time.perf_counter() - start
-    return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes))
+    return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+
+
+def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict, dims: dict[str, int],
+                       shard_size: int, reporter: Reporter) -> tuple[list[ImageRecord], int]:
+    """Commit, without running the backbone, the images of ``todo`` whose file (same SHA-256) already
+    has features under the same fingerprint in another entry of the cache (another dataset name: a
+    moved, relabelled or subset CSV). Returns the images still to extract and how many were reused.
+    The features are copied byte for byte, so they equal a fresh extraction's."""
+    others = [CacheEntry(p) for p in sorted(entry_dir.parent.parent.glob(f"*/*-{manifest['fingerprint']}"))
+              if p != entry_dir and (p / MANIFEST).is_file()]
+    if not todo or not others:
+        return todo, 0
+    known: dict[str, tuple[CacheEntry, str]] = {}
+    for other in others:
+        for image_id, state in other.state().items():
+            if state.failed is None:
+                known.setdefault(state.sha256, (other, image_id))
+    hits, rest, npz_cache = [], [], {}
+    for record in todo:
+        try:
+            sha = read_record(record, npz_cache)[1]
+        except (OSError, ValueError, KeyError):  # the extraction itself reports unreadable files
+            rest.append(record)
+            continue
+        if sha in known:
+            hits.append((record, sha, *known[sha]))
+        else:
+            rest.append(record)
+    if not hits:
+        return todo, 0
+    sink = ShardSink(entry_dir, manifest, dims, shard_size)
+    for start in range(0, len(hits), shard_size):
+        chunk = hits[start:start + shard_size]
+        features: dict[tuple[Path, str], dict[str, np.ndarray]] = {}
+        for other in {id(h[2]): h[2] for h in chunk}.values():
+            wanted = [h[3] for h in chunk if h[2] is other]
+            arrays = {p: other.read(p, wanted, dtype=manifest["dtype"]) for p in sink.pools}
+            for k, image_id in enumerate(wanted):
+                features[(other.path, image_id)] = {p: arrays[p][k] for p in sink.pools}
+        for record, sha, other, image_id in chunk:
+            size, mtime = file_state(record)
+            sink.add(record.id, sha, size, mtime, features[(other.path, image_id)])
+        sink.commit()
+    sources = ", ".join(sorted({h[2].path.parent.name for h in hits}))
+    reporter.info(f"{len(hits)} images reused from other entries with the same fingerprint ({sources}): "
+                  "same file contents, features copied, not recomputed")
+    return rest, len(hits)
 
 
 def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
@@ -410,11 +462,44 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class ShardSink:
+    """Collects rows in source order and commits them as shards of ``shard_size`` (the unit of
+    resume), numbered after the entry's existing shards."""
+
+    def __init__(self, entry_dir: Path, manifest: dict, dims: dict[str, int], shard_size: int):
+        self.entry_dir, self.dims, self.shard_size = entry_dir, dims, shard_size
+        self.dtype, self.pools, self.views = manifest["dtype"], tuple(manifest["pools"]), len(manifest["views"])
+        self.attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
+                      "provenance": manifest["provenance"], "backbone": manifest["backbone"],
+                      "entry": {k: manifest[k] for k in ENTRY_KEYS}}
+        existing = sorted(entry_dir.glob(SHARD_GLOB))
+        self.next_shard = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.rows = ShardRows(self.pools, self.views)
+
+    @property
+    def pending(self) -> int:
+        """Extracted rows not committed yet."""
+        return len(self.rows.ids)
+
+    def add(self, image_id: str, sha: str, size: int, mtime: int, feats: dict[str, np.ndarray]) -> None:
+        self.rows.add(image_id, sha, size, mtime, feats)
+
+    def add_failed(self, image_id: str, sha: str, size: int, mtime: int, reason: str) -> None:
+        self.rows.add_failed(image_id, sha, size, mtime, reason)
+
+    def commit_full(self) -> None:
+        if len(self.rows) >= self.shard_size:
+            self.commit()
+
+    def commit(self) -> None:
+        if len(self.rows):
+            write_shard(self.entry_dir, self.next_shard, self.rows, self.dims, self.dtype, self.attrs)
+            self.next_shard, self.rows = self.next_shard + 1, ShardRows(self.pools, self.views)
+
+
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
          manifest: dict, view_names: tuple[str, ...], reporter: Reporter) -> int:
-    if not (entry_dir / MANIFEST).exists():
-        write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
     if not todo:
         return 0
     if workers is None:
@@ -431,14 +516,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if cuda and precision != "fp32" else nullcontext())
-    existing = sorted(entry_dir.glob("shard-*.h5"))
-    next_shard = 0
-    if existing:
-        next_shard = int(existing[-1].stem.split("-")[1]) + 1
-    rows = ShardRows(model.model.pools, len(view_names))
-    attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
-             "provenance": manifest["provenance"], "backbone": manifest["backbone"],
-             "entry": {k: manifest[k] for k in ENTRY_KEYS}}
+    sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
     extracted = 0
     task = reporter.task(f"extract {model.spec.name}", total=len(todo))
     try:
@@ -451,34 +529,31 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                     for view in view_names:  # one forward per view, at the batch size measured best
                         with autocast:
                             outs.append(model.model(apply_view(x, view).contiguous(memory_format=memory_format)))
-                    feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in rows.pools}
+                    feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in sink.pools}
                 ok_position = {index: n for n, index in enumerate(batch["ok"])}
                 for item in batch["items"]:
                     record = todo[item["index"]]
                     args = (record.id, item["sha"], item["size"], item["mtime"])
                     if item["error"]:
                         reporter.warn(f"skipped {record.id}: {item['error']}")
-                        rows.add_failed(*args, item["error"])
+                        sink.add_failed(*args, item["error"])
                         continue
                     n = ok_position[item["index"]]
-                    row = {p: feats[p][n] for p in rows.pools}
+                    row = {p: feats[p][n] for p in sink.pools}
                     if not all(np.isfinite(v).all() for v in row.values()):
                         reason = f"non-finite features (NaN/Inf) for {record.path}"
                         reporter.warn(f"skipped {record.id}: {reason}")
-                        rows.add_failed(*args, reason)
+                        sink.add_failed(*args, reason)
                         continue
-                    rows.add(*args, row)
+                    sink.add(*args, row)
                     extracted += 1
-                if len(rows) >= shard_size:
-                    write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
-                    next_shard, rows = next_shard + 1, ShardRows(model.model.pools, len(view_names))
+                sink.commit_full()
                 task.advance(len(batch["items"]))
-            if len(rows):
-                write_shard(entry_dir, next_shard, rows, model.dims, dtype, attrs)
+            sink.commit()
     except KeyboardInterrupt:
         _quiet_worker_teardown()
         raise ExtractionInterrupted(
-            f"Interrupted: {extracted - len(rows.ids)} new images were committed to "
+            f"Interrupted: {extracted - sink.pending} new images were committed to "
             f"{entry_dir}; rerun the same command to resume from there") from None
     finally:
         task.close()

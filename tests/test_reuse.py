@@ -1,0 +1,61 @@
+"""One extraction per image: a moved, relabelled or subset CSV reuses the features already in the cache."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache.backbones import load_backbone
+from featcache.extract import extract
+from featcache.sources import open_source
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0")
+
+
+def test_a_moved_relabelled_subset_csv_extracts_only_new_images(small_folder, tmp_path, lite0):
+    cache = tmp_path / "cache"
+    first = extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
+    assert first.extracted == 12 and first.reused == 0
+    images = sorted(small_folder.rglob("*.jpg"))
+    moved = tmp_path / "elsewhere" / "copies"
+    moved.mkdir(parents=True)
+    rows = []
+    for k, image in enumerate(images[:8]):  # a subset, copied to other names, other labels
+        target = moved / f"photo {k}, copy.jpg"
+        shutil.copy(image, target)
+        rows.append([target.name, "benign" if k % 2 else "malignant", f"odd id #{k}"])
+    new_image = moved / "new.jpg"
+    Image.open(images[0]).convert("RGB").rotate(90).save(new_image)
+    rows.append([new_image.name, "benign", "odd id #new"])
+    with open(moved / "my list.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["File", "Diagnosis", "image_id"])
+        writer.writerows(rows)
+    source = open_source(moved / "my list.csv")
+    assert source.name != first.entry.manifest["dataset"]  # another dataset, another entry
+    second = extract(source, lite0, cache_root=cache, workers=0)
+    assert second.entry.path != first.entry.path and second.entry.fingerprint == first.entry.fingerprint
+    assert second.reused == 8 and second.extracted == 1 and "8 reused from other entries" in second.summary()
+    original_ids = [p.relative_to(small_folder).as_posix() for p in images[:8]]
+    np.testing.assert_array_equal(second.entry.read("gap", [f"odd id #{k}" for k in range(8)], dtype="float16"),
+                                  first.entry.read("gap", original_ids, dtype="float16"))
+    again = extract(source, lite0, cache_root=cache, workers=0)
+    assert again.extracted == 0 and again.reused == 0 and again.skipped == 9
+
+
+def test_other_settings_are_never_reused(small_folder, tmp_path, lite0):
+    cache = tmp_path / "cache"
+    extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
+    copy = tmp_path / "copy"
+    shutil.copytree(small_folder, copy)
+    other = extract(open_source(copy), lite0, cache_root=cache, workers=0, views=2)  # another fingerprint
+    assert other.reused == 0 and other.extracted == 12
+    same = extract(open_source(copy), lite0, cache_root=cache, workers=0)
+    assert same.reused == 12 and same.extracted == 0
