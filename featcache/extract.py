@@ -28,7 +28,7 @@ from . import __version__
 from .backbones import LoadedBackbone, load_backbone
 from .errors import CacheError, FeatcacheError
 from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
-from .options import DEVICE_PATTERN, Dtype, Precision
+from .options import DEVICE_PATTERN, Dtype, Engine, Precision
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
 from .store import (
@@ -165,12 +165,15 @@ def entry_path(cache_root: Path, dataset: str, backbone: str, fp: str) -> Path:
     return Path(cache_root) / dataset / f"{backbone.replace(':', '-')}-{fp}"
 
 
-def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1) -> dict:
+def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1,
+                       engine: str = "torch") -> dict:
     inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
               "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
               "dtype": dtype, "precision": precision}
     if views > 1:  # only when used, so entries made before --views keep their names
         inputs["views"] = views
+    if engine != "torch":  # likewise: PyTorch entries keep their names
+        inputs["engine"] = engine
     return inputs
 
 
@@ -222,12 +225,14 @@ def extract(
     resize: str = "crop",
     break_lock: bool = False,
     reporter: Reporter | None = None,
+    engine: str = "torch",
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
     ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.images.VIEWS`: flips and quarter turns
     of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
+    ``engine``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:mod:`featcache.engines`).
     """
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
@@ -244,9 +249,11 @@ def extract(
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
     view_names = _checked_views(views)
     configure_preprocess(model, resize, jpeg_draft, input_size)
-    inputs = fingerprint_inputs(model, dtype, precision, views)
+    engine = _resolved_engine(engine, model, dev, reporter)
+    inputs = fingerprint_inputs(model, dtype, precision, views, engine)
     fp = fingerprint(inputs)
-    entry_dir = entry_path(Path(cache_root or default_cache_root()), source.name, model.spec.name, fp)
+    root = Path(cache_root or default_cache_root())
+    entry_dir = entry_path(root, source.name, model.spec.name, fp)
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
 
@@ -275,7 +282,7 @@ def extract(
                 write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
             todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                             shard_size, manifest, view_names, reporter)
+                             shard_size, manifest, view_names, reporter, engine, root)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
             raise CacheError(
@@ -349,12 +356,15 @@ def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft
 
 
 def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
-                  views: int = 1, resize: str = "crop") -> tuple[Path, int]:
+                  views: int = 1, resize: str = "crop", engine: str = "torch") -> tuple[Path, int]:
     """Where ``extract`` with these settings (on this machine's device) keeps the features of
     ``source``, and how many of its images still need extracting. Nothing is written."""
+    from .engines import resolve_engine
+
     configure_preprocess(model, resize)
-    precision = resolve_precision("auto", resolve_device("auto"))
-    fp = fingerprint(fingerprint_inputs(model, dtype, precision, views))
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    fp = fingerprint(fingerprint_inputs(model, dtype, precision, views, resolve_engine(engine, model, device)))
     entry_dir = entry_path(Path(cache_root), source.name, model.spec.name, fp)
     return entry_dir, len(plan(source, entry_dir)[0])
 
@@ -373,7 +383,8 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
     preprocess = inputs["preprocess"]
     return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
-                   views=entry.views, resize=entry.resize_mode, reporter=reporter)
+                   views=entry.views, resize=entry.resize_mode, reporter=reporter,
+                   engine=inputs.get("engine", "torch"))
 
 
 def _checked_views(views: int) -> tuple[str, ...]:
@@ -497,18 +508,34 @@ class ShardSink:
             self.next_shard, self.rows = self.next_shard + 1, ShardRows(self.pools, self.views)
 
 
+def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter) -> str:
+    from .engines import resolve_engine
+
+    try:
+        resolved = resolve_engine(engine, model, dev)
+    except ValueError:
+        raise FeatcacheError(f"--engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}") from None
+    if str(getattr(engine, "value", engine)) == "auto":
+        reporter.info(f"--engine auto: {resolved} for {model.spec.name} on {dev.type}")
+    return resolved
+
+
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
-         manifest: dict, view_names: tuple[str, ...], reporter: Reporter) -> int:
+         manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str = "torch",
+         cache_root: Path | None = None) -> int:
     if not todo:
         return 0
+    from .engines import make_forward
+
+    forward = make_forward(engine, model, cache_root or entry_dir.parent.parent)
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cuda = dev.type == "cuda"
     # Measured on 2 CPU cores (docs/benchmarks.md): small batches in channels_last run CNNs ~3x
     # faster than batch 64 in NCHW; on CUDA large batches keep the GPU busy.
     batch_size = batch_size or (128 if cuda else 8)
-    memory_format = torch.channels_last if model.spec.is_cnn else torch.contiguous_format
+    memory_format = torch.channels_last if model.spec.is_cnn and engine == "torch" else torch.contiguous_format
     model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda,
@@ -528,7 +555,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                     outs = []
                     for view in view_names:  # one forward per view, at the batch size measured best
                         with autocast:
-                            outs.append(model.model(apply_view(x, view).contiguous(memory_format=memory_format)))
+                            outs.append(forward(apply_view(x, view).contiguous(memory_format=memory_format)))
                     feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in sink.pools}
                 ok_position = {index: n for n, index in enumerate(batch["ok"])}
                 for item in batch["items"]:

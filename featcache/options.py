@@ -70,6 +70,16 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Engine(str, Enum):
+    """What runs the backbone at extraction: PyTorch, or its ONNX export on ONNX Runtime or OpenVINO
+    (CPU); ``auto`` takes the one measured fastest here for the backbone."""
+
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
 class ResizeMode(str, Enum):
     crop = "crop"
     full = "full"

@@ -37,6 +37,7 @@ from .options import (
     Calibration,
     ClassWeight,
     Dtype,
+    Engine,
     Grouping,
     Metric,
     ResizeMode,
@@ -72,6 +73,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], str]]] = {
         "views": (int, "views per image: 1, 2, 4 or 8"),
         "resize": (str, "crop, full or pad"),
         "dtype": (str, "float16 or float32"),
+        "engine": (str, "torch, onnxruntime, openvino or auto"),
         "weights": (dict, "per backbone: a local weights file (or 'random' for timing only)"),
     },
     "fit": {
@@ -113,6 +115,7 @@ class Study:
     views: int = 1
     resize: str = "crop"
     dtype: str = "float16"
+    engine: str = "torch"
     weights: dict[str, str] = field(default_factory=dict)
     fit: dict = field(default_factory=dict)  # Protocol fields
     ensemble: int | None = None
@@ -218,6 +221,7 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
         pools=_strings(extract["pools"], "[extract] pools", where) if "pools" in extract else None,
         views=int(choice("extract", "views", ViewCount, str(extract.get("views", 1)))),
         resize=choice("extract", "resize", ResizeMode, "crop"), dtype=choice("extract", "dtype", Dtype, "float16"),
+        engine=choice("extract", "engine", Engine, "torch"),
         weights={k: (v if v == "random" else str((base / v).expanduser())) for k, v in weights.items()},
         fit=fit_options, ensemble=ensemble, metric=metric,
         report_top=positive("report", "top", 20), report_best=positive("report", "best", 3), name=name)
@@ -303,7 +307,8 @@ def plan_study(study: Study, cache_root: Path) -> list[Step]:
                               pools=tuple(study.pools) if study.pools else None)
         entries = {}
         for source in (s for s in (train, test) if s is not None):
-            entry_dir, todo = planned_entry(source, model, cache_root, study.dtype, study.views, study.resize)
+            entry_dir, todo = planned_entry(source, model, cache_root, study.dtype, study.views, study.resize,
+                                            study.engine)
             entries[source.name] = CacheEntry(entry_dir) if not todo else None
             total = len(source.records)
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
@@ -351,7 +356,7 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
         for backbone in study.backbones:
             options = dict(cache_root=cache_root, pools=tuple(study.pools) if study.pools else None,
                            dtype=study.dtype, weights=study.weights.get(backbone), views=study.views,
-                           resize=study.resize, reporter=reporter)
+                           resize=study.resize, reporter=reporter, engine=study.engine)
             entry = extract(train, backbone, **options).entry
             overall.advance(1)
             test_entry = None

@@ -1,0 +1,103 @@
+"""Extraction engines side by side, in one run: bare forward of each engine, decode alone, and `featcache extract`.
+
+Per backbone (random weights: timing only) and engine (torch channels_last, ONNX Runtime, OpenVINO):
+- bare forward: the engine alone on pre-made batches (batch 8 and 32, the better kept), same threads;
+- decode: the DataLoader alone (read, hash, decode, resize) on real JPEGs, no forward;
+- extract: the whole `featcache extract` of the same JPEGs into a fresh cache with that engine;
+- ratio: extract / the best engine's bare forward (the target is >= 0.85).
+Images: the first N of ../shared/data/ham10000_200x150 (200x150) and all 70 of ../shared/data/ham70 (600x450).
+Writes the block `engines` of docs/benchmarks.md.
+
+Run: python benchmarks/engines.py [--backbones efficientnet_lite0,squeezenet1_1,resnet18] [--images 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from docs_blocks import replace_block
+from torch.utils.data import DataLoader
+
+from featcache.backbones import load_backbone
+from featcache.engines import make_forward, onnx_path
+from featcache.extract import _collate, _ImageDataset, _worker_init, extract
+from featcache.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = {"200x150": REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv",
+        "600x450": REPO.parent / "shared" / "data" / "ham70"}
+ENGINES = ("torch", "onnxruntime", "openvino")
+DEFAULT = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,squeezenet1_1,resnet18,resnet50,dinov2_vits14"
+
+
+def bare_forward(backbone, engine: str, cache: Path, batch: int, images: int) -> float:
+    forward = make_forward(engine, backbone, cache)
+    size = backbone.preprocess.crop_size
+    layout = torch.channels_last if engine == "torch" and backbone.spec.is_cnn else torch.contiguous_format
+    backbone.model.to(memory_format=layout)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+    with torch.inference_mode():
+        forward(x)
+        rounds = max(2, images // batch)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            forward(x)
+    return rounds * batch / (time.perf_counter() - started)
+
+
+def decode_only(backbone, source, workers: int = 1, batch: int = 8) -> float:
+    loader = DataLoader(_ImageDataset(source.records, backbone.preprocess), batch_size=batch, num_workers=workers,
+                        collate_fn=_collate, worker_init_fn=_worker_init, prefetch_factor=4)
+    started = time.perf_counter()
+    count = sum(len(b["items"]) for b in loader)
+    return count / (time.perf_counter() - started)
+
+
+def whole_extract(name: str, engine: str, source, cache: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        # the ONNX export is cached under the cache root: reuse the one made for the bare forward
+        (Path(tmp) / ".engines").symlink_to(cache / ".engines", target_is_directory=True)
+        result = extract(source, load_backbone(name, weights="random"), cache_root=tmp, engine=engine)
+    return result.images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", default=DEFAULT)
+    parser.add_argument("--images", type=int, default=256, help="images per measurement (200x150 set)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    sources = {"200x150": open_source(DATA["200x150"]), "600x450": open_source(DATA["600x450"])}
+    sources["200x150"] = dataclasses.replace(sources["200x150"], records=sources["200x150"].records[:args.images])
+    lines = ["## Extraction engines (`--engine`)", "",
+             f"`python benchmarks/engines.py`, {torch.get_num_threads()} threads, random weights, img/s. Bare forward: "
+             "the engine alone on pre-made batches (best of batch 8 and 32). Decode: the loader alone (read, SHA-256, "
+             "decode, resize; 1 worker). Extract: the whole `featcache extract --engine E` of the same JPEGs. Ratio: "
+             "extract / the best engine's bare forward, both in this run.", "",
+             "| backbone | images | engine | bare forward | decode | extract | ratio to the best bare forward |",
+             "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        for name in args.backbones.split(","):
+            backbone = load_backbone(name, weights="random")
+            onnx_path(backbone, cache)
+            bare = {e: max(bare_forward(backbone, e, cache, b, 64) for b in (8, 32)) for e in ENGINES}
+            best = max(bare, key=bare.get)
+            for label, source in sources.items():
+                decode = decode_only(backbone, source)
+                for engine in ENGINES:
+                    ips = whole_extract(name, engine, source, cache)
+                    line = (f"| {name} | {label} | {engine}{' (fastest)' if engine == best else ''} | "
+                            f"{bare[engine]:.1f} | {decode:.1f} | {ips:.1f} | {ips / bare[best]:.2f} |")
+                    lines.append(line)
+                    print(line, flush=True)
+    replace_block(args.out, "engines", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Inference engines for extraction: PyTorch itself, or the same backbone exported once to ONNX and
+run by ONNX Runtime or OpenVINO (CPU).
+
+The backbone with its pooling heads is exported with every pooling as an output, so multi-output
+poolings (``penult``, ``multi``, ViT ``cls+mean``) come from one run as with PyTorch. The ONNX file is
+cached in ``<cache>/.engines/``, named by the hash of what it was exported from (backbone, weights
+SHA-256, poolings, input size, torch version), and the engine joins the entry's fingerprint, so
+features of different engines never mix. Outputs agree with PyTorch's to about 1e-5 (tested).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import LoadedBackbone
+from .errors import FeatcacheError
+from .hashing import stable_hash
+from .options import Engine
+
+ONNX_OPSET = 17
+# `--engine auto` on the CPU: the engine measured fastest here for each backbone (bare forward, 2
+# cores, batch 8 and 32; docs/benchmarks.md). Backbones not listed stay on PyTorch until measured.
+MEASURED_FASTEST = {
+    "efficientnet_lite0": Engine.openvino, "efficientnet_lite1": Engine.openvino,
+    "efficientnet_lite2": Engine.openvino, "squeezenet1_1": Engine.onnxruntime, "resnet18": Engine.onnxruntime,
+}
+
+Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.device) -> str:
+    """The concrete engine for ``engine`` (``auto`` picks the measured fastest on the CPU, PyTorch on CUDA)."""
+    engine = Engine(engine)
+    if engine == Engine.auto:
+        engine = Engine.torch if device.type != "cpu" else MEASURED_FASTEST.get(model.spec.name, Engine.torch)
+    if engine != Engine.torch and device.type != "cpu":
+        raise FeatcacheError(f"--engine {engine.value} runs on the CPU only; on {device} use --engine torch (or auto)")
+    return engine.value
+
+
+class _PoolOutputs(nn.Module):
+    """The backbone's poolings as a tuple in a fixed order (what ONNX export needs)."""
+
+    def __init__(self, model: LoadedBackbone):
+        super().__init__()
+        self.net, self.pools = model.model, tuple(model.model.pools)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(x)
+        return tuple(out[p] for p in self.pools)
+
+
+def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
+    """The backbone exported to ONNX, cached by the hash of everything it was exported from."""
+    identity = {"backbone": model.spec.name, "arch": model.spec.arch, "weights_sha256": model.weights_sha256,
+                "pools": list(model.model.pools), "crop": model.preprocess.crop_size, "opset": ONNX_OPSET,
+                "torch": torch.__version__}
+    path = Path(cache_root) / ".engines" / f"{model.spec.name.replace(':', '-')}-{stable_hash(identity, 16)}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    size = model.preprocess.crop_size
+    wrapper = _PoolOutputs(model).eval().to(memory_format=torch.contiguous_format)
+    pools = list(wrapper.pools)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+            torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(tmp), input_names=["x"],
+                              output_names=pools, dynamic_axes={"x": {0: "n"}, **{p: {0: "n"} for p in pools}},
+                              opset_version=ONNX_OPSET, dynamo=False)
+        os.replace(tmp, path)
+    except Exception as exc:  # the exporter raises many kinds; say which backbone and what to do
+        tmp.unlink(missing_ok=True)
+        raise FeatcacheError(f"{model.spec.name} could not be exported to ONNX ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); use --engine torch") from None
+    return path
+
+
+def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forward:
+    """A function from a normalised NCHW batch to ``{pooling: features}`` on the chosen engine."""
+    if engine == Engine.torch.value:
+        return model.model
+    path = onnx_path(model, cache_root)
+    pools = tuple(model.model.pools)
+    threads = torch.get_num_threads()
+    if engine == Engine.onnxruntime.value:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install 'featcache[engines]'") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def run_ort(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+            return {p: torch.from_numpy(o) for p, o in zip(pools, outputs, strict=True)}
+
+        return run_ort
+    try:
+        import openvino as ov
+    except ImportError:
+        raise FeatcacheError("--engine openvino needs OpenVINO: pip install 'featcache[engines]'") from None
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                          "INFERENCE_PRECISION_HINT": "f32"})
+    ports = [compiled.output(p) for p in pools]
+
+    def run_openvino(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        result = compiled(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        return {p: torch.from_numpy(np.array(result[port])) for p, port in zip(pools, ports, strict=True)}
+
+    return run_openvino

@@ -1,0 +1,51 @@
+"""Extraction engines: the ONNX export run by ONNX Runtime or OpenVINO gives PyTorch's features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache.backbones import load_backbone
+from featcache.errors import FeatcacheError
+from featcache.extract import extract
+from featcache.sources import open_source
+
+POOLS = {"efficientnet_lite0": ("gap", "penult", "multi"), "squeezenet1_1": ("gap", "multi"),
+         "dinov2_vits14": ("cls", "cls+mean", "last4")}
+
+
+@pytest.mark.parametrize("backbone", list(POOLS))
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_engines_agree_with_pytorch_for_every_pooling_and_view(small_folder, tmp_path, backbone, engine):
+    weights = "random" if backbone.startswith("dinov2") else None  # no ViT weights install offline
+    source = open_source(small_folder)
+    reference = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
+                        workers=0, views=2, dtype="float32").entry
+    other = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
+                    workers=0, views=2, dtype="float32", engine=engine).entry
+    assert other.fingerprint != reference.fingerprint  # the engine is part of the name: never mixed
+    assert other.manifest["fingerprint_inputs"]["engine"] == engine
+    for pool in POOLS[backbone]:
+        a, b = reference.read(pool), other.read(pool, reference.ids)
+        assert a.shape == b.shape and a.shape[1] == 2  # (images, views, dim)
+        scale = np.abs(a).max()
+        cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, scale), (pool, np.abs(a - b).max())
+        assert cosine.min() > 0.99999, (pool, cosine.min())
+    assert list((tmp_path / ".engines").glob(f"{backbone}-*.onnx"))  # exported once, cached
+
+
+def test_auto_picks_the_measured_engine_and_says_so(small_folder, tmp_path):
+    from featcache.engines import resolve_engine
+    from featcache.extract import resolve_device
+
+    lite0 = load_backbone("efficientnet_lite0")
+    assert resolve_engine("auto", lite0, resolve_device("cpu")) == "openvino"
+    assert resolve_engine("auto", load_backbone("resnet18", weights="random"), resolve_device("cpu")) == "onnxruntime"
+    with pytest.raises(ValueError):
+        resolve_engine("tensorrt", lite0, resolve_device("cpu"))
+
+
+def test_a_wrong_engine_is_refused(small_folder, tmp_path):
+    with pytest.raises(FeatcacheError, match="--engine 'tensorrt'"):
+        extract(open_source(small_folder), "efficientnet_lite0", cache_root=tmp_path, engine="tensorrt")
