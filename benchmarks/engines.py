@@ -76,7 +76,8 @@ def main() -> None:
     sources = {"200x150": open_source(DATA["200x150"]), "600x450": open_source(DATA["600x450"])}
     sources["200x150"] = dataclasses.replace(sources["200x150"], records=sources["200x150"].records[:args.images])
     lines = ["## Extraction engines (`--engine`)", "",
-             f"`python benchmarks/{' '.join(['engines.py', *sys.argv[1:]])}`, {torch.get_num_threads()} threads, random weights, img/s. Bare forward: "
+             f"`python benchmarks/{' '.join(['engines.py', *sys.argv[1:]])}`, "
+             f"{torch.get_num_threads()} threads, random weights, img/s. Bare forward: "
              "the engine alone on pre-made batches (best of batch 8 and 32). Decode: the loader alone (read, SHA-256, "
              "decode, resize; 1 worker). Extract: the whole `featcache extract --engine E` of the same JPEGs. Ratio: "
              "extract / the best engine's bare forward, both in this run.", "",
