@@ -198,7 +198,9 @@ def backbones(quiet: bool = QuietOpt) -> None:
 @app.command()
 def fit(
     data: str = DataOpt,
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b",
+                                 help="The backbone whose features to use; `a+b` fuses several (their features "
+                                      "side by side, rows aligned by image id)."),
     head: str = typer.Option("fast", help="A head, a comma list, `fast` (logreg,svm-linear,knn,mlp) "
                              "or `all` (+svm-rbf,xgboost); baselines majority/stratified come with both. "
                              "Also: svm-rbf-exact (libsvm, slow beyond a few thousand images)."),
@@ -265,12 +267,18 @@ def fit(
     root = _cache(cache)
     source = open_source(data, images, image_col, label_col, group_col)
     _say_groups(source, reporter)
-    entry = find_entry(root, source, backbone, pool, int(views.value) if views else None,
-                       resize.value if resize else None)
-    test_source = test_entry = None
+    entries = [find_entry(root, source, name, pool, int(views.value) if views else None,
+                          resize.value if resize else None) for name in backbone.split("+")]
+    test_source = test_entries = None
     if test_data:
         test_source = open_source(test_data, group_col=test_group_col)
-        test_entry = find_or_extract_like(root, test_source, entry, reporter)
+        test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
+    entry, test_entry = entries[0], test_entries[0] if test_entries else None
+    if len(entries) > 1:  # --backbone a+b: fusion
+        from .fusion import FusedEntry
+
+        entry = FusedEntry([(e, pool or e.pools[0]) for e in entries])
+        test_entry = FusedEntry([(e, pool or e.pools[0]) for e in test_entries]) if test_entries else None
     protocol = Protocol(cv=cv, split=split, seeds=seeds, class_weight=class_weight, pca=pca, tune=tune,
                         tune_budget_s=tune_budget, standardize=not no_standardize, views=use_views,
                         meta=meta or "", calibrate=calibrate, groups=Grouping.none if no_groups else groups,

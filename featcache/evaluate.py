@@ -172,11 +172,12 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     from .extract import plan
 
     groups = checked_choice(groups, Grouping, "--groups")
-    stale, _ = plan(source, entry.path)
-    if stale:
-        raise RunError(
-            f"{len(stale)} images of {source.location} are not in {entry.path} or changed since "
-            f"extraction (first: {stale[0].id}); run `featcache extract` on this data first")
+    for part in getattr(entry, "parts", [(entry, pool)]):  # a fused entry: every backbone's
+        stale, _ = plan(source, part[0].path)
+        if stale:
+            raise RunError(
+                f"{len(stale)} images of {source.location} are not in {part[0].path} or changed since "
+                f"extraction (first: {stale[0].id}); run `featcache extract` on this data first")
     mapping = parse_label_map(label_map)
     keep = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if keep is not None:
@@ -802,6 +803,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         result["test"]["n_images"] = int(keep.sum())
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
-               "train_ids": data.ids, "train_sha256": data.sha256}  # for predict's duplicate check
+               "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
+               "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
     write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows)
     return run_dir

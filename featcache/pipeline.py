@@ -19,6 +19,7 @@ from .evaluate import (
     split_plan,
 )
 from .extract import extract
+from .fusion import FusedEntry
 from .progress import Reporter
 from .sources import ImageSource, open_source
 from .store import CacheEntry, default_cache_root, find_entries
@@ -50,7 +51,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluate.fit_head`);
     ``on_head`` is called after each (a study's overall progress)."""
     reporter = reporter or Reporter(quiet=True)
-    pool = pool or entry.pools[0]
+    pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
                             near_dup_threshold=protocol.near_dup_threshold)
     for note in data.notes[:10]:

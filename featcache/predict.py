@@ -10,6 +10,7 @@ import numpy as np
 from .errors import RunError
 from .evaluate import encode_meta, with_meta
 from .extract import extract_like
+from .fusion import FusedEntry, fused_from_manifest
 from .leakage import nearest_known, normalised, threshold_for
 from .progress import Reporter
 from .runs import load_model
@@ -94,13 +95,20 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
     reporter = reporter or Reporter(quiet=True)
     saved = load_model(run_dir)
     source = images_source(inputs, group_col)
-    train_entry = CacheEntry(Path(run_dir).resolve().parent.parent)
-    result = extract_like(source, train_entry, cache_root, weights, reporter)
-    ids = [r.id for r in source.records if r.id not in result.failed]
-    for image_id, reason in result.failed.items():
+    if saved.get("fusion"):  # a fused run: the new images go through every backbone it read
+        train_entry = fused_from_manifest(saved["fusion"])
+        results = [extract_like(source, part, cache_root, weights, reporter) for part, _ in train_entry.parts]
+        entry = FusedEntry([(r.entry, pool) for r, (_, pool) in zip(results, train_entry.parts, strict=True)])
+        failed = {k: v for r in results for k, v in r.failed.items()}
+    else:
+        train_entry = CacheEntry(Path(run_dir).resolve().parent.parent)
+        result = extract_like(source, train_entry, cache_root, weights, reporter)
+        entry, failed = result.entry, result.failed
+    ids = [r.id for r in source.records if r.id not in failed]
+    for image_id, reason in failed.items():
         reporter.warn(f"no prediction for {image_id}: {reason}")
-    proba = predict_proba_from_entry(saved, result.entry, ids, source.records, str(source.location))
-    duplicates = training_duplicates(saved, train_entry, result.entry, ids)
+    proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location))
+    duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
     if near:
         image_id, (train_id, similarity) = near[0]
@@ -119,7 +127,7 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
                 writer.writerow([image_id, groups[image_id], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p],
                                  *((dup[0], f"{dup[1]:.4f}") if dup else ("", ""))])
             listed = set(groups)
-            for image_id, reason in result.failed.items():
+            for image_id, reason in failed.items():
                 if image_id in listed:
                     writer.writerow([image_id, groups[image_id], f"FAILED: {reason}", *[""] * len(classes), "", ""])
     except OSError as exc:

@@ -59,3 +59,39 @@ def test_other_settings_are_never_reused(small_folder, tmp_path, lite0):
     assert other.reused == 0 and other.extracted == 12
     same = extract(open_source(copy), lite0, cache_root=cache, workers=0)
     assert same.reused == 12 and same.extracted == 0
+
+
+def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_folder, tmp_path, lite0):
+    from typer.testing import CliRunner
+
+    from featcache.cli import app
+    from featcache.runs import load_model, read_metrics
+
+    cache = tmp_path / "cache"
+    source = open_source(small_folder)
+    entries = [extract(source, lite0, cache_root=cache, workers=0).entry,
+               extract(source, "squeezenet1_1", cache_root=cache, workers=0).entry]
+    runner = CliRunner()
+    out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", str(cache), "--backbone",
+                              "efficientnet_lite0+squeezenet1_1", "--head", "logreg", "--cv", "3", "--no-groups"])
+    assert out.exit_code == 0, out.output
+    (run,) = (entries[0].path / "runs").glob("logreg-*")
+    config = read_metrics(run)["config"]
+    assert config["backbone"] == "efficientnet_lite0+squeezenet1_1" and config["pool"] == "gap+gap"
+    saved = load_model(run)
+    assert saved["pipeline"].named_steps["scale"].n_features_in_ == 1280 + 512
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(sorted(small_folder.rglob("*.jpg"))[0], new / "again.jpg")
+    preds = tmp_path / "p.csv"
+    out = runner.invoke(app, ["predict", "--run", str(run), str(new), "--out", str(preds), "--cache", str(cache)])
+    assert out.exit_code == 0, out.output
+    (row,) = list(csv.DictReader(open(preds, newline="")))
+    assert row["similarity"] == "1.0000" and row["predicted"] in ("melanoma", "nevus")
+    two_views = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path / "other", workers=0,
+                        views=2).entry
+    from featcache.errors import RunError
+    from featcache.fusion import FusedEntry
+
+    with pytest.raises(RunError, match="different numbers of views"):
+        FusedEntry([(entries[0], "gap"), (two_views, "gap")])
