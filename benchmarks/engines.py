@@ -1,7 +1,8 @@
 """Extraction engines side by side, in one run: bare forward of each engine, decode alone, and `featcache extract`.
 
 Per backbone (random weights: timing only) and engine (torch channels_last, ONNX Runtime, OpenVINO):
-- bare forward: the engine alone on pre-made batches (batch 8 and 32, the better kept), same threads;
+- bare forward: the engine alone on pre-made uint8 batches, normalisation included (batch 8 and 32, the better
+  kept), same threads;
 - decode: the DataLoader alone (read, hash, decode, resize) on real JPEGs, no forward;
 - extract: the whole `featcache extract` of the same JPEGs into a fresh cache with that engine;
 - ratio: extract / the best engine's bare forward (the target is >= 0.85).
@@ -41,7 +42,7 @@ def bare_forward(backbone, engine: str, cache: Path, batch: int, images: int) ->
     size = backbone.preprocess.crop_size
     layout = torch.channels_last if engine == "torch" and backbone.spec.is_cnn else torch.contiguous_format
     backbone.model.to(memory_format=layout)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)  # what the loader hands over
     with torch.inference_mode():
         forward(x)
         rounds = max(2, images // batch)

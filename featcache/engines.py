@@ -46,13 +46,18 @@ def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.de
 
 
 class _PoolOutputs(nn.Module):
-    """The backbone's poolings as a tuple in a fixed order (what ONNX export needs)."""
+    """The preprocessing's normalisation, the backbone and its poolings as one graph: uint8 images
+    in, a tuple of poolings out (in a fixed order). The engine then fuses the normalisation into
+    the first convolution instead of the Python process computing it (10 % of the run before)."""
 
     def __init__(self, model: LoadedBackbone):
         super().__init__()
         self.net, self.pools = model.model, tuple(model.model.pools)
+        self.register_buffer("mean", torch.tensor(model.preprocess.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.preprocess.std).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (images.float() / 255 - self.mean) / self.std  # as Preprocess.normalize computes it
         out = self.net(x)
         return tuple(out[p] for p in self.pools)
 
@@ -61,6 +66,7 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
     """The backbone exported to ONNX, cached by the hash of everything it was exported from."""
     identity = {"backbone": model.spec.name, "arch": model.spec.arch, "weights_sha256": model.weights_sha256,
                 "pools": list(model.model.pools), "crop": model.preprocess.crop_size, "opset": ONNX_OPSET,
+                "mean": list(model.preprocess.mean), "std": list(model.preprocess.std), "input": "uint8",
                 "torch": torch.__version__}
     path = Path(cache_root) / ".engines" / f"{model.spec.name.replace(':', '-')}-{stable_hash(identity, 16)}.onnx"
     if path.is_file():
@@ -73,7 +79,7 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
-            torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(tmp), input_names=["x"],
+            torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size, dtype=torch.uint8),), str(tmp), input_names=["x"],
                               output_names=pools, dynamic_axes={"x": {0: "n"}, **{p: {0: "n"} for p in pools}},
                               opset_version=ONNX_OPSET, dynamo=False)
         os.replace(tmp, path)
@@ -85,9 +91,15 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
 
 
 def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forward:
-    """A function from a normalised NCHW batch to ``{pooling: features}`` on the chosen engine."""
+    """A function from a batch of uint8 NCHW images (the loader's output) to ``{pooling: features}``
+    on the chosen engine; PyTorch normalises in Python, the exported engines inside their graph."""
     if engine == Engine.torch.value:
-        return model.model
+        layout = torch.channels_last if model.spec.is_cnn else torch.contiguous_format
+
+        def run_torch(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            return model.model(model.preprocess.normalize(images).contiguous(memory_format=layout))
+
+        return run_torch
     path = onnx_path(model, cache_root)
     pools = tuple(model.model.pools)
     threads = torch.get_num_threads()
@@ -101,7 +113,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_ort(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+            outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy())})
             return {p: torch.from_numpy(o) for p, o in zip(pools, outputs, strict=True)}
 
         return run_ort
@@ -114,7 +126,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
     ports = [compiled.output(p) for p in pools]
 
     def run_openvino(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        result = compiled(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        result = compiled(np.ascontiguousarray(x.numpy()))
         return {p: torch.from_numpy(np.array(result[port])) for p, port in zip(pools, ports, strict=True)}
 
     return run_openvino

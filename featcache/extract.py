@@ -551,11 +551,11 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
             for batch in loader:
                 feats = {}
                 if batch["images"] is not None:
-                    x = model.preprocess.normalize(batch["images"].to(dev, non_blocking=cuda))
+                    x = batch["images"].to(dev, non_blocking=cuda)  # uint8: the forward normalises
                     outs = []
                     for view in view_names:  # one forward per view, at the batch size measured best
                         with autocast:
-                            outs.append(forward(apply_view(x, view).contiguous(memory_format=memory_format)))
+                            outs.append(forward(apply_view(x, view)))
                     feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in sink.pools}
                 ok_position = {index: n for n, index in enumerate(batch["ok"])}
                 for item in batch["items"]:
