@@ -182,7 +182,7 @@ def provenance(device: torch.device, origin: str) -> dict:
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "host": platform.node(), "weights_origin": origin,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
 
 def plan(source: ImageSource, entry_dir: Path) -> tuple[list[ImageRecord], int]:

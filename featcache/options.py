@@ -7,10 +7,10 @@ Kept free of heavy imports so that ``featcache --help`` stays fast.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import Enum, StrEnum
 
 
-class Split(str, Enum):
+class Split(StrEnum):
     """How images are split into training and held-out parts."""
 
     cv = "cv"
@@ -18,24 +18,24 @@ class Split(str, Enum):
     random712 = "random712"
 
 
-class ClassWeight(str, Enum):
+class ClassWeight(StrEnum):
     balanced = "balanced"
     none = "none"
 
 
-class UseViews(str, Enum):
+class UseViews(StrEnum):
     all = "all"
     train = "train"
     first = "first"
 
 
-class Calibration(str, Enum):
+class Calibration(StrEnum):
     sigmoid = "sigmoid"
     isotonic = "isotonic"
     temperature = "temperature"
 
 
-class Grouping(str, Enum):
+class Grouping(StrEnum):
     """Which images must stay on one side of a split: ``auto`` = the source's group column when it
     has one (else ungrouped, said loudly); ``none`` = ungrouped on purpose; ``near-duplicates`` =
     connected components of identical or near-identical images (see :mod:`featcache.leakage`)."""
@@ -45,7 +45,7 @@ class Grouping(str, Enum):
     near_duplicates = "near-duplicates"
 
 
-class Metric(str, Enum):
+class Metric(StrEnum):
     """Sort keys of ``compare``; ``auroc:<class>`` (one-vs-rest AUROC of one class) is also accepted."""
 
     balanced_accuracy = "balanced_accuracy"
@@ -54,14 +54,14 @@ class Metric(str, Enum):
     accuracy = "accuracy"
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     """How features are stored."""
 
     float16 = "float16"
     float32 = "float32"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """CUDA autocast precision (CPUs always compute in fp32)."""
 
     auto = "auto"
@@ -70,7 +70,7 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class Engine(str, Enum):
+class Engine(StrEnum):
     """What runs the backbone at extraction: PyTorch, or its ONNX export on ONNX Runtime or OpenVINO
     (CPU); ``auto`` takes the one measured fastest here for the backbone."""
 
@@ -80,13 +80,13 @@ class Engine(str, Enum):
     openvino = "openvino"
 
 
-class ResizeMode(str, Enum):
+class ResizeMode(StrEnum):
     crop = "crop"
     full = "full"
     pad = "pad"
 
 
-class ViewCount(str, Enum):
+class ViewCount(StrEnum):
     one = "1"
     two = "2"
     four = "4"

@@ -27,10 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from .errors import FeatcacheError
 from .options import (
