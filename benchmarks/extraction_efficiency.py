@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
+from efficiency import extraction_efficiency, gemm_peak_gflops
 
 from featcache.backbones import load_backbone
-from featcache.benchmark import extraction_efficiency, gemm_peak_gflops
 from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import LoadedBackbone
-from .extract import extract
-from .sources import ImageSource
+from featcache.backbones import LoadedBackbone
+from featcache.extract import extract
+from featcache.sources import ImageSource
 
 
 def gemm_peak_gflops(size: int = 2048, seconds: float = 2.0) -> float:
