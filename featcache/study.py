@@ -88,6 +88,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], str]]] = {
         "meta": (list, "metadata columns used as features"),
         "groups": (str, "auto, none or near-duplicates"),
         "standardize": (bool, "per-fold StandardScaler (default true)"),
+        "fuse": (bool, "also fit every head on all backbones' features side by side (per pooling)"),
     },
     "compare": {
         "ensemble": (int, "soft-vote the N best runs (N >= 2)"),
@@ -117,6 +118,7 @@ class Study:
     engine: str = "torch"
     weights: dict[str, str] = field(default_factory=dict)
     fit: dict = field(default_factory=dict)  # Protocol fields
+    fuse: bool = False  # also fit the fusion of all backbones
     ensemble: int | None = None
     metric: str = "balanced_accuracy"
     report_top: int = 20
@@ -182,6 +184,9 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
     backbones = _strings(extract["backbones"], "[extract] backbones", where)
     _check_backbones(backbones, extract.get("pools"), where)
     heads = _strings(fit["heads"], "[fit] heads", where)
+    if fit.get("fuse") and (len(backbones) < 2 or "pools" not in extract):
+        raise StudyError(f"{where}: [fit] fuse = true needs two or more [extract] backbones and [extract] pools "
+                         "(the poolings fused; every backbone must have them)")
     try:
         from .heads import parse_heads
 
@@ -222,7 +227,7 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
         resize=choice("extract", "resize", ResizeMode, "crop"), dtype=choice("extract", "dtype", Dtype, "float16"),
         engine=choice("extract", "engine", Engine, "torch"),
         weights={k: (v if v == "random" else str((base / v).expanduser())) for k, v in weights.items()},
-        fit=fit_options, ensemble=ensemble, metric=metric,
+        fit=fit_options, ensemble=ensemble, metric=metric, fuse=fit.get("fuse", False),
         report_top=positive("report", "top", 20), report_best=positive("report", "best", 3), name=name)
 
 
@@ -328,6 +333,9 @@ def plan_study(study: Study, cache_root: Path) -> list[Step]:
                 done = is_finished(run)
                 steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", done,
                                   f"finished: {run}" if done else "to fit"))
+    if study.fuse:  # whether fused runs exist is only known once every backbone is extracted
+        steps += [Step("fit", f"fit {'+'.join(study.backbones)}/{pool}/{head}", None, "fusion")
+                  for pool in study.pools for head in study.heads]
     return steps
 
 
@@ -336,6 +344,7 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
     """Run a study (a :class:`Study` or the study file's content as a dict, paths relative to
     ``base``): every extraction, every fit, the comparison and ``report.html`` in the cache root."""
     from .extract import extract
+    from .fusion import FusedEntry
     from .pipeline import fit_many
     from .report import write_report
     from .store import default_cache_root
@@ -350,6 +359,7 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
     train, test = _sources(study)
     classes = ",".join(study.data["classes"]) if study.data.get("classes") else None
     runs: list[Path] = []
+    entries: dict[str, tuple] = {}
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
         for backbone in study.backbones:
@@ -362,10 +372,16 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
             if test is not None:
                 test_entry = extract(test, backbone, **options).entry
                 overall.advance(1)
+            entries[backbone] = (entry, test_entry)
             for pool in study.pools or list(entry.pools):
                 found = fit_many(train, entry, study.heads, pool, protocol, study.data.get("label_map"), classes,
                                  test, test_entry, reporter=reporter, on_head=lambda: overall.advance(1))
                 runs += found
+        for pool in study.pools if study.fuse else []:
+            fused = FusedEntry([(entries[b][0], pool) for b in study.backbones])
+            fused_test = FusedEntry([(entries[b][1], pool) for b in study.backbones]) if test is not None else None
+            runs += fit_many(train, fused, study.heads, None, protocol, study.data.get("label_map"), classes,
+                             test, fused_test, reporter=reporter, on_head=lambda: overall.advance(1))
     finally:
         overall.close()
     report = write_report(cache_root / f"report-{study.name}.html", runs, title=f"featcache study: {study.name}",

@@ -216,3 +216,14 @@ def test_help_shows_flags_without_a_type_and_every_command_has_quiet():
     assert "<bool>" not in out.output and "--tune" in out.output and "--no-tune" not in out.output
     for command in ("extract", "fit", "compare", "predict", "demo", "run", "show", "backbones", "verify"):
         assert "--quiet" in runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output, command
+
+
+def test_a_study_can_fuse_its_backbones(tmp_path, folder):
+    study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg"], "cv": 3, "fuse": True},
+             "extract": {"backbones": ["efficientnet_lite0", "squeezenet1_1"], "pools": ["gap"]}}
+    result = run_study(study, tmp_path / "cache")
+    backbones = sorted(read_metrics(run)["config"]["backbone"] for run in result.runs)
+    assert backbones == ["efficientnet_lite0", "efficientnet_lite0+squeezenet1_1", "squeezenet1_1"]
+    assert len(result.steps) == 2 + 2 + 1
+    with pytest.raises(StudyError, match="fuse = true needs two or more"):
+        parse_study({**study, "extract": {"backbones": ["efficientnet_lite0"], "pools": ["gap"]}})
