@@ -65,6 +65,20 @@ DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per cla
                        "labels.csv), a CSV manifest (generic, HAM10000 metadata, ISIC one-hot) or an .npz.")
 
 
+PreprocessOpt = typer.Option(None, help="Image filters before the backbone, a comma list in order: hair-removal "
+                             "(DullRazor), color-constancy (Shades of Gray, p=6). Part of the fingerprint.",
+                             callback=lambda value: ",".join(_filters(value)) or None)
+
+
+def _filters(value: str | None) -> tuple[str, ...]:
+    from .preprocessing import checked_filters
+
+    try:
+        return checked_filters(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 MlflowOpt = typer.Option(False, "--mlflow", help="Log each run to MLflow (default store: CACHE/mlflow.db); "
                          "needs `pip install 'featcache[mlflow]'`.")
 MlflowUriOpt = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow), e.g. "
@@ -134,6 +148,7 @@ def extract(
                                         "fp16, fp32. CPUs always compute in fp32."),
     no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
     input_size: int | None = typer.Option(None, help="Crop size in pixels instead of the backbone's own."),
+    preprocess: str | None = PreprocessOpt,
     engine: Engine = typer.Option(Engine.torch, help="What runs the backbone: torch, or its ONNX export on "
                                   "onnxruntime or openvino (CPU; often 1.5-3x faster there); auto picks the one "
                                   "measured fastest for the backbone. Part of the entry's fingerprint."),
@@ -169,7 +184,8 @@ def extract(
     result = run_extract(source, backbone, _cache(cache), pools, dtype.value, weights, batch_size, workers,
                          shard_size, device=device, precision=precision.value, jpeg_draft=not no_jpeg_draft,
                          input_size=input_size, views=int(views.value), resize=resize.value,
-                         break_lock=break_lock, reporter=reporter, engine=engine.value)
+                         break_lock=break_lock, reporter=reporter, engine=engine.value,
+                         preprocess=preprocess or ())
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     console.print(result.summary(), highlight=False, soft_wrap=True)
@@ -220,6 +236,8 @@ def fit(
     views: ViewCount | None = typer.Option(None, help="Use the entry extracted with this many views "
                                            "(default: the newest entry)."),
     resize: ResizeMode | None = typer.Option(None, help="Use the entry extracted with this --resize."),
+    preprocess: str | None = typer.Option(None, help="Use the entry extracted with these --preprocess filters "
+                                          "(default: the unfiltered one)."),
     use_views: UseViews = typer.Option(UseViews.all, help="On multi-view entries: `all` (train on every view, "
                                        "average predictions over them), `train` (no test-time averaging), "
                                        "`first` (original only)."),
@@ -267,8 +285,9 @@ def fit(
     root = _cache(cache)
     source = open_source(data, images, image_col, label_col, group_col)
     _say_groups(source, reporter)
+    filters = _filters(preprocess)
     entries = [find_entry(root, source, name, pool, int(views.value) if views else None,
-                          resize.value if resize else None) for name in backbone.split("+")]
+                          resize.value if resize else None, filters) for name in backbone.split("+")]
     test_source = test_entries = None
     if test_data:
         test_source = open_source(test_data, group_col=test_group_col)

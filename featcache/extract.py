@@ -226,6 +226,7 @@ def extract(
     break_lock: bool = False,
     reporter: Reporter | None = None,
     engine: str = "torch",
+    preprocess: tuple[str, ...] | str = (),
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
@@ -233,6 +234,7 @@ def extract(
     of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
     ``engine``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:mod:`featcache.engines`).
+    ``preprocess``: image filters before the backbone's transform (:mod:`featcache.preprocessing`).
     """
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
@@ -248,7 +250,7 @@ def extract(
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
     view_names = _checked_views(views)
-    configure_preprocess(model, resize, jpeg_draft, input_size)
+    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess)
     engine = _resolved_engine(engine, model, dev, reporter)
     inputs = fingerprint_inputs(model, dtype, precision, views, engine)
     fp = fingerprint(inputs)
@@ -340,9 +342,11 @@ def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict,
 
 
 def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
-                         input_size: int | None = None) -> None:
-    """Apply --resize, --no-jpeg-draft and --input-size to the backbone's own preprocessing."""
+                         input_size: int | None = None, filters: tuple[str, ...] | str = ()) -> None:
+    """Apply --resize, --no-jpeg-draft, --input-size and --preprocess to the backbone's own preprocessing."""
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
+    if filters:
+        changes["filters"] = filters
     if resize != model.preprocess.resize_mode:
         changes["resize_mode"] = resize
     if input_size:  # keep the backbone's resize/crop ratio at the new size
@@ -384,7 +388,7 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
     return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
                    views=entry.views, resize=entry.resize_mode, reporter=reporter,
-                   engine=inputs.get("engine", "torch"))
+                   engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())))
 
 
 def _checked_views(views: int) -> tuple[str, ...]:

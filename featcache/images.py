@@ -52,10 +52,15 @@ class Preprocess:
     # "pad": the whole image padded to a square with black, then resized (nothing cut or squeezed).
     # A centre crop can cut off a lesion that reaches the border.
     resize_mode: str = "crop"
+    # --preprocess: image filters run on the decoded image, in this order (featcache.preprocessing)
+    filters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        from .preprocessing import checked_filters
+
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"--resize {self.resize_mode}: choose one of {', '.join(RESIZE_MODES)}")
+        object.__setattr__(self, "filters", checked_filters(self.filters))
 
     @classmethod
     def from_crop_pct(
@@ -81,6 +86,10 @@ class Preprocess:
         fields = asdict(self)
         if fields["resize_mode"] == "crop":  # the default before there was a choice: keeps old fingerprints
             del fields["resize_mode"]
+        if not fields["filters"]:  # likewise for --preprocess
+            del fields["filters"]
+        else:
+            fields["filters"] = list(fields["filters"])
         return fields
 
     @property
@@ -89,7 +98,11 @@ class Preprocess:
         return self.resize_size if self.resize_mode == "crop" else self.crop_size
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """Resize (and crop or pad, by ``resize_mode``) to a 3 x crop x crop uint8 tensor."""
+        """Filter (``filters``), then resize (and crop or pad, by ``resize_mode``) to a 3 x crop x crop
+        uint8 tensor."""
+        from .preprocessing import apply_filters
+
+        image = apply_filters(image, self.filters)
         interpolation = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "pad":
             side = max(image.size)

@@ -29,15 +29,20 @@ DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 
 
 def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None,
-               views: int | None = None, resize: str | None = None) -> CacheEntry:
-    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize`` if given)."""
+               views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = ()) -> CacheEntry:
+    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize`` if given)
+    made with exactly the --preprocess ``filters`` asked for (none by default: a filtered entry is
+    never taken for an unfiltered one)."""
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
                and (pool is None or pool in e.pools) and (views is None or e.views == views)
-               and (resize is None or e.resize_mode == resize)]
+               and (resize is None or e.resize_mode == resize) and e.filters == tuple(filters)]
     if not entries:
-        wanted = "".join(f" {k} {v}" for k, v in (("pool", pool), ("views", views), ("resize", resize)) if v)
-        options = "".join(f" --{k} {v}" for k, v in (("views", views), ("resize", resize)) if v)
+        preprocess = ",".join(filters)
+        wanted = "".join(f" {k} {v}" for k, v in (("pool", pool), ("views", views), ("resize", resize),
+                                                  ("preprocess", preprocess)) if v)
+        options = "".join(f" --{k} {v}" for k, v in (("views", views), ("resize", resize),
+                                                     ("preprocess", preprocess)) if v)
         raise RunError(f"no features of {source.location} with {backbone}{wanted} in {cache_root}; run "
                        f"`featcache extract --backbone {backbone} --data {source.location}{options}` first")
     return max(entries, key=lambda e: e.manifest["provenance"]["date"])

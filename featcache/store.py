@@ -302,6 +302,11 @@ class CacheEntry:
         """The --resize the entry was extracted with (entries from before the option are ``crop``)."""
         return self.manifest["fingerprint_inputs"]["preprocess"].get("resize_mode", "crop")
 
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The --preprocess filters the entry was extracted with (none for entries before the option)."""
+        return tuple(self.manifest["fingerprint_inputs"]["preprocess"].get("filters", ()))
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
 
