@@ -163,12 +163,13 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
 def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_map: str | None = None,
                      classes: str | None = None, meta: str = "",
                      meta_spec: list[dict] | None = None, groups: str = "auto",
-                     near_dup_threshold: float | None = None) -> LabeledFeatures:
+                     near_dup_threshold: float | None = None, audit: bool = True) -> LabeledFeatures:
     """Features of every labelled, successfully extracted image of ``source``, in source order.
 
     ``meta``: metadata columns to add (see :func:`encode_meta`); ``meta_spec`` codes them like
     the training data's. ``groups``: a :class:`Grouping` value. The leakage audit (identical and
-    near-identical images) is run on the rows and kept in ``duplicates``."""
+    near-identical images) is run on the rows and kept in ``duplicates`` (``audit=False`` skips it
+    for a held-out set, unless its groups come from it)."""
     from .extract import plan
 
     groups = checked_choice(groups, Grouping, "--groups")
@@ -220,8 +221,10 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
                        f"{entry.path}`, then `featcache extract` again")
     state = entry.state()
     sha256 = [state[i].sha256 for i in ids]
-    threshold, calibrated = _threshold(entry, pool, near_dup_threshold)
-    duplicates = find_duplicates(X, sha256, threshold, calibrated)
+    duplicates = None
+    if audit or groups == Grouping.near_duplicates.value:
+        threshold, calibrated = _threshold(entry, pool, near_dup_threshold)
+        duplicates = find_duplicates(X, sha256, threshold, calibrated)
     group_values, grouping = _grouping(source, [r for r, _ in rows], groups, duplicates)
     meta_values, spec = None, []
     columns = [c.strip() for c in meta.split(",") if c.strip()]
@@ -239,7 +242,7 @@ def _threshold(entry: CacheEntry, pool: str, given: float | None) -> tuple[float
 
 
 def _grouping(source: ImageSource, records: list, mode: str,
-              duplicates: DuplicatePairs) -> tuple[np.ndarray | None, dict]:
+              duplicates: DuplicatePairs | None) -> tuple[np.ndarray | None, dict]:
     """Group labels for ``records`` under ``mode`` and a description of where they came from."""
     column = source.group_column
     if mode == Grouping.near_duplicates.value:

@@ -62,7 +62,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     for note in data.notes[:10]:
         reporter.info(note)
     test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
-                            data.meta_spec, groups=test_grouping(protocol)) if test_source else None
+                            data.meta_spec, groups=test_grouping(protocol), audit=False) if test_source else None
     report_protocol(data, protocol, reporter)
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)

@@ -44,7 +44,8 @@ def _warnings(result: dict) -> list[str]:
 
     found = []
     grouping = result.get("grouping", {})
-    if grouping and not grouping.get("grouped") and "split" not in result.get("protocol", ""):
+    split = result.get("config", {}).get("protocol", {}).get("split", "cv")
+    if grouping and not grouping.get("grouped") and split == "cv":  # a fixed split is not a CV to group
         found.append(f"not grouped: {grouping.get('by')}")
     message, serious = leakage_message(result.get("leakage") or {}, grouping)
     if serious:

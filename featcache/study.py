@@ -292,10 +292,10 @@ def _protocol(study: Study):
     return Protocol(**study.fit)
 
 
-def plan_study(study: Study, cache_root: Path) -> list[Step]:
+def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> list[Step]:
     """What the study will do and what the cache already holds. Each backbone is loaded to name its
-    entry (the weights decide the fingerprint); a fit is known to be done only once its features
-    exist, because a run is named by the rows it uses."""
+    entry (the weights decide the fingerprint), and kept in ``models`` for the run; a fit is known
+    to be done only once its features exist, because a run is named by the rows it uses."""
     from .backbones import load_backbone
     from .evaluate import labeled_features, run_dir_for
     from .extract import planned_entry
@@ -309,6 +309,8 @@ def plan_study(study: Study, cache_root: Path) -> list[Step]:
     for backbone in study.backbones:
         model = load_backbone(backbone, weights=study.weights.get(backbone),
                               pools=tuple(study.pools) if study.pools else None)
+        if models is not None:
+            models[backbone] = model
         entries = {}
         for source in (s for s in (train, test) if s is not None):
             entry_dir, todo = planned_entry(source, model, cache_root, study.dtype, study.views, study.resize,
@@ -324,7 +326,8 @@ def plan_study(study: Study, cache_root: Path) -> list[Step]:
                                         protocol.meta, groups=protocol.groups)
                 if test is not None:
                     test_data = labeled_features(test, entries[test.name], pool, study.data.get("label_map"),
-                                                 classes, protocol.meta, data.meta_spec, groups=test_grouping(protocol))
+                                                 classes, protocol.meta, data.meta_spec, groups=test_grouping(protocol),
+                                                 audit=False)
             for head in study.heads:
                 if data is None:
                     steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", None, "after extraction"))
@@ -353,7 +356,8 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
     cache_root = Path(cache_root or default_cache_root())
     reporter = reporter or Reporter()
     protocol = _protocol(study)
-    steps = plan_study(study, cache_root)
+    models: dict = {}
+    steps = plan_study(study, cache_root, models)
     if dry_run:
         return StudyResult([], None, steps)
     train, test = _sources(study)
@@ -363,14 +367,14 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
         for backbone in study.backbones:
-            options = dict(cache_root=cache_root, pools=tuple(study.pools) if study.pools else None,
-                           dtype=study.dtype, weights=study.weights.get(backbone), views=study.views,
-                           resize=study.resize, reporter=reporter, engine=study.engine)
-            entry = extract(train, backbone, **options).entry
+            # the loaded model already carries the study's weights and poolings
+            options = dict(cache_root=cache_root, dtype=study.dtype, views=study.views, resize=study.resize,
+                           reporter=reporter, engine=study.engine)
+            entry = extract(train, models[backbone], **options).entry  # loaded once, by the plan
             overall.advance(1)
             test_entry = None
             if test is not None:
-                test_entry = extract(test, backbone, **options).entry
+                test_entry = extract(test, models[backbone], **options).entry
                 overall.advance(1)
             entries[backbone] = (entry, test_entry)
             for pool in study.pools or list(entry.pools):
