@@ -56,6 +56,9 @@ class PooledFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
+        if isinstance(net, ScatteringTrunk):
+            out = net(x)
+            return {p: out[p] for p in self.pools}
         if not self.is_timm:
             return self._torchvision(x)
         wanted = set(self.pools)
@@ -109,6 +112,45 @@ class PooledFeatures(nn.Module):
         return out
 
 
+class ScatteringTrunk(nn.Module):
+    """Kymatio's 2-D scattering transform of each colour channel, averaged over space: ``gap`` the
+    averaged coefficients, ``log`` their logarithm (the usual scaling before a linear model: orders
+    0, 1 and 2 differ by orders of magnitude). No weights: the filters are fixed Morlet wavelets.
+
+    Depends on Kymatio's 2-D PyTorch frontend module only: ``import kymatio.torch`` also imports its
+    3-D transform, which needs ``scipy.special.sph_harm`` (removed in SciPy 1.17)."""
+
+    LOG_FLOOR = 1e-6  # below any non-zero coefficient of an 8-bit image scaled to [0, 1]
+
+    def __init__(self, j: int, l: int, size: int):  # noqa: E741 - the transform's own names
+        super().__init__()
+        try:
+            from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+        except ImportError:
+            raise WeightsUnavailable("--backbone scattering needs Kymatio: "
+                                     "pip install 'featcache[scattering]'") from None
+        self._make = ScatteringTorch2D
+        self.j, self.l = j, l
+        # The filters at the default input size are registered, so they are hashed into the fingerprint.
+        self.transform = ScatteringTorch2D(J=j, shape=(size, size), L=l)
+        self._other_sizes: dict[tuple[int, int], nn.Module] = {}
+
+    def _for(self, x: torch.Tensor) -> nn.Module:
+        shape = tuple(x.shape[-2:])
+        if shape == tuple(self.transform.shape):
+            return self.transform
+        if shape not in self._other_sizes:  # --input-size: filters are built per input shape
+            self._other_sizes[shape] = self._make(J=self.j, shape=shape, L=self.l).to(x.device)
+        return self._other_sizes[shape]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # FFTs in fp32 whatever the caller's autocast: half precision FFTs lose the small coefficients
+        with torch.autocast(x.device.type, enabled=False):
+            coefficients = self._for(x)(x.float().contiguous())  # (n, 3, K, h, w)
+        gap = coefficients.mean(dim=(-2, -1)).flatten(1)
+        return {"gap": gap, "log": torch.log(gap + self.LOG_FLOOR)}
+
+
 def _layer_pools(final: torch.Tensor, stages: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """gap of the final map, penult of the stage before it, multi of the last three stages + gap."""
     gap = final.mean(dim=(2, 3))
@@ -117,6 +159,8 @@ def _layer_pools(final: torch.Tensor, stages: list[torch.Tensor]) -> dict[str, t
 
 
 def _build(spec: BackboneSpec) -> nn.Module:
+    if spec.scattering:
+        return ScatteringTrunk(*spec.scattering, spec.crop_size)
     if spec.library == "timm":
         return timm.create_model(spec.arch, pretrained=False, **spec.timm_kwargs)
     return torchvision.models.get_model(spec.arch, weights=None)
@@ -151,6 +195,8 @@ def _offline_message(spec: BackboneSpec, reason: str) -> str:
 
 
 def _resolve_preprocess(spec: BackboneSpec, net: nn.Module, origin: str) -> Preprocess:
+    if spec.scattering:  # pixels in [0, 1]: the transform is defined on the image itself
+        return Preprocess(spec.crop_size, spec.crop_size, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if spec.package_weights == "squeezenet_ndf" and origin.startswith("package:ndf"):
         # Caffe-trained: 0-255 input minus the Caffe mean (the converter already made it RGB).
         caffe_mean_rgb = (123.68 / 255, 116.779 / 255, 103.939 / 255)
@@ -168,6 +214,12 @@ def _resolve_preprocess(spec: BackboneSpec, net: nn.Module, origin: str) -> Prep
 
 def _load_weights(spec: BackboneSpec, net: nn.Module, weights: str | None) -> str:
     """Put weights into ``net``; return where they came from (recorded in the provenance)."""
+    if spec.scattering:
+        if weights:
+            raise WeightsUnavailable(f"--weights {weights}: {spec.name} has no weights (its filters are fixed)")
+        from importlib.metadata import version
+
+        return f"none: Kymatio {version('kymatio')} scattering J={spec.scattering[0]} L={spec.scattering[1]}"
     if weights == W.RANDOM:
         return "random-init(seed=0)"
     file = Path(weights).expanduser() if weights else W.find_in_weights_dir(spec.weight_filenames())

@@ -66,7 +66,8 @@ DataOpt = typer.Option(..., "--data", help="Image folder (one sub-folder per cla
 
 
 PreprocessOpt = typer.Option(None, help="Image filters before the backbone, a comma list in order: hair-removal "
-                             "(DullRazor), color-constancy (Shades of Gray, p=6). Part of the fingerprint.",
+                             "(DullRazor), color-constancy (Shades of Gray, p=6), dataset-norm (last: normalise "
+                             "with the dataset's own channel mean/std). Part of the fingerprint.",
                              callback=lambda value: ",".join(_filters(value)) or None)
 
 
@@ -149,6 +150,9 @@ def extract(
     no_jpeg_draft: bool = typer.Option(False, "--no-jpeg-draft", help="Decode JPEGs at full size."),
     input_size: int | None = typer.Option(None, help="Crop size in pixels instead of the backbone's own."),
     preprocess: str | None = PreprocessOpt,
+    norm_from: str | None = typer.Option(None, help="With --preprocess ...,dataset-norm: normalise with the "
+                                         "statistics of this dataset (cache name, folder or CSV; e.g. the "
+                                         "training set when extracting a test set) instead of this one's."),
     engine: Engine = typer.Option(Engine.torch, help="What runs the backbone: torch, or its ONNX export on "
                                   "onnxruntime or openvino (CPU; often 1.5-3x faster there); auto picks the one "
                                   "measured fastest for the backbone. Part of the entry's fingerprint."),
@@ -185,7 +189,7 @@ def extract(
                          shard_size, device=device, precision=precision.value, jpeg_draft=not no_jpeg_draft,
                          input_size=input_size, views=int(views.value), resize=resize.value,
                          break_lock=break_lock, reporter=reporter, engine=engine.value,
-                         preprocess=preprocess or ())
+                         preprocess=preprocess or (), norm_from=norm_from)
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     console.print(result.summary(), highlight=False, soft_wrap=True)

@@ -38,6 +38,9 @@ Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.device) -> str:
     """The concrete engine for ``engine`` (``auto`` picks the measured fastest on the CPU, PyTorch on CUDA)."""
     engine = Engine(engine)
+    if model.spec.scattering and engine not in (Engine.torch, Engine.auto):
+        raise FeatcacheError(f"--engine {engine.value}: {model.spec.name} runs on PyTorch only (its FFTs do "
+                             "not export to ONNX); use --engine torch")
     if engine == Engine.auto:
         engine = Engine.torch if device.type != "cpu" else MEASURED_FASTEST.get(model.spec.name, Engine.torch)
     if engine != Engine.torch and device.type != "cpu":

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import platform
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import LoadedBackbone, load_backbone
 from .errors import CacheError, FeatcacheError
+from .hashing import stable_hash
 from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
 from .options import DEVICE_PATTERN, Dtype, Engine, Precision
+from .preprocessing import DATASET_NORM
 from .progress import Reporter
 from .sources import ImageRecord, ImageSource
 from .store import (
@@ -40,6 +43,8 @@ from .store import (
     ShardRows,
     default_cache_root,
     fingerprint,
+    norm_stats_path,
+    read_norm_stats,
     rebuild_manifest,
     remove_temporaries,
     shard_summary,
@@ -227,6 +232,7 @@ def extract(
     reporter: Reporter | None = None,
     engine: str = "torch",
     preprocess: tuple[str, ...] | str = (),
+    norm_from: str | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
@@ -235,6 +241,8 @@ def extract(
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
     ``engine``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:mod:`featcache.engines`).
     ``preprocess``: image filters before the backbone's transform (:mod:`featcache.preprocessing`).
+    ``norm_from``: with ``dataset-norm``, the dataset (cache name) whose statistics normalise these
+    images, e.g. the training set for a test set; default: this dataset's own.
     """
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
@@ -251,10 +259,11 @@ def extract(
         load_backbone(backbone, weights=weights, pools=pools, device=dev)
     view_names = _checked_views(views)
     configure_preprocess(model, resize, jpeg_draft, input_size, preprocess)
+    root = Path(cache_root or default_cache_root())
+    norm = _apply_dataset_norm(model, source, root, norm_from, workers, reporter)
     engine = _resolved_engine(engine, model, dev, reporter)
     inputs = fingerprint_inputs(model, dtype, precision, views, engine)
     fp = fingerprint(inputs)
-    root = Path(cache_root or default_cache_root())
     entry_dir = entry_path(root, source.name, model.spec.name, fp)
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
@@ -275,6 +284,8 @@ def extract(
             "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
             "views": list(view_names),
         }
+        if norm:
+            manifest["dataset_norm"] = norm
         if skipped:
             reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
                           f"extracting the other {len(todo)}")
@@ -359,6 +370,83 @@ def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft
             raise FeatcacheError(str(exc)) from None
 
 
+def _preprocess_key(preprocess: Preprocess) -> dict:
+    """The preprocessing that dataset-norm statistics depend on: everything but the mean and std."""
+    return {k: v for k, v in preprocess.to_dict().items() if k not in ("mean", "std")}
+
+
+def _apply_dataset_norm(model: LoadedBackbone, source: ImageSource, cache_root: Path, norm_from: str | None,
+                        workers: int | None, reporter: Reporter) -> dict | None:
+    """With --preprocess dataset-norm, put the dataset's channel mean and std into the preprocessing
+    (so into the fingerprint); return what the manifest records of where they came from."""
+    if DATASET_NORM not in model.preprocess.filters:
+        if norm_from:
+            raise FeatcacheError(f"--norm-from {norm_from}: only with --preprocess ...,{DATASET_NORM}")
+        return None
+    if norm_from:
+        stats = stored_norm_stats(cache_root, norm_from, model.preprocess)
+    else:
+        stats = dataset_norm_stats(source, model.preprocess, cache_root, workers, reporter)
+    model.preprocess = replace(model.preprocess, mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+    return {"from": stats["dataset"], "images": stats["images"]}
+
+
+def stored_norm_stats(cache_root: Path, dataset: str, preprocess: Preprocess) -> dict:
+    """The dataset-norm statistics of another dataset (``--norm-from``): a cache dataset name, or the
+    folder / CSV it was read from."""
+    name = dataset
+    if Path(dataset).exists():
+        from .sources import open_source
+
+        name = open_source(dataset).name
+    found = read_norm_stats(cache_root, name, _preprocess_key(preprocess))
+    if not found:
+        raise FeatcacheError(f"--norm-from {dataset}: no {DATASET_NORM} statistics of {name!r} for this "
+                             f"preprocessing in {cache_root}; extract it first with --preprocess "
+                             f"{','.join(preprocess.filters)} (same backbone and --resize/--input-size)")
+    return found[0]
+
+
+def dataset_norm_stats(source: ImageSource, preprocess: Preprocess, cache_root: Path, workers: int | None = None,
+                       reporter: Reporter | None = None) -> dict:
+    """Per-channel mean and std of the backbone's input pixels (in [0, 1], after filters, resize and
+    crop) over every image of ``source``; computed once, then read from the cache (named by the files'
+    sizes and times and the preprocessing, so a changed dataset gets new statistics)."""
+    reporter = reporter or Reporter(quiet=True)
+    key_inputs = {"files": sorted([str(r.path), str(r.npz_key or ""), *file_state(r)] for r in source.records),
+                  "preprocess": _preprocess_key(preprocess)}
+    path = norm_stats_path(cache_root, source.name, stable_hash(key_inputs, 16))
+    if path.is_file():
+        return json.loads(path.read_text())
+    total, squares, pixels, used = np.zeros(3), np.zeros(3), 0, 0
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if workers is None else workers
+    loader = DataLoader(_ImageDataset(list(source.records), preprocess), batch_size=32, num_workers=workers,
+                        collate_fn=_collate, worker_init_fn=_worker_init if workers else None)
+    task = reporter.task(f"{DATASET_NORM}: channel statistics of {source.name}", total=len(source.records))
+    try:
+        for batch in loader:
+            if batch["images"] is not None:
+                x = batch["images"].to(torch.float64).div_(255)
+                total += x.sum(dim=(0, 2, 3)).numpy()
+                squares += x.square().sum(dim=(0, 2, 3)).numpy()
+                pixels += x.shape[0] * x.shape[2] * x.shape[3]
+                used += x.shape[0]
+            task.advance(len(batch["items"]))
+    finally:
+        task.close()
+    if not used:
+        raise FeatcacheError(f"--preprocess {DATASET_NORM}: no image of {source.location} could be read")
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean**2, 1e-12))
+    stats = {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std],
+             "images": used, "dataset": source.name, "preprocess": key_inputs["preprocess"],
+             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, stats)
+    reporter.info(f"{DATASET_NORM}: mean {stats['mean']}, std {stats['std']} over {used} images of {source.name}")
+    return stats
+
+
 def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
                   views: int = 1, resize: str = "crop", engine: str = "torch") -> tuple[Path, int]:
     """Where ``extract`` with these settings (on this machine's device) keeps the features of
@@ -385,10 +473,13 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
         weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
             "random" if origin.startswith("random") else None)
     preprocess = inputs["preprocess"]
+    # dataset-norm: the images are normalised with the statistics of the dataset the entry was made from
+    norm_from = manifest.get("dataset_norm", {}).get("from")
     return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
                    views=entry.views, resize=entry.resize_mode, reporter=reporter,
-                   engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())))
+                   engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())),
+                   norm_from=norm_from)
 
 
 def _checked_views(views: int) -> tuple[str, ...]:

@@ -6,6 +6,12 @@
   normalisation ISIC challenge winners used: the illuminant is the p-norm mean of each channel,
   and each channel is divided by it.
 
+- ``dataset-norm``: the backbone's input normalised with the per-channel mean and standard deviation
+  of the dataset's own images (after the filters, resize and crop) instead of the backbone's
+  (ImageNet's). The statistics are computed once per dataset and kept beside its entries
+  (``featcache.extract.dataset_norm_stats``); images of another dataset (a test set, new images to
+  predict) are normalised with the training dataset's statistics, never their own.
+
 They run in the order given, on the decoded image, and are part of the entry's fingerprint.
 """
 
@@ -14,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-FILTERS = ("hair-removal", "color-constancy")
-LATER = {"dataset-norm": "per-dataset mean/std normalisation is not available yet"}
+FILTERS = ("hair-removal", "color-constancy", "dataset-norm")
+DATASET_NORM = "dataset-norm"
 MINKOWSKI_P = 6
 
 
@@ -24,12 +30,13 @@ def checked_filters(text: str | tuple[str, ...] | None) -> tuple[str, ...]:
     naming the valid ones."""
     names = tuple(n.strip() for n in text.split(",") if n.strip()) if isinstance(text, str) else tuple(text or ())
     for name in names:
-        if name in LATER:
-            raise ValueError(f"--preprocess {name}: {LATER[name]}; use {', '.join(FILTERS)}")
         if name not in FILTERS:
             raise ValueError(f"--preprocess {name!r}: choose from {', '.join(FILTERS)} (a comma list, in order)")
     if len(set(names)) != len(names):
         raise ValueError(f"--preprocess {','.join(names)}: a filter is named twice")
+    if DATASET_NORM in names[:-1]:
+        raise ValueError(f"--preprocess {','.join(names)}: {DATASET_NORM} must come last (it replaces the "
+                         "backbone's normalisation, after the image filters)")
     return names
 
 
@@ -58,7 +65,10 @@ def remove_hair(rgb: np.ndarray) -> np.ndarray:
 def apply_filters(image: Image.Image, filters: tuple[str, ...]) -> Image.Image:
     if not filters:
         return image
+    pixel_filters = [name for name in filters if name != DATASET_NORM]  # that one acts on the tensor
+    if not pixel_filters:
+        return image
     rgb = np.asarray(image.convert("RGB"))
-    for name in filters:
+    for name in pixel_filters:
         rgb = remove_hair(rgb) if name == "hair-removal" else shades_of_gray(rgb)
     return Image.fromarray(rgb)

@@ -50,6 +50,29 @@ def fingerprint(inputs: dict) -> str:
     return stable_hash({"format_version": FORMAT_VERSION, **inputs}, 16)
 
 
+# --preprocess dataset-norm: a dataset's channel statistics, kept beside its entries in the dataset's folder
+# and named by the hash of the files and the preprocessing they were computed with.
+NORM_STATS_PREFIX = ".dataset-norm-"
+
+
+def norm_stats_path(cache_root: Path, dataset: str, key: str) -> Path:
+    return Path(cache_root) / dataset / f"{NORM_STATS_PREFIX}{key}.json"
+
+
+def read_norm_stats(cache_root: Path, dataset: str, preprocess: dict | None = None) -> list[dict]:
+    """The dataset-norm statistics stored for ``dataset`` (only those computed with ``preprocess``, the
+    preprocessing without mean and std, when given), newest first."""
+    found = []
+    for path in Path(cache_root, dataset).glob(f"{NORM_STATS_PREFIX}*.json"):
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a torn file is recomputed, never trusted
+        if preprocess is None or stats.get("preprocess") == preprocess:
+            found.append({**stats, "path": str(path)})
+    return sorted(found, key=lambda s: s.get("date", ""), reverse=True)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from featcache.backbones import load_backbone
 from featcache.cli import app
-from featcache.extract import extract
+from featcache.errors import FeatcacheError
+from featcache.extract import extract, extract_like
 from featcache.pipeline import find_entry
 from featcache.preprocessing import checked_filters, remove_hair, shades_of_gray
 from featcache.sources import open_source
@@ -16,10 +21,11 @@ from featcache.sources import open_source
 
 def test_filter_names_are_checked():
     assert checked_filters("hair-removal, color-constancy") == ("hair-removal", "color-constancy")
-    with pytest.raises(ValueError, match="choose from hair-removal, color-constancy"):
+    with pytest.raises(ValueError, match="choose from hair-removal, color-constancy, dataset-norm"):
         checked_filters("hair-removel")
-    with pytest.raises(ValueError, match="dataset-norm: per-dataset mean/std normalisation is not available yet"):
-        checked_filters("dataset-norm")
+    assert checked_filters("color-constancy,dataset-norm") == ("color-constancy", "dataset-norm")
+    with pytest.raises(ValueError, match="dataset-norm must come last"):
+        checked_filters("dataset-norm,hair-removal")
     with pytest.raises(ValueError, match="named twice"):
         checked_filters("color-constancy,color-constancy")
 
@@ -60,6 +66,53 @@ def test_filters_make_their_own_entry_and_fit_never_takes_it_by_default(small_fo
     assert find_entry(tmp_path, source, "efficientnet_lite0", None).path == plain.path  # filtered one is newer
     assert find_entry(tmp_path, source, "efficientnet_lite0", None,
                       filters=("hair-removal", "color-constancy")).path == filtered.path
-    out = CliRunner().invoke(app, ["extract", "--data", str(small_folder), "--preprocess", "dataset-norm"])
-    assert out.exit_code == 2 and "not available yet" in out.output
+    out = CliRunner().invoke(app, ["extract", "--data", str(small_folder), "--preprocess", "dataset-nrom"])
+    assert out.exit_code == 2 and "dataset-nrom" in out.output
+
+
+def _subset_csv(folder: Path, path: Path, names: list[str]) -> Path:
+    rows = [f"{p.relative_to(path.parent)},{p.parent.name}" for p in sorted(folder.rglob("*.jpg")) if p.name in names]
+    path.write_text("filepath,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_sets_for_other_data(
+        small_folder, tmp_path):
+    source = open_source(small_folder)
+    lite0 = load_backbone("efficientnet_lite0")
+    normed = extract(source, lite0, cache_root=tmp_path, workers=0, preprocess="dataset-norm")
+    entry = normed.entry
+    stats = entry.manifest["fingerprint_inputs"]["preprocess"]
+    # the mean and std are the images' own, computed over the 224 px crops the backbone sees
+    crops = []
+    for record in source.records:
+        crops.append(lite0.preprocess.to_uint8(Image.open(record.path).convert("RGB")).double() / 255)
+    pixels = torch.stack(crops).permute(1, 0, 2, 3).reshape(3, -1)
+    assert np.allclose(stats["mean"], pixels.mean(dim=1).numpy(), atol=1e-4)
+    assert np.allclose(stats["std"], pixels.std(dim=1, correction=0).numpy(), atol=1e-4)
+    assert stats["mean"] != list(load_backbone("efficientnet_lite0").preprocess.mean)
+    assert entry.manifest["dataset_norm"] == {"from": "folder", "images": 12}
+    assert entry.fingerprint != "0e1ebd8d300e6c4f" and entry.filters == ("dataset-norm",)
+    # a rerun reads the stored statistics and resumes the same entry
+    again = extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
+                    preprocess="dataset-norm")
+    assert again.entry.path == entry.path and again.extracted == 0
+    # another dataset (a test set): fit --test-data and predict normalise it with the training statistics
+    test_csv = _subset_csv(small_folder, tmp_path / "held out.csv", [r.path.name for r in source.records[:3]])
+    test = extract_like(open_source(test_csv), entry, tmp_path).entry
+    assert test.fingerprint == entry.fingerprint and test.manifest["dataset_norm"]["from"] == "folder"
+    same_images = [i.removeprefix("folder/") for i in test.ids]
+    assert np.allclose(test.read("gap"), entry.read("gap", same_images), atol=1e-3)
+    own = extract(open_source(test_csv), load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
+                  preprocess="dataset-norm").entry
+    assert own.fingerprint != entry.fingerprint  # its own statistics: a different entry, never mixed up
+    with pytest.raises(FeatcacheError, match="--norm-from nowhere: no dataset-norm statistics"):
+        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
+                preprocess="dataset-norm", norm_from="nowhere")
+    with pytest.raises(FeatcacheError, match="only with --preprocess"):
+        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0, norm_from="folder")
+    out = CliRunner().invoke(app, ["extract", "--data", str(test_csv), "--preprocess", "dataset-norm",
+                                   "--norm-from", str(small_folder), "--cache", str(tmp_path), "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    assert f"efficientnet_lite0-{entry.fingerprint}" in out.output
 
