@@ -71,6 +71,25 @@ PreprocessOpt = typer.Option(None, help="Image filters before the backbone, a co
                              callback=lambda value: ",".join(_filters(value)) or None)
 
 
+RayOpt = typer.Option(None, "--ray", metavar="local|auto|ADDRESS", help="Run on Ray: `local` starts a cluster on "
+                      "this machine for the run, `auto` joins the one started here with `ray start --head`, or "
+                      "a cluster address (ray://host:10001). Same store, fingerprints and results; "
+                      "pip install 'featcache[ray]'.")
+
+
+def _cluster(address: str | None, reporter, actors: int | None = None):
+    """The Ray cluster asked for with --ray (None without it)."""
+    if not address:
+        if actors:
+            raise typer.BadParameter("--ray-actors needs --ray", param_hint="--ray-actors")
+        return None
+    from .cluster import RayCluster
+
+    cluster = RayCluster(address, actors=actors)
+    reporter.info(f"--ray: {cluster.describe()}")
+    return cluster
+
+
 def _filters(value: str | None) -> tuple[str, ...]:
     from .preprocessing import checked_filters
 
@@ -166,6 +185,9 @@ def extract(
     group_col: str | None = GroupColOpt,
     break_lock: bool = typer.Option(False, "--break-lock", help="Clear a lock file left by a dead run on a "
                                     "file system without POSIX locks (others are freed by the kernel)."),
+    ray: str | None = RayOpt,
+    ray_actors: int | None = typer.Option(None, min=1, help="Backbone actors on Ray (default: one per GPU, "
+                                          "else 1)."),
     cache: Path | None = CacheOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -189,7 +211,8 @@ def extract(
                          shard_size, device=device, precision=precision.value, jpeg_draft=not no_jpeg_draft,
                          input_size=input_size, views=int(views.value), resize=resize.value,
                          break_lock=break_lock, reporter=reporter, engine=engine.value,
-                         preprocess=preprocess or (), norm_from=norm_from)
+                         preprocess=preprocess or (), norm_from=norm_from,
+                         cluster=_cluster(ray, reporter, ray_actors))
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     console.print(result.summary(), highlight=False, soft_wrap=True)
@@ -267,6 +290,7 @@ def fit(
                                                     "which two images count as near-duplicates (default: "
                                                     "calibrated per backbone on HAM10000)."),
     force: bool = typer.Option(False, "--force", help="Redo runs that already finished."),
+    ray: str | None = RayOpt,
     mlflow: bool = MlflowOpt,
     mlflow_uri: str | None = MlflowUriOpt,
     cache: Path | None = CacheOpt,
@@ -307,7 +331,7 @@ def fit(
                         meta=meta or "", calibrate=calibrate, groups=Grouping.none if no_groups else groups,
                         near_dup_threshold=near_dup_threshold)
     runs = fit_many(source, entry, parse_heads(head), pool, protocol, label_map, classes,
-                    test_source, test_entry, force, reporter)
+                    test_source, test_entry, force, reporter, cluster=_cluster(ray, reporter))
     _track(runs, root, mlflow, mlflow_uri)
     _compare(root, source.name, backbone, None, Metric.balanced_accuracy.value, runs=runs)
 
@@ -553,6 +577,7 @@ def report(
 def run(
     study: Path = typer.Argument(..., help="A study file (TOML): [data], [extract], [fit], [compare], [report]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and what is already cached; do nothing."),
+    ray: str | None = RayOpt,
     mlflow: bool = MlflowOpt,
     mlflow_uri: str | None = MlflowUriOpt,
     cache: Path | None = CacheOpt,
@@ -566,7 +591,9 @@ def run(
     from .study import load_study, run_study
 
     plan = load_study(study)
-    result = run_study(plan, _cache(cache), _reporter(quiet), dry_run=dry_run)
+    reporter = _reporter(quiet)
+    result = run_study(plan, _cache(cache), reporter, dry_run=dry_run,
+                       cluster=None if dry_run else _cluster(ray, reporter))
     done = sum(1 for step in result.steps if step.done)
     if dry_run:
         table = Table(title=f"plan of {study.name}")

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 import numpy as np
@@ -29,6 +30,9 @@ from .progress import Reporter
 from .runs import is_finished, run_path, write_run
 from .sources import ImageSource, is_number
 from .store import CacheEntry
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 MAIN_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
 
@@ -623,8 +627,17 @@ def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: n
     return est, proba
 
 
+def _fit_shared(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, head: str, protocol: Protocol,
+                layout: Layout, train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
+    """:func:`_fit_task` with the arrays every task shares first (they travel once, as Ray objects)."""
+    return _fit_task(head, protocol, layout, X, y, groups, train, test_idx, seed, threads)
+
+
 def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarray, tasks: list,
-               jobs: int | None) -> list:
+               jobs: int | None, cluster: RayCluster | None = None) -> list:
+    if cluster is not None:  # one CPU and one thread per task, as the local path gives each when busy
+        calls = [(head, protocol, Layout.of(data), train, test_idx, seed, 1) for seed, train, test_idx in tasks]
+        return cluster.run_tasks(_fit_shared, (X, data.y, data.groups), calls)
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs or cores, len(tasks)))
     threads = max(1, cores // jobs)
@@ -721,7 +734,7 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
-             jobs: int | None = None) -> Path:
+             jobs: int | None = None, cluster: RayCluster | None = None) -> Path:
     """Cross-validate one head, refit it on all training rows, and write a run directory.
 
     The run is named by the hash of everything that sets its numbers: the head's code version and
@@ -760,7 +773,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1  # a head sees every view
     _check_neighbours(identity["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
     X = with_meta(data.X, data.meta)
-    outputs = _run_tasks(head, protocol, data, X, tasks, jobs)
+    outputs = _run_tasks(head, protocol, data, X, tasks, jobs, cluster)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started
     fold_metrics, oof_rows, oof_by_seed = [], [], {}
     for (seed, fold, _, test_idx), (est, proba) in zip(fold_plan, outputs[:-1], strict=True):

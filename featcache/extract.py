@@ -14,10 +14,12 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import timm
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .backbones import LoadedBackbone, load_backbone
+from .engines import Forward
 from .errors import CacheError, FeatcacheError
 from .hashing import stable_hash
 from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
@@ -51,6 +54,9 @@ from .store import (
     write_json_atomic,
     write_shard,
 )
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 DTYPES = tuple(d.value for d in Dtype)
 PRECISIONS = tuple(p.value for p in Precision)
@@ -233,6 +239,7 @@ def extract(
     engine: str = "torch",
     preprocess: tuple[str, ...] | str = (),
     norm_from: str | None = None,
+    cluster: RayCluster | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
@@ -243,6 +250,7 @@ def extract(
     ``preprocess``: image filters before the backbone's transform (:mod:`featcache.preprocessing`).
     ``norm_from``: with ``dataset-norm``, the dataset (cache name) whose statistics normalise these
     images, e.g. the training set for a test set; default: this dataset's own.
+    ``cluster``: run on Ray (:mod:`featcache.cluster`); the features and the entry are the local path's.
     """
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
@@ -250,13 +258,14 @@ def extract(
     if precision not in PRECISIONS:
         raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     reporter = reporter or Reporter(quiet=True)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if cluster is None else cluster.device(device)
     if precision not in ("auto", "fp32") and dev.type != "cuda":
         reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
                       "in fp32 (and the entry is named so)")
-    precision = resolve_precision(precision, dev)
+    # on a cluster the actors run the model on their own device; the driver's copy names the entry
+    precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
-        load_backbone(backbone, weights=weights, pools=pools, device=dev)
+        load_backbone(backbone, weights=weights, pools=pools, device=dev if cluster is None else "cpu")
     view_names = _checked_views(views)
     configure_preprocess(model, resize, jpeg_draft, input_size, preprocess)
     root = Path(cache_root or default_cache_root())
@@ -286,6 +295,8 @@ def extract(
         }
         if norm:
             manifest["dataset_norm"] = norm
+        if cluster is not None:
+            manifest["provenance"]["cluster"] = cluster.describe()
         if skipped:
             reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
                           f"extracting the other {len(todo)}")
@@ -295,7 +306,7 @@ def extract(
                 write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
             todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                             shard_size, manifest, view_names, reporter, engine, root)
+                             shard_size, manifest, view_names, reporter, engine, root, cluster)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
             raise CacheError(
@@ -618,12 +629,59 @@ def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, repo
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
          manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str = "torch",
-         cache_root: Path | None = None) -> int:
+         cache_root: Path | None = None, cluster: RayCluster | None = None) -> int:
     if not todo:
         return 0
+    cache_root = cache_root or entry_dir.parent.parent
+    if cluster is not None:  # decoded by Ray Data tasks, run by a pool of backbone actors
+        batches = cluster.extract_batches(todo, model, view_names, engine, cache_root, batch_size, dev, precision)
+    else:
+        batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root)
+    sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
+    extracted = 0
+    task = reporter.task(f"extract {model.spec.name}", total=len(todo))
+    try:
+        with _StopRequested(), torch.inference_mode():
+            for items, feats in batches:
+                feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
+                n = 0  # rows of feats follow the items that decoded, in order
+                for item in items:
+                    record = todo[item["index"]]
+                    args = (record.id, item["sha"], item["size"], item["mtime"])
+                    if item["error"]:
+                        reporter.warn(f"skipped {record.id}: {item['error']}")
+                        sink.add_failed(*args, item["error"])
+                        continue
+                    row = {p: feats[p][n] for p in sink.pools}
+                    n += 1
+                    if not all(np.isfinite(v).all() for v in row.values()):
+                        reason = f"non-finite features (NaN/Inf) for {record.path}"
+                        reporter.warn(f"skipped {record.id}: {reason}")
+                        sink.add_failed(*args, reason)
+                        continue
+                    sink.add(*args, row)
+                    extracted += 1
+                sink.commit_full()
+                task.advance(len(items))
+            sink.commit()
+    except KeyboardInterrupt:
+        _quiet_worker_teardown()
+        raise ExtractionInterrupted(
+            f"Interrupted: {extracted - sink.pending} new images were committed to "
+            f"{entry_dir}; rerun the same command to resume from there") from None
+    finally:
+        task.close()
+    return extracted
+
+
+def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
+                   batch_size: int | None, workers: int | None, view_names: tuple[str, ...], engine: str,
+                   cache_root: Path) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
+    """(items, features) per batch: decoded by DataLoader workers, run here. ``features[pool]`` has one
+    row per item that decoded, in order."""
     from .engines import make_forward
 
-    forward = make_forward(engine, model, cache_root or entry_dir.parent.parent)
+    forward = make_forward(engine, model, cache_root)
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cuda = dev.type == "cuda"
@@ -636,47 +694,23 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda,
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    for batch in loader:
+        feats = {}
+        if batch["images"] is not None:
+            feats = run_views(forward, batch["images"].to(dev, non_blocking=cuda), view_names, dev, precision)
+        yield batch["items"], feats
+
+
+def run_views(forward: Forward, images: torch.Tensor, view_names: tuple[str, ...], dev: torch.device,
+              precision: str) -> dict[str, np.ndarray]:
+    """Every view of a batch of uint8 images through ``forward`` (one forward per view, at the batch size
+    measured best): ``{pool: (n, views, dim) float32}``."""
+    cuda = dev.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if cuda and precision != "fp32" else nullcontext())
-    sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
-    extracted = 0
-    task = reporter.task(f"extract {model.spec.name}", total=len(todo))
-    try:
-        with _StopRequested(), torch.inference_mode():
-            for batch in loader:
-                feats = {}
-                if batch["images"] is not None:
-                    x = batch["images"].to(dev, non_blocking=cuda)  # uint8: the forward normalises
-                    outs = []
-                    for view in view_names:  # one forward per view, at the batch size measured best
-                        with autocast:
-                            outs.append(forward(apply_view(x, view)))
-                    feats = {p: _views_axis(outs, p).float().cpu().numpy().astype(dtype) for p in sink.pools}
-                ok_position = {index: n for n, index in enumerate(batch["ok"])}
-                for item in batch["items"]:
-                    record = todo[item["index"]]
-                    args = (record.id, item["sha"], item["size"], item["mtime"])
-                    if item["error"]:
-                        reporter.warn(f"skipped {record.id}: {item['error']}")
-                        sink.add_failed(*args, item["error"])
-                        continue
-                    n = ok_position[item["index"]]
-                    row = {p: feats[p][n] for p in sink.pools}
-                    if not all(np.isfinite(v).all() for v in row.values()):
-                        reason = f"non-finite features (NaN/Inf) for {record.path}"
-                        reporter.warn(f"skipped {record.id}: {reason}")
-                        sink.add_failed(*args, reason)
-                        continue
-                    sink.add(*args, row)
-                    extracted += 1
-                sink.commit_full()
-                task.advance(len(batch["items"]))
-            sink.commit()
-    except KeyboardInterrupt:
-        _quiet_worker_teardown()
-        raise ExtractionInterrupted(
-            f"Interrupted: {extracted - sink.pending} new images were committed to "
-            f"{entry_dir}; rerun the same command to resume from there") from None
-    finally:
-        task.close()
-    return extracted
+    outs = []
+    with torch.inference_mode():
+        for view in view_names:
+            with autocast:
+                outs.append(forward(apply_view(images, view)))  # uint8: the forward normalises
+    return {p: _views_axis(outs, p).float().cpu().numpy() for p in outs[0]}

@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RunError
 from .evaluate import (
@@ -23,6 +24,9 @@ from .fusion import FusedEntry
 from .progress import Reporter
 from .sources import ImageSource, open_source
 from .store import CacheEntry, default_cache_root, find_entries
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 DEMO_BACKBONE = "efficientnet_lite0"
 DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
@@ -52,9 +56,9 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
              protocol: Protocol, label_map: str | None = None, classes: str | None = None,
              test_source: ImageSource | None = None, test_entry: CacheEntry | None = None,
              force: bool = False, reporter: Reporter | None = None,
-             on_head: Callable[[], None] | None = None) -> list[Path]:
+             on_head: Callable[[], None] | None = None, cluster: RayCluster | None = None) -> list[Path]:
     """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluate.fit_head`);
-    ``on_head`` is called after each (a study's overall progress)."""
+    ``on_head`` is called after each (a study's overall progress); ``cluster``: folds as Ray tasks."""
     reporter = reporter or Reporter(quiet=True)
     pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
@@ -71,7 +75,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     try:
         for head in heads:
             runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
-                                 test, reporter))
+                                 test, reporter, cluster=cluster))
             task.advance(1)
             if on_head is not None:
                 on_head()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FeatcacheError
 from .options import (
@@ -47,6 +48,9 @@ from .options import (
 )
 from .progress import Reporter
 from .runs import is_finished
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 
 class StudyError(FeatcacheError):
@@ -343,9 +347,10 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
 
 
 def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Reporter | None = None,
-              dry_run: bool = False, base: str | Path = ".") -> StudyResult:
+              dry_run: bool = False, base: str | Path = ".", cluster: RayCluster | None = None) -> StudyResult:
     """Run a study (a :class:`Study` or the study file's content as a dict, paths relative to
-    ``base``): every extraction, every fit, the comparison and ``report.html`` in the cache root."""
+    ``base``): every extraction, every fit, the comparison and ``report.html`` in the cache root.
+    ``cluster``: extractions and fits on Ray (:mod:`featcache.cluster`), with the same results."""
     from .extract import extract
     from .fusion import FusedEntry
     from .pipeline import fit_many
@@ -369,7 +374,7 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
         for backbone in study.backbones:
             # the loaded model already carries the study's weights and poolings
             options = dict(cache_root=cache_root, dtype=study.dtype, views=study.views, resize=study.resize,
-                           reporter=reporter, engine=study.engine)
+                           reporter=reporter, engine=study.engine, cluster=cluster)
             entry = extract(train, models[backbone], **options).entry  # loaded once, by the plan
             overall.advance(1)
             test_entry = None
@@ -379,13 +384,15 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
             entries[backbone] = (entry, test_entry)
             for pool in study.pools or list(entry.pools):
                 found = fit_many(train, entry, study.heads, pool, protocol, study.data.get("label_map"), classes,
-                                 test, test_entry, reporter=reporter, on_head=lambda: overall.advance(1))
+                                 test, test_entry, reporter=reporter, on_head=lambda: overall.advance(1),
+                                 cluster=cluster)
                 runs += found
         for pool in study.pools if study.fuse else []:
             fused = FusedEntry([(entries[b][0], pool) for b in study.backbones])
             fused_test = FusedEntry([(entries[b][1], pool) for b in study.backbones]) if test is not None else None
             runs += fit_many(train, fused, study.heads, None, protocol, study.data.get("label_map"), classes,
-                             test, fused_test, reporter=reporter, on_head=lambda: overall.advance(1))
+                             test, fused_test, reporter=reporter, on_head=lambda: overall.advance(1),
+                             cluster=cluster)
     finally:
         overall.close()
     report = write_report(cache_root / f"report-{study.name}.html", runs, title=f"featcache study: {study.name}",

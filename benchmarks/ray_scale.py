@@ -1,0 +1,122 @@
+"""What `--ray` costs and gives on one machine, in one run: extraction and head fitting, local path vs Ray.
+
+Extraction of the first N images of ../shared/data/ham10000_200x150 (200x150 JPEGs) into fresh caches:
+- local, as `featcache extract` runs by default (torch threads = cores, one decode worker);
+- local with one torch thread (what one CPU actor runs: the per-image overhead of Ray is measured against it);
+- `--ray local` with 1 and 2 backbone actors of one CPU each (decode in Ray Data tasks).
+Ray's start-up (cluster, then the first actor) is timed apart from the per-image rate.
+Head fitting: `fit` of logreg and mlp (5-fold lesion-grouped CV) on those images, local vs Ray tasks.
+Every Ray result is checked against the local one (features byte-equal at one thread, metrics equal).
+Writes the block `ray` of docs/benchmarks.md.
+
+Run: python benchmarks/ray_scale.py [--images 1000] [--backbone squeezenet1_1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from docs_blocks import replace_block
+
+from featcache.backbones import load_backbone
+from featcache.cluster import RayCluster
+from featcache.evaluate import Protocol
+from featcache.extract import extract
+from featcache.pipeline import fit_many
+from featcache.runs import read_metrics
+from featcache.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"
+
+
+def timed(function):
+    started = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--backbone", default="squeezenet1_1")
+    args = parser.parse_args()
+    source = open_source(HAM)
+    source = dataclasses.replace(source, records=source.records[:args.images])
+    n = len(source.records)
+    cores = torch.get_num_threads()
+    rows, checks = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        load = lambda: load_backbone(args.backbone)  # noqa: E731
+        local, t_local = timed(lambda: extract(source, load(), cache_root=tmp / "local").entry)
+        rows.append(("local (featcache extract)", f"{cores} torch threads, 1 decode worker", t_local))
+        torch.set_num_threads(1)
+        local1, t_local1 = timed(lambda: extract(source, load(), cache_root=tmp / "local1").entry)
+        rows.append(("local, 1 torch thread", "1 thread, 1 decode worker", t_local1))
+        cluster, t_start = timed(lambda: RayCluster("local"))
+        tiny = dataclasses.replace(source, records=source.records[:8])
+        _, t_first = timed(lambda: extract(tiny, load(), cache_root=tmp / "warm", cluster=cluster))
+        ray_entries = {}
+        for actors in (1, 2):
+            cluster.actors = actors
+            entry, seconds = timed(lambda a=actors: extract(source, load(), cache_root=tmp / f"ray{a}",
+                                                            cluster=cluster).entry)
+            ray_entries[actors] = entry
+            rows.append((f"--ray local, {actors} actor(s)", f"{actors} x 1 CPU actor, Ray Data decode tasks", seconds))
+            same = np.array_equal(entry.read("gap", local1.ids), local1.read("gap"))
+            checks.append(f"{actors} actor(s): features byte-equal to the 1-thread local run: {same}")
+        torch.set_num_threads(cores)
+        protocol = Protocol(cv=5)
+        heads = ["logreg", "mlp"]
+        local_runs, t_fit_local = timed(lambda: fit_many(source, local1, heads, "gap", protocol))
+        ray_runs, t_fit_ray = timed(lambda: fit_many(source, ray_entries[1], heads, "gap", protocol, force=True,
+                                                     cluster=cluster))
+        for a, b in zip(local_runs, ray_runs, strict=True):
+            checks.append(f"fit {a.name.split('-')[0]}: metrics equal local vs Ray: "
+                          f"{read_metrics(a)['pooled'] == read_metrics(b)['pooled']}")
+    per_image_local1 = t_local1 / n
+    lines = [
+        f"`python benchmarks/ray_scale.py --images {args.images} --backbone {args.backbone}` "
+        f"({time.strftime('%Y-%m-%d')}; {n} HAM10000 200x150 JPEGs, {args.backbone}, float16, 1 view; "
+        f"{cores} cores, Ray {cluster.info['ray']}, local cluster started by the script):",
+        "",
+        "| extraction | setting | seconds | images/s | vs local |",
+        "|---|---|---|---|---|",
+    ]
+    for name, setting, seconds in rows:
+        lines.append(f"| {name} | {setting} | {seconds:.1f} | {n / seconds:.1f} | {t_local / seconds:.2f}x |")
+    one_actor = rows[2][2]
+    lines += [
+        "",
+        f"Ray start-up, paid once per run: cluster {t_start:.1f} s, then the first actor and an 8-image batch "
+        f"{t_first:.1f} s. Per-image overhead of one Ray actor against the same one-thread forward run locally: "
+        f"{(one_actor / n - per_image_local1) * 1000:+.1f} ms/image "
+        f"({one_actor / n * 1000:.1f} vs {per_image_local1 * 1000:.1f} ms).",
+        "",
+        f"Head fitting (logreg + mlp, 5-fold lesion-grouped CV + refit, on these {n} images): local "
+        f"{t_fit_local:.1f} s, Ray tasks {t_fit_ray:.1f} s.",
+        "",
+        "Checks: " + "; ".join(checks) + ".",
+    ]
+    text = "## Ray (`--ray`): overhead and local scaling\n\n" + "\n".join(lines)
+    print(text)
+    replace_block(REPO / "docs" / "benchmarks.md", "ray", text)
+    cluster_shutdown()
+
+
+def cluster_shutdown() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
