@@ -27,6 +27,8 @@ import torch
 from .errors import FeatcacheError
 
 LOCAL = "local"
+ROWS_PER_BLOCK = 64
+DECODE_CPUS = 0.5  # what Ray reserves per decode task: reading and decoding a JPEG is light next to the forward
 
 
 @dataclass
@@ -108,14 +110,24 @@ class RayCluster:
         loader = {"name": model.spec.name, "weights": _weights_arg(model), "pools": tuple(model.model.pools),
                   "weights_sha256": model.weights_sha256, "preprocess": model.preprocess.to_dict(),
                   "views": view_names, "engine": engine, "cache_root": str(cache_root), "precision": precision,
-                  "gpu": bool(gpus), "threads": max(1, int(self.actor_cpus))}
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // (batch_size * 4)))
-        decoded = dataset.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
-                                      fn_kwargs={"preprocess": model.preprocess.to_dict()}, num_cpus=0.5)
+                  "gpu": bool(gpus), "threads": max(1, int(self.actor_cpus)), "batch_size": batch_size}
+        # Actors that reserved every CPU would leave none to the decode tasks, and the pipeline would wait
+        # forever (seen: 2 one-CPU actors on 2 cores): the actors share what the decode does not need.
+        actor_cpus = min(self.actor_cpus, max(0.1, (self.info["cpus"] - DECODE_CPUS) / actors))
+        # Blocks of whole local batches (about 64 images: Ray Data costs ~0.1 s per block here), each handed
+        # to a task or actor whole and forwarded batch by batch: the actors see exactly the batches the
+        # local loader makes, so the features are the same bytes (CPU kernels may sum in another order for
+        # another batch composition).
+        import pandas as pd
+
+        per_block = batch_size * max(1, ROWS_PER_BLOCK // batch_size)
+        blocks = [pd.DataFrame(rows[start:start + per_block]) for start in range(0, len(rows), per_block)]
+        decoded = ray.data.from_pandas(blocks).map_batches(
+            _decode_batch, batch_size=None, batch_format="numpy", fn_kwargs={"preprocess": model.preprocess.to_dict()},
+            num_cpus=DECODE_CPUS)
         features = decoded.map_batches(
-            BackboneActor, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs={"loader": loader},
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=self.actor_cpus,
-            num_gpus=1 if gpus else 0)
+            BackboneActor, batch_size=None, batch_format="numpy", fn_constructor_kwargs={"loader": loader},
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus, num_gpus=1 if gpus else 0)
         pools = tuple(model.model.pools)
         try:
             for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
@@ -212,20 +224,24 @@ class BackboneActor:
         self.model, self.loader = model, loader
         self.forward = make_forward(loader["engine"], model, Path(loader["cache_root"]))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import run_views
 
-        ok = np.array([not e for e in batch["error"]], bool)
-        out = {k: batch[k] for k in ("index", "sha", "size", "mtime", "error")}
+        ok = np.array([not e for e in block["error"]], bool)
+        out = {k: block[k] for k in ("index", "sha", "size", "mtime", "error")}
         views, dims = len(self.loader["views"]), self.model.dims
         shape = (views,) if views > 1 else ()  # one view is stored without the views axis
         feats = {p: np.zeros((len(ok), *shape, dims[p]), np.float32) for p in self.loader["pools"]}
-        if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
+        size = self.loader["batch_size"]
+        for start in range(0, len(ok), size):  # the local loader's batches: its decoded images, in order
+            rows = np.flatnonzero(ok[start:start + size]) + start
+            if not len(rows):
+                continue
+            images = torch.from_numpy(np.ascontiguousarray(block["image"][rows])).to(self.device)
             computed = run_views(self.forward, images, tuple(self.loader["views"]), self.device,
                                  self.loader["precision"])
             for p in feats:
-                feats[p][ok] = computed[p]
+                feats[p][rows] = computed[p]
         return {**out, **{f"feat:{p}": v for p, v in feats.items()}}
 
 

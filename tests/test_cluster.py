@@ -64,6 +64,12 @@ def test_extract_and_fit_on_ray_equal_the_local_path(cluster, small_folder, tmp_
     assert sorted(on_ray.ids) == sorted(local.ids)
     assert np.array_equal(on_ray.read("gap", local.ids), local.read("gap"))
     assert on_ray.manifest["provenance"]["cluster"].startswith("Ray ")
+    cluster.actors = 2  # as many actors as cores: they must still leave room for the decode tasks
+    try:
+        two = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "ray2", cluster=cluster).entry
+    finally:
+        cluster.actors = None
+    assert np.array_equal(two.read("gap", local.ids), local.read("gap"))
     protocol = Protocol(cv=3, groups="none")
     heads = ["logreg", "mlp"]
     local_runs = fit_many(source, local, heads, "gap", protocol)
@@ -111,7 +117,8 @@ def test_a_killed_ray_worker_is_restarted_and_nothing_is_lost_or_stored_twice(cl
     entry = result.entry
     assert not entry.failed and sorted(entry.ids) == sorted(r.id for r in source.records)
     assert len(entry.ids) == len(set(entry.ids)) == 40  # none lost, none twice
-    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local", workers=0).entry
+    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local", workers=0,
+                    batch_size=4).entry
     assert np.array_equal(entry.read("gap", local.ids), local.read("gap"))
 
 
