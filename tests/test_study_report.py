@@ -208,7 +208,7 @@ def test_backbones_lists_the_usable_ones_first_without_importing_torch():
     out = _cli("backbones", "-q")
     assert out.exit_code == 0
     assert set(out.output.split()) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                                       "squeezenet1_1"}
+                                       "squeezenet1_1", "scattering"}  # scattering: no weights needed
 
 
 def test_help_shows_flags_without_a_type_and_every_command_has_quiet():
