@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from featcache.backbones import LoadedBackbone
+from featcache.engines import make_forward
 from featcache.extract import extract
 from featcache.sources import ImageSource
 
@@ -41,31 +43,41 @@ def _memory_format(backbone: LoadedBackbone) -> torch.memory_format:
     return torch.channels_last if backbone.spec.is_cnn else torch.contiguous_format
 
 
-def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int) -> float:
+def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, engine: str = "torch",
+                     cache_root: str | None = None) -> float:
     """Images/s of the backbone alone on pre-made tensors: no decode, no hashing, no I/O.
 
-    Same layout, batch size and threads as ``extract`` uses on the CPU.
+    Same layout, batch size, threads and engine as ``extract`` uses on the CPU; ``engine`` other than torch
+    runs the ONNX export (made once under ``cache_root``) on uint8 input, normalisation in the graph.
     """
     size = backbone.preprocess.crop_size
-    fmt = _memory_format(backbone)
-    backbone.model.to(memory_format=fmt)
-    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=fmt)
+    if engine != "torch":
+        forward = make_forward(engine, backbone, Path(cache_root))
+        x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # what the loader hands over
+    else:
+        fmt = _memory_format(backbone)
+        backbone.model.to(memory_format=fmt)
+        forward = backbone.model
+        x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=fmt)
     with torch.inference_mode():
-        backbone.model(x)  # warm-up: allocator and kernel selection
+        forward(x)  # warm-up: allocator and kernel selection
         batches = max(1, n_images // batch_size)
         started = time.perf_counter()
         for _ in range(batches):
-            backbone.model(x)
+            forward(x)
         return batches * batch_size / (time.perf_counter() - started)
 
 
 def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int,
-                   workers: int | None = None) -> float:
-    """Images/s of a whole ``extract`` (decode, hash, forward, shard writes) into a fresh cache."""
+                   workers: int | None = None, engine: str = "torch", cache_root: str | None = None) -> float:
+    """Images/s of a whole ``extract`` (decode, hash, forward, shard writes) into a fresh cache (the ONNX
+    export, for another engine, taken from ``cache_root``)."""
     subset = dataclasses.replace(source, records=source.records[:n_images], notes=[])
     with tempfile.TemporaryDirectory() as tmp:
+        if engine != "torch":
+            (Path(tmp) / ".engines").symlink_to(Path(cache_root) / ".engines", target_is_directory=True)
         result = extract(subset, backbone, cache_root=tmp, batch_size=batch_size, workers=workers,
-                         dtype="float16")
+                         dtype="float16", engine=engine)
     if result.failed:
         raise RuntimeError(f"{len(result.failed)} images failed during the benchmark: {result.failed}")
     return result.images_per_second
@@ -91,12 +103,15 @@ class EfficiencyResult:
 
 
 def extraction_efficiency(backbone: LoadedBackbone, source: ImageSource, n_images: int,
-                          batch_size: int = 8, repeats: int = 2, peak: float | None = None) -> EfficiencyResult:
-    """Bare forward and whole extraction, alternated ``repeats`` times; the best of each is kept,
-    because on a shared machine noise only ever makes a run slower."""
+                          batch_size: int = 8, repeats: int = 2, peak: float | None = None,
+                          engine: str = "torch") -> EfficiencyResult:
+    """Bare forward and whole extraction on ``engine``, alternated ``repeats`` times; the best of each is
+    kept, because on a shared machine noise only ever makes a run slower."""
     bare, whole = [], []
-    for _ in range(repeats):
-        bare.append(bare_forward_ips(backbone, batch_size, n_images))
-        whole.append(extraction_ips(backbone, source, n_images, batch_size))
+    with tempfile.TemporaryDirectory() as engines_root:
+        for _ in range(repeats):
+            bare.append(bare_forward_ips(backbone, batch_size, n_images, engine, engines_root))
+            whole.append(extraction_ips(backbone, source, n_images, batch_size, engine=engine,
+                                        cache_root=engines_root))
     return EfficiencyResult(backbone.spec.name, batch_size, n_images, max(bare), max(whole),
                             gflop_per_image(backbone), peak if peak is not None else gemm_peak_gflops())
