@@ -44,21 +44,17 @@ def _memory_format(backbone: LoadedBackbone) -> torch.memory_format:
 
 
 def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, engine: str = "torch",
-                     cache_root: str | None = None) -> float:
-    """Images/s of the backbone alone on pre-made tensors: no decode, no hashing, no I/O.
+                     cache_root: str | Path | None = None) -> float:
+    """Images/s of the backbone alone on pre-made uint8 batches: no decode, no hashing, no I/O.
 
-    Same layout, batch size, threads and engine as ``extract`` uses on the CPU; ``engine`` other than torch
-    runs the ONNX export (made once under ``cache_root``) on uint8 input, normalisation in the graph.
+    Exactly the forward ``extract`` runs on the CPU (same engine, layout, batch size and threads, the
+    normalisation included); another engine than torch runs the ONNX export made once under ``cache_root``.
     """
     size = backbone.preprocess.crop_size
-    if engine != "torch":
-        forward = make_forward(engine, backbone, Path(cache_root))
-        x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # what the loader hands over
-    else:
-        fmt = _memory_format(backbone)
-        backbone.model.to(memory_format=fmt)
-        forward = backbone.model
-        x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=fmt)
+    if engine == "torch":
+        backbone.model.to(memory_format=_memory_format(backbone))
+    forward = make_forward(engine, backbone, Path(cache_root or tempfile.gettempdir()))
+    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # what the loader hands over
     with torch.inference_mode():
         forward(x)  # warm-up: allocator and kernel selection
         batches = max(1, n_images // batch_size)
@@ -68,8 +64,8 @@ def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, e
         return batches * batch_size / (time.perf_counter() - started)
 
 
-def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int,
-                   workers: int | None = None, engine: str = "torch", cache_root: str | None = None) -> float:
+def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int | None,
+                   workers: int | None = None, engine: str = "torch", cache_root: str | Path | None = None) -> float:
     """Images/s of a whole ``extract`` (decode, hash, forward, shard writes) into a fresh cache (the ONNX
     export, for another engine, taken from ``cache_root``)."""
     subset = dataclasses.replace(source, records=source.records[:n_images], notes=[])

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 from docs_blocks import replace_block
+from efficiency import bare_forward_ips, extraction_ips
 from torch.utils.data import DataLoader
 
 from featcache.backbones import load_backbone
-from featcache.engines import make_forward, onnx_path
-from featcache.extract import _collate, _ImageDataset, _worker_init, extract
+from featcache.engines import onnx_path
+from featcache.extract import _collate, _ImageDataset, _worker_init
 from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,35 +39,12 @@ ENGINES = ("torch", "onnxruntime", "openvino")
 DEFAULT = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,squeezenet1_1,resnet18,resnet50,dinov2_vits14"
 
 
-def bare_forward(backbone, engine: str, cache: Path, batch: int, images: int) -> float:
-    forward = make_forward(engine, backbone, cache)
-    size = backbone.preprocess.crop_size
-    layout = torch.channels_last if engine == "torch" and backbone.spec.is_cnn else torch.contiguous_format
-    backbone.model.to(memory_format=layout)
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)  # what the loader hands over
-    with torch.inference_mode():
-        forward(x)
-        rounds = max(2, images // batch)
-        started = time.perf_counter()
-        for _ in range(rounds):
-            forward(x)
-    return rounds * batch / (time.perf_counter() - started)
-
-
 def decode_only(backbone, source, workers: int = 1, batch: int = 8) -> float:
     loader = DataLoader(_ImageDataset(source.records, backbone.preprocess), batch_size=batch, num_workers=workers,
                         collate_fn=_collate, worker_init_fn=_worker_init, prefetch_factor=4)
     started = time.perf_counter()
     count = sum(len(b["items"]) for b in loader)
     return count / (time.perf_counter() - started)
-
-
-def whole_extract(name: str, engine: str, source, cache: Path) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        # the ONNX export is cached under the cache root: reuse the one made for the bare forward
-        (Path(tmp) / ".engines").symlink_to(cache / ".engines", target_is_directory=True)
-        result = extract(source, load_backbone(name, weights="random"), cache_root=tmp, engine=engine)
-    return result.images_per_second
 
 
 def main() -> None:
@@ -96,12 +74,13 @@ def main() -> None:
         for name in args.backbones.split(","):
             backbone = load_backbone(name, weights="random")
             onnx_path(backbone, cache)
-            bare = {e: max(bare_forward(backbone, e, cache, b, 256) for b in (8, 32)) for e in ENGINES}
+            bare = {e: max(bare_forward_ips(backbone, b, 256, e, cache) for b in (8, 32)) for e in ENGINES}
             best = max(bare, key=bare.get)
             for label, source in sources.items():
                 decode = decode_only(backbone, source)
                 for engine in ENGINES:
-                    ips = whole_extract(name, engine, source, cache)
+                    ips = extraction_ips(load_backbone(name, weights="random"), source, len(source.records), None,
+                                         engine=engine, cache_root=cache)
                     line = (f"| {name} | {label} | {engine}{' (fastest)' if engine == best else ''} | "
                             f"{bare[engine]:.1f} | {decode:.1f} | {ips:.1f} | {ips / bare[best]:.2f} |")
                     lines.append(line)

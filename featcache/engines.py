@@ -30,6 +30,7 @@ ONNX_OPSET = 17
 MEASURED_FASTEST = {
     "efficientnet_lite0": Engine.openvino, "efficientnet_lite1": Engine.openvino,
     "efficientnet_lite2": Engine.openvino, "squeezenet1_1": Engine.onnxruntime, "resnet18": Engine.onnxruntime,
+    "resnet50": Engine.onnxruntime, "dinov2_vits14": Engine.openvino,
 }
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
