@@ -240,7 +240,7 @@ def extract(
     reporter: Reporter | None = None,
     engine: str = "torch",
     preprocess: tuple[str, ...] | str = (),
-    norm_from: str | None = None,
+    norm_from: str | dict | None = None,
     cluster: RayCluster | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
@@ -250,8 +250,9 @@ def extract(
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
     ``engine``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:mod:`featcache.engines`).
     ``preprocess``: image filters before the backbone's transform (:mod:`featcache.preprocessing`).
-    ``norm_from``: with ``dataset-norm``, the dataset (cache name) whose statistics normalise these
-    images, e.g. the training set for a test set; default: this dataset's own.
+    ``norm_from``: with ``dataset-norm``, the dataset (cache name, folder or CSV) whose statistics
+    normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
+    with ``mean``, ``std``, ``dataset``, ``images``); default: this dataset's own.
     ``cluster``: run on Ray (:mod:`featcache.cluster`); the features and the entry are the local path's.
     """
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
@@ -388,15 +389,17 @@ def _preprocess_key(preprocess: Preprocess) -> dict:
     return {k: v for k, v in preprocess.to_dict().items() if k not in ("mean", "std")}
 
 
-def _apply_dataset_norm(model: LoadedBackbone, source: ImageSource, cache_root: Path, norm_from: str | None,
-                        workers: int | None, reporter: Reporter) -> dict | None:
+def _apply_dataset_norm(model: LoadedBackbone, source: ImageSource, cache_root: Path,
+                        norm_from: str | dict | None, workers: int | None, reporter: Reporter) -> dict | None:
     """With --preprocess dataset-norm, put the dataset's channel mean and std into the preprocessing
     (so into the fingerprint); return what the manifest records of where they came from."""
     if DATASET_NORM not in model.preprocess.filters:
         if norm_from:
             raise FeatcacheError(f"--norm-from {norm_from}: only with --preprocess ...,{DATASET_NORM}")
         return None
-    if norm_from:
+    if isinstance(norm_from, dict):  # the exact statistics of an entry (extract_like)
+        stats = norm_from
+    elif norm_from:
         stats = stored_norm_stats(cache_root, norm_from, model.preprocess)
     else:
         stats = dataset_norm_stats(source, model.preprocess, cache_root, workers, reporter)
@@ -486,8 +489,12 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
         weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
             "random" if origin.startswith("random") else None)
     preprocess = inputs["preprocess"]
-    # dataset-norm: the images are normalised with the statistics of the dataset the entry was made from
-    norm_from = manifest.get("dataset_norm", {}).get("from")
+    # dataset-norm: the images are normalised with exactly the statistics the entry was made with (not
+    # the training dataset's newest, which differ once images were added to it)
+    norm_from = None
+    if "dataset_norm" in manifest:
+        norm_from = {**manifest["dataset_norm"], "dataset": manifest["dataset_norm"]["from"],
+                     "mean": preprocess["mean"], "std": preprocess["std"]}
     return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
                    views=entry.views, resize=entry.resize_mode, reporter=reporter,

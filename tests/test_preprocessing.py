@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,14 @@ def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_set
     assert again.entry.path == entry.path and again.extracted == 0
     # another dataset (a test set): fit --test-data and predict normalise it with the training statistics
     test_csv = _subset_csv(small_folder, tmp_path / "held out.csv", [r.path.name for r in source.records[:3]])
+    # newer statistics of the training set (images were added since) must not change how its entry's
+    # test data is normalised: extract_like takes the entry's own
+    newer = json.loads(next(tmp_path.glob("folder/.dataset-norm-*.json")).read_text())
+    newer.update(mean=[0.1, 0.2, 0.3], date="2999-01-01T00:00:00+00:00")
+    planted = tmp_path / "folder" / ".dataset-norm-0000000000000000.json"
+    planted.write_text(json.dumps(newer))
     test = extract_like(open_source(test_csv), entry, tmp_path).entry
+    planted.unlink()  # --norm-from NAME below takes the newest statistics of NAME, as it should
     assert test.fingerprint == entry.fingerprint and test.manifest["dataset_norm"]["from"] == "folder"
     same_images = [i.removeprefix("folder/") for i in test.ids]
     assert np.allclose(test.read("gap"), entry.read("gap", same_images), atol=1e-3)
