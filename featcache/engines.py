@@ -114,6 +114,9 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
             raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install 'featcache[engines]'") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # Idle ONNX Runtime threads spin by default, taking the cores the decode worker needs between
+        # batches: without spinning SqueezeNet's extraction ran ~25 % faster here, its bare forward no slower.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_ort(x: torch.Tensor) -> dict[str, torch.Tensor]:
