@@ -75,10 +75,13 @@ class RayCluster:
             return torch.device("cpu")
         if device == "auto":
             return torch.device("cuda" if self.info["gpus"] else "cpu")
+        if device != "cuda":  # cuda:N names a GPU of this machine; on a cluster Ray gives each actor its own
+            raise FeatcacheError(f"--device {device}: on a Ray cluster each backbone actor gets its own GPU; "
+                                 "use --device cuda (or auto)")
         if not self.info["gpus"]:
             raise FeatcacheError(f"--device {device}: the Ray cluster ({self.address}) has no GPUs; "
                                  "use --device cpu (or auto)")
-        return torch.device("cuda")  # each actor is given its own GPU by Ray
+        return torch.device("cuda")
 
     @staticmethod
     def precision(precision: str, device: torch.device) -> str:
@@ -161,7 +164,7 @@ def _check_paths_visible(todo: list) -> None:
     """Every node must read the images at the driver's paths: ask each alive node, name those that cannot."""
     import ray
 
-    folder = str(Path(todo[0].path).parent)
+    folder = os.path.commonpath([str(Path(r.path).parent) for r in todo])  # the images' common root
     probes = []
     for node in ray.nodes():
         if not node.get("Alive"):

@@ -160,6 +160,8 @@ def test_gpu_actors_only_where_the_cluster_has_gpus(cluster):
     assert cluster.device("auto").type == ("cuda" if cluster.info["gpus"] else "cpu")
     assert cluster.precision("auto", torch.device("cuda")) == "bf16"
     assert cluster.precision("bf16", torch.device("cpu")) == "fp32"
+    with pytest.raises(FeatcacheError, match="--device cuda:1: on a Ray cluster each backbone actor gets its own"):
+        cluster.device("cuda:1")
     if not cluster.info["gpus"]:
         with pytest.raises(FeatcacheError, match="--device cuda: the Ray cluster .* has no GPUs"):
             cluster.device("cuda")
