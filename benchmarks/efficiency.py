@@ -65,7 +65,8 @@ def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, e
 
 
 def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int | None,
-                   workers: int | None = None, engine: str = "torch", cache_root: str | Path | None = None) -> float:
+                   workers: int | None = None, engine: str = "torch", cache_root: str | Path | None = None,
+                   resampler: str = "pil") -> float:
     """Images/s of a whole ``extract`` (decode, hash, forward, shard writes) into a fresh cache (the ONNX
     export, for another engine, taken from ``cache_root``)."""
     subset = dataclasses.replace(source, records=source.records[:n_images], notes=[])
@@ -73,7 +74,7 @@ def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int,
         if engine != "torch":
             (Path(tmp) / ".engines").symlink_to(Path(cache_root) / ".engines", target_is_directory=True)
         result = extract(subset, backbone, cache_root=tmp, batch_size=batch_size, workers=workers,
-                         dtype="float16", engine=engine)
+                         dtype="float16", engine=engine, resampler=resampler)
     if result.failed:
         raise RuntimeError(f"{len(result.failed)} images failed during the benchmark: {result.failed}")
     return result.images_per_second

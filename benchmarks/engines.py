@@ -1,11 +1,14 @@
 """Extraction engines side by side, in one run: bare forward of each engine, decode alone, and `featcache extract`.
 
-Per backbone (random weights: timing only) and engine (torch channels_last, ONNX Runtime, OpenVINO):
-- bare forward: the engine alone on pre-made uint8 batches, normalisation included (batch 8 and 32, the better
-  kept), same threads;
-- decode: the DataLoader alone (read, hash, decode, resize) on real JPEGs, no forward;
-- extract: the whole `featcache extract` of the same JPEGs into a fresh cache with that engine;
-- ratio: extract / the best engine's bare forward (the target is >= 0.85).
+Per backbone (random weights: timing only):
+- bare forward: each engine (torch channels_last, ONNX Runtime, OpenVINO) alone on pre-made uint8 batches,
+  normalisation included (batch 8 and 32, the better kept), same threads;
+- decode: the DataLoader alone (read, hash, decode, resize; 1 worker) on real JPEGs, no forward, with the
+  default resampler (PIL, the backbone's eval transform bit for bit) and with `--resampler torch`;
+- extract: the whole `featcache extract` of the same JPEGs into a fresh cache with `--engine torch`, with
+  the default engine (`auto`), and with `auto` and `--resampler torch`;
+- ratio: extract / the best engine's bare forward (the target is >= 0.85);
+- ceiling: that ratio if decode and forward shared the cores perfectly (the decode's core time is not free).
 Images: the first N of ../shared/data/ham10000_200x150 (200x150), and N from ../shared/data/ham70 (600x450;
 its 70 photographs repeated under distinct ids).
 Writes the block `engines` of docs/benchmarks.md.
@@ -39,12 +42,20 @@ ENGINES = ("torch", "onnxruntime", "openvino")
 DEFAULT = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,squeezenet1_1,resnet18,resnet50,dinov2_vits14"
 
 
-def decode_only(backbone, source, workers: int = 1, batch: int = 8) -> float:
-    loader = DataLoader(_ImageDataset(source.records, backbone.preprocess), batch_size=batch, num_workers=workers,
+def decode_only(backbone, source, resampler: str = "pil", workers: int = 1, batch: int = 8) -> float:
+    preprocess = dataclasses.replace(backbone.preprocess, resampler=resampler)
+    loader = DataLoader(_ImageDataset(source.records, preprocess), batch_size=batch, num_workers=workers,
                         collate_fn=_collate, worker_init_fn=_worker_init, prefetch_factor=4)
     started = time.perf_counter()
     count = sum(len(b["items"]) for b in loader)
     return count / (time.perf_counter() - started)
+
+
+def ceiling(bare: float, decode: float, cores: int | None = None) -> float:
+    """The best extract / bare-forward ratio possible when decode and forward share the cores perfectly:
+    per image the forward takes cores/bare core-seconds (it uses all of them), the decode 1/decode."""
+    cores = cores or torch.get_num_threads()
+    return (cores / (cores / bare + 1 / decode)) / bare
 
 
 def main() -> None:
@@ -61,14 +72,17 @@ def main() -> None:
     repeated = [dataclasses.replace(big[i % len(big)], id=f"copy{i // len(big)}/{big[i % len(big)].id}")
                 for i in range(args.images)]
     sources["600x450"] = dataclasses.replace(sources["600x450"], records=repeated)
-    lines = ["## Extraction engines (`--engine`)", "",
+    lines = ["## Extraction engines (`--engine`) and the fast resampler (`--resampler torch`)", "",
              f"`python benchmarks/{' '.join(['engines.py', *sys.argv[1:]])}`, "
-             f"{torch.get_num_threads()} threads, random weights, img/s. Bare forward: "
-             "the engine alone on pre-made batches (best of batch 8 and 32). Decode: the loader alone (read, SHA-256, "
-             "decode, resize; 1 worker). Extract: the whole `featcache extract --engine E` of the same JPEGs. Ratio: "
-             "extract / the best engine's bare forward, both in this run.", "",
-             "| backbone | images | engine | bare forward | decode | extract | ratio to the best bare forward |",
-             "|---|---|---|---|---|---|---|"]
+             f"{torch.get_num_threads()} threads, random weights, img/s. Bare forward: each engine alone on "
+             "pre-made batches (best of batch 8 and 32). Decode: the loader alone (read, SHA-256, decode, resize; "
+             "1 worker), PIL resize (default) / `--resampler torch`. Extract: the whole `featcache extract` of the "
+             "same JPEGs with `--engine torch`, with the defaults (`--engine auto`), and with `--engine auto "
+             "--resampler torch`. Ratios: extract / the best engine's bare forward, all in this run.", "",
+             "| backbone | images | bare forward torch / ORT / OpenVINO | decode pil / torch | extract torch | "
+             "extract default (auto) | extract auto + resampler torch | default / best bare | "
+             "resampler torch / best bare | ceiling pil / torch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         for name in args.backbones.split(","):
@@ -77,14 +91,18 @@ def main() -> None:
             bare = {e: max(bare_forward_ips(backbone, b, 256, e, cache) for b in (8, 32)) for e in ENGINES}
             best = max(bare, key=bare.get)
             for label, source in sources.items():
-                decode = decode_only(backbone, source)
-                for engine in ENGINES:
-                    ips = extraction_ips(load_backbone(name, weights="random"), source, len(source.records), None,
-                                         engine=engine, cache_root=cache)
-                    line = (f"| {name} | {label} | {engine}{' (fastest)' if engine == best else ''} | "
-                            f"{bare[engine]:.1f} | {decode:.1f} | {ips:.1f} | {ips / bare[best]:.2f} |")
-                    lines.append(line)
-                    print(line, flush=True)
+                decode = {r: decode_only(backbone, source, r) for r in ("pil", "torch")}
+                ips = {(engine, resampler): extraction_ips(load_backbone(name, weights="random"), source,
+                                                           len(source.records), None, engine=engine,
+                                                           cache_root=cache, resampler=resampler)
+                       for engine, resampler in (("torch", "pil"), ("auto", "pil"), ("auto", "torch"))}
+                forwards = " / ".join(f"**{bare[e]:.1f}**" if e == best else f"{bare[e]:.1f}" for e in ENGINES)
+                line = (f"| {name} | {label} | {forwards} | {decode['pil']:.0f} / {decode['torch']:.0f} | "
+                        f"{ips['torch', 'pil']:.1f} | {ips['auto', 'pil']:.1f} | {ips['auto', 'torch']:.1f} | "
+                        f"{ips['auto', 'pil'] / bare[best]:.2f} | {ips['auto', 'torch'] / bare[best]:.2f} | "
+                        f"{ceiling(bare[best], decode['pil']):.2f} / {ceiling(bare[best], decode['torch']):.2f} |")
+                lines.append(line)
+                print(line, flush=True)
     replace_block(args.out, "engines", "\n".join(lines))
 
 

@@ -22,6 +22,7 @@ from .options import (
     Grouping,
     Metric,
     Precision,
+    Resampler,
     ResizeMode,
     Split,
     UseViews,
@@ -172,9 +173,12 @@ def extract(
     norm_from: str | None = typer.Option(None, help="With --preprocess ...,dataset-norm: normalise with the "
                                          "statistics of this dataset (cache name, folder or CSV; e.g. the "
                                          "training set when extracting a test set) instead of this one's."),
-    engine: Engine = typer.Option(Engine.torch, help="What runs the backbone: torch, or its ONNX export on "
-                                  "onnxruntime or openvino (CPU; often 1.5-3x faster there); auto picks the one "
-                                  "measured fastest for the backbone. Part of the entry's fingerprint."),
+    engine: Engine = typer.Option(Engine.auto, help="What runs the backbone: auto (on the CPU the engine measured "
+                                  "fastest for the backbone, often 1.2-3x PyTorch; on CUDA torch), torch, or its "
+                                  "ONNX export on onnxruntime or openvino. Part of the entry's fingerprint."),
+    resampler: Resampler = typer.Option(Resampler.pil, help="What resizes the images: pil (the backbone's own eval "
+                                        "transform, bit for bit) or torch (PyTorch's uint8 resize of the decoded "
+                                        "JPEG: ~1.5x faster decoding, pixels within 1-2 levels; its own entry)."),
     views: ViewCount = typer.Option(ViewCount.one, help="Views per image stored (mirrors and quarter turns of "
                                     "the input; heads train on all and average over them)."),
     resize: ResizeMode = typer.Option(ResizeMode.crop, help="crop (the backbone's resize + centre crop), full "
@@ -211,7 +215,7 @@ def extract(
                          shard_size, device=device, precision=precision.value, jpeg_draft=not no_jpeg_draft,
                          input_size=input_size, views=int(views.value), resize=resize.value,
                          break_lock=break_lock, reporter=reporter, engine=engine.value,
-                         preprocess=preprocess or (), norm_from=norm_from,
+                         preprocess=preprocess or (), norm_from=norm_from, resampler=resampler.value,
                          cluster=_cluster(ray, reporter, ray_actors))
     for note in result.notes[len(source.notes):]:
         reporter.info(note)

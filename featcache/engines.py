@@ -10,6 +10,7 @@ features of different engines never mix. Outputs agree with PyTorch's to about 1
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .backbones import LoadedBackbone
-from .errors import FeatcacheError
+from .errors import CacheError, FeatcacheError
 from .hashing import stable_hash
 from .options import Engine
 
@@ -44,9 +45,33 @@ def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.de
                              "not export to ONNX); use --engine torch")
     if engine == Engine.auto:
         engine = Engine.torch if device.type != "cpu" else MEASURED_FASTEST.get(model.spec.name, Engine.torch)
+        if not engine_installed(engine):
+            engine = Engine.torch  # the caller says so (auto_note)
     if engine != Engine.torch and device.type != "cpu":
         raise FeatcacheError(f"--engine {engine.value} runs on the CPU only; on {device} use --engine torch (or auto)")
     return engine.value
+
+
+def engine_installed(engine: str | Engine) -> bool:
+    """Whether ``engine``'s packages import here (PyTorch always does)."""
+    engine = Engine(engine)
+    if engine in (Engine.torch, Engine.auto):
+        return True
+    module = "onnxruntime" if engine == Engine.onnxruntime else "openvino"
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", module))
+
+
+def auto_note(model: LoadedBackbone, device: torch.device, resolved: str) -> str:
+    """What ``--engine auto`` chose for ``model`` on ``device``, and why."""
+    fastest = MEASURED_FASTEST.get(model.spec.name)
+    if device.type != "cpu":
+        return f"--engine auto: torch for {model.spec.name} on {device.type}"
+    if fastest is None:
+        return f"--engine auto: torch for {model.spec.name} (no other engine measured faster for it yet)"
+    if resolved != fastest.value:
+        return (f"--engine auto: torch for {model.spec.name}, NOT {fastest.value} (measured fastest for it): "
+                f"{fastest.value} is not installed; pip install onnx onnxruntime openvino for the faster run")
+    return f"--engine auto: {resolved} for {model.spec.name} (measured fastest for it on the CPU)"
 
 
 class _PoolOutputs(nn.Module):
@@ -87,6 +112,10 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
                               output_names=pools, dynamic_axes={"x": {0: "n"}, **{p: {0: "n"} for p in pools}},
                               opset_version=ONNX_OPSET, dynamo=False)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, read-only cache: the user can fix that
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"writing the ONNX export of {model.spec.name} to {path.parent} failed ({exc}); "
+                         "free space or fix the drive and rerun, or use --engine torch") from None
     except Exception as exc:  # the exporter raises many kinds; say which backbone and what to do
         tmp.unlink(missing_ok=True)
         raise FeatcacheError(f"{model.spec.name} could not be exported to ONNX ({type(exc).__name__}: "
@@ -111,7 +140,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
         try:
             import onnxruntime as ort
         except ImportError:
-            raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install 'featcache[engines]'") from None
+            raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install onnx onnxruntime") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         # Idle ONNX Runtime threads spin by default, taking the cores the decode worker needs between
@@ -127,7 +156,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
     try:
         import openvino as ov
     except ImportError:
-        raise FeatcacheError("--engine openvino needs OpenVINO: pip install 'featcache[engines]'") from None
+        raise FeatcacheError("--engine openvino needs OpenVINO: pip install onnx openvino") from None
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                           "INFERENCE_PRECISION_HINT": "f32"})
     ports = [compiled.output(p) for p in pools]

@@ -32,7 +32,7 @@ from .backbones import LoadedBackbone, load_backbone
 from .engines import Forward
 from .errors import CacheError, FeatcacheError
 from .hashing import stable_hash
-from .images import Preprocess, apply_view, array_to_rgb, decode_rgb, views_for
+from .images import Preprocess, apply_view, views_for
 from .options import DEVICE_PATTERN, Dtype, Engine, Precision
 from .preprocessing import DATASET_NORM
 from .progress import Reporter
@@ -126,12 +126,7 @@ class _ImageDataset(Dataset):
             return item
         try:
             content, item["sha"] = read_record(record, self._npz)
-            if isinstance(content, np.ndarray):
-                image = array_to_rgb(content)
-            else:
-                image = decode_rgb(content, self.preprocess.decode_min_side if self.preprocess.jpeg_draft
-                                   else None)
-            item["image"] = self.preprocess.to_uint8(image)
+            item["image"] = self.preprocess.load(content)
         except (ValueError, OSError, KeyError) as exc:
             item["error"] = f"{exc} ({record.path})"
         return item
@@ -238,8 +233,9 @@ def extract(
     resize: str = "crop",
     break_lock: bool = False,
     reporter: Reporter | None = None,
-    engine: str = "torch",
+    engine: str = "auto",
     preprocess: tuple[str, ...] | str = (),
+    resampler: str = "pil",
     norm_from: str | dict | None = None,
     cluster: RayCluster | None = None,
 ) -> ExtractResult:
@@ -248,7 +244,10 @@ def extract(
     ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.images.VIEWS`: flips and quarter turns
     of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
     ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
-    ``engine``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (:mod:`featcache.engines`).
+    ``engine``: ``auto`` (the engine measured fastest for the backbone on the CPU, PyTorch on CUDA),
+    ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`featcache.engines`).
+    ``resampler``: ``pil`` (the backbone's eval transform, bit for bit) or ``torch`` (faster, its own
+    fingerprint; :class:`featcache.images.Preprocess`).
     ``preprocess``: image filters before the backbone's transform (:mod:`featcache.preprocessing`).
     ``norm_from``: with ``dataset-norm``, the dataset (cache name, folder or CSV) whose statistics
     normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
@@ -270,7 +269,7 @@ def extract(
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev if cluster is None else "cpu")
     view_names = _checked_views(views)
-    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess)
+    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
     root = Path(cache_root or default_cache_root())
     norm = _apply_dataset_norm(model, source, root, norm_from, workers, reporter)
     engine = _resolved_engine(engine, model, dev, reporter)
@@ -367,14 +366,19 @@ def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict,
 
 
 def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
-                         input_size: int | None = None, filters: tuple[str, ...] | str = ()) -> None:
-    """Apply --resize, --no-jpeg-draft, --input-size and --preprocess to the backbone's own preprocessing."""
+                         input_size: int | None = None, filters: tuple[str, ...] | str = (),
+                         resampler: str = "pil") -> None:
+    """Apply --resize, --no-jpeg-draft, --input-size, --preprocess and --resampler to the backbone's own
+    preprocessing."""
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
     if filters:
         changes["filters"] = filters
+    resampler = str(getattr(resampler, "value", resampler))
+    if resampler != model.preprocess.resampler:
+        changes["resampler"] = resampler
     if resize != model.preprocess.resize_mode:
         changes["resize_mode"] = resize
-    if input_size:  # keep the backbone's resize/crop ratio at the new size
+    if input_size and input_size != model.preprocess.crop_size:  # keep the resize/crop ratio at the new size
         ratio = model.preprocess.resize_size / model.preprocess.crop_size
         changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
     if changes:
@@ -464,12 +468,13 @@ def dataset_norm_stats(source: ImageSource, preprocess: Preprocess, cache_root: 
 
 
 def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
-                  views: int = 1, resize: str = "crop", engine: str = "torch") -> tuple[Path, int]:
+                  views: int = 1, resize: str = "crop", engine: str = "auto",
+                  resampler: str = "pil") -> tuple[Path, int]:
     """Where ``extract`` with these settings (on this machine's device) keeps the features of
     ``source``, and how many of its images still need extracting. Nothing is written."""
     from .engines import resolve_engine
 
-    configure_preprocess(model, resize)
+    configure_preprocess(model, resize, resampler=resampler)
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     fp = fingerprint(fingerprint_inputs(model, dtype, precision, views, resolve_engine(engine, model, device)))
@@ -499,7 +504,8 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
                    dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
                    views=entry.views, resize=entry.resize_mode, reporter=reporter,
                    engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())),
-                   norm_from=norm_from)
+                   norm_from=norm_from, resampler=preprocess.get("resampler", "pil"),
+                   input_size=preprocess["crop_size"])
 
 
 def _checked_views(views: int) -> tuple[str, ...]:
@@ -624,20 +630,21 @@ class ShardSink:
 
 
 def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter) -> str:
-    from .engines import resolve_engine
+    from .engines import auto_note, resolve_engine
 
     try:
         resolved = resolve_engine(engine, model, dev)
     except ValueError:
         raise FeatcacheError(f"--engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}") from None
     if str(getattr(engine, "value", engine)) == "auto":
-        reporter.info(f"--engine auto: {resolved} for {model.spec.name} on {dev.type}")
+        note = auto_note(model, dev, resolved)
+        (reporter.warn if "NOT" in note else reporter.info)(note)
     return resolved
 
 
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
-         manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str = "torch",
+         manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str,
          cache_root: Path | None = None, cluster: RayCluster | None = None) -> int:
     if not todo:
         return 0

@@ -13,14 +13,18 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
-from .options import ResizeMode, ViewCount
+from .options import Resampler, ResizeMode, ViewCount
 
 RESIZE_MODES = tuple(m.value for m in ResizeMode)
+RESAMPLERS = tuple(r.value for r in Resampler)
+_EXIF_ORIENTATION = 0x0112
 # The dihedral group of the square, in the order --views K takes them: 2 = the identity and a
 # mirror, 4 = both mirrors and the half turn (every view keeps the image's own axes), 8 = all.
 # Dermoscopy has no natural orientation, so each is as plausible a photo as the original.
@@ -54,12 +58,17 @@ class Preprocess:
     resize_mode: str = "crop"
     # --preprocess: image filters run on the decoded image, in this order (featcache.preprocessing)
     filters: tuple[str, ...] = ()
+    # --resampler: "pil" (timm's eval transform, bit for bit) or "torch" (PyTorch's uint8 SIMD resize of
+    # a tensor decoded straight from the JPEG: 1.7 ms less per 600x450 photo, pixels within 1-2 levels)
+    resampler: str = "pil"
 
     def __post_init__(self) -> None:
         from .preprocessing import checked_filters
 
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"--resize {self.resize_mode}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.resampler not in RESAMPLERS:
+            raise ValueError(f"--resampler {self.resampler}: choose one of {', '.join(RESAMPLERS)}")
         object.__setattr__(self, "filters", checked_filters(self.filters))
 
     @classmethod
@@ -90,6 +99,8 @@ class Preprocess:
             del fields["filters"]
         else:
             fields["filters"] = list(fields["filters"])
+        if fields["resampler"] == "pil":  # and for --resampler
+            del fields["resampler"]
         return fields
 
     @property
@@ -97,12 +108,26 @@ class Preprocess:
         """The smallest side a JPEG draft decode may shrink the image to without losing detail."""
         return self.resize_size if self.resize_mode == "crop" else self.crop_size
 
+    def load(self, content: bytes | np.ndarray) -> torch.Tensor:
+        """File bytes (or an array's pixels) to the backbone's 3 x crop x crop uint8 input: decode,
+        filter, resize. Raises ``ValueError`` for content that is not a decodable image."""
+        if isinstance(content, np.ndarray):
+            return self.to_uint8(array_to_rgb(content))
+        min_side = self.decode_min_side if self.jpeg_draft else None
+        if self.resampler == Resampler.torch and not self.filters:
+            tensor = decode_jpeg_tensor(content, min_side)
+            if tensor is not None:
+                return self._resize_tensor(tensor)
+        return self.to_uint8(decode_rgb(content, min_side))
+
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """Filter (``filters``), then resize (and crop or pad, by ``resize_mode``) to a 3 x crop x crop
         uint8 tensor."""
         from .preprocessing import apply_filters
 
         image = apply_filters(image, self.filters)
+        if self.resampler == Resampler.torch:
+            return self._resize_tensor(TF.pil_to_tensor(image))
         interpolation = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "pad":
             side = max(image.size)
@@ -114,6 +139,19 @@ class Preprocess:
         image = TF.resize(image, self.resize_size, interpolation=interpolation)
         image = TF.center_crop(image, [self.crop_size, self.crop_size])
         return TF.pil_to_tensor(image)
+
+    def _resize_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """``to_uint8``'s geometry on a 3 x H x W uint8 tensor, by PyTorch's antialiased uint8 resize."""
+        interpolation = _INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "pad":  # black borders, the image centred, as the PIL path pastes it
+            height, width = image.shape[-2:]
+            side = max(height, width)
+            top, left = (side - height) // 2, (side - width) // 2
+            image = TF2.pad(image, [left, top, side - width - left, side - height - top], fill=0)
+        if self.resize_mode in ("full", "pad"):
+            return TF2.resize(image, [self.crop_size, self.crop_size], interpolation=interpolation, antialias=True)
+        image = TF2.resize(image, self.resize_size, interpolation=interpolation, antialias=True)
+        return TF2.center_crop(image, [self.crop_size, self.crop_size]).contiguous()
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 NxCxHxW -> float32 normalised, exactly as ToTensor() + Normalize() compute it."""
@@ -169,6 +207,30 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
             raise ValueError(f"not a decodable image ({reason})") from None
         image = ImageOps.exif_transpose(image)
     return to_rgb(image)
+
+
+def decode_jpeg_tensor(data: bytes, min_side: int | None = None) -> torch.Tensor | None:
+    """A plain JPEG (RGB or grey, no EXIF rotation) decoded by libjpeg-turbo (simplejpeg) straight into
+    a 3 x H x W uint8 tensor, DCT-scaled exactly as PIL's draft would for ``min_side``: the same pixels
+    as :func:`decode_rgb` (tested) without PIL's copies. ``None`` for anything else: the caller decodes
+    it with :func:`decode_rgb`, which also gives the reasons for files that are not images."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))  # reads the header only
+        if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+            return None
+        if header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return None
+        if min_side:
+            header.draft("RGB", (min_side, min_side))  # PIL's choice of scale, by its own rule
+        width, height = header.size
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if pixels.shape[:2] != (height, width):  # not PIL's scale: leave it to PIL
+        return None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

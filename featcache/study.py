@@ -40,6 +40,7 @@ from .options import (
     Engine,
     Grouping,
     Metric,
+    Resampler,
     ResizeMode,
     Split,
     UseViews,
@@ -76,7 +77,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], str]]] = {
         "views": (int, "views per image: 1, 2, 4 or 8"),
         "resize": (str, "crop, full or pad"),
         "dtype": (str, "float16 or float32"),
-        "engine": (str, "torch, onnxruntime, openvino or auto"),
+        "engine": (str, "auto, torch, onnxruntime or openvino"),
+        "resampler": (str, "pil (the backbone's own resize, bit for bit) or torch (faster)"),
         "weights": (dict, "per backbone: a local weights file (or 'random' for timing only)"),
     },
     "fit": {
@@ -119,7 +121,8 @@ class Study:
     views: int = 1
     resize: str = "crop"
     dtype: str = "float16"
-    engine: str = "torch"
+    engine: str = "auto"
+    resampler: str = "pil"
     weights: dict[str, str] = field(default_factory=dict)
     fit: dict = field(default_factory=dict)  # Protocol fields
     fuse: bool = False  # also fit the fusion of all backbones
@@ -229,7 +232,8 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
         pools=_strings(extract["pools"], "[extract] pools", where) if "pools" in extract else None,
         views=int(choice("extract", "views", ViewCount, str(extract.get("views", 1)))),
         resize=choice("extract", "resize", ResizeMode, "crop"), dtype=choice("extract", "dtype", Dtype, "float16"),
-        engine=choice("extract", "engine", Engine, "torch"),
+        engine=choice("extract", "engine", Engine, "auto"),
+        resampler=choice("extract", "resampler", Resampler, "pil"),
         weights={k: (v if v == "random" else str((base / v).expanduser())) for k, v in weights.items()},
         fit=fit_options, ensemble=ensemble, metric=metric, fuse=fit.get("fuse", False),
         report_top=positive("report", "top", 20), report_best=positive("report", "best", 3), name=name)
@@ -318,7 +322,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
         entries = {}
         for source in (s for s in (train, test) if s is not None):
             entry_dir, todo = planned_entry(source, model, cache_root, study.dtype, study.views, study.resize,
-                                            study.engine)
+                                            study.engine, study.resampler)
             entries[source.name] = CacheEntry(entry_dir) if not todo else None
             total = len(source.records)
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
@@ -374,7 +378,7 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
         for backbone in study.backbones:
             # the loaded model already carries the study's weights and poolings
             options = dict(cache_root=cache_root, dtype=study.dtype, views=study.views, resize=study.resize,
-                           reporter=reporter, engine=study.engine, cluster=cluster)
+                           reporter=reporter, engine=study.engine, resampler=study.resampler, cluster=cluster)
             entry = extract(train, models[backbone], **options).entry  # loaded once, by the plan
             overall.advance(1)
             test_entry = None

@@ -20,7 +20,7 @@ def test_engines_agree_with_pytorch_for_every_pooling_and_view(small_folder, tmp
     weights = "random" if backbone.startswith("dinov2") else None  # no ViT weights install offline
     source = open_source(small_folder)
     reference = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
-                        workers=0, views=2, dtype="float32").entry
+                        workers=0, views=2, dtype="float32", engine="torch").entry
     other = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
                     workers=0, views=2, dtype="float32", engine=engine).entry
     assert other.fingerprint != reference.fingerprint  # the engine is part of the name: never mixed
@@ -44,6 +44,27 @@ def test_auto_picks_the_measured_engine_and_says_so(small_folder, tmp_path):
     assert resolve_engine("auto", load_backbone("resnet18", weights="random"), resolve_device("cpu")) == "onnxruntime"
     with pytest.raises(ValueError):
         resolve_engine("tensorrt", lite0, resolve_device("cpu"))
+
+
+def test_auto_without_the_measured_engine_runs_torch_and_says_so_loudly(monkeypatch, tmp_path):
+    import importlib.util
+
+    from featcache import engines
+    from featcache.extract import resolve_device
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else
+                        real_find_spec(name, *a))
+    lite0, cpu = load_backbone("efficientnet_lite0"), resolve_device("cpu")
+    assert engines.resolve_engine("auto", lite0, cpu) == "torch"
+    note = engines.auto_note(lite0, cpu, "torch")
+    assert "NOT openvino" in note and "pip install" in note
+    assert engines.resolve_engine("auto", load_backbone("squeezenet1_1"), cpu) == "onnxruntime"  # still there
+
+
+def test_the_default_engine_is_auto(small_folder, tmp_path):
+    entry = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path, workers=0).entry
+    assert entry.manifest["fingerprint_inputs"]["engine"] == "onnxruntime"  # measured fastest for it
 
 
 def test_a_wrong_engine_is_refused(small_folder, tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from featcache import weights as W
 from featcache.backbones import load_backbone
-from featcache.errors import EntryLocked, WeightsUnavailable
+from featcache.errors import EntryLocked, FeatcacheError, WeightsUnavailable
 from featcache.extract import extract
 from featcache.sources import open_source
 from featcache.store import CacheEntry, EntryLock
@@ -161,3 +161,25 @@ def test_reader_chunks_and_memmaps_agree(small_folder, lite0, tmp_path):
     assert len(entry.shard_paths()) >= 2  # shards close on batch boundaries
     np.testing.assert_array_equal(whole, chunks)
     np.testing.assert_array_equal(whole, mapped)
+
+
+def test_resampler_torch_is_its_own_entry_and_test_data_follows_it(small_folder, tmp_path):
+    from featcache.extract import extract_like
+
+    source = open_source(small_folder)
+    # 192 px: the sample's 341x256 photos are really resampled (at 224 the resize would be the identity)
+    options = dict(cache_root=tmp_path, workers=0, engine="torch", input_size=192, dtype="float32")
+    pil = extract(source, "squeezenet1_1", **options).entry
+    fast = extract(source, "squeezenet1_1", resampler="torch", **options).entry
+    assert fast.fingerprint != pil.fingerprint
+    assert fast.manifest["fingerprint_inputs"]["preprocess"]["resampler"] == "torch"
+    a, b = pil.read("gap"), fast.read("gap", pil.ids)
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cosine.min() > 0.99 and not np.array_equal(a, b)  # nearly the same pixels, not the same
+    test_folder = tmp_path / "test"
+    shutil.copytree(small_folder / "nevus", test_folder / "nevus")
+    like = extract_like(open_source(test_folder), fast, tmp_path).entry  # as predict and --test-data do
+    # the same resampler and input size (the input size was dropped here before: test features at 224 px)
+    assert like.manifest["fingerprint_inputs"] == fast.manifest["fingerprint_inputs"]
+    with pytest.raises(FeatcacheError, match="--resampler cv2: choose one of pil, torch"):
+        extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, resampler="cv2")
