@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from featcache.backbones import LoadedBackbone
 from featcache.engines import make_forward
-from featcache.extract import extract
+from featcache.extract import _collate, _ImageDataset, _worker_init, extract
 from featcache.sources import ImageSource
 
 
@@ -37,6 +38,24 @@ def gflop_per_image(backbone: LoadedBackbone) -> float:
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         backbone.model(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() / 1e9
+
+
+def decode_ips(backbone: LoadedBackbone, source: ImageSource, resampler: str = "pil", workers: int = 1,
+               batch: int = 8) -> float:
+    """Images/s of extraction's loader alone (read, SHA-256, decode, resize) with ``workers`` processes."""
+    preprocess = dataclasses.replace(backbone.preprocess, resampler=resampler)
+    loader = DataLoader(_ImageDataset(source.records, preprocess), batch_size=batch, num_workers=workers,
+                        collate_fn=_collate, worker_init_fn=_worker_init, prefetch_factor=4)
+    started = time.perf_counter()
+    count = sum(len(b["items"]) for b in loader)
+    return count / (time.perf_counter() - started)
+
+
+def ceiling(bare: float, decode: float, cores: int | None = None) -> float:
+    """The best extract / bare-forward ratio possible when decode and forward share the cores perfectly:
+    per image the forward takes cores/bare core-seconds (it uses all of them), the decode 1/decode."""
+    cores = cores or torch.get_num_threads()
+    return (cores / (cores / bare + 1 / decode)) / bare
 
 
 def _memory_format(backbone: LoadedBackbone) -> torch.memory_format:

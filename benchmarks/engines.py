@@ -22,17 +22,14 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from docs_blocks import replace_block
-from efficiency import bare_forward_ips, extraction_ips
-from torch.utils.data import DataLoader
+from efficiency import bare_forward_ips, ceiling, decode_ips, extraction_ips
 
 from featcache.backbones import load_backbone
 from featcache.engines import onnx_path
-from featcache.extract import _collate, _ImageDataset, _worker_init
 from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,22 +37,6 @@ DATA = {"200x150": REPO.parent / "shared" / "data" / "ham10000_200x150" / "label
         "600x450": REPO.parent / "shared" / "data" / "ham70"}
 ENGINES = ("torch", "onnxruntime", "openvino")
 DEFAULT = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,squeezenet1_1,resnet18,resnet50,dinov2_vits14"
-
-
-def decode_only(backbone, source, resampler: str = "pil", workers: int = 1, batch: int = 8) -> float:
-    preprocess = dataclasses.replace(backbone.preprocess, resampler=resampler)
-    loader = DataLoader(_ImageDataset(source.records, preprocess), batch_size=batch, num_workers=workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init, prefetch_factor=4)
-    started = time.perf_counter()
-    count = sum(len(b["items"]) for b in loader)
-    return count / (time.perf_counter() - started)
-
-
-def ceiling(bare: float, decode: float, cores: int | None = None) -> float:
-    """The best extract / bare-forward ratio possible when decode and forward share the cores perfectly:
-    per image the forward takes cores/bare core-seconds (it uses all of them), the decode 1/decode."""
-    cores = cores or torch.get_num_threads()
-    return (cores / (cores / bare + 1 / decode)) / bare
 
 
 def main() -> None:
@@ -91,7 +72,7 @@ def main() -> None:
             bare = {e: max(bare_forward_ips(backbone, b, 256, e, cache) for b in (8, 32)) for e in ENGINES}
             best = max(bare, key=bare.get)
             for label, source in sources.items():
-                decode = {r: decode_only(backbone, source, r) for r in ("pil", "torch")}
+                decode = {r: decode_ips(backbone, source, r) for r in ("pil", "torch")}
                 ips = {(engine, resampler): extraction_ips(load_backbone(name, weights="random"), source,
                                                            len(source.records), None, engine=engine,
                                                            cache_root=cache, resampler=resampler)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import pytest
-
 from featcache.backbones import load_backbone
 from featcache.engines import MEASURED_FASTEST
 from featcache.sources import open_source
@@ -13,23 +11,43 @@ from featcache.sources import open_source
 from .conftest import DEMO, REPO
 
 SMOKE_MIN_RATIO = 0.75  # benchmarks/extraction_efficiency.py measures the full figure (target 0.9)
-# With the fastest engine the forward leaves less time to hide the decode in (measured 0.73 here on
-# these 200 images, 0.80 on 1,024 HAM images: benchmarks/engines.py); the guard catches losing the overlap
-# (0.63 before the loader stopped sending every image twice).
-FASTEST_MIN_RATIO = 0.6
+# With the fastest engine the decode's core time is a large share of the machine, and how large depends on the
+# machine (on a CPU whose forward is twice as fast the same decode costs twice the share): the guard is against
+# the ceiling that share leaves, 2 / (2 + bare / decode) on 2 cores. The runs of benchmarks/engines.py reach
+# 0.75-0.95 of it (0.72 on these 200 small photos, where the loader's start-up counts); losing the overlap falls
+# below. The decode itself is guarded apart: one worker did 125 img/s of these photos when the loader sent
+# every image twice, 830-880 now.
+FASTEST_MIN_OF_CEILING = 0.6
+MIN_DECODE_IPS = 300
 FASTEST = MEASURED_FASTEST["efficientnet_lite0"].value
 
 
-@pytest.mark.parametrize("engine, minimum", [("torch", SMOKE_MIN_RATIO), (FASTEST, FASTEST_MIN_RATIO)])
-def test_extraction_keeps_up_with_the_bare_forward(engine, minimum):
+def _efficiency(engine: str):
     sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark's own helper: the docs' figure and this guard agree
     from efficiency import extraction_efficiency
 
-    source = open_source(DEMO)
     # best of three alternated runs of all 200 images: noise on a shared machine only ever slows a run
     # down, and 200 images amortize the loader's start-up (0.82 at 240 images vs 0.94 at 1,200 measured)
-    result = extraction_efficiency(load_backbone("efficientnet_lite0", weights="random"), source,
-                                   n_images=200, batch_size=8, repeats=3, peak=0.0, engine=engine)
-    assert result.ratio >= minimum, (
-        f"--engine {engine}: extract {result.extract_ips:.1f} img/s vs bare forward {result.bare_ips:.1f} img/s: "
-        f"ratio {result.ratio:.2f} < {minimum}; decode, hashing or writes no longer overlap compute")
+    return extraction_efficiency(load_backbone("efficientnet_lite0", weights="random"), open_source(DEMO),
+                                 n_images=200, batch_size=8, repeats=3, peak=0.0, engine=engine)
+
+
+def test_extraction_keeps_up_with_the_bare_forward():
+    result = _efficiency("torch")
+    assert result.ratio >= SMOKE_MIN_RATIO, (
+        f"--engine torch: extract {result.extract_ips:.1f} img/s vs bare forward {result.bare_ips:.1f} img/s: "
+        f"ratio {result.ratio:.2f} < {SMOKE_MIN_RATIO}; decode, hashing or writes no longer overlap compute")
+
+
+def test_extraction_with_the_fastest_engine_reaches_the_decode_ceiling():
+    from efficiency import ceiling, decode_ips
+
+    result = _efficiency(FASTEST)
+    decode = max(decode_ips(load_backbone("efficientnet_lite0", weights="random"), open_source(DEMO))
+                 for _ in range(2))
+    assert decode >= MIN_DECODE_IPS, f"one loader worker decodes {decode:.0f} img/s (< {MIN_DECODE_IPS})"
+    best = ceiling(result.bare_ips, decode)
+    assert result.ratio >= FASTEST_MIN_OF_CEILING * best, (
+        f"--engine {FASTEST}: extract {result.extract_ips:.1f} img/s vs bare forward {result.bare_ips:.1f} img/s "
+        f"(ratio {result.ratio:.2f}) with a decode of {decode:.0f} img/s (ceiling {best:.2f}): below "
+        f"{FASTEST_MIN_OF_CEILING} of the ceiling; decode and forward no longer overlap")
