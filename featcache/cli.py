@@ -267,6 +267,9 @@ def fit(
     views: ViewCount | None = typer.Option(None, help="Use the entry extracted with this many views "
                                            "(default: the newest entry)."),
     resize: ResizeMode | None = typer.Option(None, help="Use the entry extracted with this --resize."),
+    engine: Engine | None = typer.Option(None, help="Use the entry extracted with this --engine (torch, "
+                                         "onnxruntime or openvino; default: the newest entry, named on screen)."),
+    resampler: Resampler | None = typer.Option(None, help="Use the entry extracted with this --resampler."),
     preprocess: str | None = typer.Option(None, help="Use the entry extracted with these --preprocess filters "
                                           "(default: the unfiltered one)."),
     use_views: UseViews = typer.Option(UseViews.all, help="On multi-view entries: `all` (train on every view, "
@@ -318,8 +321,13 @@ def fit(
     source = open_source(data, images, image_col, label_col, group_col)
     _say_groups(source, reporter)
     filters = _filters(preprocess)
+    if engine == Engine.auto:
+        raise typer.BadParameter("auto names no entry: give the engine the entry was extracted with (torch, "
+                                 "onnxruntime or openvino; `featcache extract` says which auto took)",
+                                 param_hint="--engine")
     entries = [find_entry(root, source, name, pool, int(views.value) if views else None,
-                          resize.value if resize else None, filters) for name in backbone.split("+")]
+                          resize.value if resize else None, filters, engine.value if engine else None,
+                          resampler.value if resampler else None, reporter) for name in backbone.split("+")]
     test_source = test_entries = None
     if test_data:
         test_source = open_source(test_data, group_col=test_group_col)

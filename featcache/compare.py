@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -34,11 +34,12 @@ class Row:
     config: dict | None = None
 
 
-def head_label(config: dict, resize: str = "crop") -> str:
+def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = ()) -> str:
     """The head's name with every setting that makes it a different model than the default
-    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config)."""
+    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config;
+    ``entry_notes``: the entry's other non-default settings, e.g. its filters or resampler)."""
     protocol = config.get("protocol", {})
-    variants = [label for label, on in (
+    variants = [*entry_notes] + [label for label, on in (
         (f"resize {resize}", resize != "crop"),
         ("raw features", protocol.get("standardize") is False),
         (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
@@ -55,13 +56,30 @@ def _views_label(views: int, use: str) -> str:
     return {"all": f"{views} views + TTA", "train": f"{views} views, no TTA"}.get(use, "original view only")
 
 
-def _resize_mode(entry_dir: Path, known: dict[Path, str]) -> str:
+def _entry_settings(entry_dir: Path, known: dict[Path, dict]) -> dict:
+    """The run's entry's settings that set its features apart: resize, filters, resampler, engine."""
     if entry_dir not in known:
         try:
-            known[entry_dir] = CacheEntry(entry_dir).resize_mode
+            entry = CacheEntry(entry_dir)
+            known[entry_dir] = {"resize": entry.resize_mode, "filters": entry.filters,
+                                "resampler": entry.resampler, "engine": entry.engine}
         except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
-            known[entry_dir] = "crop"
+            known[entry_dir] = {"resize": "crop", "filters": (), "resampler": "pil", "engine": "torch"}
     return known[entry_dir]
+
+
+def _entry_notes(settings: dict) -> tuple[str, ...]:
+    return tuple(note for note, on in ((f"--preprocess {','.join(settings['filters'])}", bool(settings["filters"])),
+                                       ("resampler torch", settings["resampler"] == "torch")) if on)
+
+
+def _name_engines(rows: list[Row], engines: list[str]) -> list[Row]:
+    """Rows alike but for the engine that extracted their features (features within 1e-4) get the
+    engine in their label, so that no two rows of the table look the same."""
+    keys = [(r.dataset, r.backbone, r.pool, r.head, r.protocol) for r in rows]
+    mixed = {k for k in keys if len({e for k2, e in zip(keys, engines, strict=True) if k2 == k}) > 1}
+    return [replace(r, head=f"{r.head} [{e}]") if k in mixed else r
+            for r, k, e in zip(rows, keys, engines, strict=True)]
 
 
 def checked_metric(metric: str, rows: list[Row] | None = None) -> str:
@@ -86,7 +104,7 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
                  head: str | None = None, metric: str | None = None) -> list[Row]:
     """Every finished run under ``cache_root`` that matches; ``metric`` (e.g. ``auroc:mel``) is read
     besides the main metrics."""
-    rows, resize_modes = [], {}
+    rows, engines, entries = [], [], {}
     wanted = [*MAIN_METRICS, *([metric] if metric and metric not in MAIN_METRICS else [])]
     for run in find_runs(cache_root):
         result = read_metrics(run)
@@ -104,10 +122,12 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
                               "ci": result["pooled"].get("ci95", {}).get(m),
                               "n_folds": result.get("n_folds", len(result.get("per_fold", [])))}
         protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
+        settings = _entry_settings(run.parents[1], entries)
         rows.append(Row(run, config["dataset"], config["backbone"], config["pool"],
-                        head_label(config, _resize_mode(run.parents[1], resize_modes)), protocol,
+                        head_label(config, settings["resize"], _entry_notes(settings)), protocol,
                         result["n_images"], metrics, result.get("test"), config))
-    return rows
+        engines.append(settings["engine"])
+    return _name_engines(rows, engines)
 
 
 def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:

@@ -33,23 +33,39 @@ DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 
 
 def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None,
-               views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = ()) -> CacheEntry:
-    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize`` if given)
-    made with exactly the --preprocess ``filters`` asked for (none by default: a filtered entry is
-    never taken for an unfiltered one)."""
+               views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = (),
+               engine: str | None = None, resampler: str | None = None,
+               reporter: Reporter | None = None) -> CacheEntry:
+    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize``,
+    ``engine``, ``resampler`` if given) made with exactly the --preprocess ``filters`` asked for (none by
+    default: a filtered entry is never taken for an unfiltered one). When several entries match,
+    ``reporter`` is told which was taken and how the others differ."""
+    wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler}
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
-               and (pool is None or pool in e.pools) and (views is None or e.views == views)
-               and (resize is None or e.resize_mode == resize) and e.filters == tuple(filters)]
+               and (pool is None or pool in e.pools) and e.filters == tuple(filters)
+               and all(v is None or _setting(e, k) == v for k, v in wanted.items())]
     if not entries:
-        preprocess = ",".join(filters)
-        wanted = "".join(f" {k} {v}" for k, v in (("pool", pool), ("views", views), ("resize", resize),
-                                                  ("preprocess", preprocess)) if v)
-        options = "".join(f" --{k} {v}" for k, v in (("views", views), ("resize", resize),
-                                                     ("preprocess", preprocess)) if v)
-        raise RunError(f"no features of {source.location} with {backbone}{wanted} in {cache_root}; run "
+        asked = {**wanted, "preprocess": ",".join(filters)}
+        described = "".join(f" {k} {v}" for k, v in {"pool": pool, **asked}.items() if v)
+        options = "".join(f" --{k} {v}" for k, v in asked.items() if v)
+        raise RunError(f"no features of {source.location} with {backbone}{described} in {cache_root}; run "
                        f"`featcache extract --backbone {backbone} --data {source.location}{options}` first")
-    return max(entries, key=lambda e: e.manifest["provenance"]["date"])
+    chosen = max(entries, key=lambda e: e.manifest["provenance"]["date"])
+    if len(entries) > 1 and reporter is not None:
+        differ = [k for k in wanted if len({_setting(e, k) for e in entries}) > 1]
+        settings = ", ".join(f"{k} {_setting(chosen, k)}" for k in differ) or "the same settings"
+        others = "; ".join(f"{e.path.name} ({', '.join(f'{k} {_setting(e, k)}' for k in differ)})"
+                           for e in entries if e is not chosen)
+        pick = " or ".join(f"--{k}" for k in differ) or "removing the older entries"
+        reporter.info(f"features of {backbone}: {chosen.path.name} ({settings}), the newest of {len(entries)} "
+                      f"matching entries; the others: {others}. Choose with {pick}")
+    return chosen
+
+
+def _setting(entry: CacheEntry, name: str) -> object:
+    return {"views": entry.views, "resize": entry.resize_mode, "engine": entry.engine,
+            "resampler": entry.resampler}[name]
 
 
 def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,

@@ -330,6 +330,16 @@ class CacheEntry:
         """The --preprocess filters the entry was extracted with (none for entries before the option)."""
         return tuple(self.manifest["fingerprint_inputs"]["preprocess"].get("filters", ()))
 
+    @property
+    def engine(self) -> str:
+        """What ran the backbone (entries from before --engine are ``torch``)."""
+        return self.manifest["fingerprint_inputs"].get("engine", "torch")
+
+    @property
+    def resampler(self) -> str:
+        """The --resampler the entry was extracted with (entries from before the option are ``pil``)."""
+        return self.manifest["fingerprint_inputs"]["preprocess"].get("resampler", "pil")
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
 

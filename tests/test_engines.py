@@ -70,3 +70,32 @@ def test_the_default_engine_is_auto(small_folder, tmp_path):
 def test_a_wrong_engine_is_refused(small_folder, tmp_path):
     with pytest.raises(FeatcacheError, match="--engine 'tensorrt'"):
         extract(open_source(small_folder), "efficientnet_lite0", cache_root=tmp_path, engine="tensorrt")
+
+
+def test_fit_names_the_entry_it_takes_and_compare_tells_the_entries_apart(small_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from featcache.cli import app
+
+    source = open_source(small_folder)
+    for engine in ("torch", "onnxruntime"):
+        extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, engine=engine)
+    extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, engine="torch", resampler="torch",
+            input_size=192)  # 192: the sample's photos are really resampled
+    fit = ["fit", "--data", str(small_folder), "--backbone", "squeezenet1_1", "--head", "logreg", "--cv", "2",
+           "--no-groups", "--cache", str(tmp_path)]
+    out = CliRunner().invoke(app, fit)
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())
+    assert "the newest of 3 matching entries" in said and "Choose with --engine or --resampler" in said
+    for engine in ("torch", "onnxruntime"):
+        out = CliRunner().invoke(app, [*fit, "--engine", engine, "--resampler", "pil"])
+        assert out.exit_code == 0 and "matching entries" not in out.output, out.output
+    refused = CliRunner().invoke(app, [*fit, "--engine", "auto"])
+    assert refused.exit_code == 2 and "auto names no entry" in " ".join(refused.output.split())
+    missing = CliRunner().invoke(app, [*fit, "--engine", "openvino"])
+    assert missing.exit_code == 2 and "--engine openvino" in " ".join(missing.output.split())
+    from featcache.compare import collect_runs
+
+    labels = sorted(r.head for r in collect_runs(tmp_path))
+    assert labels == ["logreg (resampler torch)", "logreg [onnxruntime]", "logreg [torch]"], labels
