@@ -151,7 +151,7 @@ class Preprocess:
         if self.resize_mode in ("full", "pad"):
             return TF2.resize(image, [self.crop_size, self.crop_size], interpolation=interpolation, antialias=True)
         image = TF2.resize(image, self.resize_size, interpolation=interpolation, antialias=True)
-        return TF2.center_crop(image, [self.crop_size, self.crop_size]).contiguous()
+        return TF2.center_crop(image, [self.crop_size, self.crop_size])  # the batch's stack copies it
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 NxCxHxW -> float32 normalised, exactly as ToTensor() + Normalize() compute it."""
@@ -210,27 +210,39 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
 
 
 def decode_jpeg_tensor(data: bytes, min_side: int | None = None) -> torch.Tensor | None:
-    """A plain JPEG (RGB or grey, no EXIF rotation) decoded by libjpeg-turbo (simplejpeg) straight into
-    a 3 x H x W uint8 tensor, DCT-scaled exactly as PIL's draft would for ``min_side``: the same pixels
-    as :func:`decode_rgb` (tested) without PIL's copies. ``None`` for anything else: the caller decodes
-    it with :func:`decode_rgb`, which also gives the reasons for files that are not images."""
+    """A plain JPEG (YCbCr or grey, no EXIF rotation) decoded by libjpeg-turbo (simplejpeg) straight into
+    a 3 x H x W uint8 tensor, DCT-scaled by PIL's draft rule for ``min_side``: the same pixels as
+    :func:`decode_rgb` (tested) without PIL's copies. ``None`` for anything else (other formats and colour
+    spaces, EXIF-rotated or oversized images): the caller decodes it with :func:`decode_rgb`, which also
+    gives the reasons for files that are not images."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = Image.open(io.BytesIO(data))  # reads the header only
-        if header.format != "JPEG" or header.mode not in ("RGB", "L"):
-            return None
-        if header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            return None
-        if min_side:
-            header.draft("RGB", (min_side, min_side))  # PIL's choice of scale, by its own rule
-        width, height = header.size
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)  # the header only, no PIL
+    except (ValueError, RuntimeError):
+        return None
+    if colorspace not in ("YCbCr", "Gray") or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return None  # CMYK, Adobe RGB and decompression bombs take PIL's path, with its checks
+    if b"Exif\x00\x00" in data[:65536] and _exif_orientation(data) != 1:
+        return None  # rotated: PIL applies the EXIF orientation
+    if min_side:  # PIL's draft rule (JpegImageFile.draft): the largest of 1/8, 1/4, 1/2 keeping min_side
+        scale = min(width // min_side, height // min_side)
+        step = next((s for s in (8, 4, 2) if scale >= s), 1)
+        width, height = (width + step - 1) // step, (height + step - 1) // step
+    try:
         pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (ValueError, RuntimeError):
         return None
     if pixels.shape[:2] != (height, width):  # not PIL's scale: leave it to PIL
         return None
     return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def _exif_orientation(data: bytes) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return int(Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # unreadable EXIF: PIL's own path decides
+        return 0
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -77,10 +77,18 @@ def test_fast_jpeg_decode_gives_pils_pixels():
             assert tensor is not None and torch.equal(tensor, pil_to_tensor(decode_rgb(data, min_side)))
 
 
+def test_fast_jpeg_decode_leaves_oversized_images_to_pils_checks(photo, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert decode_jpeg_tensor(encode(photo, "JPEG")) is None  # PIL warns or refuses, as without --resampler
+
+
 def test_fast_jpeg_decode_leaves_odd_files_to_pil(photo):
     exif = Image.Exif()
     exif[0x0112] = 6
     assert decode_jpeg_tensor(encode(photo, "JPEG", exif=exif.tobytes())) is None  # rotated: PIL applies EXIF
+    upright = Image.Exif()
+    upright[0x0112] = 1  # EXIF that says "as stored": the fast path
+    assert decode_jpeg_tensor(encode(photo, "JPEG", exif=upright.tobytes())) is not None
     assert decode_jpeg_tensor(encode(photo.convert("CMYK"), "JPEG")) is None
     assert decode_jpeg_tensor(encode(photo, "PNG")) is None
     jpeg = encode(photo, "JPEG")
