@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from featcache.backbones import LoadedBackbone
-from featcache.engines import make_forward
+from featcache.engines import make_forward, run_pipelined
 from featcache.extract import _collate, _ImageDataset, _worker_init, extract
 from featcache.sources import ImageSource
 
@@ -74,13 +74,18 @@ def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, e
         backbone.model.to(memory_format=_memory_format(backbone))
     forward = make_forward(engine, backbone, Path(cache_root or tempfile.gettempdir()))
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # what the loader hands over
-    with torch.inference_mode():
-        forward(x)  # warm-up: allocator and kernel selection
-        batches = max(1, n_images // batch_size)
-        started = time.perf_counter()
-        for _ in range(batches):
+
+    def run(_: int) -> None:
+        with torch.inference_mode():
             forward(x)
-        return batches * batch_size / (time.perf_counter() - started)
+
+    for _ in run_pipelined(forward, range(4), run):  # warm-up: allocator, kernel selection, every stream
+        pass
+    batches = max(1, n_images // batch_size)
+    started = time.perf_counter()
+    for _ in run_pipelined(forward, range(batches), run):  # as extraction runs it: every stream busy
+        pass
+    return batches * batch_size / (time.perf_counter() - started)
 
 
 def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int, batch_size: int | None,

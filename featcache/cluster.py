@@ -228,6 +228,7 @@ class BackboneActor:
         self.forward = make_forward(loader["engine"], model, Path(loader["cache_root"]))
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .engines import run_pipelined
         from .extract import run_views
 
         ok = np.array([not e for e in block["error"]], bool)
@@ -236,13 +237,16 @@ class BackboneActor:
         shape = (views,) if views > 1 else ()  # one view is stored without the views axis
         feats = {p: np.zeros((len(ok), *shape, dims[p]), np.float32) for p in self.loader["pools"]}
         size = self.loader["batch_size"]
-        for start in range(0, len(ok), size):  # the local loader's batches: its decoded images, in order
-            rows = np.flatnonzero(ok[start:start + size]) + start
-            if not len(rows):
-                continue
+        # the local loader's batches: its decoded images, in order (several at once on a multi-stream engine)
+        batches = [rows for start in range(0, len(ok), size)
+                   if len(rows := np.flatnonzero(ok[start:start + size]) + start)]
+
+        def compute(rows: np.ndarray) -> dict[str, np.ndarray]:
             images = torch.from_numpy(np.ascontiguousarray(block["image"][rows])).to(self.device)
-            computed = run_views(self.forward, images, tuple(self.loader["views"]), self.device,
-                                 self.loader["precision"])
+            return run_views(self.forward, images, tuple(self.loader["views"]), self.device,
+                             self.loader["precision"])
+
+        for rows, computed in run_pipelined(self.forward, batches, compute):
             for p in feats:
                 feats[p][rows] = computed[p]
         return {**out, **{f"feat:{p}": v for p, v in feats.items()}}

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +39,40 @@ MEASURED_FASTEST = {
 }
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class StreamedForward:
+    """A forward that ``streams`` batches may run through at once, each on one thread (the exported
+    engines' throughput mode). Measured on 2 cores with the decode worker beside it: a thread preempted by
+    the decode then holds up only its own batch, not the other thread at every parallel step (Lite0 on
+    OpenVINO +18 % on 200x150 JPEGs, SqueezeNet on ONNX Runtime +20 % on 600x450)."""
+
+    def __init__(self, run: Forward, streams: int):
+        self.run, self.streams = run, streams
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.run(images)
+
+
+def run_pipelined(forward: Forward, batches: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """``(batch, work(batch))`` in order, with as many batches in flight as ``forward`` has streams."""
+    streams = getattr(forward, "streams", 1)
+    if streams < 2:
+        for batch in batches:
+            yield batch, work(batch)
+        return
+    with ThreadPoolExecutor(streams, thread_name_prefix="featcache-stream") as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(work, batch)))
+            if len(pending) > streams:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.device) -> str:
@@ -136,13 +174,14 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
     path = onnx_path(model, cache_root)
     pools = tuple(model.model.pools)
     threads = torch.get_num_threads()
+    streams = threads if threads > 1 else 1  # one single-threaded stream per thread (StreamedForward)
     if engine == Engine.onnxruntime.value:
         try:
             import onnxruntime as ort
         except ImportError:
             raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install onnx onnxruntime") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.intra_op_num_threads, options.inter_op_num_threads = threads // streams, 1  # run() is thread-safe
         # Idle ONNX Runtime threads spin by default, taking the cores the decode worker needs between
         # batches: without spinning SqueezeNet's extraction ran ~25 % faster here, its bare forward no slower.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -152,17 +191,23 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
             outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy())})
             return {p: torch.from_numpy(o) for p, o in zip(pools, outputs, strict=True)}
 
-        return run_ort
+        return StreamedForward(run_ort, streams)
     try:
         import openvino as ov
     except ImportError:
         raise FeatcacheError("--engine openvino needs OpenVINO: pip install onnx openvino") from None
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams}
+    if streams > 1:
+        config["PERFORMANCE_HINT"] = "THROUGHPUT"
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
     ports = [compiled.output(p) for p in pools]
+    requests = threading.local()  # an infer request per stream thread (one request is not thread-safe)
 
     def run_openvino(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        result = compiled(np.ascontiguousarray(x.numpy()))
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        result = requests.request.infer(np.ascontiguousarray(x.numpy()))
+        # copies: the request reuses its output buffers for the next batch
         return {p: torch.from_numpy(np.array(result[port])) for p, port in zip(pools, ports, strict=True)}
 
-    return run_openvino
+    return StreamedForward(run_openvino, streams)

@@ -695,7 +695,7 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
                    cache_root: Path) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
     """(items, features) per batch: decoded by DataLoader workers, run here. ``features[pool]`` has one
     row per item that decoded, in order."""
-    from .engines import make_forward
+    from .engines import make_forward, run_pipelined
 
     forward = make_forward(engine, model, cache_root)
     if workers is None:
@@ -710,10 +710,12 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda,
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
-    for batch in loader:
-        feats = {}
-        if batch["images"] is not None:
-            feats = run_views(forward, batch["images"].to(dev, non_blocking=cuda), view_names, dev, precision)
+    def features(batch: dict) -> dict[str, np.ndarray]:
+        if batch["images"] is None:
+            return {}
+        return run_views(forward, batch["images"].to(dev, non_blocking=cuda), view_names, dev, precision)
+
+    for batch, feats in run_pipelined(forward, loader, features):  # the engine's streams run batches at once
         yield batch["items"], feats
 
 

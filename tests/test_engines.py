@@ -99,3 +99,41 @@ def test_fit_names_the_entry_it_takes_and_compare_tells_the_entries_apart(small_
 
     labels = sorted(r.head for r in collect_runs(tmp_path))
     assert labels == ["logreg (resampler torch)", "logreg [onnxruntime]", "logreg [torch]"], labels
+
+
+def test_streams_run_batches_at_once_and_keep_their_order(tmp_path):
+    import threading
+    import time
+
+    import torch
+
+    from featcache.engines import StreamedForward, make_forward, run_pipelined
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(batch: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 * (batch % 3))  # later batches may finish first
+        with lock:
+            running[0] -= 1
+        if batch == 7:
+            raise RuntimeError("batch 7 failed")
+        return batch * 10
+
+    forward = StreamedForward(lambda x: {}, streams=2)
+    assert [(b, r) for b, r in run_pipelined(forward, range(6), slow)] == [(b, b * 10) for b in range(6)]
+    assert most[0] == 2  # two batches in flight, never more
+    with pytest.raises(RuntimeError, match="batch 7 failed"):
+        list(run_pipelined(forward, range(10), slow))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for engine in ("onnxruntime", "openvino"):
+            assert make_forward(engine, load_backbone("squeezenet1_1"), tmp_path).streams == 2
+        torch.set_num_threads(1)
+        assert make_forward("openvino", load_backbone("squeezenet1_1"), tmp_path).streams == 1
+    finally:
+        torch.set_num_threads(threads)
