@@ -99,17 +99,18 @@ def engine_installed(engine: str | Engine) -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", module))
 
 
-def auto_note(model: LoadedBackbone, device: torch.device, resolved: str) -> str:
-    """What ``--engine auto`` chose for ``model`` on ``device``, and why."""
+def auto_note(model: LoadedBackbone, device: torch.device, resolved: str) -> tuple[str, bool]:
+    """What ``--engine auto`` chose for ``model`` on ``device`` and why, and whether it is a warning (the
+    measured engine is not installed)."""
     fastest = MEASURED_FASTEST.get(model.spec.name)
     if device.type != "cpu":
-        return f"--engine auto: torch for {model.spec.name} on {device.type}"
+        return f"--engine auto: torch for {model.spec.name} on {device.type}", False
     if fastest is None:
-        return f"--engine auto: torch for {model.spec.name} (no other engine measured faster for it yet)"
+        return f"--engine auto: torch for {model.spec.name} (no other engine measured faster for it yet)", False
     if resolved != fastest.value:
         return (f"--engine auto: torch for {model.spec.name}, NOT {fastest.value} (measured fastest for it): "
-                f"{fastest.value} is not installed; pip install onnx onnxruntime openvino for the faster run")
-    return f"--engine auto: {resolved} for {model.spec.name} (measured fastest for it on the CPU)"
+                f"{fastest.value} is not installed; pip install onnx onnxruntime openvino for the faster run"), True
+    return f"--engine auto: {resolved} for {model.spec.name} (measured fastest for it on the CPU)", False
 
 
 class _PoolOutputs(nn.Module):

@@ -637,8 +637,8 @@ def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, repo
     except ValueError:
         raise FeatcacheError(f"--engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}") from None
     if str(getattr(engine, "value", engine)) == "auto":
-        note = auto_note(model, dev, resolved)
-        (reporter.warn if "NOT" in note else reporter.info)(note)
+        note, loud = auto_note(model, dev, resolved)
+        (reporter.warn if loud else reporter.info)(note)
     return resolved
 
 

@@ -57,8 +57,8 @@ def test_auto_without_the_measured_engine_runs_torch_and_says_so_loudly(monkeypa
                         real_find_spec(name, *a))
     lite0, cpu = load_backbone("efficientnet_lite0"), resolve_device("cpu")
     assert engines.resolve_engine("auto", lite0, cpu) == "torch"
-    note = engines.auto_note(lite0, cpu, "torch")
-    assert "NOT openvino" in note and "pip install" in note
+    note, loud = engines.auto_note(lite0, cpu, "torch")
+    assert loud and "NOT openvino" in note and "pip install" in note
     assert engines.resolve_engine("auto", load_backbone("squeezenet1_1"), cpu) == "onnxruntime"  # still there
 
 
