@@ -60,11 +60,9 @@ def _entry_settings(entry_dir: Path, known: dict[Path, dict]) -> dict:
     """The run's entry's settings that set its features apart: resize, filters, resampler, engine."""
     if entry_dir not in known:
         try:
-            entry = CacheEntry(entry_dir)
-            known[entry_dir] = {"resize": entry.resize_mode, "filters": entry.filters,
-                                "resampler": entry.resampler, "engine": entry.engine}
+            known[entry_dir] = CacheEntry(entry_dir).settings
         except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
-            known[entry_dir] = {"resize": "crop", "filters": (), "resampler": "pil", "engine": "torch"}
+            known[entry_dir] = {"views": 1, "resize": "crop", "filters": (), "resampler": "pil", "engine": "torch"}
     return known[entry_dir]
 
 

@@ -83,7 +83,7 @@ class Engine(StrEnum):
 class Resampler(StrEnum):
     """What resizes the decoded image: ``pil`` is the backbone's own eval transform, bit for bit;
     ``torch`` is PyTorch's vectorised uint8 resize of a tensor decoded straight from the JPEG (pixels
-    within 1-2 levels of ``pil``, so it is part of the fingerprint)."""
+    within 3 levels of ``pil``, so it is part of the fingerprint)."""
 
     pil = "pil"
     torch = "torch"

@@ -44,7 +44,7 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str |
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
                and (pool is None or pool in e.pools) and e.filters == tuple(filters)
-               and all(v is None or _setting(e, k) == v for k, v in wanted.items())]
+               and all(v is None or e.settings[k] == v for k, v in wanted.items())]
     if not entries:
         asked = {**wanted, "preprocess": ",".join(filters)}
         described = "".join(f" {k} {v}" for k, v in {"pool": pool, **asked}.items() if v)
@@ -53,19 +53,15 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str |
                        f"`featcache extract --backbone {backbone} --data {source.location}{options}` first")
     chosen = max(entries, key=lambda e: e.manifest["provenance"]["date"])
     if len(entries) > 1 and reporter is not None:
-        differ = [k for k in wanted if len({_setting(e, k) for e in entries}) > 1]
-        settings = ", ".join(f"{k} {_setting(chosen, k)}" for k in differ) or "the same settings"
-        others = "; ".join(f"{e.path.name} ({', '.join(f'{k} {_setting(e, k)}' for k in differ)})"
+        differ = [k for k in wanted if len({e.settings[k] for e in entries}) > 1]
+        settings = ", ".join(f"{k} {chosen.settings[k]}" for k in differ) or "the same settings"
+        others = "; ".join(f"{e.path.name} ({', '.join(f'{k} {e.settings[k]}' for k in differ) or 'alike'})"
                            for e in entries if e is not chosen)
-        pick = " or ".join(f"--{k}" for k in differ) or "removing the older entries"
+        pick = (f"Choose with {' or '.join(f'--{k}' for k in differ)}" if differ else
+                "They differ in nothing fit selects by: delete the folders of the ones you no longer want")
         reporter.info(f"features of {backbone}: {chosen.path.name} ({settings}), the newest of {len(entries)} "
-                      f"matching entries; the others: {others}. Choose with {pick}")
+                      f"matching entries; the others: {others}. {pick}")
     return chosen
-
-
-def _setting(entry: CacheEntry, name: str) -> object:
-    return {"views": entry.views, "resize": entry.resize_mode, "engine": entry.engine,
-            "resampler": entry.resampler}[name]
 
 
 def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,

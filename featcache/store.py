@@ -340,6 +340,13 @@ class CacheEntry:
         """The --resampler the entry was extracted with (entries from before the option are ``pil``)."""
         return self.manifest["fingerprint_inputs"]["preprocess"].get("resampler", "pil")
 
+    @property
+    def settings(self) -> dict:
+        """The extraction settings that set this entry's features apart from another entry of the same
+        backbone and images (what ``fit`` selects by and ``compare`` labels by)."""
+        return {"views": self.views, "resize": self.resize_mode, "filters": self.filters,
+                "engine": self.engine, "resampler": self.resampler}
+
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
 
