@@ -29,14 +29,17 @@ from pathlib import Path
 import numpy as np
 from docs_blocks import keep_blocks
 
-from featcache.compare import collect_runs, ensemble_rows, head_label
-from featcache.evaluate import Protocol, compute_metrics, fit_head, labeled_features
-from featcache.extract import extract
-from featcache.heads import CALIBRATIONS
-from featcache.pipeline import find_entry
+from featcache.data.sources import open_source
+from featcache.evaluation.features import labeled_features
+from featcache.evaluation.fitting import find_entry
+from featcache.evaluation.heads import CALIBRATIONS
+from featcache.evaluation.metrics import compute_metrics
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.extraction.extract import extract
 from featcache.progress import Reporter
-from featcache.runs import has_test_predictions, read_predictions
-from featcache.sources import open_source
+from featcache.reporting.compare import collect_runs, ensemble_rows, head_label
+from featcache.store.runs import has_test_predictions, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -177,7 +180,7 @@ def _ensemble_lines(cache: Path, protocol_word: str, members: list[dict]) -> tup
 
 def _budget_fingerprints(runner: Runner) -> set[str]:
     """The entries the one-hour budget covers: 4 views of each of the three budget backbones."""
-    from featcache.store import find_entries
+    from featcache.store.entries import find_entries
 
     return {e.fingerprint for e in find_entries(runner.cache)
             if e.views == VIEWS and e.manifest["backbone"] in BUDGET_BACKBONES}

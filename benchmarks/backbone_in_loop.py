@@ -28,10 +28,11 @@ import torch
 from heads_speed import ham_pca_features, run_grid
 from torch.utils.data import DataLoader
 
-from featcache.backbones import load_backbone
-from featcache.evaluate import Protocol, fit_head
-from featcache.extract import _collate, _ImageDataset, _worker_init
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from featcache.backbones import load_backbone
-from featcache.images import decode_rgb
+from featcache.backbones.models import load_backbone
+from featcache.data.images import decode_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 HAM70 = REPO.parent / "shared" / "data" / "ham70"

@@ -15,10 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from featcache.backbones import LoadedBackbone
-from featcache.engines import make_forward, run_pipelined
-from featcache.extract import _collate, _ImageDataset, _worker_init, extract
-from featcache.sources import ImageSource
+from featcache.backbones.models import LoadedBackbone
+from featcache.data.sources import ImageSource
+from featcache.extraction.engines import make_forward, run_pipelined
+from featcache.extraction.extract import extract
+from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
 
 
 def gemm_peak_gflops(size: int = 2048, seconds: float = 2.0) -> float:

@@ -28,9 +28,9 @@ import torch
 from docs_blocks import replace_block
 from efficiency import bare_forward_ips, ceiling, decode_ips, extraction_ips
 
-from featcache.backbones import load_backbone
-from featcache.engines import onnx_path
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
+from featcache.extraction.engines import onnx_path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"200x150": REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv",

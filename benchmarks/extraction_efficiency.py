@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from efficiency import extraction_efficiency, gemm_peak_gflops
 
-from featcache.backbones import load_backbone
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.evaluate import Protocol
-from featcache.extract import extract
-from featcache.heads import BASELINES, HEADS
-from featcache.pipeline import fit_many
+from featcache.data.sources import open_source
+from featcache.evaluation.fitting import fit_many
+from featcache.evaluation.heads import BASELINES, HEADS
+from featcache.evaluation.protocol import Protocol
+from featcache.extraction.extract import extract
 from featcache.progress import Reporter
-from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.decomposition import PCA
 
-from featcache.evaluate import LabeledFeatures, Protocol, fit_head, labeled_features
-from featcache.heads import BASELINES, HEADS
-from featcache.pipeline import find_entry
-from featcache.sources import open_source
+from featcache.data.sources import open_source
+from featcache.evaluation.features import LabeledFeatures, labeled_features
+from featcache.evaluation.fitting import find_entry
+from featcache.evaluation.heads import BASELINES, HEADS
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

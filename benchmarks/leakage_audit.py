@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 from docs_blocks import replace_block
 
-from featcache.evaluate import Protocol, fit_head, labeled_features, leakage_summary, split_plan
-from featcache.extract import extract
-from featcache.leakage import CALIBRATED_THRESHOLDS, find_duplicates
+from featcache.data.sources import open_source
+from featcache.evaluation.audit import leakage_summary
+from featcache.evaluation.features import labeled_features
+from featcache.evaluation.leakage import CALIBRATED_THRESHOLDS, find_duplicates
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.evaluation.splits import split_plan
+from featcache.extraction.extract import extract
 from featcache.progress import Reporter
-from featcache.runs import read_metrics
-from featcache.sources import open_source
+from featcache.store.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

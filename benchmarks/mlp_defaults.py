@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.evaluate import compute_metrics, labeled_features, make_folds
-from featcache.extract import extract
-from featcache.heads import make_pipeline
-from featcache.sources import open_source
+from featcache.data.sources import open_source
+from featcache.evaluation.features import labeled_features
+from featcache.evaluation.heads import make_pipeline
+from featcache.evaluation.metrics import compute_metrics
+from featcache.evaluation.splits import make_folds
+from featcache.extraction.extract import extract
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

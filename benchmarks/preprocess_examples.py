@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from featcache.preprocessing import remove_hair, shades_of_gray  # noqa: E402
+from featcache.data.preprocessing import remove_hair, shades_of_gray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HAM70 = REPO.parent / "shared" / "data" / "ham70"

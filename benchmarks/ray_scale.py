@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from docs_blocks import replace_block
 
-from featcache.backbones import load_backbone
-from featcache.cluster import RayCluster
-from featcache.evaluate import Protocol
-from featcache.extract import extract
-from featcache.pipeline import fit_many
-from featcache.runs import read_metrics
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
+from featcache.evaluation.fitting import fit_many
+from featcache.evaluation.protocol import Protocol
+from featcache.extraction.extract import extract
+from featcache.extraction.ray import RayCluster
+from featcache.store.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"
@@ -129,7 +129,7 @@ def large_jpeg_decode_ms(repeats: int = 10) -> tuple[float, float]:
 
     from PIL import Image
 
-    from featcache.images import decode_rgb
+    from featcache.data.images import decode_rgb
 
     photo = next((REPO.parent / "shared" / "data" / "ham70").rglob("*.jpg"))
     big = np.asarray(Image.open(photo).convert("RGB").resize((4000, 3000), Image.BICUBIC)).astype(np.float32)

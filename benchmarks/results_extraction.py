@@ -22,9 +22,9 @@ import torch
 from accuracy import BUDGET_BACKBONES, HAM, ISIC_TEST, LAYER_POOLS, VIEWS
 from docs_blocks import replace_block
 
-from featcache.extract import extract
+from featcache.data.sources import open_source
+from featcache.extraction.extract import extract
 from featcache.progress import Reporter
-from featcache.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 20 * 60

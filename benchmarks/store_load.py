@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.store import CacheEntry, find_entries
+from featcache.store.entries import CacheEntry, find_entries
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ class Calibration(StrEnum):
 class Grouping(StrEnum):
     """Which images must stay on one side of a split: ``auto`` = the source's group column when it
     has one (else ungrouped, said loudly); ``none`` = ungrouped on purpose; ``near-duplicates`` =
-    connected components of identical or near-identical images (see :mod:`featcache.leakage`)."""
+    connected components of identical or near-identical images (see :mod:`featcache.evaluation.leakage`)."""
 
     auto = "auto"
     none = "none"

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FeatcacheError
-from .options import (
+from featcache.errors import FeatcacheError
+from featcache.options import (
     Calibration,
     ClassWeight,
     Dtype,
@@ -47,11 +47,11 @@ from .options import (
     ViewCount,
     checked_choice,
 )
-from .progress import Reporter
-from .runs import is_finished
+from featcache.progress import Reporter
+from featcache.store.runs import is_finished
 
 if TYPE_CHECKING:
-    from .cluster import RayCluster
+    from featcache.extraction.ray import RayCluster
 
 
 class StudyError(FeatcacheError):
@@ -195,7 +195,7 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
         raise StudyError(f"{where}: [fit] fuse = true needs two or more [extract] backbones and [extract] pools "
                          "(the poolings fused; every backbone must have them)")
     try:
-        from .heads import parse_heads
+        from featcache.evaluation.heads import parse_heads
 
         heads = parse_heads(",".join(heads))
     except FeatcacheError as exc:
@@ -253,7 +253,7 @@ def _strings(values: list, key: str, where: str) -> list[str]:
 
 
 def _check_backbones(backbones: list[str], pools: list[str] | None, where: str) -> None:
-    from .registry import get_spec
+    from featcache.backbones.registry import get_spec
 
     for name in backbones:
         try:
@@ -285,7 +285,7 @@ class StudyResult:
 
 
 def _sources(study: Study):
-    from .sources import open_source
+    from featcache.data.sources import open_source
 
     data = study.data
     train = open_source(study.train, data.get("images"), data.get("image_col"), data.get("label_col"),
@@ -295,7 +295,7 @@ def _sources(study: Study):
 
 
 def _protocol(study: Study):
-    from .evaluate import Protocol
+    from featcache.evaluation.protocol import Protocol
 
     return Protocol(**study.fit)
 
@@ -304,11 +304,12 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
     """What the study will do and what the cache already holds. Each backbone is loaded to name its
     entry (the weights decide the fingerprint), and kept in ``models`` for the run; a fit is known
     to be done only once its features exist, because a run is named by the rows it uses."""
-    from .backbones import load_backbone
-    from .evaluate import labeled_features, run_dir_for
-    from .extract import planned_entry
-    from .pipeline import test_grouping
-    from .store import CacheEntry
+    from featcache.backbones.models import load_backbone
+    from featcache.evaluation.features import labeled_features
+    from featcache.evaluation.fitting import test_grouping
+    from featcache.evaluation.runner import run_dir_for
+    from featcache.extraction.extract import planned_entry
+    from featcache.store.entries import CacheEntry
 
     train, test = _sources(study)
     protocol = _protocol(study)
@@ -354,12 +355,12 @@ def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Rep
               dry_run: bool = False, base: str | Path = ".", cluster: RayCluster | None = None) -> StudyResult:
     """Run a study (a :class:`Study` or the study file's content as a dict, paths relative to
     ``base``): every extraction, every fit, the comparison and ``report.html`` in the cache root.
-    ``cluster``: extractions and fits on Ray (:mod:`featcache.cluster`), with the same results."""
-    from .extract import extract
-    from .fusion import FusedEntry
-    from .pipeline import fit_many
-    from .report import write_report
-    from .store import default_cache_root
+    ``cluster``: extractions and fits on Ray (:mod:`featcache.extraction.ray`), with the same results."""
+    from featcache.evaluation.fitting import fit_many
+    from featcache.extraction.extract import extract
+    from featcache.reporting.report import write_report
+    from featcache.store.fusion import FusedEntry
+    from featcache.store.naming import default_cache_root
 
     study = study if isinstance(study, Study) else parse_study(study, base)
     cache_root = Path(cache_root or default_cache_root())

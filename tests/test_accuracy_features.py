@@ -8,20 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbones import load_backbone
-from featcache.compare import collect_runs, ensemble_rows
-from featcache.evaluate import (
-    LabeledFeatures,
-    Protocol,
-    compute_metrics,
-    encode_meta,
-    fit_head,
-    random_712_split,
-)
-from featcache.extract import extract
-from featcache.heads import SVMHead, ViewEnsemble, _validation_split, make_pipeline
-from featcache.images import VIEWS, Preprocess, apply_view
-from featcache.sources import ImageRecord, open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.images import VIEWS, Preprocess, apply_view
+from featcache.data.sources import ImageRecord, open_source
+from featcache.evaluation.features import LabeledFeatures, encode_meta
+from featcache.evaluation.heads import SVMHead, ViewEnsemble, _validation_split, make_pipeline
+from featcache.evaluation.metrics import compute_metrics
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.evaluation.splits import random_712_split
+from featcache.extraction.extract import extract
+from featcache.reporting.compare import collect_runs, ensemble_rows
 
 from .fakes import FakeEntry
 

@@ -9,16 +9,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from featcache.compare import collect_runs
-from featcache.evaluate import (
-    LabeledFeatures,
-    Protocol,
-    build_estimator,
-    estimator_params,
-    expected_calibration_error,
-    fit_head,
-)
-from featcache.heads import CalibratedHead, SVMHead, ViewEnsemble, _calibration_setup, make_pipeline
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.heads import CalibratedHead, SVMHead, ViewEnsemble, _calibration_setup, make_pipeline
+from featcache.evaluation.metrics import expected_calibration_error
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import build_estimator, estimator_params, fit_head
+from featcache.reporting.compare import collect_runs
 
 from .fakes import FakeEntry
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from featcache.backbones import load_backbone
+from featcache.backbones.models import load_backbone
 from featcache.cli import app
+from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
-from featcache.evaluate import Protocol
-from featcache.extract import extract
-from featcache.pipeline import fit_many
-from featcache.runs import read_metrics
-from featcache.sources import open_source
-from featcache.store import TEMP_MARK
+from featcache.evaluation.fitting import fit_many
+from featcache.evaluation.protocol import Protocol
+from featcache.extraction.extract import extract
+from featcache.store.entries import TEMP_MARK
+from featcache.store.runs import read_metrics
 
 from .conftest import DEMO
 
@@ -32,7 +32,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'feat
 
 @pytest.fixture(scope="module")
 def cluster():
-    from featcache.cluster import RayCluster
+    from featcache.extraction.ray import RayCluster
 
     started = RayCluster("local")
     yield started
@@ -141,7 +141,7 @@ def test_a_killed_driver_leaves_whole_shards_and_a_rerun_resumes(cluster, tmp_pa
     assert 1 <= len(committed) < 5  # killed part-way: 40 images make 5 shards of 8
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    from featcache.store import CacheEntry
+    from featcache.store.entries import CacheEntry
 
     entry = CacheEntry(entry_dir)
     assert len(entry.ids) == len(set(entry.ids)) == 40 and not entry.failed
@@ -172,7 +172,7 @@ def test_ray_options_are_checked_where_they_enter(small_folder, tmp_path, monkey
     out = runner.invoke(app, ["extract", "--data", str(small_folder), "--ray-actors", "2", "--cache", str(tmp_path)])
     assert out.exit_code == 2 and "--ray-actors needs --ray" in out.output
     monkeypatch.setitem(sys.modules, "ray", None)  # as without the extra installed
-    from featcache.cluster import RayCluster
+    from featcache.extraction.ray import RayCluster
 
     with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[ray\]'"):
         RayCluster("local")

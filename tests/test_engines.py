@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featcache.backbones import load_backbone
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
-from featcache.extract import extract
-from featcache.sources import open_source
+from featcache.extraction.extract import extract
 
 POOLS = {"efficientnet_lite0": ("gap", "penult", "multi"), "squeezenet1_1": ("gap", "multi"),
          "dinov2_vits14": ("cls", "cls+mean", "last4")}
@@ -36,8 +36,8 @@ def test_engines_agree_with_pytorch_for_every_pooling_and_view(small_folder, tmp
 
 
 def test_auto_picks_the_measured_engine_and_says_so(small_folder, tmp_path):
-    from featcache.engines import resolve_engine
-    from featcache.extract import resolve_device
+    from featcache.extraction.device import resolve_device
+    from featcache.extraction.engines import resolve_engine
 
     lite0 = load_backbone("efficientnet_lite0")
     assert resolve_engine("auto", lite0, resolve_device("cpu")) == "openvino"
@@ -49,8 +49,8 @@ def test_auto_picks_the_measured_engine_and_says_so(small_folder, tmp_path):
 def test_auto_without_the_measured_engine_runs_torch_and_says_so_loudly(monkeypatch, tmp_path):
     import importlib.util
 
-    from featcache import engines
-    from featcache.extract import resolve_device
+    from featcache.extraction import engines
+    from featcache.extraction.device import resolve_device
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else
@@ -95,7 +95,7 @@ def test_fit_names_the_entry_it_takes_and_compare_tells_the_entries_apart(small_
     assert refused.exit_code == 2 and "auto names no entry" in " ".join(refused.output.split())
     missing = CliRunner().invoke(app, [*fit, "--engine", "openvino"])
     assert missing.exit_code == 2 and "--engine openvino" in " ".join(missing.output.split())
-    from featcache.compare import collect_runs
+    from featcache.reporting.compare import collect_runs
 
     labels = sorted(r.head for r in collect_runs(tmp_path))
     assert labels == ["logreg (resampler torch)", "logreg [onnxruntime]", "logreg [torch]"], labels
@@ -107,7 +107,7 @@ def test_streams_run_batches_at_once_and_keep_their_order(tmp_path):
 
     import torch
 
-    from featcache.engines import StreamedForward, make_forward, run_pipelined
+    from featcache.extraction.engines import StreamedForward, make_forward, run_pipelined
 
     running, most = [0], [0]
     lock = threading.Lock()

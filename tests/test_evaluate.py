@@ -10,10 +10,14 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
-from featcache import heads as H
 from featcache.cli import app
-from featcache.evaluate import LabeledFeatures, Protocol, compute_metrics, fit_head, make_folds
-from featcache.heads import TorchMLPClassifier
+from featcache.evaluation import heads as H
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.heads import TorchMLPClassifier
+from featcache.evaluation.metrics import compute_metrics
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.evaluation.splits import make_folds
 
 from .conftest import shared
 from .fakes import FakeEntry
@@ -118,7 +122,7 @@ def test_mlp_learns_unscaled_features_and_is_deterministic():
 
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_vectorized_bootstrap_equals_sklearn_on_every_resample(n_classes):
-    from featcache.evaluate import bootstrap_ci
+    from featcache.evaluation.metrics import bootstrap_ci
 
     rng = np.random.default_rng(n_classes)
     classes = [f"c{i}" for i in range(n_classes)]
@@ -163,7 +167,7 @@ def test_svm_probabilities_keep_the_class_balance():
 def test_tune_search_stops_at_its_time_budget_and_keeps_the_default_first():
     from sklearn.model_selection import StratifiedKFold
 
-    from featcache.evaluate import BudgetedSearch
+    from featcache.evaluation.search import BudgetedSearch
 
     data = _blobs(n=300, seed=2)
     grid = H.GRIDS["logreg"]

@@ -15,12 +15,12 @@ import timm
 import torch
 from PIL import Image
 
-from featcache import weights as W
-from featcache.backbones import load_backbone
+from featcache.backbones import weights as W
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
 from featcache.errors import EntryLocked, FeatcacheError, WeightsUnavailable
-from featcache.extract import extract
-from featcache.sources import open_source
-from featcache.store import CacheEntry, EntryLock
+from featcache.extraction.extract import extract
+from featcache.store.entries import CacheEntry, EntryLock
 
 from .conftest import shared
 
@@ -109,7 +109,7 @@ def test_published_hash_mismatch_and_offline_message(tmp_path, monkeypatch):
 
 def test_second_writer_is_refused_with_the_holder(tmp_path):
     entry = tmp_path / "entry"
-    code = ("import sys, time; from pathlib import Path; from featcache.store import EntryLock\n"
+    code = ("import sys, time; from pathlib import Path; from featcache.store.entries import EntryLock\n"
             "with EntryLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(30)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(entry)], stdout=subprocess.PIPE, text=True)
     try:
@@ -164,7 +164,7 @@ def test_reader_chunks_and_memmaps_agree(small_folder, lite0, tmp_path):
 
 
 def test_resampler_torch_is_its_own_entry_and_test_data_follows_it(small_folder, tmp_path):
-    from featcache.extract import extract_like
+    from featcache.extraction.extract import extract_like
 
     source = open_source(small_folder)
     # 192 px: the sample's 341x256 photos are really resampled (at 224 the resize would be the identity)

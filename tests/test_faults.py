@@ -22,16 +22,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import featcache.store as store
-from featcache.backbones import load_backbone
+import featcache.store.entries as store
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
 from featcache.errors import CacheError, EntryLocked, RunError
-from featcache.evaluate import Protocol, fit_head, labeled_features
-from featcache.extract import extract
-from featcache.predict import predict_proba_from_entry
-from featcache.runs import load_model
-from featcache.sources import open_source
-from featcache.store import CacheEntry, EntryLock
-from featcache.verify import verify_entry
+from featcache.evaluation.features import labeled_features
+from featcache.evaluation.predict import predict_proba_from_entry
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.extraction.extract import extract
+from featcache.store.entries import CacheEntry, EntryLock
+from featcache.store.runs import load_model
+from featcache.store.verify import verify_entry
 
 from .conftest import shared
 
@@ -293,7 +295,7 @@ def test_after_an_interrupt_only_the_dying_workers_connection_errors_are_silence
     ConnectionResetError (workers killed mid-handshake) must not print a traceback, anything else must."""
     import sys
 
-    from featcache.extract import _quiet_worker_teardown
+    from featcache.extraction.loader import _quiet_worker_teardown
 
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     _quiet_worker_teardown()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.images import Preprocess, decode_jpeg_tensor, decode_rgb
+from featcache.data.images import Preprocess, decode_jpeg_tensor, decode_rgb
 from tests.conftest import DEMO, shared
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from featcache.backbones import load_backbone
-from featcache.engines import MEASURED_FASTEST
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
+from featcache.extraction.engines import MEASURED_FASTEST
 
 from .conftest import DEMO, REPO
 

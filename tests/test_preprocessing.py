@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from featcache.backbones import load_backbone
+from featcache.backbones.models import load_backbone
 from featcache.cli import app
+from featcache.data.preprocessing import checked_filters, remove_hair, shades_of_gray
+from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
-from featcache.extract import extract, extract_like
-from featcache.pipeline import find_entry
-from featcache.preprocessing import checked_filters, remove_hair, shades_of_gray
-from featcache.sources import open_source
+from featcache.evaluation.fitting import find_entry
+from featcache.extraction.extract import extract, extract_like
 
 
 def test_filter_names_are_checked():

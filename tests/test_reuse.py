@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.backbones import load_backbone
-from featcache.extract import extract
-from featcache.sources import open_source
+from featcache.backbones.models import load_backbone
+from featcache.data.sources import open_source
+from featcache.extraction.extract import extract
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_
     from typer.testing import CliRunner
 
     from featcache.cli import app
-    from featcache.runs import load_model, read_metrics
+    from featcache.store.runs import load_model, read_metrics
 
     cache = tmp_path / "cache"
     source = open_source(small_folder)
@@ -91,7 +91,7 @@ def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_
     two_views = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path / "other", workers=0,
                         views=2).entry
     from featcache.errors import RunError
-    from featcache.fusion import FusedEntry
+    from featcache.store.fusion import FusedEntry
 
     with pytest.raises(RunError, match="different numbers of views"):
         FusedEntry([(entries[0], "gap"), (two_views, "gap")])

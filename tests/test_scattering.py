@@ -7,13 +7,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from featcache.backbones import load_backbone
+from featcache.backbones.models import load_backbone
+from featcache.backbones.registry import get_spec, scattering_channels
 from featcache.cli import app
+from featcache.data.images import decode_rgb
+from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError, WeightsUnavailable
-from featcache.extract import extract
-from featcache.images import decode_rgb
-from featcache.registry import get_spec, scattering_channels
-from featcache.sources import open_source
+from featcache.extraction.extract import extract
 
 
 def test_names_choose_j_and_l_and_bad_ones_are_refused():

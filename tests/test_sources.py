@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from featcache.data.sources import open_source
 from featcache.errors import SourceError
-from featcache.sources import open_source
 
 from .conftest import shared
 

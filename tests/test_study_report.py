@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featcache.cli import app
-from featcache.runs import read_metrics
+from featcache.store.runs import read_metrics
 from featcache.study import StudyError, load_study, parse_study, run_study
 
 from .conftest import DEMO
@@ -175,7 +175,7 @@ def test_the_report_renders_in_a_real_browser_without_errors_or_requests(tmp_pat
 def test_fit_logs_each_run_to_a_real_local_mlflow_store_once(tmp_path, folder):
     from mlflow.tracking import MlflowClient
 
-    from featcache.tracking import EXPERIMENT, TAG, default_uri
+    from featcache.reporting.tracking import EXPERIMENT, TAG, default_uri
 
     cache = tmp_path / "cache"
     run_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
@@ -201,7 +201,7 @@ def test_backbones_lists_the_usable_ones_first_without_importing_torch():
     import subprocess
     import sys
 
-    probe = ("import sys, featcache.cli, featcache.registry as r; "
+    probe = ("import sys, featcache.cli, featcache.backbones.registry as r; "
              "[r.weights_available(s) for s in r.REGISTRY.values()]; "
              "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", probe], check=True)

@@ -16,17 +16,20 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from featcache.backbones import load_backbone
+from featcache.backbones.models import load_backbone
 from featcache.cli import app
-from featcache.compare import _fmt, collect_runs, ensemble_rows
+from featcache.data.sources import open_source
 from featcache.errors import RunError, SourceError
-from featcache.evaluate import LabeledFeatures, Protocol, compute_metrics, fit_head, labeled_features, score_parts
-from featcache.extract import extract
-from featcache.leakage import duplicate_groups, find_duplicates
-from featcache.runs import read_metrics, read_predictions
-from featcache.sources import open_source
-from featcache.store import MANIFEST, CacheEntry
-from featcache.verify import verify_entry
+from featcache.evaluation.features import LabeledFeatures, labeled_features
+from featcache.evaluation.leakage import duplicate_groups, find_duplicates
+from featcache.evaluation.metrics import compute_metrics, score_parts
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.extraction.extract import extract
+from featcache.reporting.compare import _fmt, collect_runs, ensemble_rows
+from featcache.store.entries import MANIFEST, CacheEntry
+from featcache.store.runs import read_metrics, read_predictions
+from featcache.store.verify import verify_entry
 
 from . import conftest
 from .fakes import FakeEntry

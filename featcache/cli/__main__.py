@@ -1,0 +1,5 @@
+"""`python -m featcache.cli`: the featcache command."""
+
+from featcache.cli import main
+
+main()

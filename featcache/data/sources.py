@@ -1,0 +1,327 @@
+"""Image sources: an ImageFolder tree, a CSV manifest (generic, HAM10000, ISIC one-hot) or an .npz.
+
+A source lists images with a stable id; labels, groups, splits and metadata stay here and are read
+again at fit time, so one extraction serves many label sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import SourceError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+IMAGE_COLUMNS = ("path", "image_path", "filepath", "file", "filename", "image", "image_name")
+LABEL_COLUMNS = ("label", "dx", "class", "diagnosis", "target", "y")
+# Columns that say which images belong together (one lesion, patient or case): CV keeps each
+# group on one side. Matched case-insensitively, in this order; `--group-col NAME` names another.
+GROUP_COLUMNS = ("group", "group_id", "lesion_id", "lesion", "patient_id", "patient", "patientid", "case_id",
+                 "case", "subject_id", "subject", "participant_id", "participant", "study_id", "individual_id")
+SPLIT_COLUMNS = ("split", "partition", "subset")
+ID_COLUMNS = ("image_id", "id", "isic_id")
+# The seven HAM10000 / ISIC 2018 diagnoses; their one-hot columns mark the ISIC ground-truth form.
+ISIC_ONE_HOT = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC", "AK", "SCC", "UNK")
+NPZ_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageRecord:
+    """One image of a source. ``path`` is the file to stat/hash (the .npz itself for arrays)."""
+
+    id: str
+    path: Path
+    label: str | None = None
+    group: str | None = None
+    split: str | None = None
+    npz_key: tuple[str, int] | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ImageSource:
+    """A parsed data source. ``notes`` lists rows that were skipped or look wrong, by row."""
+
+    name: str
+    location: Path
+    kind: str
+    records: list[ImageRecord]
+    notes: list[str] = field(default_factory=list)
+    group_column: str | None = None  # the column the groups came from ("npz splits" etc. have none)
+    # columns that look like groups (ids shared by several images) but were not recognised as such
+    suspect_group_columns: list[str] = field(default_factory=list)
+
+    @property
+    def has_groups(self) -> bool:
+        return any(r.group for r in self.records)
+
+    @property
+    def has_splits(self) -> bool:
+        return any(r.split for r in self.records)
+
+    def by_id(self) -> dict[str, ImageRecord]:
+        return {r.id: r for r in self.records}
+
+
+def slug(text: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
+    return cleaned or "data"
+
+
+def source_name(data: str | os.PathLike) -> str:
+    """The dataset name a source's features are cached under, from its path alone: the folder's
+    name, or the CSV's folder (plus the CSV's name unless it is labels/metadata), or the .npz's."""
+    path = Path(data).expanduser()
+    if path.is_dir() and (path / "labels.csv").is_file():
+        path = path / "labels.csv"
+    if path.suffix.lower() == ".csv":
+        name = path.parent.resolve().name
+        return slug(name if path.stem.lower() in ("labels", "metadata") else f"{name}-{path.stem}")
+    if path.suffix.lower() == ".npz":
+        return slug(path.stem)
+    return slug(path.resolve().name)
+
+
+def open_source(
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    group_col: str | None = None,
+) -> ImageSource:
+    """Open ``data`` (folder, CSV or .npz) as an :class:`ImageSource`.
+
+    A folder holding a ``labels.csv`` is read through that CSV (so groups and splits are kept);
+    any other folder must have one sub-folder per class.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise SourceError(f"--data {path}: no such file or folder")
+    manifest = path / "labels.csv" if path.is_dir() else path
+    if manifest.is_file() and manifest.suffix.lower() == ".csv":
+        return read_csv_source(manifest, images, image_col, label_col, group_col)
+    if group_col:
+        raise SourceError(f"--group-col {group_col}: {path} has no columns (only a CSV manifest has); "
+                          "write a CSV with an image, a label and a group column")
+    if path.is_dir():
+        return read_image_folder(path)
+    if path.suffix.lower() == ".npz":
+        return read_npz_source(path)
+    raise SourceError(
+        f"--data {path}: expected a folder of class sub-folders, a .csv manifest or an .npz file"
+    )
+
+
+def read_image_folder(root: Path) -> ImageSource:
+    """ImageFolder layout: ``root/<class>/<image>``; the id is the path relative to ``root``."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    records: list[ImageRecord] = []
+    for class_dir in class_dirs:
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                file = Path(dirpath) / filename
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    rel = file.relative_to(root).as_posix()
+                    records.append(ImageRecord(id=rel, path=file, label=class_dir.name))
+    if not records:
+        raise SourceError(
+            f"--data {root}: no images found; expected one sub-folder per class holding "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} files (or a labels.csv beside them)"
+        )
+    return ImageSource(name=source_name(root), location=root, kind="folder", records=records)
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
+          csv_path: Path) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    if wanted:
+        if wanted in columns:
+            return wanted
+        if wanted.lower() in lower:
+            return lower[wanted.lower()]
+        raise SourceError(f"{csv_path}: no column {wanted!r} for the {what}; columns are {', '.join(columns)}")
+    for candidate in candidates:
+        if candidate in lower:
+            return lower[candidate]
+    return None
+
+
+def _index_images(folder: Path) -> dict[str, Path]:
+    """Map file stem -> path for every image below ``folder`` (HAM/ISIC forms list ids, not paths)."""
+    index: dict[str, Path] = {}
+    for dirpath, _dirs, filenames in os.walk(folder):
+        for filename in filenames:
+            file = Path(dirpath) / filename
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                index.setdefault(file.stem, file)
+    return index
+
+
+def read_csv_source(
+    csv_path: Path,
+    images: str | os.PathLike | None = None,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    group_col: str | None = None,
+) -> ImageSource:
+    """Read a CSV manifest; recognises the HAM10000 metadata and ISIC one-hot ground-truth forms."""
+    csv_path = Path(csv_path)
+    base = Path(images).expanduser() if images else csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{csv_path}: cannot be read as CSV ({exc})") from None
+    if not columns:
+        raise SourceError(f"{csv_path}: empty CSV (no header row)")
+
+    upper = {c.upper(): c for c in columns}
+    one_hot = [upper[c] for c in ISIC_ONE_HOT if c in upper]
+    image_column = _pick(columns, image_col, IMAGE_COLUMNS, "image", csv_path)
+    id_column = _pick(columns, None, ID_COLUMNS, "id", csv_path)
+    label_column = _pick(columns, label_col, LABEL_COLUMNS, "label", csv_path)
+    group_column = _pick(columns, group_col, GROUP_COLUMNS, "group", csv_path)
+    split_column = _pick(columns, None, SPLIT_COLUMNS, "split", csv_path)
+
+    kind = "csv"
+    stem_index: dict[str, Path] | None = None
+    if label_column is None and len(one_hot) >= 2:
+        kind = "isic-onehot"
+    elif id_column and label_column and label_column.lower() == "dx" and group_column:
+        kind = "ham10000"
+    if image_column is None:
+        if id_column is None:
+            raise SourceError(
+                f"{csv_path}: no image column; columns are {columns}. Expected one of "
+                f"{', '.join(IMAGE_COLUMNS + ID_COLUMNS)}, or pass --image-col NAME"
+            )
+        image_column = id_column
+        stem_index = _index_images(base)  # ids such as ISIC_0024306 name files below --images
+    if label_column is None and kind != "isic-onehot":
+        raise SourceError(
+            f"{csv_path}: no label column; columns are {columns}. Expected one of "
+            f"{', '.join(LABEL_COLUMNS)} or ISIC one-hot columns, or pass --label-col NAME"
+        )
+    meta_columns = [c for c in columns if c not in {image_column, id_column, label_column,
+                                                    group_column, split_column, *one_hot}]
+
+    records: list[ImageRecord] = []
+    notes: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        raw = (row.get(image_column) or "").strip()
+        if not raw:
+            notes.append(f"{csv_path.name} line {line}: empty {image_column!r} cell, row skipped")
+            continue
+        file = Path(raw) if Path(raw).is_absolute() else base / raw
+        if stem_index is None and Path(raw).suffix.lower() not in IMAGE_SUFFIXES:
+            stem_index = _index_images(base)  # ISIC-style ids without an extension
+        if stem_index is not None and not file.is_file():
+            file = stem_index.get(Path(raw).stem, file)
+        image_id = (row.get(id_column) or "").strip() if id_column else ""
+        image_id = image_id or raw
+        if image_id in seen:
+            notes.append(f"{csv_path.name} line {line}: duplicate of line {seen[image_id]} "
+                         f"(id {image_id}), ignored")
+            continue
+        seen[image_id] = line
+        if kind == "isic-onehot":
+            hot = [c for c in one_hot if _truthy(row.get(c))]
+            label = hot[0].lower() if len(hot) == 1 else None
+            if len(hot) != 1:
+                notes.append(f"{csv_path.name} line {line}: {len(hot)} one-hot labels set, "
+                             "image kept without label")
+        else:
+            label = (row.get(label_column) or "").strip() or None
+            if label is None:
+                notes.append(f"{csv_path.name} line {line}: empty label for {image_id}; "
+                             "kept for extraction, left out of fits")
+        group = (row.get(group_column) or "").strip() or None if group_column else None
+        split = (row.get(split_column) or "").strip() or None if split_column else None
+        meta = {c: row.get(c) or "" for c in meta_columns}
+        records.append(ImageRecord(image_id, file, label, group, split, meta=meta))
+    if not records:
+        raise SourceError(f"{csv_path}: no usable rows")
+    empty_groups = sum(1 for r in records if group_column and not r.group)
+    if empty_groups:
+        notes.append(f"{csv_path.name}: {empty_groups} rows have an empty {group_column!r}; each of those "
+                     "images is its own group")
+    suspects = [] if group_column else _suspect_group_columns(records, meta_columns)
+    return ImageSource(name=source_name(csv_path), location=csv_path, kind=kind, records=records, notes=notes,
+                       group_column=group_column, suspect_group_columns=suspects)
+
+
+GROUP_WORDS = {"id", "ids", "patient", "lesion", "case", "subject", "participant", "group", "individual", "mole"}
+
+
+def _suspect_group_columns(records: list[ImageRecord], columns: list[str]) -> list[str]:
+    """Columns whose values look like ids shared by a few images each: a patient or lesion column
+    under a name featcache does not know. A column counts when some of its values repeat, it has
+    many distinct values (not sex or body site), and either a word of its name says id, patient,
+    lesion, case … (``PatientNo``, ``mole_ref``; not ``width``) or its values are not numbers."""
+    n = len(records)
+    suspects = []
+    for column in columns:
+        values = [r.meta.get(column, "").strip() for r in records]
+        filled = [v for v in values if v]
+        distinct = set(filled)
+        if len(filled) < n * 0.5 or len(distinct) == len(filled) or len(distinct) < max(3, n // 20):
+            continue
+        words = set(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", column).lower()))
+        numeric = all(is_number(v) for v in filled)
+        if words & GROUP_WORDS or (not numeric and len(distinct) > n // 4):
+            suspects.append(column)
+    return suspects
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _truthy(value: str | None) -> bool:
+    try:
+        return float(value or 0) >= 0.5
+    except ValueError:
+        return False
+
+
+def read_npz_source(npz_path: Path) -> ImageSource:
+    """MedMNIST-style arrays: ``<split>_images`` (N,H,W[,C]) uint8 and ``<split>_labels`` (N[,1])."""
+    try:
+        arrays = np.load(npz_path, allow_pickle=False)
+        keys = set(arrays.files)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{npz_path}: not a readable .npz ({exc})") from None
+    records: list[ImageRecord] = []
+    for split in NPZ_SPLITS:
+        image_key, label_key = f"{split}_images", f"{split}_labels"
+        if image_key not in keys:
+            continue
+        n_images = arrays[image_key].shape[0]
+        if label_key in keys and arrays[label_key].shape[0] != n_images:
+            raise SourceError(
+                f"{npz_path}: {image_key} has {n_images} images but {label_key} has "
+                f"{arrays[label_key].shape[0]} labels; fix the file so the lengths match"
+            )
+        labels = arrays[label_key].reshape(n_images, -1) if label_key in keys else None
+        for i in range(n_images):
+            label = None if labels is None else "_".join(str(int(v)) for v in labels[i])
+            records.append(ImageRecord(f"{split}/{i:06d}", npz_path, label, None, split,
+                                       npz_key=(image_key, i)))
+    if not records:
+        raise SourceError(f"{npz_path}: no <split>_images arrays (found {sorted(keys)}); "
+                          "expected train_images/train_labels, val_*, test_*")
+    return ImageSource(name=source_name(npz_path), location=npz_path, kind="npz", records=records)

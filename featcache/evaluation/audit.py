@@ -1,0 +1,46 @@
+"""What the leakage audit found, as numbers for metrics.json and as a sentence for the user."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featcache.evaluation.leakage import (
+    held_out_with_duplicate,
+)
+
+if TYPE_CHECKING:
+    pass
+from featcache.evaluation.features import LabeledFeatures
+
+
+def leakage_summary(data: LabeledFeatures, folds: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """What the duplicate audit found in ``data``, and how many held-out images of ``folds`` have an
+    identical or near-identical image on the training side."""
+    pairs = data.duplicates
+    if pairs is None:
+        return {}
+    leaking = held_out_with_duplicate(pairs, folds, len(data.y))
+    held_out = int(sum(len(test) for _, test in folds))
+    return {"exact_duplicate_pairs": pairs.n_exact, "near_duplicate_pairs": pairs.n_near,
+            "threshold": pairs.threshold, "threshold_calibrated": pairs.calibrated,
+            "held_out_with_duplicate_in_train": leaking, "held_out": held_out}
+
+
+def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
+    """A sentence for the user about ``leak`` and whether it is a warning (scores likely inflated)."""
+    if not leak:
+        return "", False
+    calibrated = "" if leak["threshold_calibrated"] else (
+        " (threshold not calibrated for this backbone; set --near-dup-threshold)")
+    found = (f"leakage audit: {leak['exact_duplicate_pairs']} identical and {leak['near_duplicate_pairs']} "
+             f"near-identical image pairs (cosine >= {leak['threshold']:.2f}){calibrated}")
+    n, total = leak["held_out_with_duplicate_in_train"], leak["held_out"]
+    if not n:
+        return found + "; no held-out image has one on its training side", False
+    found += f"; {n} of {total} held-out images have one on their training side"
+    if grouping.get("grouped"):
+        return found + f" despite the groups ({grouping['by']}): check that the groups are right", True
+    return (found + ": scores are likely inflated. Pass --group-col NAME if the data has a patient or lesion "
+            "column, or --groups near-duplicates to keep such images together"), True

@@ -1,0 +1,138 @@
+"""Stage glue usable from Python: find the entry for a source, fit several heads, run the demo."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from featcache.data.sources import ImageSource, open_source
+from featcache.errors import RunError
+from featcache.evaluation.audit import leakage_message, leakage_summary
+from featcache.evaluation.features import LabeledFeatures, labeled_features
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.evaluation.splits import split_plan
+from featcache.extraction.extract import extract
+from featcache.options import Grouping
+from featcache.progress import Reporter
+from featcache.store.entries import CacheEntry, find_entries
+from featcache.store.fusion import FusedEntry
+from featcache.store.naming import default_cache_root
+
+if TYPE_CHECKING:
+    from featcache.extraction.ray import RayCluster
+
+DEMO_BACKBONE = "efficientnet_lite0"
+DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
+
+
+def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None,
+               views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = (),
+               engine: str | None = None, resampler: str | None = None,
+               reporter: Reporter | None = None) -> CacheEntry:
+    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize``,
+    ``engine``, ``resampler`` if given) made with exactly the --preprocess ``filters`` asked for (none by
+    default: a filtered entry is never taken for an unfiltered one). When several entries match,
+    ``reporter`` is told which was taken and how the others differ."""
+    wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler}
+    entries = [e for e in find_entries(cache_root)
+               if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
+               and (pool is None or pool in e.pools) and e.filters == tuple(filters)
+               and all(v is None or e.settings[k] == v for k, v in wanted.items())]
+    if not entries:
+        asked = {**wanted, "preprocess": ",".join(filters)}
+        described = "".join(f" {k} {v}" for k, v in {"pool": pool, **asked}.items() if v)
+        options = "".join(f" --{k} {v}" for k, v in asked.items() if v)
+        raise RunError(f"no features of {source.location} with {backbone}{described} in {cache_root}; run "
+                       f"`featcache extract --backbone {backbone} --data {source.location}{options}` first")
+    chosen = max(entries, key=lambda e: e.manifest["provenance"]["date"])
+    if len(entries) > 1 and reporter is not None:
+        differ = [k for k in wanted if len({e.settings[k] for e in entries}) > 1]
+        settings = ", ".join(f"{k} {chosen.settings[k]}" for k in differ) or "the same settings"
+        others = "; ".join(f"{e.path.name} ({', '.join(f'{k} {e.settings[k]}' for k in differ) or 'alike'})"
+                           for e in entries if e is not chosen)
+        pick = (f"Choose with {' or '.join(f'--{k}' for k in differ)}" if differ else
+                "They differ in nothing fit selects by: delete the folders of the ones you no longer want")
+        reporter.info(f"features of {backbone}: {chosen.path.name} ({settings}), the newest of {len(entries)} "
+                      f"matching entries; the others: {others}. {pick}")
+    return chosen
+
+
+def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,
+             protocol: Protocol, label_map: str | None = None, classes: str | None = None,
+             test_source: ImageSource | None = None, test_entry: CacheEntry | None = None,
+             force: bool = False, reporter: Reporter | None = None,
+             on_head: Callable[[], None] | None = None, cluster: RayCluster | None = None) -> list[Path]:
+    """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluation.runner.fit_head`);
+    ``on_head`` is called after each (a study's overall progress); ``cluster``: folds as Ray tasks."""
+    reporter = reporter or Reporter(quiet=True)
+    pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
+    data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
+                            near_dup_threshold=protocol.near_dup_threshold)
+    for note in data.notes[:10]:
+        reporter.info(note)
+    test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
+                            data.meta_spec, groups=test_grouping(protocol), audit=False) if test_source else None
+    report_protocol(data, protocol, reporter)
+    label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
+                                       f"classes {classes}" if classes else "") if x)
+    runs = []
+    task = reporter.task(f"fit {len(heads)} head(s) on {len(data.y)} images", total=len(heads), unit="head")
+    try:
+        for head in heads:
+            runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
+                                 test, reporter, cluster=cluster))
+            task.advance(1)
+            if on_head is not None:
+                on_head()
+    finally:
+        task.close()
+    return runs
+
+
+def test_grouping(protocol: Protocol) -> Grouping:
+    """How a held-out set is grouped (for its bootstrap): by its own group column, never by
+    near-duplicates of the training set's kind."""
+    return Grouping.none if protocol.groups == Grouping.near_duplicates.value else Grouping.auto
+
+
+def report_protocol(data: LabeledFeatures, protocol: Protocol, reporter: Reporter) -> None:
+    """Say, before any fitting, how the images are split and what the leakage audit found; an
+    ungrouped split is a warning unless asked for with --no-groups."""
+    folds, counts = split_plan(data, protocol, 0)
+    reporter.info(f"protocol: {protocol.describe(data.grouping, counts)}")
+    if not data.grouping["grouped"] and protocol.split == "cv" and data.grouping["mode"] != "none":
+        reporter.warn(f"cross-validation is NOT grouped ({data.grouping['by']}): images of one patient or "
+                      "lesion can land in training and held-out folds. Pass --group-col NAME, or --no-groups "
+                      "if every image is independent")
+    message, serious = leakage_message(leakage_summary(data, folds), data.grouping)
+    (reporter.warn if serious else reporter.info)(message)
+
+
+def demo_data_dir() -> Path:
+    return Path(str(resources.files("featcache") / "data" / "isic_cc0_demo200"))
+
+
+def run_demo(cache_root: Path | None = None, reporter: Reporter | None = None,
+             heads: tuple[str, ...] = DEMO_HEADS) -> tuple[CacheEntry, list[Path]]:
+    """Melanoma vs nevus on the 200 CC0 ISIC images shipped in the package."""
+    reporter = reporter or Reporter()
+    cache_root = Path(cache_root or default_cache_root())
+    source = open_source(demo_data_dir())
+    reporter.info(f"featcache demo: {len(source.records)} ISIC images (CC0), melanoma vs nevus, "
+                  f"backbone {DEMO_BACKBONE} (ImageNet weights, offline)")
+    result = extract(source, DEMO_BACKBONE, cache_root=cache_root, reporter=reporter)
+    if result.extracted == 0:
+        reporter.info(f"features reused from the cache ({result.skipped} images): {result.entry.path}")
+    else:
+        reporter.info(result.summary())
+    runs = fit_many(source, result.entry, list(heads), None, Protocol(cv=5), reporter=reporter)
+    return result.entry, runs
+
+
+def copy_demo_data(target: Path) -> Path:
+    shutil.copytree(demo_data_dir(), target, dirs_exist_ok=True)
+    return target

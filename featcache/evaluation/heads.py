@@ -1,0 +1,465 @@
+"""Classifier heads: scikit-learn estimators, always inside ``Pipeline([StandardScaler(), head])``.
+
+The scaler is part of the pipeline, so in cross-validation it is fit on training folds only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.compose import ColumnTransformer
+from sklearn.decomposition import PCA
+from sklearn.dummy import DummyClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
+from sklearn.svm import SVC
+from sklearn.utils.class_weight import compute_sample_weight
+
+from featcache.errors import RunError
+
+# Part of every run's name: bump it whenever a change to this module changes any head's numbers
+# (a default, a solver, a seed), so that no run made by the old code is served as the new one's.
+HEADS_VERSION = 2
+BASELINES = ("majority", "stratified")
+HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
+EXTRA_HEADS = ("svm-rbf-exact",)  # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows
+FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
+CALIBRATIONS = ("sigmoid", "isotonic", "temperature")
+
+# Small default grids for --tune (nested inner CV); without --tune the first value of each is used.
+GRIDS: dict[str, dict[str, list]] = {
+    # DINOv2's linear-probe recipe sweeps C over many decades; the default comes first
+    "logreg": {"head__C": [1.0, *np.logspace(-4, 2, 13).round(6).tolist()]},
+    "svm-linear": {"head__alpha": [1e-3, 1e-4, 1e-2]},
+    "svm-rbf": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
+    "svm-rbf-exact": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
+    "knn": {"head__n_neighbors": [11, 5, 21]},
+    "xgboost": {"head__max_depth": [3, 2, 5], "head__learning_rate": [0.4, 0.1]},
+    "mlp": {"head__hidden": [256, 512], "head__dropout": [0.3, 0.5], "head__lr": [2e-3, 5e-4]},
+}
+
+
+class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
+    """A one-hidden-layer MLP with dropout, class-weighted loss and early stopping.
+
+    Early stopping watches the loss on a stratified inner validation split of the training data;
+    the weights of the best epoch are kept. On HAM10000 features the best epoch comes early (about
+    the 5th to 10th), so batches of 512 at lr 2e-3 with patience 10 cost 12 s of CPU per 5 folds
+    where 256 at 1e-3 with patience 15 cost 20 s, at the same balanced accuracy (0.551 / 0.552) on
+    10k x 384; on the full 1280-d standardized features it loses 0.012 (0.548 +- 0.007 against
+    0.560 +- 0.004 over three seeds, lesion-grouped 5-fold HAM10000) in 2.9x less time.
+    Deterministic for a given ``seed``; uses CUDA if present.
+    """
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.3, lr: float = 2e-3,
+                 weight_decay: float = 1e-4, max_epochs: int = 200, patience: int = 10,
+                 batch_size: int = 512, val_fraction: float = 0.15,
+                 class_weight: str | None = "balanced", seed: int = 0, device: str = "auto"):
+        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
+        self.max_epochs, self.patience, self.batch_size = max_epochs, patience, batch_size
+        self.val_fraction, self.class_weight, self.seed, self.device = (
+            val_fraction, class_weight, seed, device)
+
+    def _device(self):
+        import torch  # imported here: fold workers of the other heads start 2 s sooner without it
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> TorchMLPClassifier:
+        """``groups``: rows that belong together (the views of one image) stay on one side of the
+        early-stopping split, so the validation loss is not measured on copies of training rows."""
+        import torch
+
+        self._encoder = LabelEncoder().fit(y)
+        self.classes_ = self._encoder.classes_
+        target = self._encoder.transform(y)
+        X = np.asarray(X, dtype=np.float32)
+        counts = np.bincount(target, minlength=len(self.classes_))
+        train_idx, val_idx = _validation_split(target, groups, self.val_fraction, self.seed,
+                                               counts.min() >= 2)
+        device = self._device()
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        n_classes = len(self.classes_)
+        self.model_ = torch.nn.Sequential(
+            torch.nn.Linear(X.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Dropout(self.dropout),
+            torch.nn.Linear(self.hidden, n_classes)).to(device)
+        weight = None
+        if self.class_weight == "balanced":
+            weight = torch.tensor(len(target) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+            weight = weight.to(device)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        optimiser = torch.optim.AdamW(self.model_.parameters(), lr=self.lr,
+                                      weight_decay=self.weight_decay)
+        Xt = torch.from_numpy(X).to(device)
+        yt = torch.from_numpy(target).long().to(device)
+        tr, va = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
+        best, best_state, waited = np.inf, None, 0
+        self.loss_curve_, self.val_loss_curve_ = [], []
+        for _epoch in range(self.max_epochs):
+            self.model_.train()
+            order = tr[torch.randperm(len(tr), generator=generator).to(device)]
+            total = 0.0
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(self.model_(Xt[idx]), yt[idx])
+                loss.backward()
+                optimiser.step()
+                total += loss.item() * len(idx)
+            self.loss_curve_.append(total / len(order))
+            self.model_.eval()
+            with torch.no_grad():
+                val = float(loss_fn(self.model_(Xt[va]), yt[va]))
+            self.val_loss_curve_.append(val)
+            if val < best - 1e-4:
+                best, waited = val, 0
+                best_state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        if best_state is not None:
+            self.model_.load_state_dict(best_state)
+        self.model_.cpu().eval()
+        self.n_epochs_ = len(self.loss_curve_)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.model_(torch.as_tensor(np.asarray(X, dtype=np.float32)))
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+                      stratified: bool) -> tuple[np.ndarray, np.ndarray]:
+    if groups is None:
+        return train_test_split(np.arange(len(target)), test_size=fraction, random_state=seed,
+                                stratify=target if stratified else None)
+    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    label_of_group = target[first]
+    stratify = label_of_group if np.bincount(label_of_group).min() >= 2 else None
+    _, val_groups = train_test_split(np.arange(len(names)), test_size=fraction, random_state=seed,
+                                     stratify=stratify)
+    is_val = np.isin(inverse, val_groups)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _calibration_setup(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None,
+                       seed: int) -> tuple[np.ndarray | None, int | list]:
+    """Sample weights and the folds (up to 3, stratified) a calibrator learns on.
+
+    The calibrator gets the class balancing as sample weights: calibrated on unweighted rows it
+    would learn the skewed prior back and hand most rows to the majority class. Without ``groups``
+    the folds are scikit-learn's unshuffled StratifiedKFold (an int); with them, rows of one group
+    (the views of one image) share a fold. Kept exactly so: saved runs are named by their
+    parameters, and a change here would serve old runs under the new behaviour's name.
+    """
+    weights = compute_sample_weight("balanced", y) if class_weight == "balanced" else None
+    k = max(2, min(3, int(np.unique(y, return_counts=True)[1].min())))
+    if groups is None:
+        return weights, k
+    return weights, list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
+
+
+class SVMHead(ClassifierMixin, BaseEstimator):
+    """A support vector machine with class-balanced, calibrated probabilities.
+
+    ``kernel="linear"``: hinge loss with L2 penalty ``alpha``, trained by averaged SGD (liblinear
+    took 52-324 s per HAM10000 fold of 8k x 1280, SGD 18 s, at a better balanced accuracy).
+    ``kernel="rbf"``: a least-squares SVM (squared loss on one-vs-rest targets, ridge penalty
+    1/``C``; Suykens & Vandewalle 1999) on the RBF kernel approximated by ``n_components``
+    Nystroem landmarks (exact when there are no more training rows than that). Its solve is one
+    small linear system, so 1,024 landmarks cost 0.8 s per fold of 8k x 384 where the hinge-loss
+    LinearSVC on 512 landmarks took 9.5 s, and it scored 0.582 against 0.551 balanced accuracy
+    on that HAM10000 fold (see docs/benchmarks.md).
+    ``kernel="rbf-exact"``: libsvm's hinge-loss SVC, for when the exact kernel machine is wanted.
+    ``gamma`` multiplies 1/n_features, which is scikit-learn's "scale" on standardized features.
+
+    Probabilities come from calibration (``calibration``: sigmoid, isotonic or temperature) on 3
+    internal folds. Class balancing is passed as sample weights to both the SVM *and* the
+    calibrator: calibrating unweighted would undo the balancing and hand every row to the
+    majority class.
+    """
+
+    def __init__(self, kernel: str = "linear", C: float = 1.0, alpha: float = 1e-3, gamma: float = 1.0,
+                 n_components: int = 1024, class_weight: str | None = "balanced", seed: int = 0,
+                 calibration: str = "sigmoid"):
+        self.kernel, self.C, self.alpha, self.gamma, self.n_components = kernel, C, alpha, gamma, n_components
+        self.class_weight, self.seed, self.calibration = class_weight, seed, calibration
+
+    def _svm(self, n_features: int):
+        if self.kernel == "linear":
+            # 15 epochs: 0.586 balanced accuracy on a HAM10000 fold, 30 epochs 0.588 in twice the time
+            return SGDClassifier(loss="hinge", alpha=self.alpha, average=True, max_iter=15, tol=None,
+                                 random_state=self.seed)
+        if self.kernel == "rbf":
+            return RidgeClassifier(alpha=1.0 / self.C)
+        if self.kernel == "rbf-exact":
+            return SVC(C=self.C, kernel="rbf", gamma=self.gamma / n_features, random_state=self.seed)
+        raise RunError(f"SVMHead kernel={self.kernel!r}: use linear, rbf or rbf-exact")
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        return self.kernel_map_.transform(X) if self.kernel_map_ is not None else X
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> SVMHead:
+        """``groups``: rows that belong together (the views of one image) share a calibration fold."""
+        X = np.asarray(X, dtype=np.float32)
+        self._encoder = LabelEncoder().fit(y)
+        self.classes_ = self._encoder.classes_
+        self.kernel_map_ = None
+        if self.kernel == "rbf":  # unsupervised, and fit on this (training) data only
+            self.kernel_map_ = Nystroem(gamma=self.gamma / X.shape[1], random_state=self.seed,
+                                        n_components=min(self.n_components, len(X))).fit(X)
+        weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
+        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), method=self.calibration, cv=folds)
+        self.model_.fit(self._features(X), y, sample_weight=weights)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(self._features(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class CalibratedHead(ClassifierMixin, BaseEstimator):
+    """``estimator`` with its probabilities recalibrated (``method``: sigmoid, isotonic, temperature).
+
+    The estimator itself is fit once on all rows, exactly as it would be uncalibrated (so its
+    decisions change only as much as the calibration map changes them); the map is learned on
+    out-of-fold probabilities from 3 internal folds (``ensemble=False`` in scikit-learn's terms).
+    ``class_weight="balanced"`` weights the calibration rows by inverse class frequency, the
+    balance the head was trained with: the probabilities are then calibrated for a class-balanced
+    population and the balanced decisions are kept; with ``"none"`` they are calibrated for the
+    training prevalence. ``temperature`` rescales all logits by one number and never changes the
+    predicted class of a row (averaged over views, the rescaled probabilities may still tip one).
+    """
+
+    def __init__(self, estimator, method: str = "sigmoid", class_weight: str | None = "balanced", seed: int = 0):
+        self.estimator, self.method, self.class_weight, self.seed = estimator, method, class_weight, seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> CalibratedHead:
+        """``groups``: rows that belong together (the views of one image) share a calibration fold."""
+        from sklearn.base import clone
+
+        if self.method not in CALIBRATIONS:
+            raise RunError(f"--calibrate {self.method!r}: use {', '.join(CALIBRATIONS)}")
+        weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
+        # Wrapped in a one-step Pipeline, whose fit takes no sample_weight by name: scikit-learn then
+        # gives the weights to the calibrator only, and the head keeps its own class_weight (passed
+        # to both, the balancing would be applied twice).
+        base = Pipeline([("head", clone(self.estimator))])
+        params = {"head__groups": groups} if groups is not None and _accepts_groups(self.estimator) else {}
+        self.model_ = CalibratedClassifierCV(base, method=self.method, cv=folds, ensemble=False)
+        with warnings.catch_warnings():  # scikit-learn warns about exactly the routing we want here
+            warnings.filterwarnings("ignore", "Since Pipeline does not appear to accept sample_weight")
+            self.model_.fit(X, y, sample_weight=weights, **params)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class XGBHead(ClassifierMixin, BaseEstimator):
+    """XGBoost (hist, multi-class softprob) with class-balanced sample weights and any labels.
+
+    Defaults (40 trees of depth 3, eta 0.4, half the columns per tree, 32 bins): on HAM10000
+    features (10k x 384, lesion-grouped 5-fold) 16 s of CPU for 0.454 pooled balanced accuracy,
+    where 100 trees of depth 4 at eta 0.2 with 64 bins took 52 s for 0.402 (60 trees at eta 0.3:
+    20 s, 0.452).
+    """
+
+    def __init__(self, max_depth: int = 3, learning_rate: float = 0.4, n_estimators: int = 40,
+                 colsample_bytree: float = 0.5, max_bin: int = 32,
+                 class_weight: str | None = "balanced", seed: int = 0, n_jobs: int | None = None):
+        self.max_depth, self.learning_rate, self.n_estimators = max_depth, learning_rate, n_estimators
+        self.colsample_bytree, self.max_bin = colsample_bytree, max_bin
+        self.class_weight, self.seed, self.n_jobs = class_weight, seed, n_jobs
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> XGBHead:
+        from xgboost import XGBClassifier
+
+        self._encoder = LabelEncoder().fit(y)
+        self.classes_ = self._encoder.classes_
+        target = self._encoder.transform(y)
+        weights = compute_sample_weight("balanced", target) if self.class_weight == "balanced" else None
+        self.model_ = XGBClassifier(
+            tree_method="hist", objective="multi:softprob" if len(self.classes_) > 2 else "binary:logistic",
+            max_depth=self.max_depth, learning_rate=self.learning_rate,
+            n_estimators=self.n_estimators, colsample_bytree=self.colsample_bytree, max_bin=self.max_bin,
+            random_state=self.seed, n_jobs=self.n_jobs)
+        self.model_.fit(X, target, sample_weight=weights)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _accepts_groups(estimator) -> bool:
+    import inspect
+
+    return "groups" in inspect.signature(estimator.fit).parameters
+
+
+class ViewEnsemble(ClassifierMixin, BaseEstimator):
+    """A classifier on images with several cached views each (``X`` of shape ``(n, views, dim)``).
+
+    ``train_views="all"`` trains ``estimator`` on every view of every training image (augmentation
+    at no extraction cost), ``"first"`` on the original view only. ``test_views="all"`` averages
+    the predicted probabilities over the views (test-time augmentation), ``"first"`` uses the
+    original. A pipeline's ``head`` that takes ``groups`` is told which rows are views of one image.
+    """
+
+    def __init__(self, estimator, train_views: str = "all", test_views: str = "all"):
+        self.estimator, self.train_views, self.test_views = estimator, train_views, test_views
+
+    @staticmethod
+    def _select(X: np.ndarray, which: str) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 3:
+            raise RunError(f"ViewEnsemble needs features of shape (images, views, dim), got {X.shape}")
+        if which not in ("all", "first"):
+            raise RunError(f"views {which!r}: use all or first")
+        return X if which == "all" else X[:, :1]
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ViewEnsemble:
+        from sklearn.base import clone
+
+        chosen = self._select(X, self.train_views)
+        n, views = chosen.shape[:2]
+        rows = chosen.reshape(n * views, -1)
+        self.estimator_ = clone(self.estimator)
+        params = {}
+        head = self.estimator_.steps[-1][1] if isinstance(self.estimator_, Pipeline) else self.estimator_
+        if views > 1 and _accepts_groups(head):
+            key = f"{self.estimator_.steps[-1][0]}__groups" if isinstance(self.estimator_, Pipeline) else "groups"
+            params[key] = np.repeat(np.arange(n), views)
+        self.estimator_.fit(rows, np.repeat(np.asarray(y), views), **params)
+        self.classes_ = self.estimator_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        chosen = self._select(X, self.test_views)
+        return np.mean([self.estimator_.predict_proba(chosen[:, v]) for v in range(chosen.shape[1])], axis=0)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    @property
+    def named_steps(self):  # the wrapped pipeline's steps, so callers can reach the head
+        return self.estimator_.named_steps if hasattr(self, "estimator_") else self.estimator.named_steps
+
+
+def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0, calibrate: str = ""):
+    """The estimator for a head name, with its documented defaults.
+
+    ``calibrate`` (sigmoid, isotonic, temperature): the SVMs, which always calibrate, use that
+    method; other heads are wrapped in :class:`CalibratedHead`; the baselines stay as they are.
+    """
+    if calibrate and calibrate not in CALIBRATIONS:
+        raise RunError(f"--calibrate {calibrate!r}: use {', '.join(CALIBRATIONS)} (or leave it out)")
+    head = _make_head(name, class_weight, seed, calibrate or "sigmoid")
+    if calibrate and name not in BASELINES and not isinstance(head, SVMHead):
+        return CalibratedHead(head, calibrate, class_weight if class_weight != "none" else None, seed)
+    return head
+
+
+def calibrated_grid(grid: dict[str, list], head) -> dict[str, list]:
+    """A --tune grid (``head__C``…) addressed through a :class:`CalibratedHead` when there is one."""
+    if not isinstance(head, CalibratedHead):
+        return grid
+    return {key.replace("head__", "head__estimator__", 1): values for key, values in grid.items()}
+
+
+def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: str):
+    cw = class_weight if class_weight != "none" else None
+    if name == "logreg":
+        return LogisticRegression(C=1.0, max_iter=3000, class_weight=cw, random_state=seed)
+    if name == "svm-linear":
+        return SVMHead("linear", alpha=1e-3, class_weight=cw, seed=seed, calibration=svm_calibration)
+    if name in ("svm-rbf", "svm-rbf-exact"):
+        return SVMHead(name.removeprefix("svm-"), C=1.0, gamma=1.0, class_weight=cw, seed=seed,
+                       calibration=svm_calibration)
+    if name == "knn":
+        return KNeighborsClassifier(n_neighbors=11, metric="cosine", weights="distance")
+    if name == "xgboost":
+        return XGBHead(class_weight=cw, seed=seed)
+    if name == "mlp":
+        return TorchMLPClassifier(class_weight=cw, seed=seed)
+    if name == "majority":
+        return DummyClassifier(strategy="most_frequent")
+    if name == "stratified":
+        return DummyClassifier(strategy="stratified", random_state=seed)
+    raise RunError(f"--head {name}: unknown; choose from {', '.join(HEADS + EXTRA_HEADS + BASELINES)}, "
+                   "fast or all")
+
+
+def parse_heads(spec: str) -> list[str]:
+    """``logreg,mlp`` | ``fast`` | ``all`` -> head names (``all`` and ``fast`` add the baselines)."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        group = {"all": HEADS + BASELINES, "fast": FAST_HEADS + BASELINES}.get(part, (part,))
+        for name in group:
+            make_head(name)  # validates the name
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise RunError("--head is empty; give a head name, a comma list, fast or all")
+    return names
+
+
+def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
+                  seed: int = 0, standardize: bool = True, image_dim: int | None = None,
+                  meta_numeric: int = 0, meta_categorical: int = 0, calibrate: str = "") -> Pipeline:
+    """Scaling (fit on training rows only), optional PCA, then the head.
+
+    With tabular metadata the rows are ``image_dim`` image features, then ``meta_numeric`` numeric
+    columns, then ``meta_categorical`` integer-coded categories (NaN = missing). Missing values
+    are imputed (median / most frequent), numbers scaled and categories one-hot encoded, all
+    inside the pipeline, so that they too are learned from training rows only.
+    """
+    image_step = StandardScaler() if standardize else "passthrough"
+    if meta_numeric or meta_categorical:
+        if image_dim is None:
+            raise RunError("make_pipeline: metadata columns need image_dim")
+        numeric = list(range(image_dim, image_dim + meta_numeric))
+        categorical = list(range(image_dim + meta_numeric, image_dim + meta_numeric + meta_categorical))
+        parts = [("image", image_step, list(range(image_dim)))]
+        if numeric:
+            parts.append(("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
+                                               ("scale", StandardScaler())]), numeric))
+        if categorical:
+            parts.append(("categorical", Pipeline([
+                ("impute", SimpleImputer(strategy="most_frequent")),
+                ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), categorical))
+        steps = [("prep", ColumnTransformer(parts))]
+    else:
+        steps = [("scale", image_step)] if standardize else []
+    if pca:
+        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
+    steps.append(("head", make_head(head, class_weight, seed, calibrate)))
+    return Pipeline(steps)

@@ -1,0 +1,136 @@
+"""Predicting with a saved run: extract new images through the cache, then apply the saved model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
+from featcache.errors import RunError
+from featcache.evaluation.features import encode_meta, with_meta
+from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
+from featcache.extraction.extract import extract_like
+from featcache.progress import Reporter
+from featcache.store.entries import CacheEntry
+from featcache.store.fusion import FusedEntry, fused_from_manifest
+from featcache.store.naming import entry_of_run
+from featcache.store.runs import load_model
+
+# joblib files are pickles: loading one can run code. featcache only loads model.joblib from run
+# directories inside the user's own cache, which featcache itself wrote.
+
+
+def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
+                             records: list[ImageRecord] | None = None, source_name: str = "") -> np.ndarray:
+    """Apply a saved head to features in ``entry``; refuses features made unlike its training ones.
+
+    A head trained with ``--meta`` also needs the images' ``records`` (from a CSV with the same
+    metadata columns)."""
+    if entry.fingerprint != saved["feature_fingerprint"]:
+        raise RunError(
+            f"the features in {entry.path} have fingerprint {entry.fingerprint} but this head was trained on "
+            f"{saved['feature_fingerprint']} (other backbone, weights or preprocessing); extract the images "
+            "with the same settings as the training data")
+    X = entry.read(saved["pool"], ids)
+    spec = saved["config"].get("meta_spec")
+    if spec:
+        if records is None:
+            raise RunError("this head was trained with metadata (--meta "
+                           f"{','.join(c['name'] for c in spec)}); predict from a CSV that has those columns")
+        by_id = {r.id: r for r in records}
+        meta, _ = encode_meta([by_id[i] for i in ids], [c["name"] for c in spec], spec, source_name)
+        X = with_meta(X, meta)
+    return saved["pipeline"].predict_proba(X)
+
+
+def images_source(inputs: list[str], group_col: str | None = None) -> ImageSource:
+    """A source of unlabelled images from file paths and/or folders (searched recursively)."""
+    if len(inputs) == 1 and (Path(inputs[0]).suffix.lower() in (".csv", ".npz")
+                             or (Path(inputs[0]) / "labels.csv").is_file()):
+        return open_source(inputs[0], group_col=group_col)
+    if group_col:
+        raise RunError(f"--group-col {group_col}: only a CSV of images has columns; pass one CSV")
+    records = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise RunError(f"{path}: no such file or folder")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if path.is_dir() else [path]
+        records += [ImageRecord(id=str(f.resolve()), path=f) for f in files]
+    if not records:
+        raise RunError(f"no images found in {', '.join(inputs)}")
+    return ImageSource(name=slug("predict-" + Path(inputs[0]).resolve().name), location=Path(inputs[0]),
+                       kind="files", records=records)
+
+
+def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str]
+                        ) -> list[tuple[str, float] | None]:
+    """For each of ``ids`` (in ``entry``): the training image it is identical (same SHA-256,
+    similarity 1.0) or nearly identical to, with the similarity; None when it is neither."""
+    train_ids = saved.get("train_ids")
+    if not train_ids or not ids:
+        return [None] * len(ids)
+    pool = saved["pool"]
+    threshold, _ = threshold_for(saved["backbone"], pool, saved["config"]["protocol"].get("near_dup_threshold"))
+    known_sha = {sha: i for i, sha in zip(train_ids, saved["train_sha256"], strict=True)}
+    state = entry.state()
+    Z_train, center = normalised(train_entry.read(pool, train_ids))
+    Z_new, _ = normalised(entry.read(pool, ids), center)
+    nearest, similarity = nearest_known(Z_new, Z_train)
+    found: list[tuple[str, float] | None] = []
+    for k, image_id in enumerate(ids):
+        if state[image_id].sha256 in known_sha:
+            found.append((known_sha[state[image_id].sha256], 1.0))
+        elif similarity[k] >= threshold:
+            found.append((train_ids[nearest[k]], float(similarity[k])))
+        else:
+            found.append(None)
+    return found
+
+
+def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
+            reporter: Reporter | None = None, weights: str | None = None, group_col: str | None = None) -> Path:
+    reporter = reporter or Reporter(quiet=True)
+    saved = load_model(run_dir)
+    source = images_source(inputs, group_col)
+    if saved.get("fusion"):  # a fused run: the new images go through every backbone it read
+        train_entry = fused_from_manifest(saved["fusion"])
+        results = [extract_like(source, part, cache_root, weights, reporter) for part, _ in train_entry.parts]
+        entry = FusedEntry([(r.entry, pool) for r, (_, pool) in zip(results, train_entry.parts, strict=True)])
+        failed = {k: v for r in results for k, v in r.failed.items()}
+    else:
+        train_entry = CacheEntry(entry_of_run(Path(run_dir).resolve()))
+        result = extract_like(source, train_entry, cache_root, weights, reporter)
+        entry, failed = result.entry, result.failed
+    ids = [r.id for r in source.records if r.id not in failed]
+    for image_id, reason in failed.items():
+        reporter.warn(f"no prediction for {image_id}: {reason}")
+    proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location))
+    duplicates = training_duplicates(saved, train_entry, entry, ids)
+    near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
+    if near:
+        image_id, (train_id, similarity) = near[0]
+        reporter.warn(f"{len(near)} of {len(ids)} images are identical or nearly identical to a training image "
+                      f"of this run (first: {image_id} ~ {train_id}, cosine {similarity:.3f}): their predictions "
+                      "say little about new data; see the near_duplicate_of column")
+    classes = [str(c) for c in saved["pipeline"].classes_]
+    groups = {r.id: r.group or "" for r in source.records}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "group", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of",
+                             "similarity"])
+            for image_id, p, dup in zip(ids, proba, duplicates, strict=True):
+                writer.writerow([image_id, groups[image_id], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p],
+                                 *((dup[0], f"{dup[1]:.4f}") if dup else ("", ""))])
+            listed = set(groups)
+            for image_id, reason in failed.items():
+                if image_id in listed:
+                    writer.writerow([image_id, groups[image_id], f"FAILED: {reason}", *[""] * len(classes), "", ""])
+    except OSError as exc:
+        raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
+    return out

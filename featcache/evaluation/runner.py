@@ -1,0 +1,224 @@
+"""Fitting one head under a protocol: the folds and the final refit as parallel tasks, then the run folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import joblib
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from featcache import __version__
+from featcache.errors import RunError
+from featcache.evaluation.heads import GRIDS, HEADS_VERSION, ViewEnsemble, XGBHead, calibrated_grid, make_pipeline
+from featcache.progress import Reporter
+from featcache.store.entries import CacheEntry
+from featcache.store.hashing import rows_hash
+from featcache.store.naming import run_path
+from featcache.store.runs import is_finished, write_run
+
+if TYPE_CHECKING:
+    from featcache.extraction.ray import RayCluster
+from featcache.evaluation.audit import leakage_summary
+from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
+from featcache.evaluation.metrics import _align, _summarise, compute_metrics, score_parts, score_with_ci
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.search import BudgetedSearch
+from featcache.evaluation.splits import split_plan
+
+
+def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout | None = None,
+                    groups_for_inner: bool = False):
+    """The whole model for one fit: pipeline, view handling, and the tuning search around them."""
+    layout = layout or Layout(0)
+    model = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize,
+                          layout.image_dim, layout.meta_numeric, layout.meta_categorical, protocol.calibrate)
+    grid = calibrated_grid(GRIDS.get(head, {}), model.named_steps["head"])
+    prefix = ""
+    if layout.views:
+        model = ViewEnsemble(model, train_views="first" if protocol.views == "first" else "all",
+                             test_views="all" if protocol.views == "all" else "first")
+        prefix = "estimator__"
+    if protocol.tune and grid:
+        inner = StratifiedGroupKFold(3, shuffle=True, random_state=seed) if groups_for_inner \
+            else StratifiedKFold(3, shuffle=True, random_state=seed)
+        grid = {prefix + key: values for key, values in grid.items()}
+        return BudgetedSearch(model, grid, cv=inner, budget_s=protocol.tune_budget_s)
+    return model
+
+
+def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
+    if isinstance(estimator, BudgetedSearch):
+        return estimator.fit(X, y, groups=groups)
+    return estimator.fit(X, y)
+
+
+def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: np.ndarray,
+              groups: np.ndarray | None, train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
+    """One fold (or the final refit when ``test_idx`` is None) in a worker with ``threads`` threads."""
+    from threadpoolctl import threadpool_limits
+
+    if head == "mlp":
+        import torch
+
+        torch.set_num_threads(threads)
+    with threadpool_limits(threads):
+        est = build_estimator(head, protocol, seed, layout, groups is not None)
+        for step in est.get_params().values():  # XGBoost's OpenMP pool is not one threadpoolctl reaches
+            if isinstance(step, XGBHead):
+                step.set_params(n_jobs=threads)
+        _fit(est, X[train], y[train], None if groups is None else groups[train])
+        proba = None if test_idx is None else est.predict_proba(X[test_idx])
+    return est, proba
+
+
+def _fit_shared(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, head: str, protocol: Protocol,
+                layout: Layout, train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
+    """:func:`_fit_task` with the arrays every task shares first (they travel once, as Ray objects)."""
+    return _fit_task(head, protocol, layout, X, y, groups, train, test_idx, seed, threads)
+
+
+def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarray, tasks: list,
+               jobs: int | None, cluster: RayCluster | None = None) -> list:
+    if cluster is not None:  # one CPU and one thread per task, as the local path gives each when busy
+        calls = [(head, protocol, Layout.of(data), train, test_idx, seed, 1) for seed, train, test_idx in tasks]
+        return cluster.run_tasks(_fit_shared, (X, data.y, data.groups), calls)
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(tasks)))
+    threads = max(1, cores // jobs)
+    layout = Layout.of(data)
+    calls = [joblib.delayed(_fit_task)(head, protocol, layout, X, data.y, data.groups, train, test_idx,
+                                       seed, threads) for seed, train, test_idx in tasks]
+    return joblib.Parallel(n_jobs=jobs)(calls)  # n_jobs=1 runs in this process
+
+
+def estimator_params(estimator) -> dict:
+    """The plain-valued parameters of an estimator, so a run is named by everything that made it."""
+    return {k: v for k, v in sorted(estimator.get_params(deep=True).items())
+            if v is None or isinstance(v, (str, int, float, bool))}
+
+
+def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+                 test: LabeledFeatures | None = None) -> dict:
+    """Everything that sets a run's numbers; its hash names the run (see :func:`fit_head`)."""
+    return {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.config(),
+            "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+            "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
+            "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
+            "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec}
+
+
+def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+                test: LabeledFeatures | None = None) -> Path:
+    """The folder :func:`fit_head` writes this run to (finished or not)."""
+    return run_path(entry.path, head, pool, run_identity(data, entry, head, pool, protocol, test))
+
+
+def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
+    """A neighbour count larger than a training part fails deep inside scikit-learn; say it here."""
+    wanted = max((v for k, v in params.items() if k.endswith("n_neighbors")), default=0)
+    tuned = max((max(v) for k, v in GRIDS.get(head, {}).items() if k.endswith("n_neighbors")), default=0)
+    inner_train = smallest_train * 2 // 3  # --tune's inner 3-fold CV trains on two thirds
+    if wanted > smallest_train:
+        raise RunError(f"{head}: {wanted} neighbours, but a training part has only {smallest_train} rows; "
+                       "use fewer --cv folds, more images, or another head")
+    if tune and tuned > inner_train:
+        raise RunError(f"{head} --tune tries up to {tuned} neighbours, but its inner training parts have about "
+                       f"{inner_train} images; drop --tune or use fewer --cv folds")
+
+
+def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+             source_name: str, label_desc: str = "", force: bool = False,
+             test: LabeledFeatures | None = None, reporter: Reporter | None = None,
+             jobs: int | None = None, cluster: RayCluster | None = None) -> Path:
+    """Cross-validate one head, refit it on all training rows, and write a run directory.
+
+    The run is named by the hash of everything that sets its numbers: the head's code version and
+    every estimator parameter, the protocol, the feature fingerprint and pooling, and every row
+    used (id, image SHA-256, label, group, split, metadata) of the training and the test data.
+    A change to any of these makes a new run; an identical fit reuses the finished one.
+
+    ``jobs``: worker processes for the folds (default: one per CPU core, at most the number of
+    tasks). Every fold's estimator is seeded, so the result does not depend on it.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    meta_names = [c["name"] for c in data.meta_spec]
+    if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
+        raise RunError(f"the test data must carry the same --meta columns as the training data "
+                       f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
+    identity = run_identity(data, entry, head, pool, protocol, test)
+    config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
+              "grouping": data.grouping,
+              # which images were scored: runs whose predictions line up image by image (ensembles)
+              "ids_sha256": rows_hash([i] for i in data.ids),
+              "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None}
+    run_dir = run_path(entry.path, head, pool, identity)
+    if is_finished(run_dir) and not force:
+        reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
+        return run_dir
+    started = time.perf_counter()
+    plans = [split_plan(data, protocol, seed) for seed in range(protocol.seeds)]
+    split_counts = plans[0][1]
+    fold_plan = [(seed, fold, train, test_idx) for seed, (folds, _) in enumerate(plans)
+                 for fold, (train, test_idx) in enumerate(folds)]
+    # Every fold and the final refit on all rows are independent tasks, run side by side in worker
+    # processes of one BLAS/OpenMP/torch thread each: most head solvers are single-threaded, and
+    # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
+    tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
+    tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
+    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1  # a head sees every view
+    _check_neighbours(identity["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
+    X = with_meta(data.X, data.meta)
+    outputs = _run_tasks(head, protocol, data, X, tasks, jobs, cluster)
+    final, cv_seconds = outputs[-1][0], time.perf_counter() - started
+    fold_metrics, oof_rows, oof_by_seed = [], [], {}
+    for (seed, fold, _, test_idx), (est, proba) in zip(fold_plan, outputs[:-1], strict=True):
+        proba = _align(proba, list(est.classes_), data.classes)
+        oof = oof_by_seed.setdefault(seed, np.full((len(data.y), len(data.classes)), np.nan))
+        oof[test_idx] = proba
+        fold_metrics.append(compute_metrics(data.y[test_idx], proba, data.classes))
+        oof_rows.extend((seed, fold, data.ids[i], None if data.groups is None else data.groups[i], data.y[i],
+                         proba[k]) for k, i in enumerate(test_idx))
+    # Pooled over every seed: each seed's out-of-fold predictions scored, then averaged; the
+    # interval resamples groups when there are groups.
+    parts = []
+    for seed in range(protocol.seeds):
+        scored = ~np.isnan(oof_by_seed[seed]).any(axis=1)
+        parts.append((data.y[scored], oof_by_seed[seed][scored],
+                      None if data.groups is None else data.groups[scored]))
+    pooled = score_parts(parts, data.classes)
+    model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
+    leak = leakage_summary(data, plans[0][0])
+    result = {"config": config, "protocol": protocol.describe(data.grouping, split_counts),
+              "grouping": data.grouping, "split_counts": split_counts, "leakage": leak,
+              "n_images": len(data.y), "n_folds": len(plans[0][0]), "seeds": protocol.seeds,
+              "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
+              "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
+    if isinstance(final, BudgetedSearch):
+        result["best_params"] = final.best_params_
+        result["search"] = {"tried": final.cv_results_, "grid_size": final.n_candidates_,
+                            "budget_s": protocol.tune_budget_s}
+    head_est = model.named_steps["head"]
+    if hasattr(head_est, "loss_curve_"):
+        result["mlp_loss_curve"] = head_est.loss_curve_
+        # epochs and rows of every fit (folds, then the final refit): what a training loop would redo
+        result["mlp_fits"] = [{"epochs": out[0].named_steps["head"].n_epochs_, "rows": len(task[1])}
+                              for out, task in zip(outputs, tasks, strict=True)
+                              if hasattr(out[0], "named_steps")]
+    test_rows = None
+    if test is not None:
+        proba = _align(model.predict_proba(with_meta(test.X, test.meta)), list(model.classes_), data.classes)
+        test_rows = (test.ids, test.y, proba)
+        keep = np.isin(test.y, data.classes)
+        result["test"] = score_with_ci(test.y[keep], proba[keep], data.classes,
+                                       None if test.groups is None else test.groups[keep])
+        result["test"]["n_images"] = int(keep.sum())
+    payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+               "pool": pool, "backbone": config["backbone"], "config": config,
+               "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
+               "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
+    write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows)
+    return run_dir

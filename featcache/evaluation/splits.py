@@ -1,0 +1,86 @@
+"""Train / held-out splits: grouped stratified k-fold, a source's official split, DermaMNIST's 7:1:2."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from featcache.errors import RunError
+from featcache.store.hashing import stable_hash
+
+if TYPE_CHECKING:
+    pass
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.protocol import Protocol
+
+_FOLDS_MEMO: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold, grouped when ``groups`` is given (no group in two folds).
+
+    Memoized by the content of ``y`` and ``groups``: StratifiedGroupKFold takes ~2 s on 10k images
+    (its search is in Python), which every head of a grid would otherwise pay again.
+    """
+    key = stable_hash([np.asarray(y, dtype=str).tolist(),
+                       None if groups is None else np.asarray(groups, dtype=str).tolist(), k, seed])
+    if key not in _FOLDS_MEMO:
+        _FOLDS_MEMO[key] = _make_folds(y, groups, k, seed)
+    return [(train.copy(), test.copy()) for train, test in _FOLDS_MEMO[key]]
+
+
+def _make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+    if smallest < k:
+        raise RunError(f"--cv {k}: the smallest class has only {smallest} images; use --cv {max(2, smallest)}")
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y, groups))
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+VALIDATION_SPLITS = ("val", "valid", "validation", "dev")
+
+
+def official_split(splits: np.ndarray | None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """Train on the rows marked train (or anything but test and validation), test on ``test``.
+    Validation rows are left out: heads choose their settings by inner CV on the training part."""
+    if splits is None:
+        raise RunError("--split official: this source has no split column (or npz splits)")
+    lowered = np.char.lower(splits.astype(str))
+    test = lowered == "test"
+    val = np.isin(lowered, VALIDATION_SPLITS)
+    if not test.any() or (test | val).all():
+        raise RunError("--split official: need rows with split 'test' and rows with a training split; "
+                       f"found {', '.join(sorted(set(lowered.tolist())))}")
+    train = ~(test | val)
+    counts = {"train": int(train.sum()), "val": int(val.sum()), "test": int(test.sum())}
+    return [(np.flatnonzero(train), np.flatnonzero(test))], counts
+
+
+def random_712_split(y: np.ndarray, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """Image-level stratified random split 70 / 10 / 20 (DermaMNIST's protocol): train on the 70 %,
+    test on the 20 %; the 10 % validation part is left unused. Lesions are *not* kept together,
+    which is the point of running it: it shows how much image-level splitting inflates scores."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(y))
+    rest, test = train_test_split(index, test_size=0.2, random_state=seed, stratify=y)
+    train, val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=y[rest])
+    counts = {"train": len(train), "val": len(val), "test": len(test)}
+    return [(np.sort(train), np.sort(test))], counts
+
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+def split_plan(data: LabeledFeatures, protocol: Protocol, seed: int) -> tuple[Folds, dict]:
+    """The (train, held-out) index pairs of one seed, and the part sizes of a single split."""
+    if protocol.split == "official":
+        return official_split(data.splits)
+    if protocol.split == "random712":
+        return random_712_split(data.y, seed)
+    return make_folds(data.y, data.groups, protocol.cv, seed), {}

@@ -1,0 +1,397 @@
+"""Extraction: run a frozen backbone once over a source and commit its features to the store.
+
+Decoding, hashing and resizing run in DataLoader workers while the backbone computes; shards are
+committed in source order, so a killed run resumes with exactly the batches it would have run."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from featcache.backbones.models import LoadedBackbone, load_backbone
+from featcache.data.images import Preprocess, views_for
+from featcache.data.sources import ImageRecord, ImageSource
+from featcache.errors import CacheError, FeatcacheError
+from featcache.options import Dtype, Engine, Precision
+from featcache.progress import Reporter
+from featcache.store.entries import (
+    MANIFEST,
+    SHARD_GLOB,
+    CacheEntry,
+    EntryLock,
+    rebuild_manifest,
+    remove_temporaries,
+    write_json_atomic,
+)
+from featcache.store.naming import default_cache_root, fingerprint
+
+if TYPE_CHECKING:
+    from featcache.extraction.ray import RayCluster
+from featcache.extraction.device import provenance, resolve_device, resolve_precision
+from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
+from featcache.extraction.norm import _apply_dataset_norm
+from featcache.extraction.resume import file_state, plan, read_record
+from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
+from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
+
+DTYPES = tuple(d.value for d in Dtype)
+
+
+PRECISIONS = tuple(p.value for p in Precision)
+
+
+class ExtractionInterrupted(FeatcacheError):
+    """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
+
+
+@dataclass
+class ExtractResult:
+    entry: CacheEntry
+    extracted: int
+    skipped: int
+    failed: dict[str, str]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    reused: int = 0  # images whose features came from another entry with the same fingerprint
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        reused = f"{self.reused} reused from other entries, " if self.reused else ""
+        return (f"{self.extracted} extracted ({self.images_per_second:.1f} images/s), {reused}"
+                f"{self.skipped} already cached, {len(self.failed)} failed -> {self.entry.path}")
+
+
+def extract(
+    source: ImageSource,
+    backbone: str | LoadedBackbone,
+    cache_root: str | os.PathLike | None = None,
+    pools: tuple[str, ...] | None = None,
+    dtype: str = "float16",
+    weights: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    shard_size: int = 1024,
+    device: str = "auto",
+    precision: str = "auto",
+    jpeg_draft: bool = True,
+    input_size: int | None = None,
+    views: int = 1,
+    resize: str = "crop",
+    break_lock: bool = False,
+    reporter: Reporter | None = None,
+    engine: str = "auto",
+    preprocess: tuple[str, ...] | str = (),
+    resampler: str = "pil",
+    norm_from: str | dict | None = None,
+    cluster: RayCluster | None = None,
+) -> ExtractResult:
+    """Extract features of every image in ``source`` into the cache (resuming where it stopped).
+
+    ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.data.images.VIEWS`: flips and quarter turns
+    of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
+    ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
+    ``engine``: ``auto`` (the engine measured fastest for the backbone on the CPU, PyTorch on CUDA),
+    ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`featcache.extraction.engines`).
+    ``resampler``: ``pil`` (the backbone's eval transform, bit for bit) or ``torch`` (faster, its own
+    fingerprint; :class:`featcache.data.images.Preprocess`).
+    ``preprocess``: image filters before the backbone's transform (:mod:`featcache.data.preprocessing`).
+    ``norm_from``: with ``dataset-norm``, the dataset (cache name, folder or CSV) whose statistics
+    normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
+    with ``mean``, ``std``, ``dataset``, ``images``); default: this dataset's own.
+    ``cluster``: run on Ray (:mod:`featcache.extraction.ray`); the features and the entry are the local path's.
+    """
+    dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
+    if dtype not in DTYPES:
+        raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    reporter = reporter or Reporter(quiet=True)
+    dev = resolve_device(device) if cluster is None else cluster.device(device)
+    if precision not in ("auto", "fp32") and dev.type != "cuda":
+        reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
+                      "in fp32 (and the entry is named so)")
+    # on a cluster the actors run the model on their own device; the driver's copy names the entry
+    precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
+    model = backbone if isinstance(backbone, LoadedBackbone) else \
+        load_backbone(backbone, weights=weights, pools=pools, device=dev if cluster is None else "cpu")
+    view_names = _checked_views(views)
+    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
+    root = Path(cache_root or default_cache_root())
+    norm = _apply_dataset_norm(model, source, root, norm_from, workers, reporter)
+    engine = _resolved_engine(engine, model, dev, reporter)
+    inputs = fingerprint_inputs(model, dtype, precision, views, engine)
+    fp = fingerprint(inputs)
+    entry_dir = entry_path(root, source.name, model.spec.name, fp)
+    if not _writable(entry_dir):
+        return _read_only_result(source, entry_dir)
+
+    with EntryLock(entry_dir, break_lock=break_lock):
+        removed = remove_temporaries(entry_dir)
+        if removed:
+            reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
+        if not (entry_dir / MANIFEST).exists() and any(entry_dir.glob(SHARD_GLOB)):
+            # its shards are still the truth: without this, every image would be extracted again
+            rebuild_manifest(entry_dir)
+            reporter.warn(f"{entry_dir / MANIFEST} was missing; rebuilt it from the shards")
+        todo, skipped = plan(source, entry_dir)
+        manifest = {
+            "fingerprint": fp, "fingerprint_inputs": inputs, "format_version": 1,
+            "dataset": source.name, "source": str(Path(source.location).resolve()),
+            "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
+            "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
+            "views": list(view_names),
+        }
+        if norm:
+            manifest["dataset_norm"] = norm
+        if cluster is not None:
+            manifest["provenance"]["cluster"] = cluster.describe()
+        if skipped:
+            reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
+                          f"extracting the other {len(todo)}")
+        start = time.perf_counter()
+        try:
+            if not (entry_dir / MANIFEST).exists():
+                write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+            todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
+            extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
+                             shard_size, manifest, view_names, reporter, engine, root, cluster)
+            entry = _write_manifest(entry_dir, manifest, source, complete=True)
+        except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
+            raise CacheError(
+                f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
+                "kept: free space or fix the drive, then rerun the same command to resume") from None
+        seconds = time.perf_counter() - start
+    return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+
+
+def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict, dims: dict[str, int],
+                       shard_size: int, reporter: Reporter) -> tuple[list[ImageRecord], int]:
+    """Commit, without running the backbone, the images of ``todo`` whose file (same SHA-256) already
+    has features under the same fingerprint in another entry of the cache (another dataset name: a
+    moved, relabelled or subset CSV). Returns the images still to extract and how many were reused.
+    The features are copied byte for byte, so they equal a fresh extraction's."""
+    others = [CacheEntry(p) for p in sorted(cache_root_of_entry(entry_dir).glob(f"*/*-{manifest['fingerprint']}"))
+              if p != entry_dir and (p / MANIFEST).is_file()]
+    if not todo or not others:
+        return todo, 0
+    known: dict[str, tuple[CacheEntry, str]] = {}
+    for other in others:
+        for image_id, state in other.state().items():
+            if state.failed is None:
+                known.setdefault(state.sha256, (other, image_id))
+    hits, rest, npz_cache = [], [], {}
+    for record in todo:
+        try:
+            sha = read_record(record, npz_cache)[1]
+        except (OSError, ValueError, KeyError):  # the extraction itself reports unreadable files
+            rest.append(record)
+            continue
+        if sha in known:
+            hits.append((record, sha, *known[sha]))
+        else:
+            rest.append(record)
+    if not hits:
+        return todo, 0
+    sink = ShardSink(entry_dir, manifest, dims, shard_size)
+    for start in range(0, len(hits), shard_size):
+        chunk = hits[start:start + shard_size]
+        features: dict[tuple[Path, str], dict[str, np.ndarray]] = {}
+        for other in {id(h[2]): h[2] for h in chunk}.values():
+            wanted = [h[3] for h in chunk if h[2] is other]
+            arrays = {p: other.read(p, wanted, dtype=manifest["dtype"]) for p in sink.pools}
+            for k, image_id in enumerate(wanted):
+                features[(other.path, image_id)] = {p: arrays[p][k] for p in sink.pools}
+        for record, sha, other, image_id in chunk:
+            size, mtime = file_state(record)
+            sink.add(record.id, sha, size, mtime, features[(other.path, image_id)])
+        sink.commit()
+    sources = ", ".join(sorted({h[2].path.parent.name for h in hits}))
+    reporter.info(f"{len(hits)} images reused from other entries with the same fingerprint ({sources}): "
+                  "same file contents, features copied, not recomputed")
+    return rest, len(hits)
+
+
+def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
+                         input_size: int | None = None, filters: tuple[str, ...] | str = (),
+                         resampler: str = "pil") -> None:
+    """Apply --resize, --no-jpeg-draft, --input-size, --preprocess and --resampler to the backbone's own
+    preprocessing."""
+    changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
+    if filters:
+        changes["filters"] = filters
+    resampler = str(getattr(resampler, "value", resampler))
+    if resampler != model.preprocess.resampler:
+        changes["resampler"] = resampler
+    if resize != model.preprocess.resize_mode:
+        changes["resize_mode"] = resize
+    if input_size and input_size != model.preprocess.crop_size:  # keep the resize/crop ratio at the new size
+        ratio = model.preprocess.resize_size / model.preprocess.crop_size
+        changes |= {"crop_size": input_size, "resize_size": int(input_size * ratio)}
+    if changes:
+        try:  # Preprocess checks the values (an unknown --resize) and says what to use
+            model.preprocess = Preprocess(**{**model.preprocess.to_dict(), **changes})
+        except ValueError as exc:
+            raise FeatcacheError(str(exc)) from None
+
+
+def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
+                  views: int = 1, resize: str = "crop", engine: str = "auto",
+                  resampler: str = "pil") -> tuple[Path, int]:
+    """Where ``extract`` with these settings (on this machine's device) keeps the features of
+    ``source``, and how many of its images still need extracting. Nothing is written."""
+    from featcache.extraction.engines import resolve_engine
+
+    configure_preprocess(model, resize, resampler=resampler)
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    fp = fingerprint(fingerprint_inputs(model, dtype, precision, views, resolve_engine(engine, model, device)))
+    entry_dir = entry_path(Path(cache_root), source.name, model.spec.name, fp)
+    return entry_dir, len(plan(source, entry_dir)[0])
+
+
+def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,
+                 weights: str | None = None, reporter: Reporter | None = None) -> ExtractResult:
+    """Features of ``source`` made exactly like ``entry``'s (same backbone, poolings, dtype,
+    preprocessing and views), extracting what is missing. ``weights``: the file given at extraction,
+    if any (default: the one the entry recorded, when it was a file)."""
+    manifest = entry.manifest
+    inputs = manifest["fingerprint_inputs"]
+    origin = manifest["provenance"]["weights_origin"]
+    if weights is None:
+        weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
+            "random" if origin.startswith("random") else None)
+    preprocess = inputs["preprocess"]
+    # dataset-norm: the images are normalised with exactly the statistics the entry was made with (not
+    # the training dataset's newest, which differ once images were added to it)
+    norm_from = None
+    if "dataset_norm" in manifest:
+        norm_from = {**manifest["dataset_norm"], "dataset": manifest["dataset_norm"]["from"],
+                     "mean": preprocess["mean"], "std": preprocess["std"]}
+    return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
+                   dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
+                   views=entry.views, resize=entry.resize_mode, reporter=reporter,
+                   engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())),
+                   norm_from=norm_from, resampler=preprocess.get("resampler", "pil"),
+                   input_size=preprocess["crop_size"])
+
+
+def _checked_views(views: int) -> tuple[str, ...]:
+    try:
+        return views_for(views)
+    except ValueError as exc:
+        raise FeatcacheError(str(exc)) from None
+
+
+def _read_only_result(source: ImageSource, entry_dir: Path) -> ExtractResult:
+    """A read-only cache is fine when it already holds everything; otherwise say what to do."""
+    todo, skipped = plan(source, entry_dir)
+    if todo:
+        raise CacheError(
+            f"the cache folder {entry_dir} is read-only and {len(todo)} of {len(source.records)} images "
+            f"still need extracting (first: {todo[0].id}); use --cache (or $FEATCACHE_CACHE) to pick a "
+            "writable folder")
+    entry = CacheEntry(entry_dir)
+    return ExtractResult(entry, 0, skipped, entry.failed, 0.0, list(source.notes) + [
+        f"{entry_dir} is read-only; it already holds every image, so nothing was written"])
+
+
+def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter) -> str:
+    from featcache.extraction.engines import auto_note, resolve_engine
+
+    try:
+        resolved = resolve_engine(engine, model, dev)
+    except ValueError:
+        raise FeatcacheError(f"--engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}") from None
+    if str(getattr(engine, "value", engine)) == "auto":
+        note, loud = auto_note(model, dev, resolved)
+        (reporter.warn if loud else reporter.info)(note)
+    return resolved
+
+
+def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
+         precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
+         manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str,
+         cache_root: Path | None = None, cluster: RayCluster | None = None) -> int:
+    if not todo:
+        return 0
+    cache_root = cache_root or cache_root_of_entry(entry_dir)
+    if cluster is not None:  # decoded by Ray Data tasks, run by a pool of backbone actors
+        batches = cluster.extract_batches(todo, model, view_names, engine, cache_root, batch_size, dev, precision)
+    else:
+        batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root)
+    sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
+    extracted = 0
+    task = reporter.task(f"extract {model.spec.name}", total=len(todo))
+    try:
+        with _StopRequested(), torch.inference_mode():
+            for items, feats in batches:
+                feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
+                n = 0  # rows of feats follow the items that decoded, in order
+                for item in items:
+                    record = todo[item["index"]]
+                    args = (record.id, item["sha"], item["size"], item["mtime"])
+                    if item["error"]:
+                        reporter.warn(f"skipped {record.id}: {item['error']}")
+                        sink.add_failed(*args, item["error"])
+                        continue
+                    row = {p: feats[p][n] for p in sink.pools}
+                    n += 1
+                    if not all(np.isfinite(v).all() for v in row.values()):
+                        reason = f"non-finite features (NaN/Inf) for {record.path}"
+                        reporter.warn(f"skipped {record.id}: {reason}")
+                        sink.add_failed(*args, reason)
+                        continue
+                    sink.add(*args, row)
+                    extracted += 1
+                sink.commit_full()
+                task.advance(len(items))
+            sink.commit()
+    except KeyboardInterrupt:
+        _quiet_worker_teardown()
+        raise ExtractionInterrupted(
+            f"Interrupted: {extracted - sink.pending} new images were committed to "
+            f"{entry_dir}; rerun the same command to resume from there") from None
+    finally:
+        task.close()
+    return extracted
+
+
+def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
+                   batch_size: int | None, workers: int | None, view_names: tuple[str, ...], engine: str,
+                   cache_root: Path) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
+    """(items, features) per batch: decoded by DataLoader workers, run here. ``features[pool]`` has one
+    row per item that decoded, in order."""
+    from featcache.extraction.engines import make_forward, run_pipelined
+
+    forward = make_forward(engine, model, cache_root)
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    cuda = dev.type == "cuda"
+    # Measured on 2 CPU cores (docs/benchmarks.md): small batches in channels_last run CNNs ~3x
+    # faster than batch 64 in NCHW; on CUDA large batches keep the GPU busy.
+    batch_size = batch_size or (128 if cuda else 8)
+    memory_format = torch.channels_last if model.spec.is_cnn and engine == "torch" else torch.contiguous_format
+    model.model.to(memory_format=memory_format)
+    loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+                        worker_init_fn=_worker_init if workers else None,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    def features(batch: dict) -> dict[str, np.ndarray]:
+        if batch["images"] is None:
+            return {}
+        return run_views(forward, batch["images"].to(dev, non_blocking=cuda), view_names, dev, precision)
+
+    for batch, feats in run_pipelined(forward, loader, features):  # the engine's streams run batches at once
+        yield batch["items"], feats

@@ -1,0 +1,59 @@
+"""What is left to extract: images not in an entry yet, or whose file changed since."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featcache.data.sources import ImageRecord, ImageSource
+from featcache.store.entries import MANIFEST, CacheEntry
+
+if TYPE_CHECKING:
+    pass
+
+
+def file_state(record: ImageRecord) -> tuple[int, int]:
+    """(size, mtime_ns) of the record's file; (-1, -1) when it does not exist."""
+    try:
+        st = os.stat(record.path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarray, str]:
+    """The record's raw content and its SHA-256 (of the file bytes, or of the array for .npz)."""
+    if record.npz_key is None:
+        data = Path(record.path).read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+    key, index = record.npz_key
+    arrays = npz_cache.setdefault(str(record.path), np.load(record.path, allow_pickle=False))
+    pixels = np.ascontiguousarray(arrays[key][index])
+    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode() + pixels.tobytes())
+    return pixels, digest.hexdigest()
+
+
+def plan(source: ImageSource, entry_dir: Path) -> tuple[list[ImageRecord], int]:
+    """Records still to extract: not in the store, or whose file changed since it was stored."""
+    if not (entry_dir / MANIFEST).exists():
+        return list(source.records), 0
+    state = CacheEntry(entry_dir).state()
+    todo, npz_cache = [], {}
+    for record in source.records:
+        known = state.get(record.id)
+        if known is None:
+            todo.append(record)
+            continue
+        if (known.size, known.mtime_ns) == file_state(record):
+            continue
+        try:  # touched but maybe unchanged (copied, re-saved): compare the content hash
+            unchanged = read_record(record, npz_cache)[1] == known.sha256
+        except (OSError, ValueError, KeyError):
+            unchanged = False
+        if not unchanged:
+            todo.append(record)
+    return todo, len(source.records) - len(todo)

@@ -1,0 +1,105 @@
+"""Committing features: shards written whole, the manifest, stop signals that keep what was committed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featcache.data.sources import ImageSource
+from featcache.store.entries import (
+    ENTRY_KEYS,
+    MANIFEST,
+    SHARD_GLOB,
+    CacheEntry,
+    ShardRows,
+    shard_summary,
+    write_json_atomic,
+    write_shard,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+def _writable(entry_dir: Path) -> bool:
+    """Whether the entry (or the nearest folder that exists above it) can be written."""
+    try:
+        entry_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    existing = next(p for p in (entry_dir, *entry_dir.parents) if p.exists())
+    return os.access(existing, os.W_OK)
+
+
+def _write_manifest(entry_dir: Path, manifest: dict, source: ImageSource, complete: bool) -> CacheEntry:
+    listed = {r.id for r in source.records}
+    payload = {**manifest, "complete": complete}
+    if (entry_dir / MANIFEST).exists():
+        entry = CacheEntry(entry_dir)
+        payload |= shard_summary(entry)
+        payload["complete"] = complete and listed <= set(entry.state())
+    write_json_atomic(entry_dir / MANIFEST, payload)
+    return CacheEntry(entry_dir)
+
+
+class _StopRequested:
+    """SIGTERM behaves like Ctrl-C: stop after the current batch, keep what was committed."""
+
+    def __enter__(self) -> _StopRequested:
+        self._old = signal.getsignal(signal.SIGTERM)
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class ShardSink:
+    """Collects rows in source order and commits them as shards of ``shard_size`` (the unit of
+    resume), numbered after the entry's existing shards."""
+
+    def __init__(self, entry_dir: Path, manifest: dict, dims: dict[str, int], shard_size: int):
+        self.entry_dir, self.dims, self.shard_size = entry_dir, dims, shard_size
+        self.dtype, self.pools, self.views = manifest["dtype"], tuple(manifest["pools"]), len(manifest["views"])
+        self.attrs = {"fingerprint": manifest["fingerprint"], "format_version": 1,
+                      "provenance": manifest["provenance"], "backbone": manifest["backbone"],
+                      "entry": {k: manifest[k] for k in ENTRY_KEYS}}
+        existing = sorted(entry_dir.glob(SHARD_GLOB))
+        self.next_shard = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.rows = ShardRows(self.pools, self.views)
+
+    @property
+    def pending(self) -> int:
+        """Extracted rows not committed yet."""
+        return len(self.rows.ids)
+
+    def add(self, image_id: str, sha: str, size: int, mtime: int, feats: dict[str, np.ndarray]) -> None:
+        self.rows.add(image_id, sha, size, mtime, feats)
+
+    def add_failed(self, image_id: str, sha: str, size: int, mtime: int, reason: str) -> None:
+        self.rows.add_failed(image_id, sha, size, mtime, reason)
+
+    def commit_full(self) -> None:
+        if len(self.rows) >= self.shard_size:
+            self.commit()
+
+    def commit(self) -> None:
+        if len(self.rows):
+            write_shard(self.entry_dir, self.next_shard, self.rows, self.dims, self.dtype, self.attrs)
+            self.next_shard, self.rows = self.next_shard + 1, ShardRows(self.pools, self.views)

@@ -1,0 +1,319 @@
+"""The comparison table over finished runs: rich on screen, CSV and Markdown on disk, and a plot."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from featcache.errors import CacheError, FeatcacheError
+from featcache.evaluation.metrics import MAIN_METRICS
+from featcache.options import Metric
+from featcache.store.entries import CacheEntry
+from featcache.store.naming import entry_of_run, find_runs
+from featcache.store.runs import has_test_predictions, read_metrics, read_predictions
+
+BASELINE_HEADS = ("majority", "stratified")
+
+
+@dataclass
+class Row:
+    run: Path
+    dataset: str
+    backbone: str
+    pool: str
+    head: str
+    protocol: str
+    n_images: int
+    metrics: dict  # metric -> {"mean", "std", "pooled", "ci"}
+    test: dict | None
+    config: dict | None = None
+
+
+def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = ()) -> str:
+    """The head's name with every setting that makes it a different model than the default
+    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config;
+    ``entry_notes``: the entry's other non-default settings, e.g. its filters or resampler)."""
+    protocol = config.get("protocol", {})
+    variants = [*entry_notes] + [label for label, on in (
+        (f"resize {resize}", resize != "crop"),
+        ("raw features", protocol.get("standardize") is False),
+        (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
+        ("tuned", bool(protocol.get("tune"))),
+        ("no class weights", protocol.get("class_weight") == "none"),
+        (_views_label(config.get("views", 1), protocol.get("views", "all")), config.get("views", 1) > 1),
+        (f"+ meta {protocol.get('meta')}", bool(protocol.get("meta"))),
+        (f"{protocol.get('calibrate')} calibration", bool(protocol.get("calibrate"))),
+    ) if on]
+    return config["head"] + (f" ({', '.join(variants)})" if variants else "")
+
+
+def _views_label(views: int, use: str) -> str:
+    return {"all": f"{views} views + TTA", "train": f"{views} views, no TTA"}.get(use, "original view only")
+
+
+def _entry_settings(entry_dir: Path, known: dict[Path, dict]) -> dict:
+    """The run's entry's settings that set its features apart: resize, filters, resampler, engine."""
+    if entry_dir not in known:
+        try:
+            known[entry_dir] = CacheEntry(entry_dir).settings
+        except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
+            known[entry_dir] = {"views": 1, "resize": "crop", "filters": (), "resampler": "pil", "engine": "torch"}
+    return known[entry_dir]
+
+
+def _entry_notes(settings: dict) -> tuple[str, ...]:
+    return tuple(note for note, on in ((f"--preprocess {','.join(settings['filters'])}", bool(settings["filters"])),
+                                       ("resampler torch", settings["resampler"] == "torch")) if on)
+
+
+def _name_engines(rows: list[Row], engines: list[str]) -> list[Row]:
+    """Rows alike but for the engine that extracted their features (features within 1e-4) get the
+    engine in their label, so that no two rows of the table look the same."""
+    keys = [(r.dataset, r.backbone, r.pool, r.head, r.protocol) for r in rows]
+    mixed = {k for k in keys if len({e for k2, e in zip(keys, engines, strict=True) if k2 == k}) > 1}
+    return [replace(r, head=f"{r.head} [{e}]") if k in mixed else r
+            for r, k, e in zip(rows, keys, engines, strict=True)]
+
+
+def checked_metric(metric: str, rows: list[Row] | None = None) -> str:
+    """``metric`` if it is one of :class:`Metric` or ``auroc:<class>`` with a class some run has;
+    otherwise a :class:`FeatcacheError` listing what is valid."""
+    metric = metric.value if isinstance(metric, Enum) else metric
+    valid = [m.value for m in Metric]
+    if metric in valid:
+        return metric
+    if metric.startswith("auroc:"):
+        if rows is None:
+            return metric
+        classes = sorted({c for r in rows for c in (r.config or {}).get("classes", [])})
+        if metric[6:] in classes:
+            return metric
+        raise FeatcacheError(f"--metric {metric}: no run has the class {metric[6:]!r}; the classes are "
+                             f"{', '.join(classes) or 'none'} (use auroc:<class>)")
+    raise FeatcacheError(f"--metric {metric!r}: choose one of {', '.join(valid)}, or auroc:<class>")
+
+
+def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | None = None,
+                 head: str | None = None, metric: str | None = None) -> list[Row]:
+    """Every finished run under ``cache_root`` that matches; ``metric`` (e.g. ``auroc:mel``) is read
+    besides the main metrics."""
+    rows, engines, entries = [], [], {}
+    wanted = [*MAIN_METRICS, *([metric] if metric and metric not in MAIN_METRICS else [])]
+    for run in find_runs(cache_root):
+        result = read_metrics(run)
+        config = result["config"]
+        if dataset and config["dataset"] != dataset:
+            continue
+        if backbone and config["backbone"] != backbone:
+            continue
+        if head and config["head"] not in head.split(","):
+            continue
+        metrics = {}
+        for m in wanted:
+            if m in result["folds"]:
+                metrics[m] = {**result["folds"][m], "pooled": result["pooled"].get(m),
+                              "ci": result["pooled"].get("ci95", {}).get(m),
+                              "n_folds": result.get("n_folds", len(result.get("per_fold", [])))}
+        protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
+        settings = _entry_settings(entry_of_run(run), entries)
+        rows.append(Row(run, config["dataset"], config["backbone"], config["pool"],
+                        head_label(config, settings["resize"], _entry_notes(settings)), protocol,
+                        result["n_images"], metrics, result.get("test"), config))
+        engines.append(settings["engine"])
+    return _name_engines(rows, engines)
+
+
+def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:
+    """Soft-vote ensembles of the top runs of each comparable group (``spec``: ``top3``, ``top5``).
+
+    Runs are comparable when they scored the same images under the same protocol, so their
+    out-of-fold predictions line up image by image; the ensemble averages those probabilities and
+    is scored exactly like a run (its interval by the same bootstrap). The members are chosen by
+    the same out-of-fold scores, which makes the ensemble's score slightly optimistic; with the
+    test set (``test_predictions.csv``) the test score is free of that selection.
+    """
+    from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
+
+    if not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2:
+        raise ValueError(f"--ensemble {spec}: use topN with N >= 2, e.g. top3")
+    size = int(spec[3:])
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        if row.config is None or row.head.split(" (")[0] in BASELINE_HEADS or metric not in row.metrics:
+            continue
+        key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"))
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (dataset, protocol, _, _), members in groups.items():
+        members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))[:size]
+        if len(members) < size:
+            continue
+        oof = [read_predictions(r.run, "oof") for r in members]
+        first = oof[0]
+        if any(o.ids != first.ids or o.classes != first.classes or not np.array_equal(o.seeds, first.seeds)
+               for o in oof):
+            continue  # not aligned image by image: not comparable after all
+        proba = np.mean([o.proba for o in oof], axis=0)
+        seeds = np.unique(first.seeds)
+        parts = [(first.labels[first.seeds == s], proba[first.seeds == s], first.group_array(first.seeds == s))
+                 for s in seeds]
+        pooled = score_parts(parts, first.classes)
+        cells = [(first.seeds == s) & (first.folds == f) for s in seeds for f in np.unique(first.folds)]
+        per_fold = [compute_metrics(first.labels[at], proba[at], first.classes) for at in cells if at.any()]
+        metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
+                       "pooled": pooled[m], "ci": pooled["ci95"].get(m), "n_folds": len(per_fold) // len(seeds)}
+                   for m in members[0].metrics if m in pooled}
+        test = None
+        if all(has_test_predictions(r.run) for r in members):
+            tests = [read_predictions(r.run, "test") for r in members]
+            t_labels, t_classes = tests[0].labels, tests[0].classes
+            t_proba = np.mean([t.proba for t in tests], axis=0)
+            keep = np.isin(t_labels, t_classes)
+            test = score_with_ci(t_labels[keep], t_proba[keep], t_classes)
+        names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
+        out.append(Row(members[0].run.parent, dataset, "ensemble", "–", f"{spec}: {names}", protocol,
+                       len(first.labels) // len(seeds), metrics, test, None))
+    return out
+
+
+def unique_rows(rows: list[Row]) -> list[Row]:
+    """Each result once: runs that scored the same images under the same protocol with the same
+    numbers (the same fit kept in two cache entries) collapse to the newest; baselines, which do not
+    look at the features, appear once per dataset and protocol, with the backbone shown as '(any)'."""
+    kept: dict[tuple, Row] = {}
+    for row in sorted(rows, key=lambda r: r.run.stat().st_mtime if r.run.exists() else 0, reverse=True):
+        baseline = row.head.split(" (")[0] in BASELINE_HEADS
+        scores = tuple(round((row.metrics.get(m) or {}).get("pooled") or 0.0, 6) for m in MAIN_METRICS)
+        ids = (row.config or {}).get("ids_sha256")
+        key = (row.dataset, row.protocol, row.head, row.n_images, ids, scores) + (
+            () if baseline else (row.backbone, row.pool))
+        if key not in kept:
+            kept[key] = Row(row.run, row.dataset, "(any)", "–", row.head, row.protocol, row.n_images, row.metrics,
+                            row.test, row.config) if baseline else row
+    return list(kept.values())
+
+
+def sort_rows(rows: list[Row], metric: str) -> list[Row]:
+    """Grouped by dataset and protocol (never ranked across them), best first within a group."""
+    return sorted(rows, key=lambda r: (r.dataset, r.protocol,
+                                       -(r.metrics.get(metric, {}).get("mean") or -1.0)))
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    if entry.get("n_folds") == 1:  # a single split has no spread over folds: its interval says it all
+        return f"{entry['mean']:.3f} (one split)"
+    return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+
+def _fmt_ci(entry: dict | None) -> str:
+    if not entry or not entry.get("ci"):
+        return "–"
+    return f"{entry['pooled']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+
+
+def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[str], list[list[str]]]:
+    header = ["dataset", "protocol", "backbone", "pool", "head", "n",
+              f"{metric} (folds)", f"{metric} pooled [95% CI]", *[m for m in MAIN_METRICS if m != metric]]
+    has_test = any(r.test for r in rows)
+    if has_test:
+        header += ["test balanced_accuracy [95% CI]", "test auroc"]
+    if paths:
+        header.append("run folder")
+    body = []
+    for r in rows:
+        line = [r.dataset, r.protocol, r.backbone, r.pool,
+                r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
+                _fmt(r.metrics.get(metric)), _fmt_ci(r.metrics.get(metric)),
+                *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
+        if has_test:
+            t = r.test or {}
+            ci = t.get("ci95", {}).get("balanced_accuracy")
+            line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if t and ci else "–",
+                     f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–"]
+        if paths:
+            line.append(str(r.run))
+        body.append(line)
+    return header, body
+
+
+def write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
+    try:
+        return _write_outputs(rows, metric, out_dir)
+    except OSError as exc:
+        raise CacheError(f"cannot write the comparison to {out_dir} ({exc.strerror or exc}); pass --out DIR "
+                         "with a writable folder (the table above is complete)") from None
+
+
+def _write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, body = table_rows(rows, metric, paths=True)  # the files always say where each run is
+    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(body)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    _plot(rows, metric, paths["png"])
+    return paths
+
+
+def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
+    """The leaderboard as a forest plot: pooled score and 95 % interval per run, best first,
+    baselines grey, ensembles orange, a chance line where chance is known."""
+    from featcache.reporting.plots import forest_figure
+
+    rows = [r for r in rows if (r.metrics.get(metric) or {}).get("pooled") is not None]
+    classes = next((len(r.config["classes"]) for r in rows if r.config and r.config.get("classes")), 0)
+    chance = (1 / classes if metric == "balanced_accuracy" and classes else
+              0.5 if metric.startswith("auroc") else None)
+    colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"
+               else "#2b6cb0" for r in rows]
+    return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}", 90) for r in rows],
+                         [r.metrics[metric]["pooled"] for r in rows],
+                         [tuple(r.metrics[metric].get("ci") or (r.metrics[metric]["pooled"],) * 2) for r in rows],
+                         colours, f"{metric}, pooled out-of-fold, with 95 % bootstrap interval", title, chance)
+
+
+def _plot(rows: list[Row], metric: str, path: Path, top: int = 40) -> None:
+    """compare.png: one forest plot per dataset and protocol, stacked, at most ``top`` runs each."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.protocol), []).append(row)
+    first = next(iter(groups.items()), None)
+    if first is None:
+        return
+    (dataset, protocol), members = first
+    more = f" (top {top} of {len(members)})" if len(members) > top else ""
+    extra = f"; {len(groups) - 1} more protocol(s) in compare.md" if len(groups) > 1 else ""
+    path.write_bytes(forest_png(members[:top], metric, f"{dataset} · {_shorten(protocol, 80)}{more}{extra}"))
+
+
+def _shorten(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def print_table(rows: list[Row], metric: str, console: Console | None = None, paths: bool = False) -> None:
+    """On screen, columns that hold one value for every row move into the caption."""
+    header, body = table_rows(rows, metric, paths)
+    constant = [i for i, name in enumerate(header[:2]) if len({line[i] for line in body}) == 1]
+    caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
+    keep = [i for i in range(len(header)) if i not in constant]
+    table = Table(title=f"featcache compare — sorted by {metric}", caption=caption or None)
+    for i in keep:
+        table.add_column(header[i], overflow="fold")
+    for line in body:
+        table.add_row(*[line[i] for i in keep])
+    console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    console.print(table)

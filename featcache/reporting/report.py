@@ -1,0 +1,188 @@
+"""``report.html``: one self-contained page a person reads, for the runs of a dataset or a study.
+
+No network requests: styles are inline and every figure is a matplotlib PNG embedded as a data
+URI. The page holds a forest-plot leaderboard per protocol, the best runs' confusion matrices,
+per-class tables, one-vs-rest ROC curves and reliability diagrams, every run's folder with the
+exact ``featcache predict`` command and its grouping/leakage warnings, and the provenance of the
+features (backbone, weights SHA-256, fingerprint, versions, date, machine).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.errors import CacheError, FeatcacheError
+from featcache.reporting.compare import BASELINE_HEADS, Row, collect_runs, ensemble_rows, forest_png, unique_rows
+from featcache.reporting.plots import confusion_figure, png_base64, reliability_figure, roc_figure
+from featcache.store.entries import CacheEntry
+from featcache.store.naming import cache_root_of_run, entry_of_run
+from featcache.store.runs import read_metrics, read_predictions
+
+
+def _img(png: str, alt: str) -> str:
+    return f'<img class="figure" alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
+
+
+def predict_command(run: Path) -> str:
+    return f"featcache predict --run {run} NEW_IMAGES/ --out predictions.csv"
+
+
+def _ci_text(entry: dict | None) -> str:
+    if not entry or entry.get("pooled") is None:
+        return "–"
+    ci = entry.get("ci")
+    return f"{entry['pooled']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _warnings(result: dict) -> list[str]:
+    from featcache.evaluation.audit import leakage_message
+
+    found = []
+    grouping = result.get("grouping", {})
+    split = result.get("config", {}).get("protocol", {}).get("split", "cv")
+    if grouping and not grouping.get("grouped") and split == "cv":  # a fixed split is not a CV to group
+        found.append(f"not grouped: {grouping.get('by')}")
+    message, serious = leakage_message(result.get("leakage") or {}, grouping)
+    if serious:
+        found.append(message)
+    return found
+
+
+def _provenance(rows: list[Row]) -> str:
+    entries = {}
+    for row in rows:
+        if row.backbone != "ensemble":
+            entries.setdefault(entry_of_run(row.run), row)
+    lines = []
+    for path in sorted(entries):
+        try:
+            manifest = CacheEntry(path).manifest
+        except (CacheError, ValueError, KeyError):
+            continue
+        prov, inputs = manifest.get("provenance", {}), manifest.get("fingerprint_inputs", {})
+        lines.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            manifest.get("backbone"), manifest.get("dataset"), inputs.get("weights_sha256", "–"),
+            prov.get("weights_origin", "–"), manifest.get("fingerprint"), prov.get("featcache"), prov.get("torch"),
+            prov.get("timm"), prov.get("device"), prov.get("host"), prov.get("date"), path)) + "</tr>")
+    header = ("backbone", "dataset", "weights SHA-256", "weights from", "fingerprint", "featcache", "torch", "timm",
+              "device", "host", "extracted", "entry folder")
+    return (f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(lines)}</table>")
+
+
+def _per_class_table(per_class: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+                   f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for c, v in per_class.items())
+    return ("<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>images</th></tr>"
+            f"{rows}</table>")
+
+
+def _best_run_section(row: Row, metric: str) -> str:
+    result = read_metrics(row.run)
+    pooled = result["pooled"]
+    oof = read_predictions(row.run)
+    first = oof.seeds == oof.seeds.min()
+    labels, proba = oof.labels[first], oof.proba[first]
+    seeds = "" if len(np.unique(oof.seeds)) == 1 else " (figures: seed 0; numbers: mean over seeds)"
+    parts = [f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</h3>",
+             f"<p>{html.escape(result['protocol'])} &middot; {metric} {_ci_text(row.metrics.get(metric))}{seeds}</p>",
+             _img(png_base64(confusion_figure(pooled["confusion_matrix"], oof.classes)), "confusion matrix"),
+             _per_class_table(pooled["per_class"]),
+             '<div class="pair">', _img(png_base64(roc_figure(labels, proba, oof.classes)), "ROC curves"),
+             _img(png_base64(reliability_figure(labels, proba, oof.classes)), "reliability diagram"), "</div>"]
+    return "\n".join(parts)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-top: 1.5em; }
+table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+th { background: #f3f3f3; } code { font-size: 0.9em; word-break: break-all; } .warn { color: #a33; }
+img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display: flex; flex-wrap: wrap; gap: 1em; }
+.pair img.figure { max-width: 48%; } .muted { color: #777; }
+"""
+
+
+def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | None = None,
+                 dataset: str | None = None, title: str = "featcache report", metric: str = "balanced_accuracy",
+                 top: int = 20, best: int = 3, ensemble: int | None = None) -> Path:
+    """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
+    ``cache_root``. Returns the path."""
+    roots = {cache_root_of_run(r) for r in runs} if runs else {Path(cache_root or ".")}
+    rows = [row for root in roots for row in collect_runs(root, dataset, metric=metric)]
+    if runs is not None:
+        wanted = {Path(r).resolve() for r in runs}
+        rows = [r for r in rows if r.run.resolve() in wanted]
+    rows = unique_rows(rows)
+    if not rows:
+        raise FeatcacheError("no finished runs to report; run `featcache fit` (or `featcache run`) first")
+    if ensemble:
+        rows += ensemble_rows(rows, f"top{ensemble}", metric)
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.protocol), []).append(row)
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p class='muted'>{len(rows)} runs &middot; made {_dt.datetime.now().isoformat(timespec='seconds')} by "
+            f"featcache {__version__} on {html.escape(platform.node())} ({html.escape(platform.platform())}, "
+            f"Python {platform.python_version()})</p>"]
+    for (dataset_name, protocol), members in groups.items():
+        members.sort(key=lambda r: -((r.metrics.get(metric) or {}).get("pooled") or -1.0))
+        shown = members[:top]
+        more = f" (top {top} of {len(members)})" if len(members) > top else ""
+        body.append(f"<h2>{html.escape(dataset_name)}: {html.escape(protocol)}</h2>")
+        if "UNGROUPED" in protocol:
+            body.append("<p class='warn'>Cross-validation was not grouped: images of one patient or lesion may "
+                        "sit on both sides of a split, and the scores may be optimistic.</p>")
+        body.append(_img(png_base64(forest_png(shown, metric, f"{dataset_name} · {protocol}{more}")),
+                         f"leaderboard {dataset_name}"))
+        body.append(_leaderboard_table(shown, metric))
+        for row in [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS][:best]:
+            body.append(_best_run_section(row, metric))
+    body += ["<h2>Runs</h2>", _runs_table([r for r in rows if r.config]), "<h2>Provenance of the features</h2>",
+             _provenance(rows)]
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page)
+    except OSError as exc:
+        raise CacheError(f"cannot write {path} ({exc.strerror or exc}); pass --out with a writable path") from None
+    return path
+
+
+def _leaderboard_table(rows: list[Row], metric: str) -> str:
+    has_test = any(r.test for r in rows)
+    header = ["#", "backbone / pool / head", f"{metric} [95% CI]", "folds mean ± std", "macro F1", "AUROC"]
+    header += ["test balanced accuracy [95% CI]"] if has_test else []
+    lines = []
+    for rank, row in enumerate(rows, start=1):
+        m = row.metrics.get(metric) or {}
+        spread = f"{m['mean']:.3f} ± {m['std']:.3f}" if m.get("n_folds", 2) > 1 and "mean" in m else "(one split)"
+        cells = [str(rank), f"{row.backbone} / {row.pool} / {row.head}", _ci_text(m), spread,
+                 _ci_text(row.metrics.get("macro_f1")), _ci_text(row.metrics.get("auroc"))]
+        if has_test:
+            test = row.test or {}
+            cells.append(_ci_text({"pooled": test.get("balanced_accuracy"),
+                                   "ci": test.get("ci95", {}).get("balanced_accuracy")}))
+        lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(lines)}</table>"
+
+
+def _runs_table(rows: list[Row]) -> str:
+    lines = []
+    for row in rows:
+        result = read_metrics(row.run)
+        warnings = "<br>".join(html.escape(w) for w in _warnings(result)) or "–"
+        lines.append(f"<tr><td>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</td>"
+                     f"<td>{html.escape(result['protocol'])}</td><td class='warn'>{warnings}</td>"
+                     f"<td><code>{html.escape(str(row.run))}</code></td>"
+                     f"<td><code>{html.escape(predict_command(row.run))}</code></td></tr>")
+    return ("<table><tr><th>run</th><th>protocol</th><th>grouping / leakage warnings</th><th>folder</th>"
+            f"<th>predict with it</th></tr>{''.join(lines)}</table>")

@@ -1,0 +1,99 @@
+"""The one module that names things on disk.
+
+A cache entry is named by the hash of everything that set its feature values (the Hugging Face
+datasets fingerprint idea), a run by the hash of everything that set its numbers; this module turns
+those inputs into names and folders, and walks back from a run to its entry and cache root::
+
+    <cache root>/<dataset>/<backbone>-<entry fingerprint>/          an entry (see featcache.store.entries)
+    <cache root>/<dataset>/<backbone>-<entry fingerprint>/runs/<head>-<pool>-<run id>/   a run
+    <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
+    <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from featcache.store.hashing import stable_hash
+
+if TYPE_CHECKING:
+    from featcache.backbones.models import LoadedBackbone
+
+FORMAT_VERSION = 1
+CACHE_ENV = "FEATCACHE_CACHE"
+RUNS = "runs"
+METRICS = "metrics.json"  # a run is finished once this file exists
+# --preprocess dataset-norm: a dataset's channel statistics, kept beside its entries in the dataset's folder
+# and named by the hash of the files and the preprocessing they were computed with.
+NORM_STATS_PREFIX = ".dataset-norm-"
+
+
+def default_cache_root() -> Path:
+    """``$FEATCACHE_CACHE``, else ``./cache``."""
+    return Path(os.environ.get(CACHE_ENV, "cache"))
+
+
+def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1,
+                       engine: str = "torch") -> dict:
+    """Everything that sets an entry's feature values (the image files are named per image, by SHA-256)."""
+    inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
+              "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
+              "dtype": dtype, "precision": precision}
+    if views > 1:  # only when used, so entries made before --views keep their names
+        inputs["views"] = views
+    if engine != "torch":  # likewise: PyTorch entries keep their names
+        inputs["engine"] = engine
+    return inputs
+
+
+def fingerprint(inputs: dict) -> str:
+    """Name of a cache entry: hash of everything that determines the feature values."""
+    return stable_hash({"format_version": FORMAT_VERSION, **inputs}, 16)
+
+
+def fused_fingerprint(parts: list[tuple[str, str]]) -> str:
+    """Name of several entries read side by side: their fingerprints and poolings, in order."""
+    return stable_hash([[entry_fingerprint, pool] for entry_fingerprint, pool in parts], 16)
+
+
+def entry_path(cache_root: Path, dataset: str, backbone: str, fp: str) -> Path:
+    return Path(cache_root) / dataset / f"{backbone.replace(':', '-')}-{fp}"
+
+
+def run_id(identity: dict) -> str:
+    """Name of a run: hash of everything that set its numbers (see ``evaluation.runner.run_identity``)."""
+    return stable_hash(identity, 12)
+
+
+def run_path(entry_dir: Path, head: str, pool: str, identity: dict) -> Path:
+    return Path(entry_dir) / RUNS / f"{head}-{pool.replace('+', '_')}-{run_id(identity)}"
+
+
+def entry_of_run(run_dir: Path) -> Path:
+    """The entry folder a run was written into (for a fused run: its first backbone's)."""
+    return Path(run_dir).parents[1]
+
+
+def cache_root_of_run(run_dir: Path) -> Path:
+    return Path(run_dir).parents[3]
+
+
+def cache_root_of_entry(entry_dir: Path) -> Path:
+    return Path(entry_dir).parent.parent
+
+
+def find_runs(cache_root: Path) -> list[Path]:
+    """Every finished run folder under ``cache_root``."""
+    return [p.parent for p in sorted(Path(cache_root).glob(f"*/*/{RUNS}/*/{METRICS}"))]
+
+
+def norm_stats_path(cache_root: Path, dataset: str, inputs: dict) -> Path:
+    """Where a dataset's channel statistics computed from ``inputs`` (files and preprocessing) are kept."""
+    return Path(cache_root) / dataset / f"{NORM_STATS_PREFIX}{stable_hash(inputs, 16)}.json"
+
+
+def engine_export_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
+    """A backbone's ONNX export, named by the hash of everything it was exported from."""
+    return Path(cache_root) / ".engines" / f"{backbone.replace(':', '-')}-{stable_hash(inputs, 16)}.onnx"

@@ -1,0 +1,123 @@
+"""Run folders: the one place that writes and reads them.
+
+A run lives in ``<entry>/runs/<head>-<pool>-<id>/``, where ``id`` is the hash of everything that
+set its numbers (see :func:`featcache.evaluation.runner.fit_head`). It holds ``config.json``,
+``metrics.json``, ``model.joblib``, ``oof_predictions.csv`` and, with a held-out set,
+``test_predictions.csv``. It is written to a hidden temporary folder and renamed, so a run is
+either complete or absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from featcache.errors import RunError
+from featcache.store.entries import write_json_atomic
+from featcache.store.naming import METRICS
+
+CONFIG = "config.json"
+MODEL = "model.joblib"
+OOF = "oof_predictions.csv"
+TEST = "test_predictions.csv"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+@dataclass
+class Predictions:
+    """One prediction CSV: a row per image (and per seed for out-of-fold predictions)."""
+
+    ids: list[str]
+    labels: np.ndarray
+    proba: np.ndarray
+    classes: list[str]
+    seeds: np.ndarray
+    folds: np.ndarray
+    groups: list[str]  # "" where the run had no groups
+
+    def group_array(self, rows: np.ndarray) -> np.ndarray | None:
+        """The groups of the selected rows, or None when the run was not grouped."""
+        chosen = np.asarray(self.groups, dtype=object)[rows]
+        return None if not any(chosen) else chosen.astype(str)
+
+
+def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
+              oof_rows: list, test_rows: tuple | None = None) -> None:
+    """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, label, proba) tuples;
+    ``test_rows``: (ids, labels, proba) of the held-out set. CSVs go through the csv module, so an
+    id holding a comma, a quote or a newline comes back as it was."""
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise RunError(f"cannot write the run to {run_dir.parent} ({exc.strerror}); the features are readable "
+                       "but runs are saved next to them: copy the cache to a writable folder and pass "
+                       "--cache") from None
+    write_json_atomic(tmp / CONFIG, config)
+    joblib.dump(model_payload, tmp / MODEL)
+    probability_columns = [f"p_{c}" for c in classes]
+    with open(tmp / OOF, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seed", "fold", "id", "group", "label", *probability_columns])
+        for seed, fold, image_id, group, label, proba in oof_rows:
+            writer.writerow([seed, fold, image_id, group or "", label, *(f"{v:.6f}" for v in proba)])
+    if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
+        with open(tmp / TEST, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", *probability_columns])
+            for image_id, label, proba in zip(*test_rows, strict=True):
+                writer.writerow([image_id, label, *(f"{v:.6f}" for v in proba)])
+    write_json_atomic(tmp / METRICS, result)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(tmp, run_dir)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / METRICS).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{run_dir}: no readable {METRICS} ({exc}); pass a run folder written by "
+                       "`featcache fit`") from None
+
+
+def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
+    """A run's out-of-fold (``oof``) or held-out (``test``) predictions."""
+    path = Path(run_dir) / (OOF if which == "oof" else TEST)
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        lines = list(reader)
+    first = 5 if which == "oof" else 2  # seed,fold,id,group,label,p_… or id,label,p_…
+    return Predictions(
+        ids=[line[2] if which == "oof" else line[0] for line in lines],
+        labels=np.array([line[first - 1] for line in lines]),
+        proba=np.array([[float(v) for v in line[first:]] for line in lines]).reshape(len(lines), -1),
+        classes=[c.removeprefix("p_") for c in header[first:]],
+        seeds=np.array([int(line[0]) if which == "oof" else 0 for line in lines], dtype=np.int64),
+        folds=np.array([int(line[1]) if which == "oof" else 0 for line in lines], dtype=np.int64),
+        groups=[line[3] if which == "oof" else "" for line in lines])
+
+
+def has_test_predictions(run_dir: Path) -> bool:
+    return (Path(run_dir) / TEST).is_file()
+
+
+def load_model(run_dir: Path) -> dict:
+    """The saved model of a run. ``model.joblib`` is a pickle: featcache loads it only from run
+    folders in the user's own cache, which featcache itself wrote."""
+    path = Path(run_dir) / MODEL
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {MODEL}; pass a run directory written by `featcache fit`")
+    return joblib.load(path)
