@@ -1,13 +1,21 @@
-"""Every choice-valued option, as an enum: the CLI shows and checks them, the Python API checks
-strings against them (:func:`checked_choice`), and a wrong value is refused with the valid ones.
+"""Every option of featcache, declared once: its name, what it takes, its default, its help and where it
+belongs. The CLI flags (:mod:`featcache.cli`), the study-file keys (:mod:`featcache.study`) and the
+Python API keywords (:mod:`featcache.api`) are made from :data:`OPTIONS`, and every value is checked
+here, by :meth:`Option.checked`, whichever door it came through.
 
 Kept free of heavy imports so that ``featcache --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import Any
+
+from featcache.errors import FeatcacheError
 
 
 class Split(StrEnum):
@@ -105,18 +113,303 @@ class ViewCount(StrEnum):
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class ChoiceError(ValueError):
-    """A value that is not one of an option's choices (modules turn it into their own error)."""
+# ---------------------------------------------------------------------------------------------------------
+# Every option, declared once. The CLI flags (featcache.cli), the study-file keys (featcache.study) and the
+# Python API keywords (featcache.api) are all made from these declarations, so an option added here exists
+# in all three, with the same name, default, choices and checks.
+# ---------------------------------------------------------------------------------------------------------
 
 
-def checked_choice(value: object, choices: type[Enum], option: str, optional: bool = False) -> str:
-    """``value`` as the plain string of one of ``choices`` (``""`` for none when ``optional``);
-    anything else raises :class:`ChoiceError` listing the valid values."""
-    if isinstance(value, Enum):
-        value = value.value
-    if optional and value in (None, ""):
-        return ""
-    valid = [c.value for c in choices]
-    if value not in valid:
-        raise ChoiceError(f"{option} {value!r}: not a valid value; choose one of {', '.join(valid)}")
-    return str(value)
+class OptionError(FeatcacheError):
+    """A value that an option does not take; the message names the option and the valid values."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of featcache: what it is called in each door, what it takes, and what it means.
+
+    ``name`` is the Python keyword; ``key`` the study-file key in ``table`` (None: not in a study file,
+    e.g. ``cache``, which ``featcache run`` takes); ``flag`` the CLI flag of every command in
+    ``commands``. ``kind`` is ``str``, ``int``, ``float``, ``bool`` or a :class:`~enum.StrEnum` of the
+    valid values. ``multiple``: a list (a comma list on the CLI, a list in a study, a sequence in
+    Python). ``selects``: an extraction setting that ``fit`` takes to choose among entries (there its
+    default is None: any). ``alias``: a second CLI flag that means ``name = value``.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    commands: tuple[str, ...]
+    table: str | None = None
+    key: str | None = None
+    flag: str | None = None
+    short: str | None = None
+    multiple: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Callable[[Any], Any] | None = None
+    parse: Callable[[Any], Any] | None = None
+    selects: bool = False
+    envvar: str | None = None
+    metavar: str | None = None
+    alias: tuple[str, Any, str] | None = None  # (flag, value, help)
+    required: bool = False
+    cli_kind: type | None = None  # what the CLI parses, where it differs from ``kind``
+
+    @property
+    def study_key(self) -> str | None:
+        return None if self.table is None else (self.key or self.name)
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def default_for(self, command: str) -> Any:
+        """The default on ``command``: an extraction setting only selects entries on ``fit``."""
+        return None if self.selects and command == "fit" else self.default
+
+    def checked(self, value: Any, label: str | None = None, command: str | None = None) -> Any:
+        """``value`` as this option's plain value (enum members as their string, lists as tuples),
+        or an :class:`OptionError` saying what is wrong, with ``label`` (default: the CLI flag)."""
+        label = label or self.cli_flag
+        if value is None:
+            if self.required:
+                raise OptionError(f"{label}: a value is needed ({self.help})")
+            value = self.default_for(command or "")
+            if value is None:
+                return None
+        if self.multiple:
+            items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str | Enum) for i in items):
+                raise OptionError(f"{label} = {value!r}: expected a list of names ({self.help})")
+            items = [i.value if isinstance(i, Enum) else i.strip() for i in items]
+            if not all(items) or (not items and self.default):
+                raise OptionError(f"{label} = {value!r}: expected a non-empty list of names ({self.help})")
+            value = tuple(self._one(i, label) for i in items)
+        else:
+            value = self._one(value, label)
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except (ValueError, FeatcacheError) as exc:
+                text = str(exc)
+                raise OptionError(text if text.startswith(("--", label)) else f"{label}: {text}") from None
+        return value
+
+    def _one(self, value: Any, label: str) -> Any:
+        kind = self.kind
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            raw = value.value if isinstance(value, Enum) else value
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)  # views = 4 in a study or from Python
+            valid = [c.value for c in kind]
+            if raw not in valid:
+                raise OptionError(f"{label} {value!r}: not a valid value; choose one of {', '.join(valid)}")
+            return self.parse(raw) if self.parse else str(raw)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(f"{label} = {value!r}: expected true or false ({self.help})")
+            return value
+        if kind is int and isinstance(value, str) and self.check is not None:
+            return value  # a spelling that only the check knows (--ensemble top3)
+        if kind in (int, float):
+            numeric = (int,) if kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, numeric):
+                what = "a whole number" if kind is int else "a number"
+                raise OptionError(f"{label} = {value!r}: expected {what} ({self.help})")
+            if self.minimum is not None and value < self.minimum:
+                raise OptionError(f"{label} {value}: must be at least {self.minimum:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise OptionError(f"{label} {value}: must be at most {self.maximum:g}")
+            return kind(value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise OptionError(f"{label} = {value!r}: expected a string ({self.help})")
+        return value
+
+
+def _filters(value: tuple[str, ...]) -> tuple[str, ...]:
+    from featcache.data.preprocessing import checked_filters
+
+    return checked_filters(value)
+
+
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _heads(value: tuple[str, ...]) -> tuple[str, ...]:
+    from featcache.evaluation.heads import parse_heads
+
+    return tuple(parse_heads(",".join(value)))
+
+
+def _metric(value: str) -> str:
+    if value in [m.value for m in Metric] or (value.startswith("auroc:") and len(value) > 6):
+        return value
+    raise ValueError(f"{value!r}: choose one of {', '.join(m.value for m in Metric)}, or auroc:<class>")
+
+
+def _ensemble(value: int | str) -> int:
+    """``3`` or ``top3``: soft-vote the N best runs."""
+    text = str(value)
+    count = text[3:] if text.startswith("top") else text
+    if not count.isdigit() or int(count) < 2:
+        raise ValueError(f"{value!r}: give N >= 2 (or topN), e.g. 3")
+    return int(count)
+
+
+_DATA = ("extract", "fit")
+OPTIONS: tuple[Option, ...] = (
+    # --- where the data is (the study's [data] table) ---
+    Option("data", str, None, "Image folder (one sub-folder per class, or with a labels.csv), a CSV manifest "
+           "(generic, HAM10000 metadata, ISIC one-hot) or an .npz.", _DATA, "data", key="train", required=True),
+    Option("images", str, None, "Folder the CSV's image paths are relative to.", _DATA, "data"),
+    Option("image_col", str, None, "CSV column with the image path or id (any case).", _DATA, "data"),
+    Option("label_col", str, None, "CSV column with the label (any case).", _DATA, "data"),
+    Option("group_col", str, None, "CSV column saying which images belong together (patient, lesion, case). "
+           "Default: the first of group, lesion_id, patient_id, case_id, subject_id, participant_id, study_id "
+           "… (any case).", _DATA, "data"),
+    Option("test_data", str, None, "A held-out source scored after refitting on all of --data.", ("fit",), "data",
+           key="test"),
+    Option("test_group_col", str, None, "Group column of --test-data, if its name differs.", ("fit",), "data"),
+    Option("label_map", str, None, "Merge labels: `akiec=malignant,mel=malignant,*=benign`.", ("fit",), "data"),
+    Option("classes", str, None, "Keep only these classes, e.g. `mel,nv`.", ("fit",), "data", multiple=True),
+    # --- extraction (the study's [extract] table; fit takes the entry settings to choose an entry) ---
+    Option("backbone", str, "efficientnet_lite0", "Registry name (see `featcache backbones`) or timm:<model>; "
+           "on fit, the backbone whose features to use (default: the one the data was extracted with), and "
+           "`a+b` fuses several (their features side by side, rows aligned by image id).", _DATA,
+           "extract", key="backbones", short="-b", selects=True),
+    Option("pools", str, None, "Comma list of poolings, e.g. `cls,mean,cls+mean` (ViTs) or `gap,fc7` "
+           "(VGG/AlexNet); default per backbone.", ("extract",), "extract", flag="--pool", multiple=True),
+    Option("weights", str, None, "Local weights file (.pth/.safetensors), or `random` for timing tests only. "
+           "Default: $FEATCACHE_WEIGHTS_DIR, an installed weights package, then the online download. In a "
+           "study: a file for every backbone, or a table of one per backbone.", ("extract",), "extract"),
+    Option("dtype", Dtype, "float16", "Stored feature dtype.", ("extract",), "extract"),
+    Option("batch_size", int, None, "Default 8 on CPU, 128 on CUDA.", ("extract",), "extract", minimum=1),
+    Option("workers", int, None, "Decoding worker processes.", ("extract",), "extract", minimum=0),
+    Option("device", str, "auto", "auto, cpu, cuda or cuda:N.", ("extract",), "extract", check=_device),
+    Option("precision", Precision, "auto", "CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32. CPUs "
+           "always compute in fp32.", ("extract",), "extract"),
+    Option("jpeg_draft", bool, True, "Let the JPEG decoder scale down by a power of two when the image is "
+           "far larger than the input (--no-jpeg-draft: decode at full size).", ("extract",), "extract"),
+    Option("input_size", int, None, "Crop size in pixels instead of the backbone's own.", ("extract",), "extract",
+           minimum=8),
+    Option("preprocess", str, (), "Image filters before the backbone, a comma list in order: hair-removal "
+           "(DullRazor), color-constancy (Shades of Gray, p=6), dataset-norm (last: normalise with the "
+           "dataset's own channel mean/std). Part of the fingerprint; on fit, the entry made with exactly "
+           "these (default: the unfiltered one).", _DATA, "extract", multiple=True, check=_filters),
+    Option("norm_from", str, None, "With --preprocess ...,dataset-norm: normalise with the statistics of this "
+           "dataset (cache name, folder or CSV; e.g. the training set when extracting a test set) instead of "
+           "this one's.", ("extract",), "extract"),
+    Option("engine", Engine, "auto", "What runs the backbone: auto (on the CPU the engine measured fastest for the "
+           "backbone, often 1.2-3x PyTorch; on CUDA torch), torch, or its ONNX export on onnxruntime or "
+           "openvino. Part of the entry's fingerprint; on fit, the entry made with it (default: the newest).",
+           _DATA, "extract", selects=True),
+    Option("resampler", Resampler, "pil", "What resizes the images: pil (the backbone's own eval transform, bit "
+           "for bit) or torch (PyTorch's uint8 resize of the decoded JPEG: 1.3-2.4x faster decoding, pixels "
+           "within 3 levels; its own entry).", _DATA, "extract", selects=True),
+    Option("views", ViewCount, 1, "Views per image stored (mirrors and quarter turns of the input; heads train "
+           "on all and average over them); on fit, the entry with this many (default: the newest).", _DATA,
+           "extract", parse=int, selects=True),
+    Option("resize", ResizeMode, "crop", "crop (the backbone's resize + centre crop), full (whole image squeezed "
+           "to a square) or pad (whole image padded to a square); on fit, the entry made so.", _DATA, "extract",
+           selects=True),
+    Option("shard_size", int, 1024, "Images per committed shard (the unit of resume).", ("extract",), "extract",
+           minimum=1),
+    Option("break_lock", bool, False, "Clear a lock file left by a dead run on a file system without POSIX locks "
+           "(others are freed by the kernel).", ("extract",), "extract"),
+    Option("ray_actors", int, None, "Backbone actors on Ray (default: one per GPU, else 1).", ("extract",),
+           "extract", minimum=1),
+    # --- fitting (the study's [fit] table) ---
+    Option("heads", str, ("fast",), "A head, a comma list, `fast` (logreg,svm-linear,knn,mlp) or `all` "
+           "(+svm-rbf,xgboost); baselines majority/stratified come with both. Also: svm-rbf-exact (libsvm, slow "
+           "beyond a few thousand images).", ("fit",), "fit", flag="--head", multiple=True, check=_heads),
+    Option("pool", str, None, "Pooling to use (default: the entry's first; in a study: every pooling "
+           "extracted).", ("fit",), "fit"),
+    Option("cv", int, 5, "Folds; grouped by the source's group column when it has one.", ("fit",), "fit",
+           minimum=2),
+    Option("split", Split, "cv", "`cv`; `official` to use the source's split column (validation rows are left "
+           "out); `random712` for an image-level 70/10/20 split (DermaMNIST's protocol: it ignores lesion "
+           "groups).", ("fit",), "fit"),
+    Option("seeds", int, 1, "Repeat the CV with this many seeds; scores are averaged over all.", ("fit",), "fit",
+           minimum=1),
+    Option("class_weight", ClassWeight, "balanced", "Weigh classes equally in training.", ("fit",), "fit"),
+    Option("pca", int, None, "Reduce features to N principal components (fit per fold).", ("fit",), "fit",
+           minimum=1),
+    Option("tune", bool, False, "Choose hyper-parameters by inner CV on training folds.", ("fit",), "fit"),
+    Option("tune_budget", float, 300.0, "Seconds per inner search (each outer fold and the final refit); "
+           "candidates after it are skipped, defaults come first.", ("fit",), "fit", minimum=0),
+    Option("standardize", bool, True, "The per-fold StandardScaler (--no-standardize for ablations only).",
+           ("fit",), "fit"),
+    Option("use_views", UseViews, "all", "On multi-view entries: `all` (train on every view, average predictions "
+           "over them), `train` (no test-time averaging), `first` (original only).", ("fit",), "fit"),
+    Option("meta", str, None, "Metadata columns as extra features, e.g. `age,sex,localization` (imputed and "
+           "encoded inside the pipeline).", ("fit",), "fit", multiple=True),
+    Option("calibrate", Calibration, None, "Recalibrate probabilities: `sigmoid`, `isotonic` or `temperature` "
+           "(keeps each view's predicted class), on 3 inner folds of the training rows, weighted like the head "
+           "(--class-weight).", ("fit",), "fit"),
+    Option("groups", Grouping, "auto", "`auto`: the group column when there is one; `near-duplicates`: "
+           "identical and near-identical images form groups (for data without a patient/lesion column); "
+           "`none`: every image independent, on purpose (the protocol line records it).", ("fit",), "fit",
+           alias=("--no-groups", "none", "Cross-validate without groups, on purpose (= --groups none).")),
+    Option("near_dup_threshold", float, None, "Cosine similarity above which two images count as "
+           "near-duplicates (default: calibrated per backbone on HAM10000).", ("fit",), "fit", minimum=0.0,
+           maximum=1.0),
+    Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
+           "study's form of --backbone a+b).", (), "fit"),
+    Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),
+    # --- comparing and reporting (the study's [compare] and [report] tables) ---
+    Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
+           "auroc:<class> (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
+    Option("ensemble", int, None, "Add a soft-vote ensemble of the N best runs of each comparable group (scored "
+           "on the same out-of-fold predictions); `top3` also works.", ("compare", "report"), "compare",
+           check=_ensemble, cli_kind=str, metavar="N"),
+    Option("top", int, 20, "Runs shown per protocol in the report's leaderboard.", ("report",), "report",
+           minimum=1),
+    Option("best", int, 3, "Best runs shown with confusion matrix, ROC and reliability.", ("report",), "report",
+           minimum=0),
+    # --- the session: where and how a command runs, not what it computes (no study key) ---
+    Option("cache", str, None, "Cache root (default ./cache, or $FEATCACHE_CACHE).",
+           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run"), envvar="FEATCACHE_CACHE"),
+    Option("ray", str, None, "Run on Ray: `local` starts a cluster on this machine for the run, `auto` joins the "
+           "one started here with `ray start --head`, or a cluster address (ray://host:10001). Same store, "
+           "fingerprints and results; pip install 'featcache[ray]'.", ("extract", "fit", "run"),
+           metavar="local|auto|ADDRESS"),
+    Option("mlflow", bool, False, "Log each run to MLflow (default store: CACHE/mlflow.db); needs "
+           "`pip install 'featcache[mlflow]'`.", ("fit", "run")),
+    Option("mlflow_uri", str, None, "MLflow tracking URI (implies --mlflow), e.g. http://mlflow.lab:5000 or "
+           "sqlite:///runs.db.", ("fit", "run")),
+    Option("quiet", bool, False, "Only errors, warnings and the final lines.",
+           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "show", "backbones"),
+           short="-q"),
+)
+BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+TABLES = ("data", "extract", "fit", "compare", "report")
+
+
+def options_for(command: str) -> list[Option]:
+    """The options a CLI command takes (and its Python function's keywords), in declaration order."""
+    return [option for option in OPTIONS if command in option.commands]
+
+
+def study_table(table: str) -> dict[str, Option]:
+    """The keys a study file's ``[table]`` takes, by study key."""
+    return {option.study_key: option for option in OPTIONS if option.table == table}
+
+
+def checked_options(command: str, values: dict[str, Any], label: Callable[[Option], str] | None = None
+                    ) -> dict[str, Any]:
+    """Every option of ``command`` with its checked value (``values`` given by keyword, the rest at their
+    defaults). An unknown keyword is an :class:`OptionError` listing the valid ones."""
+    declared = {option.name: option for option in options_for(command)}
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise OptionError(f"{command}: unknown option {unknown[0]!r}; it takes {', '.join(declared)}")
+    return {name: option.checked(values.get(name, option.default_for(command)),
+                                 label(option) if label else None, command)
+            for name, option in declared.items()}

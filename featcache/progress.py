@@ -34,9 +34,14 @@ class Reporter:
     def __init__(self, quiet: bool = False, console: Console | None = None, max_warnings: int = 20):
         self.quiet = quiet
         self.console = console or Console(stderr=True)
+        self._out = Console()
         self.max_warnings, self._warned = max_warnings, 0
         self._live: Progress | None = None
         self._open = 0
+
+    def result(self, message: str) -> None:
+        """A final line (what a command made, where it is): on standard output, also when quiet."""
+        self._out.print(escape(message), highlight=False, soft_wrap=True)
 
     def info(self, message: str) -> None:
         if not self.quiet:

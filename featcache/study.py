@@ -1,10 +1,13 @@
 """A whole study from one declarative file: every extraction, every fit, the comparison and the report.
 
-``featcache run STUDY.toml`` and :func:`run_study` (which takes the same content as a dict) check
-the whole file first, so a wrong key or value is one error before any work starts. Then they plan
-the steps (each backbone's extraction of the training and test data, then every backbone x pooling
-x head fit), run them in that order, and end with ``report.html``. Everything already finished is
-reused, so a killed study resumes when the same command is run again.
+``featcache run STUDY.toml`` and :func:`featcache.run_study` (which also takes the content as a dict)
+check the whole file first, so a wrong key or value is one error before any work starts. Its tables
+and keys are the options of :mod:`featcache.options` (each one the same option as a CLI flag and an
+API keyword): ``[data]`` where the images are, ``[extract]`` the extraction options, ``[fit]`` the fit
+options, ``[compare]`` and ``[report]``. Then the steps are planned (each backbone's extraction of the
+training and test data, then every backbone x pooling x head fit), run in that order, and end with
+``report.html``. Everything already finished is reused, so a killed study resumes when the same
+command is run again.
 
 Example::
 
@@ -15,12 +18,11 @@ Example::
     [extract]
     backbones = ["efficientnet_lite0", "squeezenet1_1"]
     pools = ["gap", "penult"]     # optional; each backbone's default otherwise
+    preprocess = ["color-constancy"]
     views = 4                     # optional
     [fit]
     heads = ["logreg", "svm-rbf", "mlp"]
     cv = 5
-    seeds = 1
-    tune = false
     [compare]
     ensemble = 3                  # optional
 """
@@ -30,106 +32,38 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
-from featcache.options import (
-    Calibration,
-    ClassWeight,
-    Dtype,
-    Engine,
-    Grouping,
-    Metric,
-    Resampler,
-    ResizeMode,
-    Split,
-    UseViews,
-    ViewCount,
-    checked_choice,
-)
+from featcache.options import BY_NAME, TABLES, Option, OptionError, options_for, study_table
 from featcache.progress import Reporter
 from featcache.store.runs import is_finished
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 
+# Options that name a file or folder: relative to the study file's folder, checked to exist.
+PATHS = ("data", "test_data", "images")
+
 
 class StudyError(FeatcacheError):
     """The study file cannot be run as written; the message names the key."""
 
 
-# Every key a study may have, per table: (type, what it means). Anything else is refused by name.
-SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], str]]] = {
-    "data": {
-        "train": (str, "the training source: a folder, a CSV or an .npz"),
-        "test": (str, "a held-out source, scored after refitting on all of train"),
-        "images": (str, "folder the CSV's image paths are relative to"),
-        "image_col": (str, "CSV column with the image path or id"),
-        "label_col": (str, "CSV column with the label"),
-        "group_col": (str, "CSV column saying which images belong together"),
-        "test_group_col": (str, "group column of the test CSV, if its name differs"),
-        "label_map": (str, "merge labels, e.g. 'akiec=malignant,mel=malignant,*=benign'"),
-        "classes": (list, "keep only these classes"),
-    },
-    "extract": {
-        "backbones": (list, "registry names or timm:<model>"),
-        "pools": (list, "poolings for every backbone (default: each backbone's own)"),
-        "views": (int, "views per image: 1, 2, 4 or 8"),
-        "resize": (str, "crop, full or pad"),
-        "dtype": (str, "float16 or float32"),
-        "engine": (str, "auto, torch, onnxruntime or openvino"),
-        "resampler": (str, "pil (the backbone's own resize, bit for bit) or torch (faster)"),
-        "weights": (dict, "per backbone: a local weights file (or 'random' for timing only)"),
-    },
-    "fit": {
-        "heads": (list, "head names, or 'fast' / 'all'"),
-        "cv": (int, "folds"),
-        "seeds": (int, "repeats of the CV"),
-        "split": (str, "cv, official or random712"),
-        "tune": (bool, "inner-CV search of each head's grid"),
-        "tune_budget": ((int, float), "seconds per inner search"),
-        "class_weight": (str, "balanced or none"),
-        "calibrate": (str, "sigmoid, isotonic or temperature"),
-        "use_views": (str, "all, train or first"),
-        "meta": (list, "metadata columns used as features"),
-        "groups": (str, "auto, none or near-duplicates"),
-        "standardize": (bool, "per-fold StandardScaler (default true)"),
-        "fuse": (bool, "also fit every head on all backbones' features side by side (per pooling)"),
-    },
-    "compare": {
-        "ensemble": (int, "soft-vote the N best runs (N >= 2)"),
-        "metric": (str, "sort key: balanced_accuracy, macro_f1, auroc, accuracy or auroc:<class>"),
-    },
-    "report": {
-        "top": (int, "how many runs the leaderboard shows per protocol"),
-        "best": (int, "how many best runs get confusion matrices, ROC and reliability figures"),
-    },
-}
-REQUIRED = {"data": ("train",), "extract": ("backbones",), "fit": ("heads",)}
-
-
 @dataclass
 class Study:
-    """A checked study: every value valid, paths resolved against the study file's folder."""
+    """A checked study: every value valid, paths resolved against the study file's folder.
 
-    train: Path
+    ``data``, ``extract`` and ``fit`` hold every option of their stage by API name (defaults filled in);
+    ``backbones`` the backbones extracted and fitted, ``weights`` a weights file per backbone."""
+
     backbones: list[str]
-    heads: list[str]
-    test: Path | None = None
-    data: dict = field(default_factory=dict)  # images, image_col, label_col, group_col, …
-    pools: list[str] | None = None
-    views: int = 1
-    resize: str = "crop"
-    dtype: str = "float16"
-    engine: str = "auto"
-    resampler: str = "pil"
-    weights: dict[str, str] = field(default_factory=dict)
-    fit: dict = field(default_factory=dict)  # Protocol fields
-    fuse: bool = False  # also fit the fusion of all backbones
-    ensemble: int | None = None
-    metric: str = "balanced_accuracy"
-    report_top: int = 20
-    report_best: int = 3
+    data: dict[str, Any]
+    extract: dict[str, Any]
+    fit: dict[str, Any]
+    weights: dict[str, str | None] = field(default_factory=dict)
+    compare: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
     name: str = "study"
 
 
@@ -137,122 +71,94 @@ def load_study(path: str | Path) -> Study:
     """Read and check a study file (TOML)."""
     path = Path(path)
     try:
-        content = tomllib.loads(path.read_text())
+        content = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise StudyError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not UTF-8 text; save the study file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(f"{path}: not valid TOML ({exc})") from None
     return parse_study(content, path.parent, name=path.stem, where=str(path))
 
 
+def study_keys() -> dict[str, dict[str, Option]]:
+    """Every key a study may have, per table (made from the option declarations)."""
+    return {table: study_table(table) for table in TABLES}
+
+
 def parse_study(content: dict, base: str | Path = ".", name: str = "study", where: str = "study") -> Study:
-    """Check ``content`` (the study file as a dict) against :data:`SCHEMA`, every value against
-    its choices, and every path for existence. The first problem is a :class:`StudyError` naming
-    ``[table] key``."""
+    """Check ``content`` (the study file as a dict): every table and key against the option declarations,
+    every value by its option, every path for existence. The first problem is a :class:`StudyError`
+    naming ``[table] key``."""
     base = Path(base)
+    tables = study_keys()
     for table, value in content.items():
-        if table not in SCHEMA:
-            raise StudyError(f"{where}: unknown table [{table}]; a study has {', '.join(f'[{t}]' for t in SCHEMA)}")
+        if table not in tables:
+            raise StudyError(f"{where}: unknown table [{table}]; a study has {', '.join(f'[{t}]' for t in tables)}")
         if not isinstance(value, dict):
             raise StudyError(f"{where}: [{table}] must be a table of keys")
-        for key, item in value.items():
-            if key not in SCHEMA[table]:
-                known = ", ".join(SCHEMA[table])
-                raise StudyError(f"{where}: [{table}] {key}: unknown key; [{table}] takes {known}")
-            kind, meaning = SCHEMA[table][key]
-            if (isinstance(item, bool) and kind is not bool) or not isinstance(item, kind):
-                raise StudyError(f"{where}: [{table}] {key} = {item!r}: expected {_kind(kind)} ({meaning})")
-    for table, keys in REQUIRED.items():
-        for key in keys:
-            if key not in content.get(table, {}):
-                raise StudyError(f"{where}: [{table}] {key} is missing ({SCHEMA[table][key][1]})")
-    data, extract, fit = content["data"], content["extract"], content["fit"]
-    compare = content.get("compare", {})
+        for key in value:
+            if key not in tables[table]:
+                raise StudyError(f"{where}: [{table}] {key}: unknown key; [{table}] takes {', '.join(tables[table])}")
+    for table, key in (("data", "train"), ("extract", "backbones"), ("fit", "heads")):
+        if key not in content.get(table, {}):
+            raise StudyError(f"{where}: [{table}] {key} is missing ({tables[table][key].help})")
 
-    def choice(table: str, key: str, enum, default: str, optional: bool = False) -> str:
-        value = content.get(table, {}).get(key, default)
+    def value(table: str, key: str) -> Any:
+        option = tables[table][key]
+        given = content.get(table, {}).get(key)
+        label = f"{where}: [{table}] {key}"
         try:
-            return checked_choice(value, enum, f"[{table}] {key}", optional)
-        except ValueError as exc:
-            raise StudyError(f"{where}: {exc}") from None
+            if option.name == "backbone":  # a study extracts and fits every backbone of a list
+                if not isinstance(given, list) or not given:
+                    raise OptionError(f"{label} must be a non-empty list of names")
+                return [option.checked(b, label) for b in given]
+            if option.name == "weights" and isinstance(given, dict):  # one file per backbone
+                return {b: option.checked(f, f"{label}.{b}") for b, f in given.items()}
+            return option.checked(given, label, "fit" if option.selects is False else "extract")
+        except OptionError as exc:
+            text = str(exc)
+            raise StudyError(text if text.startswith(where) else f"{label}: {text}") from None
 
-    def existing(key: str) -> Path:
-        path = (base / data[key]).expanduser()
-        if not path.exists():
-            raise StudyError(f"{where}: [data] {key} = {data[key]!r}: no such file or folder ({path})")
-        return path
-
-    def positive(table: str, key: str, default: int, low: int = 1) -> int:
-        value = content.get(table, {}).get(key, default)
-        if value < low:
-            raise StudyError(f"{where}: [{table}] {key} = {value}: must be at least {low}")
-        return value
-
-    backbones = _strings(extract["backbones"], "[extract] backbones", where)
-    _check_backbones(backbones, extract.get("pools"), where)
-    heads = _strings(fit["heads"], "[fit] heads", where)
-    if fit.get("fuse") and (len(backbones) < 2 or "pools" not in extract):
-        raise StudyError(f"{where}: [fit] fuse = true needs two or more [extract] backbones and [extract] pools "
-                         "(the poolings fused; every backbone must have them)")
-    try:
-        from featcache.evaluation.heads import parse_heads
-
-        heads = parse_heads(",".join(heads))
-    except FeatcacheError as exc:
-        raise StudyError(f"{where}: [fit] heads: {exc}") from None
-    weights = extract.get("weights", {})
+    checked = {table: {option.name: value(table, key) for key, option in keys.items()}
+               for table, keys in tables.items()}
+    data, extract, fit = checked["data"], checked["extract"], checked["fit"]
+    for key in PATHS:
+        if data.get(key):
+            path = (base / data[key]).expanduser()
+            if not path.exists():
+                raise StudyError(f"{where}: [data] {BY_NAME[key].study_key} = {data[key]!r}: no such file or "
+                                 f"folder ({path})")
+            data[key] = str(path)
+    backbones = extract.pop("backbone")
+    if len(set(backbones)) != len(backbones):
+        raise StudyError(f"{where}: [extract] backbones names a backbone twice: {', '.join(backbones)}")
+    _check_backbones(backbones, extract["pools"], where)
+    weights = extract.pop("weights")
+    if not isinstance(weights, dict):
+        weights = dict.fromkeys(backbones, weights)
     for backbone, file in weights.items():
         if backbone not in backbones:
             raise StudyError(f"{where}: [extract] weights: {backbone!r} is not one of the study's backbones")
-        if file != "random" and not (base / file).expanduser().is_file():
-            raise StudyError(f"{where}: [extract] weights.{backbone} = {file!r}: no such file")
-    metric = compare.get("metric", "balanced_accuracy")
-    if metric not in [m.value for m in Metric] and not metric.startswith("auroc:"):
-        raise StudyError(f"{where}: [compare] metric {metric!r}: choose one of "
-                         f"{', '.join(m.value for m in Metric)}, or auroc:<class>")
-    ensemble = compare.get("ensemble")
-    if ensemble is not None and ensemble < 2:
-        raise StudyError(f"{where}: [compare] ensemble = {ensemble}: an ensemble needs at least 2 runs")
-    split = choice("fit", "split", Split, "cv")
-    grouping = choice("fit", "groups", Grouping, "auto")
-    if grouping == "near-duplicates" and "group_col" in data:
+        if file not in (None, "random"):
+            path = (base / file).expanduser()
+            if not path.is_file():
+                raise StudyError(f"{where}: [extract] weights.{backbone} = {file!r}: no such file")
+            weights[backbone] = str(path)
+    if extract["norm_from"] and Path(base / extract["norm_from"]).exists():
+        extract["norm_from"] = str(base / extract["norm_from"])
+    if fit["fuse"] and (len(backbones) < 2 or not extract["pools"]):
+        raise StudyError(f"{where}: [fit] fuse = true needs two or more [extract] backbones and [extract] pools "
+                         "(the poolings fused; every backbone must have them)")
+    if fit["groups"] == "near-duplicates" and data["group_col"]:
         raise StudyError(f"{where}: [fit] groups = 'near-duplicates' contradicts [data] group_col; give one")
-    fit_options = {
-        "cv": positive("fit", "cv", 5, 2), "seeds": positive("fit", "seeds", 1), "split": split,
-        "tune": fit.get("tune", False), "tune_budget_s": float(fit.get("tune_budget", 300.0)),
-        "class_weight": choice("fit", "class_weight", ClassWeight, "balanced"),
-        "calibrate": choice("fit", "calibrate", Calibration, "", optional=True),
-        "views": choice("fit", "use_views", UseViews, "all"),
-        "meta": ",".join(_strings(fit["meta"], "[fit] meta", where)) if "meta" in fit else "",
-        "groups": grouping, "standardize": fit.get("standardize", True)}
-    return Study(
-        train=existing("train"), test=existing("test") if "test" in data else None,
-        data={k: (str(existing(k)) if k == "images" else v) for k, v in data.items() if k not in ("train", "test")},
-        backbones=backbones, heads=heads,
-        pools=_strings(extract["pools"], "[extract] pools", where) if "pools" in extract else None,
-        views=int(choice("extract", "views", ViewCount, str(extract.get("views", 1)))),
-        resize=choice("extract", "resize", ResizeMode, "crop"), dtype=choice("extract", "dtype", Dtype, "float16"),
-        engine=choice("extract", "engine", Engine, "auto"),
-        resampler=choice("extract", "resampler", Resampler, "pil"),
-        weights={k: (v if v == "random" else str((base / v).expanduser())) for k, v in weights.items()},
-        fit=fit_options, ensemble=ensemble, metric=metric, fuse=fit.get("fuse", False),
-        report_top=positive("report", "top", 20), report_best=positive("report", "best", 3), name=name)
+    if fit["pool"] and extract["pools"] and fit["pool"] not in extract["pools"]:
+        raise StudyError(f"{where}: [fit] pool = {fit['pool']!r} is not among [extract] pools")
+    return Study(backbones=backbones, data=data, extract=extract, fit=fit, weights=weights,
+                 compare=checked["compare"], report=checked["report"], name=name)
 
 
-def _kind(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
-             list: "a list", dict: "a table"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names[k] for k in kinds)
-
-
-def _strings(values: list, key: str, where: str) -> list[str]:
-    if not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise StudyError(f"{where}: {key} must be a non-empty list of names")
-    return [v.strip() for v in values]
-
-
-def _check_backbones(backbones: list[str], pools: list[str] | None, where: str) -> None:
+def _check_backbones(backbones: list[str], pools: tuple[str, ...] | None, where: str) -> None:
     from featcache.backbones.registry import get_spec
 
     for name in backbones:
@@ -288,119 +194,141 @@ def _sources(study: Study):
     from featcache.data.sources import open_source
 
     data = study.data
-    train = open_source(study.train, data.get("images"), data.get("image_col"), data.get("label_col"),
-                        data.get("group_col"))
-    test = open_source(study.test, group_col=data.get("test_group_col")) if study.test else None
+    images = Path(data["images"]) if data["images"] else None
+    train = open_source(data["data"], images, data["image_col"], data["label_col"], data["group_col"])
+    test = open_source(data["test_data"], group_col=data["test_group_col"]) if data["test_data"] else None
     return train, test
 
 
 def _protocol(study: Study):
-    from featcache.evaluation.protocol import Protocol
+    from featcache.api import protocol_of
 
-    return Protocol(**study.fit)
+    return protocol_of(study.fit)
+
+
+def _extract_settings(study: Study) -> dict[str, Any]:
+    """The keywords of ``extract`` that name an entry (the rest say how to run it)."""
+    names = ("dtype", "precision", "views", "resize", "jpeg_draft", "input_size", "preprocess", "resampler",
+             "norm_from", "engine")
+    return {name: study.extract[name] for name in names}
+
+
+def _classes(study: Study) -> str | None:
+    return ",".join(study.data["classes"]) if study.data["classes"] else None
 
 
 def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> list[Step]:
     """What the study will do and what the cache already holds. Each backbone is loaded to name its
-    entry (the weights decide the fingerprint), and kept in ``models`` for the run; a fit is known
-    to be done only once its features exist, because a run is named by the rows it uses."""
+    entry (the weights decide the fingerprint), and kept in ``models`` for the run; an entry is named
+    by the same code as :func:`featcache.extraction.extract.extract`, and a fit is known to be done
+    only once its features exist, because a run is named by the rows it uses."""
     from featcache.backbones.models import load_backbone
     from featcache.evaluation.features import labeled_features
     from featcache.evaluation.fitting import test_grouping
     from featcache.evaluation.runner import run_dir_for
-    from featcache.extraction.extract import planned_entry
+    from featcache.extraction.extract import name_entry
+    from featcache.extraction.resume import plan
     from featcache.store.entries import CacheEntry
 
     train, test = _sources(study)
     protocol = _protocol(study)
-    classes = ",".join(study.data["classes"]) if study.data.get("classes") else None
+    label_map, classes = study.data["label_map"], _classes(study)
     steps = []
     for backbone in study.backbones:
-        model = load_backbone(backbone, weights=study.weights.get(backbone),
-                              pools=tuple(study.pools) if study.pools else None)
+        model = load_backbone(backbone, weights=study.weights.get(backbone), pools=study.extract["pools"])
         if models is not None:
             models[backbone] = model
         entries = {}
         for source in (s for s in (train, test) if s is not None):
-            entry_dir, todo = planned_entry(source, model, cache_root, study.dtype, study.views, study.resize,
-                                            study.engine, study.resampler)
-            entries[source.name] = CacheEntry(entry_dir) if not todo else None
+            named = name_entry(source, model, cache_root, plan_only=True, **_extract_settings(study))
             total = len(source.records)
+            if named is None:
+                entries[source.name] = None
+                steps.append(Step("extract", f"extract {backbone} on {source.name}", False,
+                                  f"0 of {total} images cached (dataset-norm statistics not computed yet)"))
+                continue
+            todo = len(plan(source, named.entry_dir)[0])
+            entries[source.name] = CacheEntry(named.entry_dir) if not todo else None
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
-                              f"{total - todo} of {total} images cached"))
-        for pool in study.pools or list(model.model.pools):
+                              f"{total - todo} of {total} images cached: {named.entry_dir}"))
+        for pool in _pools(study, list(model.model.pools)):
             data = test_data = None
             if entries[train.name] is not None and (test is None or entries[test.name] is not None):
-                data = labeled_features(train, entries[train.name], pool, study.data.get("label_map"), classes,
-                                        protocol.meta, groups=protocol.groups)
+                data = labeled_features(train, entries[train.name], pool, label_map, classes, protocol.meta,
+                                        groups=protocol.groups, near_dup_threshold=protocol.near_dup_threshold)
                 if test is not None:
-                    test_data = labeled_features(test, entries[test.name], pool, study.data.get("label_map"),
-                                                 classes, protocol.meta, data.meta_spec, groups=test_grouping(protocol),
-                                                 audit=False)
-            for head in study.heads:
+                    test_data = labeled_features(test, entries[test.name], pool, label_map, classes, protocol.meta,
+                                                 data.meta_spec, groups=test_grouping(protocol), audit=False)
+            for head in study.fit["heads"]:
                 if data is None:
                     steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", None, "after extraction"))
                     continue
                 run = run_dir_for(data, entries[train.name], head, pool, protocol, test_data)
                 done = is_finished(run)
                 steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", done,
-                                  f"finished: {run}" if done else "to fit"))
-    if study.fuse:  # whether fused runs exist is only known once every backbone is extracted
+                                  f"finished: {run}" if done else f"to fit: {run}"))
+    if study.fit["fuse"]:  # whether fused runs exist is only known once every backbone is extracted
         steps += [Step("fit", f"fit {'+'.join(study.backbones)}/{pool}/{head}", None, "fusion")
-                  for pool in study.pools for head in study.heads]
+                  for pool in study.extract["pools"] for head in study.fit["heads"]]
     return steps
 
 
-def run_study(study: Study | dict, cache_root: Path | None = None, reporter: Reporter | None = None,
-              dry_run: bool = False, base: str | Path = ".", cluster: RayCluster | None = None) -> StudyResult:
-    """Run a study (a :class:`Study` or the study file's content as a dict, paths relative to
-    ``base``): every extraction, every fit, the comparison and ``report.html`` in the cache root.
-    ``cluster``: extractions and fits on Ray (:mod:`featcache.extraction.ray`), with the same results."""
+def _pools(study: Study, extracted: list[str]) -> list[str]:
+    """The poolings fitted: [fit] pool, else every pooling extracted."""
+    if study.fit["pool"]:
+        return [study.fit["pool"]]
+    return list(study.extract["pools"] or extracted)
+
+
+def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: bool = False,
+                  cluster: RayCluster | None = None) -> StudyResult:
+    """Plan ``study``, then (unless ``dry_run``) run every extraction and fit and write the report."""
     from featcache.evaluation.fitting import fit_many
     from featcache.extraction.extract import extract
     from featcache.reporting.report import write_report
     from featcache.store.fusion import FusedEntry
-    from featcache.store.naming import default_cache_root
 
-    study = study if isinstance(study, Study) else parse_study(study, base)
-    cache_root = Path(cache_root or default_cache_root())
-    reporter = reporter or Reporter()
     protocol = _protocol(study)
     models: dict = {}
     steps = plan_study(study, cache_root, models)
     if dry_run:
         return StudyResult([], None, steps)
     train, test = _sources(study)
-    classes = ",".join(study.data["classes"]) if study.data.get("classes") else None
+    label_map, classes = study.data["label_map"], _classes(study)
+    heads = list(study.fit["heads"])
     runs: list[Path] = []
     entries: dict[str, tuple] = {}
+    how = {name: study.extract[name] for name in ("batch_size", "workers", "shard_size", "device", "break_lock")}
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
         for backbone in study.backbones:
-            # the loaded model already carries the study's weights and poolings
-            options = dict(cache_root=cache_root, dtype=study.dtype, views=study.views, resize=study.resize,
-                           reporter=reporter, engine=study.engine, resampler=study.resampler, cluster=cluster)
-            entry = extract(train, models[backbone], **options).entry  # loaded once, by the plan
+            # the loaded model already carries the study's weights and poolings (loaded once, by the plan)
+            options = dict(cache_root=cache_root, reporter=reporter, cluster=cluster, **how,
+                           **_extract_settings(study))
+            entry = extract(train, models[backbone], **options).entry
             overall.advance(1)
             test_entry = None
             if test is not None:
                 test_entry = extract(test, models[backbone], **options).entry
                 overall.advance(1)
             entries[backbone] = (entry, test_entry)
-            for pool in study.pools or list(entry.pools):
-                found = fit_many(train, entry, study.heads, pool, protocol, study.data.get("label_map"), classes,
-                                 test, test_entry, reporter=reporter, on_head=lambda: overall.advance(1),
+            for pool in _pools(study, list(entry.pools)):
+                runs += fit_many(train, entry, heads, pool, protocol, label_map, classes, test, test_entry,
+                                 force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
                                  cluster=cluster)
-                runs += found
-        for pool in study.pools if study.fuse else []:
+        for pool in study.extract["pools"] if study.fit["fuse"] else []:
             fused = FusedEntry([(entries[b][0], pool) for b in study.backbones])
             fused_test = FusedEntry([(entries[b][1], pool) for b in study.backbones]) if test is not None else None
-            runs += fit_many(train, fused, study.heads, None, protocol, study.data.get("label_map"), classes,
-                             test, fused_test, reporter=reporter, on_head=lambda: overall.advance(1),
+            runs += fit_many(train, fused, heads, None, protocol, label_map, classes, test, fused_test,
+                             force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
                              cluster=cluster)
     finally:
         overall.close()
     report = write_report(cache_root / f"report-{study.name}.html", runs, title=f"featcache study: {study.name}",
-                          metric=study.metric, top=study.report_top, best=study.report_best,
-                          ensemble=study.ensemble)
+                          metric=study.compare["metric"], top=study.report["top"], best=study.report["best"],
+                          ensemble=study.compare["ensemble"])
     return StudyResult(runs, report, steps)
+
+
+__all__ = ["Step", "Study", "StudyError", "StudyResult", "execute_study", "load_study", "options_for",
+           "parse_study", "plan_study"]

@@ -194,6 +194,8 @@ def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path
            "--head", "logreg,knn", "--cv", "3", "-q"]
     out = runner.invoke(app, fit)
     assert out.exit_code == 0, out.output
+    assert not (tmp_path / "cache" / "compare.md").exists()  # fit writes no cache-wide comparison
+    assert runner.invoke(app, ["compare", "--cache", cache, "-q"]).exit_code == 0
     assert "2 views + TTA" in (tmp_path / "cache" / "compare.md").read_text()
     out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", cache, "--views", "2", "--resize", "pad",
                               "--head", "logreg", "--cv", "3", "--calibrate", "temperature", "-q"])

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import featcache as fc
 from featcache.cli import app
 from featcache.store.runs import read_metrics
-from featcache.study import StudyError, load_study, parse_study, run_study
+from featcache.study import StudyError, load_study, parse_study
 
 from .conftest import DEMO
 
@@ -97,19 +98,19 @@ def test_a_study_runs_reuses_resumes_and_ends_with_the_report(tmp_path, folder):
     shutil.rmtree([r for r in runs if r.name.startswith("knn")][0])
     out = _cli("run", str(study), "--cache", str(cache), "--dry-run")
     assert "3 of 4 steps already done" in out.output, out.output
-    result = run_study(load_study(study), cache, dry_run=False)
+    result = fc.run_study(load_study(study), cache=cache)
     assert len(result.runs) == 3 and sum(1 for s in result.steps if s.done) == 3
     # the Python API takes the same content as a dict
-    grouped = run_study({"data": {"train": str(folder / "labels.csv"), "group_col": "patient_ref"},
+    grouped = fc.run_study({"data": {"train": str(folder / "labels.csv"), "group_col": "patient_ref"},
                          "extract": {"backbones": ["efficientnet_lite0"]}, "fit": {"heads": ["logreg"], "cv": 3}},
-                        cache)
+                           cache=cache)
     assert "grouped stratified CV" in read_metrics(grouped.runs[0])["protocol"]
 
 
 def test_show_prints_the_confusion_matrix_and_per_class_table(tmp_path, folder):
     cache = tmp_path / "cache"
-    result = run_study(parse_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
-                                    "fit": {"heads": ["logreg"], "cv": 3}}), cache)
+    result = fc.run_study(parse_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
+                                    "fit": {"heads": ["logreg"], "cv": 3}}), cache=cache)
     out = _cli("show", str(result.runs[0]))
     assert out.exit_code == 0, out.output
     assert "confusion matrix" in out.output and "melanoma" in out.output and "AUROC (one-vs-rest)" in out.output
@@ -121,7 +122,7 @@ def test_compare_shows_identical_runs_and_baselines_once_with_their_folders(tmp_
     cache = tmp_path / "cache"
     study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg", "majority"], "cv": 3},
              "extract": {"backbones": ["efficientnet_lite0"], "pools": ["gap", "multi"]}}
-    result = run_study(study, cache)
+    result = fc.run_study(study, cache=cache)
     copy = result.runs[0].parents[2] / "efficientnet_lite0-copy"  # the same entry kept twice
     shutil.copytree(result.runs[0].parents[1], copy)
     out = _cli("compare", "--cache", str(cache), "--paths")
@@ -141,9 +142,9 @@ def test_the_report_renders_in_a_real_browser_without_errors_or_requests(tmp_pat
 
     assert CHROMIUM, "CI=true but chromium is not installed: .ci/run installs it"
     cache = tmp_path / "cache"
-    run_study(parse_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
+    fc.run_study(parse_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
                            "fit": {"heads": ["logreg", "knn", "stratified"], "cv": 3}, "compare": {"ensemble": 2}}),
-              cache)
+                 cache=cache)
     out = _cli("report", "--cache", str(cache), "--top", "3", "--best", "2")
     assert out.exit_code == 0, out.output
     page_file = cache / "report.html"
@@ -178,8 +179,8 @@ def test_fit_logs_each_run_to_a_real_local_mlflow_store_once(tmp_path, folder):
     from featcache.reporting.tracking import EXPERIMENT, TAG, default_uri
 
     cache = tmp_path / "cache"
-    run_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
-               "fit": {"heads": ["logreg"], "cv": 3}}, cache)
+    fc.run_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
+                  "fit": {"heads": ["logreg"], "cv": 3}}, cache=cache)
     args = ("fit", "--data", str(folder), "--cache", str(cache), "--head", "logreg,majority", "--cv", "3", "--mlflow")
     out = _cli(*args)
     assert out.exit_code == 0 and "logged 2 run(s) to MLflow" in out.output, out.output
@@ -221,7 +222,7 @@ def test_help_shows_flags_without_a_type_and_every_command_has_quiet():
 def test_a_study_can_fuse_its_backbones(tmp_path, folder):
     study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg"], "cv": 3, "fuse": True},
              "extract": {"backbones": ["efficientnet_lite0", "squeezenet1_1"], "pools": ["gap"]}}
-    result = run_study(study, tmp_path / "cache")
+    result = fc.run_study(study, cache=tmp_path / "cache")
     backbones = sorted(read_metrics(run)["config"]["backbone"] for run in result.runs)
     assert backbones == ["efficientnet_lite0", "efficientnet_lite0+squeezenet1_1", "squeezenet1_1"]
     assert len(result.steps) == 2 + 2 + 1

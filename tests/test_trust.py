@@ -26,6 +26,7 @@ from featcache.evaluation.metrics import compute_metrics, score_parts
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.extraction.extract import extract
+from featcache.options import OptionError
 from featcache.reporting.compare import _fmt, collect_runs, ensemble_rows
 from featcache.store.entries import MANIFEST, CacheEntry
 from featcache.store.runs import read_metrics, read_predictions
@@ -221,9 +222,9 @@ def test_a_wrong_option_value_exits_2_listing_the_valid_ones(args, valid, small_
 
 
 def test_the_python_api_checks_the_same_values():
-    with pytest.raises(RunError, match="--split 'offical'.*official"):
+    with pytest.raises(OptionError, match="--split 'offical'.*official"):
         Protocol(split="offical")
-    with pytest.raises(RunError, match="--class-weight 'balance'"):
+    with pytest.raises(OptionError, match="--class-weight 'balance'"):
         Protocol(class_weight="balance")
 
 

@@ -15,13 +15,12 @@ from featcache.evaluation.leakage import (
     find_duplicates,
     threshold_for,
 )
-from featcache.options import Grouping
+from featcache.options import BY_NAME, Grouping
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import bytes_hash, rows_hash
 
 if TYPE_CHECKING:
     pass
-from featcache.evaluation.protocol import checked_choice
 
 
 @dataclass
@@ -106,7 +105,7 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     for a held-out set, unless its groups come from it)."""
     from featcache.extraction.resume import plan
 
-    groups = checked_choice(groups, Grouping, "--groups")
+    groups = BY_NAME["groups"].checked(groups)
     for part in getattr(entry, "parts", [(entry, pool)]):  # a fused entry: every backbone's
         stale, _ = plan(source, part[0].path)
         if stale:

@@ -29,7 +29,7 @@ DEMO_BACKBONE = "efficientnet_lite0"
 DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 
 
-def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str | None,
+def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool: str | None,
                views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = (),
                engine: str | None = None, resampler: str | None = None,
                reporter: Reporter | None = None) -> CacheEntry:
@@ -37,6 +37,13 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str, pool: str |
     ``engine``, ``resampler`` if given) made with exactly the --preprocess ``filters`` asked for (none by
     default: a filtered entry is never taken for an unfiltered one). When several entries match,
     ``reporter`` is told which was taken and how the others differ."""
+    if backbone is None:  # the backbone the data was extracted with, when there is exactly one
+        extracted = sorted({e.manifest["backbone"] for e in find_entries(cache_root)
+                            if e.manifest["dataset"] == source.name})
+        if len(extracted) > 1:
+            raise RunError(f"{source.location} has features of {len(extracted)} backbones in {cache_root} "
+                           f"({', '.join(extracted)}); say which with --backbone (a+b fuses them)")
+        backbone = extracted[0] if extracted else "efficientnet_lite0"
     wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler}
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone

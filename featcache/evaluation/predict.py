@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, fused_from_manifest
 from featcache.store.naming import entry_of_run
 from featcache.store.runs import load_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # joblib files are pickles: loading one can run code. featcache only loads model.joblib from run
 # directories inside the user's own cache, which featcache itself wrote.
@@ -91,8 +95,13 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
     return found
 
 
-def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
-            reporter: Reporter | None = None, weights: str | None = None, group_col: str | None = None) -> Path:
+def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
+                  weights: str | None = None, group_col: str | None = None) -> pd.DataFrame:
+    """Class probabilities of new images with a saved run, a row per image indexed by id: ``group``,
+    ``predicted``, ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it
+    is identical or nearly identical to), and ``failed`` (why an image has no prediction, else empty)."""
+    import pandas as pd
+
     reporter = reporter or Reporter(quiet=True)
     saved = load_model(run_dir)
     source = images_source(inputs, group_col)
@@ -118,19 +127,33 @@ def predict(run_dir: Path, inputs: list[str], cache_root: Path, out: Path,
                       "say little about new data; see the near_duplicate_of column")
     classes = [str(c) for c in saved["pipeline"].classes_]
     groups = {r.id: r.group or "" for r in source.records}
+    rows = [{"id": image_id, "group": groups[image_id], "predicted": classes[int(np.argmax(p))],
+             **{f"p_{c}": float(v) for c, v in zip(classes, p, strict=True)},
+             "near_duplicate_of": dup[0] if dup else "", "similarity": dup[1] if dup else np.nan, "failed": ""}
+            for image_id, p, dup in zip(ids, proba, duplicates, strict=True)]
+    rows += [{"id": image_id, "group": groups[image_id], "predicted": "",
+              **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan, "failed": reason}
+             for image_id, reason in failed.items() if image_id in groups]
+    columns = ["id", "group", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "failed"]
+    return pd.DataFrame(rows, columns=columns).set_index("id")
+
+
+def write_predictions(frame: pd.DataFrame, out: Path) -> Path:
+    """``predictions.csv``: a row per image (probabilities to 6 places); an image that failed says
+    ``FAILED: <why>`` in the ``predicted`` column."""
+    classes = [c for c in frame.columns if c.startswith("p_")]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["id", "group", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of",
-                             "similarity"])
-            for image_id, p, dup in zip(ids, proba, duplicates, strict=True):
-                writer.writerow([image_id, groups[image_id], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p],
-                                 *((dup[0], f"{dup[1]:.4f}") if dup else ("", ""))])
-            listed = set(groups)
-            for image_id, reason in failed.items():
-                if image_id in listed:
-                    writer.writerow([image_id, groups[image_id], f"FAILED: {reason}", *[""] * len(classes), "", ""])
+            writer.writerow(["id", "group", "predicted", *classes, "near_duplicate_of", "similarity"])
+            for image_id, row in frame.iterrows():
+                if row["failed"]:
+                    writer.writerow([image_id, row["group"], f"FAILED: {row['failed']}", *[""] * len(classes), "", ""])
+                    continue
+                similarity = "" if np.isnan(row["similarity"]) else f"{row['similarity']:.4f}"
+                writer.writerow([image_id, row["group"], row["predicted"], *(f"{row[c]:.6f}" for c in classes),
+                                 row["near_duplicate_of"], similarity])
     except OSError as exc:
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
     return out

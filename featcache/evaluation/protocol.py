@@ -3,23 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from enum import Enum
-from typing import TYPE_CHECKING
 
-from featcache import options
-from featcache.errors import RunError
-from featcache.options import Calibration, ClassWeight, Grouping, Split, UseViews
-
-if TYPE_CHECKING:
-    pass
-
-
-def checked_choice(value: object, choices: type[Enum], option: str, optional: bool = False) -> str:
-    """:func:`featcache.options.checked_choice`, failing as a :class:`RunError`."""
-    try:
-        return options.checked_choice(value, choices, option, optional)
-    except options.ChoiceError as exc:
-        raise RunError(str(exc)) from None
+from featcache.options import BY_NAME
 
 
 @dataclass
@@ -41,16 +26,16 @@ class Protocol:
     near_dup_threshold: float | None = None  # None: the calibrated one for the backbone (leakage.py)
 
     def __post_init__(self) -> None:
-        self.split = checked_choice(self.split, Split, "--split")
-        self.class_weight = checked_choice(self.class_weight, ClassWeight, "--class-weight")
-        self.views = checked_choice(self.views, UseViews, "--use-views")
-        self.calibrate = checked_choice(self.calibrate, Calibration, "--calibrate", optional=True)
-        self.groups = checked_choice(self.groups, Grouping, "--groups")
-        for name, value, low in (("--cv", self.cv, 2), ("--seeds", self.seeds, 1)):
-            if int(value) < low:
-                raise RunError(f"{name} {value}: must be at least {low}")
-        if self.pca is not None and self.pca < 1:
-            raise RunError(f"--pca {self.pca}: give a positive number of components")
+        # the fields keep their names (they name every run); each is checked by its option's declaration
+        for field_name, option in (("cv", "cv"), ("split", "split"), ("seeds", "seeds"),
+                                   ("class_weight", "class_weight"), ("pca", "pca"), ("tune", "tune"),
+                                   ("tune_budget_s", "tune_budget"), ("standardize", "standardize"),
+                                   ("views", "use_views"), ("calibrate", "calibrate"), ("groups", "groups"),
+                                   ("near_dup_threshold", "near_dup_threshold")):
+            value = getattr(self, field_name)
+            if field_name == "calibrate" and value == "":
+                continue
+            setattr(self, field_name, BY_NAME[option].checked(value, command="fit"))
 
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.extraction.device import provenance, resolve_device, resolve_precision
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
-from featcache.extraction.norm import _apply_dataset_norm
+from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
 from featcache.extraction.resume import file_state, plan, read_record
 from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
 from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
@@ -112,28 +112,18 @@ def extract(
     with ``mean``, ``std``, ``dataset``, ``images``); default: this dataset's own.
     ``cluster``: run on Ray (:mod:`featcache.extraction.ray`); the features and the entry are the local path's.
     """
-    dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
-    if dtype not in DTYPES:
-        raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if precision not in PRECISIONS:
-        raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     reporter = reporter or Reporter(quiet=True)
     dev = resolve_device(device) if cluster is None else cluster.device(device)
-    if precision not in ("auto", "fp32") and dev.type != "cuda":
-        reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
-                      "in fp32 (and the entry is named so)")
-    # on a cluster the actors run the model on their own device; the driver's copy names the entry
-    precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
         load_backbone(backbone, weights=weights, pools=pools, device=dev if cluster is None else "cpu")
     view_names = _checked_views(views)
-    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
     root = Path(cache_root or default_cache_root())
-    norm = _apply_dataset_norm(model, source, root, norm_from, workers, reporter)
-    engine = _resolved_engine(engine, model, dev, reporter)
-    inputs = fingerprint_inputs(model, dtype, precision, views, engine)
-    fp = fingerprint(inputs)
-    entry_dir = entry_path(root, source.name, model.spec.name, fp)
+    named = name_entry(source, model, root, dtype=dtype, precision=precision, device=dev, views=views,
+                       resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
+                       resampler=resampler, norm_from=norm_from, engine=engine, workers=workers,
+                       reporter=reporter, cluster=cluster)
+    entry_dir, inputs, fp, engine, precision, norm = (named.entry_dir, named.inputs, named.fingerprint,
+                                                      named.engine, named.precision, named.norm)
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
 
@@ -246,19 +236,49 @@ def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft
             raise FeatcacheError(str(exc)) from None
 
 
-def planned_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, dtype: str = "float16",
-                  views: int = 1, resize: str = "crop", engine: str = "auto",
-                  resampler: str = "pil") -> tuple[Path, int]:
-    """Where ``extract`` with these settings (on this machine's device) keeps the features of
-    ``source``, and how many of its images still need extracting. Nothing is written."""
-    from featcache.extraction.engines import resolve_engine
+@dataclass
+class NamedEntry:
+    """Where an extraction's features go, and everything that named them."""
 
-    configure_preprocess(model, resize, resampler=resampler)
-    device = resolve_device("auto")
-    precision = resolve_precision("auto", device)
-    fp = fingerprint(fingerprint_inputs(model, dtype, precision, views, resolve_engine(engine, model, device)))
-    entry_dir = entry_path(Path(cache_root), source.name, model.spec.name, fp)
-    return entry_dir, len(plan(source, entry_dir)[0])
+    entry_dir: Path
+    inputs: dict  # the fingerprint's inputs
+    fingerprint: str
+    engine: str  # the concrete engine (auto resolved)
+    precision: str  # the concrete precision (fp32 off CUDA)
+    norm: dict | None  # with dataset-norm: where the statistics came from
+
+
+def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, dtype: str = "float16",
+               precision: str = "auto", device: torch.device | str = "auto", views: int = 1, resize: str = "crop",
+               jpeg_draft: bool = True, input_size: int | None = None, preprocess: tuple[str, ...] | str = (),
+               resampler: str = "pil", norm_from: str | dict | None = None, engine: str = "auto",
+               workers: int | None = None, reporter: Reporter | None = None, cluster: RayCluster | None = None,
+               plan_only: bool = False) -> NamedEntry | None:
+    """Apply the extraction settings to ``model``'s preprocessing and name the entry they make: the one
+    computation of an entry's name, shared by :func:`extract` and a study's dry-run plan.
+
+    ``plan_only``: say nothing and compute nothing; None when the name cannot be known yet (dataset-norm
+    statistics not computed)."""
+    dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
+    if dtype not in DTYPES:
+        raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    reporter = reporter or Reporter(quiet=True)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if precision not in ("auto", "fp32") and dev.type != "cuda" and not plan_only:
+        reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
+                      "in fp32 (and the entry is named so)")
+    # on a cluster the actors run the model on their own device; the driver's copy names the entry
+    precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
+    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
+    if plan_only and not dataset_norm_known(model, source, cache_root, norm_from):
+        return None
+    norm = _apply_dataset_norm(model, source, cache_root, norm_from, workers, reporter)
+    engine = _resolved_engine(engine, model, dev, reporter if not plan_only else None)
+    inputs = fingerprint_inputs(model, dtype, precision, views, engine)
+    fp = fingerprint(inputs)
+    return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm)
 
 
 def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,
@@ -307,14 +327,14 @@ def _read_only_result(source: ImageSource, entry_dir: Path) -> ExtractResult:
         f"{entry_dir} is read-only; it already holds every image, so nothing was written"])
 
 
-def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter) -> str:
+def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter | None) -> str:
     from featcache.extraction.engines import auto_note, resolve_engine
 
     try:
         resolved = resolve_engine(engine, model, dev)
     except ValueError:
         raise FeatcacheError(f"--engine {engine!r}: choose one of {', '.join(e.value for e in Engine)}") from None
-    if str(getattr(engine, "value", engine)) == "auto":
+    if str(getattr(engine, "value", engine)) == "auto" and reporter is not None:
         note, loud = auto_note(model, dev, resolved)
         (reporter.warn if loud else reporter.info)(note)
     return resolved
@@ -395,3 +415,13 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
 
     for batch, feats in run_pipelined(forward, loader, features):  # the engine's streams run batches at once
         yield batch["items"], feats
+
+
+def find_or_extract_like(cache_root: Path, source: ImageSource, entry: CacheEntry,
+                         reporter: Reporter | None = None) -> CacheEntry:
+    """Features of ``source`` made exactly like ``entry`` (same fingerprint), extracting if needed."""
+    result = extract_like(source, entry, cache_root, reporter=reporter)
+    if result.entry.fingerprint != entry.fingerprint:
+        raise FeatcacheError(f"--test-data features ({result.entry.fingerprint}) were not made like the "
+                             f"training features ({entry.fingerprint}); extract both with the same options")
+    return result.entry

@@ -46,6 +46,17 @@ def _apply_dataset_norm(model: LoadedBackbone, source: ImageSource, cache_root: 
     return {"from": stats["dataset"], "images": stats["images"]}
 
 
+def dataset_norm_known(model: LoadedBackbone, source: ImageSource, cache_root: Path,
+                       norm_from: str | dict | None) -> bool:
+    """Whether the statistics an extraction would normalise with are known without reading any image
+    (always, without dataset-norm)."""
+    if DATASET_NORM not in model.preprocess.filters or isinstance(norm_from, dict):
+        return True
+    if norm_from:
+        return True  # another dataset's, stored: read (or refused) by stored_norm_stats
+    return norm_stats_path(cache_root, source.name, norm_stats_key(source, model.preprocess)).is_file()
+
+
 def stored_norm_stats(cache_root: Path, dataset: str, preprocess: Preprocess) -> dict:
     """The dataset-norm statistics of another dataset (``--norm-from``): a cache dataset name, or the
     folder / CSV it was read from."""
@@ -68,8 +79,7 @@ def dataset_norm_stats(source: ImageSource, preprocess: Preprocess, cache_root: 
     crop) over every image of ``source``; computed once, then read from the cache (named by the files'
     sizes and times and the preprocessing, so a changed dataset gets new statistics)."""
     reporter = reporter or Reporter(quiet=True)
-    key_inputs = {"files": sorted([str(r.path), str(r.npz_key or ""), *file_state(r)] for r in source.records),
-                  "preprocess": _preprocess_key(preprocess)}
+    key_inputs = norm_stats_key(source, preprocess)
     path = norm_stats_path(cache_root, source.name, key_inputs)
     if path.is_file():
         return json.loads(path.read_text())
@@ -105,3 +115,9 @@ def dataset_norm_stats(source: ImageSource, preprocess: Preprocess, cache_root: 
 def _preprocess_key(preprocess: Preprocess) -> dict:
     """The preprocessing that dataset-norm statistics depend on: everything but the mean and std."""
     return {k: v for k, v in preprocess.to_dict().items() if k not in ("mean", "std")}
+
+
+def norm_stats_key(source: ImageSource, preprocess: Preprocess) -> dict:
+    """What a dataset's statistics depend on: its files (paths, sizes, times) and the preprocessing."""
+    return {"files": sorted([str(r.path), str(r.npz_key or ""), *file_state(r)] for r in source.records),
+            "preprocess": _preprocess_key(preprocess)}

@@ -8,7 +8,6 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from featcache.errors import CacheError, FeatcacheError
@@ -199,10 +198,61 @@ def unique_rows(rows: list[Row]) -> list[Row]:
     return list(kept.values())
 
 
+def pooled_score(row: Row, metric: str) -> float:
+    """The score runs are ranked by: the pooled out-of-fold value of ``metric`` (-1 when missing)."""
+    value = (row.metrics.get(metric) or {}).get("pooled")
+    return -1.0 if value is None else value
+
+
 def sort_rows(rows: list[Row], metric: str) -> list[Row]:
-    """Grouped by dataset and protocol (never ranked across them), best first within a group."""
-    return sorted(rows, key=lambda r: (r.dataset, r.protocol,
-                                       -(r.metrics.get(metric, {}).get("mean") or -1.0)))
+    """The one ranking of runs (compare and report alike): grouped by dataset and protocol (never ranked
+    across them), then best first by the pooled score, the fold mean breaking ties."""
+    return sorted(rows, key=lambda r: (r.dataset, r.protocol, -pooled_score(r, metric),
+                                       -((r.metrics.get(metric) or {}).get("mean") or -1.0)))
+
+
+def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None = None, backbone: str | None = None,
+                head: str | None = None, runs: list[Path] | None = None, ensemble: int | None = None) -> list[Row]:
+    """The one selection of runs (compare and report alike): every finished run under ``cache_root``
+    (one root or several) that matches, each result once, with soft-vote ensembles of the ``ensemble``
+    best runs of each comparable group, ranked by :func:`sort_rows`."""
+    metric = checked_metric(metric)
+    roots = cache_root if isinstance(cache_root, list) else [cache_root]
+    rows = [row for root in roots for row in collect_runs(root, dataset, backbone, head, metric)]
+    if runs is not None:
+        wanted = {Path(r).resolve() for r in runs}
+        rows = [r for r in rows if r.run.resolve() in wanted]
+    if not rows:
+        return []
+    checked_metric(metric, rows)
+    rows = unique_rows(rows)
+    if ensemble:
+        try:
+            rows += ensemble_rows(rows, f"top{ensemble}", metric)
+        except ValueError as exc:
+            raise FeatcacheError(str(exc)) from None
+    return sort_rows(rows, metric)
+
+
+def frame_records(rows: list[Row], metric: str) -> list[dict]:
+    """The rows as plain records (for pandas): scores as numbers, the ranking metric's first."""
+    records = []
+    for r in rows:
+        m = r.metrics.get(metric) or {}
+        ci = m.get("ci") or (None, None)
+        record = {"dataset": r.dataset, "protocol": r.protocol, "backbone": r.backbone, "pool": r.pool,
+                  "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS, "n": r.n_images,
+                  metric: m.get("pooled"), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1],
+                  f"{metric}_fold_mean": m.get("mean"), f"{metric}_fold_std": m.get("std")}
+        for other in MAIN_METRICS:
+            if other != metric:
+                record[other] = (r.metrics.get(other) or {}).get("pooled")
+        if r.test:
+            record["test_balanced_accuracy"] = r.test.get("balanced_accuracy")
+            record["test_auroc"] = r.test.get("auroc")
+        record["run"] = str(r.run)
+        records.append(record)
+    return records
 
 
 def _fmt(entry: dict | None) -> str:
@@ -221,7 +271,7 @@ def _fmt_ci(entry: dict | None) -> str:
 
 def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[str], list[list[str]]]:
     header = ["dataset", "protocol", "backbone", "pool", "head", "n",
-              f"{metric} (folds)", f"{metric} pooled [95% CI]", *[m for m in MAIN_METRICS if m != metric]]
+              f"{metric} pooled [95% CI]", f"{metric} (folds)", *[m for m in MAIN_METRICS if m != metric]]
     has_test = any(r.test for r in rows)
     if has_test:
         header += ["test balanced_accuracy [95% CI]", "test auroc"]
@@ -231,7 +281,7 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
     for r in rows:
         line = [r.dataset, r.protocol, r.backbone, r.pool,
                 r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
-                _fmt(r.metrics.get(metric)), _fmt_ci(r.metrics.get(metric)),
+                _fmt_ci(r.metrics.get(metric)), _fmt(r.metrics.get(metric)),
                 *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
         if has_test:
             t = r.test or {}
@@ -302,18 +352,15 @@ def _shorten(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def print_table(rows: list[Row], metric: str, console: Console | None = None, paths: bool = False) -> None:
+def rich_table(rows: list[Row], metric: str, paths: bool = False) -> Table:
     """On screen, columns that hold one value for every row move into the caption."""
     header, body = table_rows(rows, metric, paths)
     constant = [i for i, name in enumerate(header[:2]) if len({line[i] for line in body}) == 1]
     caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
     keep = [i for i in range(len(header)) if i not in constant]
-    table = Table(title=f"featcache compare — sorted by {metric}", caption=caption or None)
+    table = Table(title=f"featcache compare — ranked by {metric} (pooled)", caption=caption or None)
     for i in keep:
         table.add_column(header[i], overflow="fold")
     for line in body:
         table.add_row(*[line[i] for i in keep])
-    console = console or Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
-    console.print(table)
+    return table

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import CacheError, FeatcacheError
-from featcache.reporting.compare import BASELINE_HEADS, Row, collect_runs, ensemble_rows, forest_png, unique_rows
+from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows
 from featcache.reporting.plots import confusion_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
@@ -114,16 +114,10 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                  top: int = 20, best: int = 3, ensemble: int | None = None) -> Path:
     """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
     ``cache_root``. Returns the path."""
-    roots = {cache_root_of_run(r) for r in runs} if runs else {Path(cache_root or ".")}
-    rows = [row for root in roots for row in collect_runs(root, dataset, metric=metric)]
-    if runs is not None:
-        wanted = {Path(r).resolve() for r in runs}
-        rows = [r for r in rows if r.run.resolve() in wanted]
-    rows = unique_rows(rows)
+    roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]
+    rows = select_rows(roots, metric, dataset=dataset, runs=runs, ensemble=ensemble)
     if not rows:
         raise FeatcacheError("no finished runs to report; run `featcache fit` (or `featcache run`) first")
-    if ensemble:
-        rows += ensemble_rows(rows, f"top{ensemble}", metric)
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.dataset, row.protocol), []).append(row)
@@ -132,7 +126,6 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
             f"featcache {__version__} on {html.escape(platform.node())} ({html.escape(platform.platform())}, "
             f"Python {platform.python_version()})</p>"]
     for (dataset_name, protocol), members in groups.items():
-        members.sort(key=lambda r: -((r.metrics.get(metric) or {}).get("pooled") or -1.0))
         shown = members[:top]
         more = f" (top {top} of {len(members)})" if len(members) > top else ""
         body.append(f"<h2>{html.escape(dataset_name)}: {html.escape(protocol)}</h2>")

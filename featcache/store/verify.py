@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,3 +259,25 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
                                 f"opened ({exc}); pass --data")
             return
     _check_files(source, state, report)
+
+
+def verify_cache(target: Path, data: str | None = None, repair: bool = False, check_files: bool = True,
+                 break_lock: bool = False) -> Iterator[tuple[Path, list[str], VerifyReport]]:
+    """Check ``target`` (an entry folder, or a cache root: each entry in it), repairing first when asked:
+    for each entry its folder, what was repaired, and what the check found."""
+    from featcache.data.sources import open_source
+    from featcache.store.entries import MANIFEST, SHARD_GLOB, entry_dirs
+
+    target = Path(target)
+    if (target / MANIFEST).is_file() or any(target.glob(SHARD_GLOB)):
+        entries = [target]
+    else:
+        entries = entry_dirs(target)
+        if not entries:
+            raise CacheError(f"{target}: neither a cache entry nor a cache root with entries in it")
+    source = open_source(data) if data else None
+    for entry_dir in entries:
+        repaired = []
+        if repair:
+            repaired = verify_entry(entry_dir, source, repair=True, check_files=False, break_lock=break_lock).repaired
+        yield entry_dir, repaired, verify_entry(entry_dir, source, check_files=check_files)

@@ -1,0 +1,609 @@
+"""featcache's Python API: extract features once, fit heads honestly, compare, report.
+
+Every function takes its options as keywords declared once in :mod:`featcache.options` (the CLI flags
+and the study-file keys come from the same declarations), checks them where they enter, and returns
+typed results. The ``featcache`` command is a thin layer over these functions.
+
+Example::
+
+    import featcache as fc
+    fc.extract("images/", cache="cache")
+    runs = fc.fit("images/", heads=["logreg", "mlp"], cv=3, cache="cache")
+    print(fc.compare(cache="cache").to_pandas())
+    fc.load_run(runs[0].path).predict(["new.jpg"])
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featcache.errors import FeatcacheError, RunError
+from featcache.options import Option, OptionError, options_for
+from featcache.progress import Reporter
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.console import Console, ConsoleOptions, RenderResult
+
+    from featcache.data.sources import ImageSource
+    from featcache.evaluation.protocol import Protocol
+    from featcache.extraction.extract import ExtractResult
+    from featcache.extraction.ray import RayCluster
+    from featcache.reporting.compare import Row
+    from featcache.store.entries import CacheEntry
+    from featcache.study import Study, StudyResult
+
+__all__ = ["Comparison", "Run", "compare", "extract", "fit", "load_run", "report", "run_study"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keywords, signatures and docstrings made from the option declarations
+# ---------------------------------------------------------------------------------------------------------
+
+_PY_TYPES = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
+def _annotation(option: Option, command: str) -> str:
+    """The keyword's type, as an annotation string (``"Sequence[str] | str"``, ``"int | None"`` …)."""
+    kind = "str" if isinstance(option.kind, type) and issubclass(option.kind, Enum) else _PY_TYPES[option.kind]
+    if option.name == "views":
+        kind = "int"
+    if option.multiple:
+        kind = f"Sequence[{kind}] | str"
+    elif kind == "str" and option.name in ("data", "test_data", "images", "cache", "norm_from"):
+        kind = "str | os.PathLike"
+    return kind + (" | None" if option.default_for(command) is None and not option.required else "")
+
+
+def _doc_type(option: Option, command: str) -> str:
+    kind = option.kind
+    text = ("{" + ", ".join(repr(c.value) for c in kind) + "}" if isinstance(kind, type) and issubclass(kind, Enum)
+            else _PY_TYPES[kind])
+    if option.multiple:
+        text = f"sequence of {text} or a comma-separated str"
+    default = option.default_for(command)
+    if option.required:
+        return text
+    return text + (", optional" if default in (None, ()) else f", default {default!r}")
+
+
+def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Give the decorated function every option of ``command`` as a keyword (keyword-only but for
+    ``positional``), with a signature and a numpydoc ``Parameters`` section made from
+    :data:`featcache.options.OPTIONS`; each value is checked by its declaration before the function
+    runs, and the function receives them all, checked, as keywords."""
+
+    def wrap(func: Callable) -> Callable:
+        declared = options_for(command)
+        names = {o.name for o in declared}
+        own = [p for p in inspect.signature(func).parameters.values()
+               if p.name not in names and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        made = [inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD if o.name in positional
+                                  else inspect.Parameter.KEYWORD_ONLY,
+                                  default=inspect.Parameter.empty if o.required else o.default_for(command),
+                                  annotation=_annotation(o, command))
+                for o in declared]
+        made.sort(key=lambda p: positional.index(p.name) if p.name in positional else len(positional))
+        params = [p for p in made + own if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        params += [p for p in made + own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        signature = inspect.Signature(params, return_annotation=inspect.signature(func).return_annotation)
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise OptionError(f"featcache.{func.__name__}(): {exc}; it takes "
+                                  f"{', '.join(signature.parameters)}") from None
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            for option in declared:
+                values[option.name] = option.checked(values[option.name], f"{option.name}=", command)
+            return func(**values)
+
+        call.__signature__ = signature  # type: ignore[attr-defined]
+        section = "\n".join(f"{o.name} : {_doc_type(o, command)}\n    {o.help}" for o in declared)
+        doc = inspect.cleandoc(func.__doc__ or "")
+        marker = "Parameters\n----------\n"
+        call.__doc__ = doc.replace(marker, marker + section + "\n", 1)
+        return call
+
+    return wrap
+
+
+def _reporter(quiet: bool, reporter: Reporter | None) -> Reporter:
+    return reporter or Reporter(quiet=quiet)
+
+
+def cache_root(cache: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``cache``, else ``$FEATCACHE_CACHE``, else ``./cache``."""
+    from featcache.store.naming import default_cache_root
+
+    return Path(cache) if cache else default_cache_root()
+
+
+def _cluster(address: str | None, reporter: Reporter, actors: int | None = None) -> RayCluster | None:
+    """The Ray cluster asked for with ``ray`` (None without it)."""
+    if not address:
+        if actors:
+            raise OptionError("--ray-actors needs --ray (from Python: ray_actors= needs ray=)")
+        return None
+    from featcache.extraction.ray import RayCluster
+
+    cluster = RayCluster(address, actors=actors)
+    reporter.info(f"--ray: {cluster.describe()}")
+    return cluster
+
+
+def _open(data: str, images: str | None, image_col: str | None, label_col: str | None, group_col: str | None,
+          reporter: Reporter) -> ImageSource:
+    """The source, with its notes and where its groups come from said once."""
+    from featcache.data.sources import open_source
+
+    source = open_source(data, images and Path(images), image_col, label_col, group_col)
+    for note in source.notes[:10]:
+        reporter.warn(note)
+    if source.group_column:
+        n = len({r.group for r in source.records if r.group})
+        reporter.info(f"groups: column {source.group_column!r} ({n} groups of {len(source.records)} images)")
+    elif source.suspect_group_columns:
+        reporter.warn(f"no group column recognised in {source.location}, but "
+                      f"{', '.join(map(repr, source.suspect_group_columns))} looks like one (ids shared by "
+                      "several images): pass --group-col NAME, or --no-groups if the images are independent")
+    return source
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extract
+# ---------------------------------------------------------------------------------------------------------
+
+@takes_options("extract", positional=("data", "backbone"))
+def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry:
+    """Run a frozen backbone once over the images of ``data`` and cache its features (HDF5 shards).
+
+    Reruns skip the images already committed (resume after a crash or Ctrl-C); a changed image, weights
+    file or preprocessing never reuses old features.
+
+    Parameters
+    ----------
+    reporter : Reporter, optional
+        Where progress and notes go (default: the terminal, unless ``quiet``).
+
+    Returns
+    -------
+    Entry
+        The cache entry: ``.path``, ``.fingerprint``, ``.ids``, ``.read(pool)`` …
+    """
+    return _extract(reporter, options).entry
+
+
+@takes_options("extract", positional=("data", "backbone"))
+def extract_result(*, reporter: Reporter | None = None, **options: Any) -> ExtractResult:
+    """:func:`extract`, returning what it did: images extracted, reused and failed, and images/s.
+
+    Parameters
+    ----------
+    reporter : Reporter, optional
+        Where progress and notes go (default: the terminal, unless ``quiet``).
+
+    Returns
+    -------
+    ExtractResult
+        ``.entry``, ``.extracted``, ``.skipped``, ``.failed``, ``.summary()`` …
+    """
+    return _extract(reporter, options)
+
+
+def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
+    from featcache.extraction.extract import extract as run_extract
+
+    reporter = _reporter(o["quiet"], reporter)
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
+    result = run_extract(source, o["backbone"], cache_root(o["cache"]), o["pools"], o["dtype"], o["weights"],
+                         o["batch_size"], o["workers"], o["shard_size"], device=o["device"],
+                         precision=o["precision"], jpeg_draft=o["jpeg_draft"], input_size=o["input_size"],
+                         views=o["views"], resize=o["resize"], break_lock=o["break_lock"], reporter=reporter,
+                         engine=o["engine"], preprocess=o["preprocess"], norm_from=o["norm_from"],
+                         resampler=o["resampler"], cluster=_cluster(o["ray"], reporter, o["ray_actors"]))
+    for note in result.notes[len(source.notes):]:
+        reporter.info(note)
+    reporter.result(result.summary())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------------
+
+def protocol_of(options: dict[str, Any]) -> Protocol:
+    """The :class:`~featcache.evaluation.protocol.Protocol` the fit options describe."""
+    from featcache.evaluation.protocol import Protocol
+
+    return Protocol(cv=options["cv"], split=options["split"], seeds=options["seeds"],
+                    class_weight=options["class_weight"], pca=options["pca"], tune=options["tune"],
+                    tune_budget_s=options["tune_budget"], standardize=options["standardize"],
+                    views=options["use_views"], meta=",".join(options["meta"] or ()),
+                    calibrate=options["calibrate"] or "", groups=options["groups"],
+                    near_dup_threshold=options["near_dup_threshold"])
+
+
+@takes_options("fit", positional=("data",))
+def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
+    """Train heads on the cached features of ``data`` and score them honestly.
+
+    Every head runs inside a pipeline whose standardization is fit on training folds only, under
+    grouped, stratified cross-validation (or the split asked for); a run already finished with the
+    same inputs is reused. With ``test_data`` each head is refit on all of ``data`` and scored on it.
+
+    Parameters
+    ----------
+    reporter : Reporter, optional
+        Where progress and notes go (default: the terminal, unless ``quiet``).
+
+    Returns
+    -------
+    list of Run
+        One per head, in the order of ``heads``.
+    """
+    from featcache.evaluation.fitting import find_entry, fit_many
+    from featcache.extraction.extract import find_or_extract_like
+    from featcache.store.fusion import FusedEntry
+
+    o = options
+    reporter = _reporter(o["quiet"], reporter)
+    if o["groups"] == "near-duplicates" and o["group_col"]:
+        raise OptionError("groups near-duplicates contradicts group_col (--group-col); give one")
+    if o["groups"] == "none" and o["group_col"]:
+        raise OptionError("groups none (--no-groups) contradicts group_col (--group-col); give one")
+    if o["engine"] == "auto":
+        raise OptionError("engine auto names no entry: give the engine the entry was extracted with (torch, "
+                          "onnxruntime or openvino; `featcache extract` says which auto took)")
+    root = cache_root(o["cache"])
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
+    backbones = o["backbone"].split("+") if o["backbone"] else [None]
+    entries = [find_entry(root, source, name, o["pool"], o["views"], o["resize"], o["preprocess"], o["engine"],
+                          o["resampler"], reporter) for name in backbones]
+    test_source = test_entries = None
+    if o["test_data"]:
+        from featcache.data.sources import open_source
+
+        test_source = open_source(o["test_data"], group_col=o["test_group_col"])
+        test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
+    entry, test_entry = entries[0], test_entries[0] if test_entries else None
+    if len(entries) > 1:  # backbone a+b: their features side by side
+        entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in entries])
+        test_entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in test_entries]) if test_entries else None
+    classes = ",".join(o["classes"]) if o["classes"] else None
+    paths = fit_many(source, entry, list(o["heads"]), o["pool"], protocol_of(o), o["label_map"], classes,
+                     test_source, test_entry, o["force"], reporter,
+                     cluster=_cluster(o["ray"], reporter))
+    _track(paths, root, o["mlflow"], o["mlflow_uri"], reporter)
+    return [Run(path) for path in paths]
+
+
+def _track(runs: list[Path], root: Path, mlflow: bool, uri: str | None, reporter: Reporter) -> None:
+    if mlflow or uri:
+        from featcache.reporting.tracking import default_uri, log_runs
+
+        log_runs(runs, root, uri)
+        reporter.result(f"logged {len(runs)} run(s) to MLflow at {uri or default_uri(root)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run folder written by :func:`fit`: its scores, its out-of-fold predictions and a
+    model that predicts new images.
+
+    Attributes
+    ----------
+    path : Path
+        The run folder (``<cache>/<dataset>/<entry>/runs/<head>-<pool>-<id>``).
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        from featcache.store.runs import is_finished
+
+        object.__setattr__(self, "path", Path(self.path))
+        if not is_finished(self.path):
+            raise RunError(f"{self.path}: not a finished run folder (no metrics.json); pass a folder written by "
+                           "`featcache fit` (`featcache compare --paths` lists them)")
+
+    @functools.cached_property
+    def metrics(self) -> dict:
+        """The content of ``metrics.json``: protocol, pooled scores with intervals, folds, config."""
+        from featcache.store.runs import read_metrics
+
+        return read_metrics(self.path)
+
+    @property
+    def config(self) -> dict:
+        return self.metrics["config"]
+
+    @property
+    def head(self) -> str:
+        return self.config["head"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def oof(self) -> pd.DataFrame:
+        """Out-of-fold predictions: a row per image and seed (``seed``, ``fold``, ``id``, ``group``,
+        ``label``, then one ``p_<class>`` column per class)."""
+        return _predictions_frame(self.path, "oof")
+
+    @property
+    def test(self) -> pd.DataFrame | None:
+        """The held-out set's predictions (``id``, ``label``, ``p_<class>`` …), when the run had one."""
+        from featcache.store.runs import has_test_predictions
+
+        return _predictions_frame(self.path, "test") if has_test_predictions(self.path) else None
+
+    def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
+                cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
+                quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+        """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
+        exactly like the training features (through the cache).
+
+        Parameters
+        ----------
+        images : path or sequence of paths
+            Image files and/or folders (searched recursively), or one CSV/.npz source.
+        cache : path, optional
+            Cache root for the new images' features (default: the run's own cache).
+        weights : str, optional
+            The same local weights file given at extraction, if any.
+        group_col : str, optional
+            Group column, when ``images`` is a CSV.
+        quiet : bool, default True
+            No progress display.
+        reporter : Reporter, optional
+            Where progress and warnings go.
+
+        Returns
+        -------
+        pandas.DataFrame
+            A row per image, indexed by id: ``group``, ``predicted``, ``p_<class>`` per class,
+            ``near_duplicate_of`` and ``similarity`` (a training image it is identical or nearly
+            identical to), and ``failed`` (why an image has no prediction).
+        """
+        from featcache.evaluation.predict import predict_frame
+        from featcache.store.naming import cache_root_of_run
+
+        inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
+        root = Path(cache) if cache else cache_root_of_run(self.path.resolve())
+        return predict_frame(self.path, [str(i) for i in inputs], root, _reporter(quiet, reporter), weights,
+                             group_col)
+
+    def __repr__(self) -> str:
+        pooled = self.metrics["pooled"]
+        score = pooled.get("balanced_accuracy")
+        return (f"Run({self.head} on {self.config['backbone']}/{self.config['pool']}, "
+                f"balanced_accuracy {score:.3f}, {self.path})" if score is not None else f"Run({self.path})")
+
+
+def _predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:
+    import pandas as pd
+
+    from featcache.store.runs import read_predictions
+
+    p = read_predictions(run_dir, which)
+    frame = pd.DataFrame({"id": p.ids, "label": p.labels})
+    if which == "oof":
+        frame.insert(0, "fold", p.folds)
+        frame.insert(0, "seed", p.seeds)
+        frame.insert(3, "group", p.groups)
+    for k, name in enumerate(p.classes):
+        frame[f"p_{name}"] = p.proba[:, k]
+    return frame
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """A finished run folder as a :class:`Run` (its ``metrics``, ``oof`` and ``predict``).
+
+    Parameters
+    ----------
+    path : path
+        A run folder written by :func:`fit` (``featcache compare --paths`` lists them).
+
+    Returns
+    -------
+    Run
+    """
+    return Run(Path(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare and report
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """Finished runs side by side, ranked within each dataset and protocol by the pooled score of
+    ``metric`` (the fold mean beside it): a table on screen (rich), in Jupyter (HTML) and as pandas.
+
+    Attributes
+    ----------
+    rows : list of Row
+        One per distinct result (a fit kept in two entries appears once; baselines once per protocol).
+    metric : str
+        The ranking metric.
+    """
+
+    rows: list[Row]
+    metric: str
+
+    def to_pandas(self) -> pd.DataFrame:
+        """A row per run: dataset, protocol, backbone, pool, head, n, the metric's pooled value and
+        interval, its fold mean and spread, the other metrics, the test score when there is one, and
+        the run folder."""
+        import pandas as pd
+
+        from featcache.reporting.compare import frame_records
+
+        return pd.DataFrame(frame_records(self.rows, self.metric))
+
+    def write(self, out: str | os.PathLike) -> dict[str, Path]:
+        """``compare.csv``, ``compare.md`` and ``compare.png`` (a forest plot) in the folder ``out``."""
+        from featcache.reporting.compare import write_outputs
+
+        return write_outputs(self.rows, self.metric, Path(out))
+
+    def table(self, paths: bool = False):  # noqa: ANN201 - rich's Table, imported lazily
+        """The comparison as a rich Table (columns equal in every row move into its caption)."""
+        from featcache.reporting.compare import rich_table
+
+        return rich_table(self.rows, self.metric, paths)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.table()
+
+    def _repr_html_(self) -> str:
+        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@takes_options("compare")
+def compare(data: str | os.PathLike | None = None, *, backbone: str | None = None, head: str | None = None,
+            runs: Sequence[str | os.PathLike] | None = None, **options: Any) -> Comparison:
+    """Every finished run in the cache (or of ``data``), side by side.
+
+    Parameters
+    ----------
+    data : path, optional
+        Only runs on this source (folder, CSV or .npz).
+    backbone : str, optional
+        Only runs on this backbone.
+    head : str, optional
+        Only these heads (a comma list).
+    runs : sequence of paths, optional
+        Only these run folders (e.g. the :attr:`Run.path` of what :func:`fit` returned).
+
+    Returns
+    -------
+    Comparison
+    """
+    from featcache.reporting.compare import select_rows
+
+    dataset = None
+    if data is not None:
+        from featcache.data.sources import source_name
+
+        if not Path(data).exists():
+            raise FeatcacheError(f"--data {data}: no such file or folder")
+        dataset = source_name(str(data))
+    metric = options["metric"]
+    rows = select_rows(cache_root(options["cache"]), metric, dataset=dataset, backbone=backbone, head=head,
+                       runs=None if runs is None else [Path(r) for r in runs], ensemble=options["ensemble"])
+    return Comparison(rows, metric)
+
+
+@takes_options("report")
+def report(data: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
+           runs: Sequence[str | os.PathLike] | None = None, title: str = "featcache report",
+           **options: Any) -> Path:
+    """Write one self-contained ``report.html`` (no network requests, figures inline).
+
+    It holds a leaderboard with intervals per dataset and protocol, the best runs' confusion
+    matrices, per-class tables, ROC and reliability, every run's folder and predict command, grouping
+    and leakage warnings, and the features' provenance.
+
+    Parameters
+    ----------
+    data : path, optional
+        Only runs on this source (default: every run in the cache).
+    out : path, optional
+        Where to write the page (default: ``<cache>/report.html``).
+    runs : sequence of paths, optional
+        Only these run folders.
+    title : str, default "featcache report"
+        The page's title.
+
+    Returns
+    -------
+    Path
+        The page written.
+    """
+    from featcache.reporting.report import write_report
+
+    root = cache_root(options["cache"])
+    dataset = None
+    if data is not None:
+        from featcache.data.sources import source_name
+
+        dataset = source_name(str(data))
+    return write_report(Path(out) if out else root / "report.html", runs=None if runs is None else list(runs),
+                        cache_root=root, dataset=dataset, title=title, metric=options["metric"],
+                        top=options["top"], best=options["best"], ensemble=options["ensemble"])
+
+
+@takes_options("demo")
+def demo(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
+    """Melanoma vs nevus on the 200 CC0 ISIC images shipped with featcache: EfficientNet-Lite0 features
+    (ImageNet weights, offline), then the fast heads and two baselines under 5-fold stratified CV.
+
+    Parameters
+    ----------
+    reporter : Reporter, optional
+        Where progress and notes go.
+
+    Returns
+    -------
+    list of Run
+    """
+    from featcache.evaluation.fitting import run_demo
+
+    _, paths = run_demo(cache_root(options["cache"]), _reporter(options["quiet"], reporter))
+    return [Run(path) for path in paths]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# studies
+# ---------------------------------------------------------------------------------------------------------
+
+@takes_options("run")
+def run_study(study: str | os.PathLike | dict | Study, *, dry_run: bool = False, reporter: Reporter | None = None,
+              **options: Any) -> StudyResult:
+    """Run a whole study: every extraction and fit in order, reusing what is finished, then the report.
+
+    Parameters
+    ----------
+    study : path, dict or Study
+        A study file (TOML), its content as a dict (paths relative to the working folder), or a
+        checked :class:`~featcache.study.Study`.
+    dry_run : bool, default False
+        Only plan: what would run and what the cache already holds.
+    reporter : Reporter, optional
+        Where progress and notes go.
+
+    Returns
+    -------
+    StudyResult
+        ``runs`` (run folders), ``report`` (the page) and ``steps`` (the plan, with what was done).
+    """
+    from featcache.study import Study, execute_study, load_study, parse_study
+
+    plan = study if isinstance(study, Study) else parse_study(study) if isinstance(study, dict) else load_study(study)
+    reporter = _reporter(options["quiet"], reporter)
+    root = cache_root(options["cache"])
+    result = execute_study(plan, root, reporter, dry_run=dry_run,
+                           cluster=None if dry_run else _cluster(options["ray"], reporter, plan.extract["ray_actors"]))
+    if not dry_run:
+        _track(result.runs, root, options["mlflow"], options["mlflow_uri"], reporter)
+    return result

@@ -1,0 +1,171 @@
+"""featcache as a library: the public API, one declaration per option, no import cycle, the same numbers."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+
+import numpy as np
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+import featcache as fc
+from featcache.cli import app
+from featcache.options import BY_NAME, OPTIONS, OptionError, options_for
+from featcache.study import StudyError, parse_study, study_keys
+
+from .conftest import REPO
+
+COMMAND = typer.main.get_command(app)
+
+
+def _cli_params(command: str) -> dict[str, object]:
+    return {p.name: p for p in COMMAND.commands[command].params}
+
+
+@pytest.mark.parametrize("command", ["extract", "fit"])
+def test_every_cli_option_of_extract_and_fit_has_its_study_key_and_api_keyword(command):
+    api = inspect.signature(getattr(fc, command)).parameters
+    keys = study_keys()
+    run_api = inspect.signature(fc.run_study).parameters
+    run_cli = _cli_params("run")
+    for name in _cli_params(command):
+        flag = "--" + name.replace("_", "-")
+        option = BY_NAME.get(name) or next(o for o in OPTIONS if o.alias and o.alias[0] == flag)
+        assert option.name in api, f"--{name}: no keyword featcache.{command}({option.name}=...)"
+        assert api[option.name].default == (inspect.Parameter.empty if option.required
+                                             else option.default_for(command)), option.name
+        if option.table is None:  # where and how a command runs: featcache run / run_study take it
+            assert option.name in run_api or option.name in ("cache", "quiet") or command in option.commands
+            assert option.name in run_cli or option.name == "ray_actors", option.name
+        else:
+            assert keys[option.table][option.study_key] is option, f"--{name}: no [{option.table}] key"
+    # and the other way round: every keyword of the API is a flag of the CLI
+    for name in api:
+        if name not in ("reporter",):
+            assert name in _cli_params(command) or name in ("data",) and "data" in _cli_params(command), name
+
+
+def test_an_option_checks_its_values_the_same_way_in_every_door(tmp_path):
+    with pytest.raises(OptionError, match=r"dtype= 'float64': not a valid value; choose one of float16, float32"):
+        fc.extract(tmp_path, dtype="float64")
+    with pytest.raises(OptionError, match=r"unexpected keyword argument 'hedas'"):
+        fc.fit(tmp_path, hedas=["logreg"])
+    with pytest.raises(StudyError, match=r"\[extract\] dtype 'float64': not a valid value"):
+        parse_study({"data": {"train": str(tmp_path)}, "extract": {"backbones": ["efficientnet_lite0"],
+                                                                   "dtype": "float64"}, "fit": {"heads": ["logreg"]}})
+    out = CliRunner().invoke(app, ["extract", "--data", str(tmp_path), "--dtype", "float64"])
+    assert out.exit_code == 2 and "float64" in out.output
+
+
+def test_a_study_says_what_extract_and_fit_take(tmp_path):
+    study = parse_study({"data": {"train": str(tmp_path)},
+                         "extract": {"backbones": ["efficientnet_lite0"], "preprocess": ["color-constancy"],
+                                     "input_size": 192, "precision": "fp32"},
+                         "fit": {"heads": ["logreg"], "pca": 8, "near_dup_threshold": 0.9}})
+    assert study.extract["preprocess"] == ("color-constancy",) and study.extract["input_size"] == 192
+    assert study.fit["pca"] == 8 and study.fit["near_dup_threshold"] == 0.9
+    with pytest.raises(StudyError, match=r"\[extract\] preprocess: .*'colour-constancy'"):
+        parse_study({"data": {"train": str(tmp_path)}, "extract": {"backbones": ["efficientnet_lite0"],
+                                                                   "preprocess": ["colour-constancy"]},
+                     "fit": {"heads": ["logreg"]}})
+    with pytest.raises(StudyError, match="names a backbone twice"):
+        parse_study({"data": {"train": str(tmp_path)}, "fit": {"heads": ["logreg"]},
+                     "extract": {"backbones": ["efficientnet_lite0", "efficientnet_lite0"]}})
+
+
+def test_the_api_has_numpydoc_parameters_made_from_the_declarations():
+    for function, command in ((fc.extract, "extract"), (fc.fit, "fit")):
+        doc = inspect.getdoc(function)
+        for option in options_for(command):
+            assert f"\n{option.name} : " in doc, (command, option.name)
+        assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   for p in inspect.signature(function).parameters.values())
+    fit = inspect.signature(fc.fit).parameters
+    assert fit["heads"].kind is inspect.Parameter.KEYWORD_ONLY and fit["cv"].default == 5
+
+
+def test_extract_fit_compare_and_predict_from_python(small_folder, tmp_path):
+    cache = tmp_path / "c"
+    entry = fc.extract(small_folder, cache=cache, quiet=True)
+    assert isinstance(entry, fc.Entry) and len(entry.ids) == 12
+    runs = fc.fit(small_folder, heads=["logreg", "svm-linear"], cv=3, cache=cache, quiet=True)
+    assert [r.head for r in runs] == ["logreg", "svm-linear"]
+    assert 0.0 <= runs[0].metrics["pooled"]["balanced_accuracy"] <= 1.0
+    assert list(runs[0].oof.columns) == ["seed", "fold", "id", "group", "label", "p_melanoma", "p_nevus"]
+    table = fc.compare(cache=cache).to_pandas()
+    assert set(table["head"]) == {"logreg", "svm-linear"}
+    assert table["balanced_accuracy"].is_monotonic_decreasing  # ranked by the pooled score
+    assert "<table" in fc.compare(cache=cache)._repr_html_()
+    image = next((small_folder / "nevus").glob("*.jpg"))
+    predictions = fc.load_run(runs[0].path).predict([image])
+    assert list(predictions.columns[:4]) == ["group", "predicted", "p_melanoma", "p_nevus"]
+    assert np.isclose(predictions[["p_melanoma", "p_nevus"]].to_numpy().sum(), 1.0)
+    assert predictions["near_duplicate_of"].iloc[0]  # it is a training image
+    assert not (cache / "compare.csv").exists()  # fitting writes no cache-wide comparison
+
+
+def test_a_study_with_color_constancy_runs_as_its_dry_run_planned(small_folder, tmp_path):
+    study = {"data": {"train": str(small_folder)},
+             "extract": {"backbones": ["efficientnet_lite0"], "preprocess": ["color-constancy"], "pools": ["gap"]},
+             "fit": {"heads": ["logreg"], "cv": 3}}
+    cache = tmp_path / "c"
+    plan = fc.run_study(study, cache=cache, dry_run=True, quiet=True)
+    planned_entry = plan.steps[0].detail.split(": ", 1)[1]
+    result = fc.run_study(study, cache=cache, quiet=True)
+    [run] = result.runs
+    assert str(run.parents[1]) == planned_entry
+    manifest = json.loads((run.parents[1] / "manifest.json").read_text())
+    assert manifest["fingerprint_inputs"]["preprocess"]["filters"] == ["color-constancy"]
+    again = fc.run_study(study, cache=cache, dry_run=True, quiet=True)
+    assert all(step.done for step in again.steps) and again.steps[1].detail == f"finished: {run}"
+
+
+def test_the_package_has_no_import_cycle():
+    root = REPO / "featcache"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featcache"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    found.add(target if target in modules else node.module)
+        graph[name] = {m for m in found if m in modules and m != name and m != "featcache"}
+    # TYPE_CHECKING imports are for annotations only: they do not run
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and inner.module:
+                        graph[name].discard(inner.module)
+                        graph[name] -= {f"{inner.module}.{a.name}" for a in inner.names}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph[start]:
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    cycles = sorted(name for name in graph if reaches(name, name, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+@pytest.mark.slow
+def test_the_demo_gives_the_numbers_and_names_it_gave_before_the_library_refactor(tmp_path):
+    """The demo's entry name, run names and scores, against those saved before the refactor."""
+    before = json.loads((REPO / "tests" / "golden" / "demo_before_refactor.json").read_text())
+    runs = fc.demo(cache=tmp_path / "c", quiet=True)
+    assert runs[0].path.parents[1].name == before["entry"]
+    assert {r.path.name for r in runs} == set(before["runs"])
+    for run in runs:
+        saved = before["runs"][run.path.name]
+        for metric, value in saved["pooled"].items():
+            assert run.metrics["pooled"][metric] == pytest.approx(value, abs=1e-9), (run.head, metric)
+        assert run.metrics["protocol"] == saved["protocol"]
