@@ -12,8 +12,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import featcache as fc
 from docs_blocks import replace_block
+
+import featcache as fc
 
 REPO = Path(__file__).resolve().parents[1]
 

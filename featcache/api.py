@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
     from featcache.data.sources import ImageSource
-    from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import ExtractResult
     from featcache.extraction.ray import RayCluster
     from featcache.reporting.compare import Row
@@ -222,18 +221,6 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
 # fit
 # ---------------------------------------------------------------------------------------------------------
 
-def protocol_of(options: dict[str, Any]) -> Protocol:
-    """The :class:`~featcache.evaluation.protocol.Protocol` the fit options describe."""
-    from featcache.evaluation.protocol import Protocol
-
-    return Protocol(cv=options["cv"], split=options["split"], seeds=options["seeds"],
-                    class_weight=options["class_weight"], pca=options["pca"], tune=options["tune"],
-                    tune_budget_s=options["tune_budget"], standardize=options["standardize"],
-                    views=options["use_views"], meta=",".join(options["meta"] or ()),
-                    calibrate=options["calibrate"] or "", groups=options["groups"],
-                    near_dup_threshold=options["near_dup_threshold"])
-
-
 @takes_options("fit", positional=("data",))
 def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     """Train heads on the cached features of ``data`` and score them honestly.
@@ -253,6 +240,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         One per head, in the order of ``heads``.
     """
     from featcache.evaluation.fitting import find_entry, fit_many
+    from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import find_or_extract_like
     from featcache.store.fusion import FusedEntry
 
@@ -281,7 +269,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in entries])
         test_entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in test_entries]) if test_entries else None
     classes = ",".join(o["classes"]) if o["classes"] else None
-    paths = fit_many(source, entry, list(o["heads"]), o["pool"], protocol_of(o), o["label_map"], classes,
+    paths = fit_many(source, entry, list(o["heads"]), o["pool"], Protocol.from_options(o), o["label_map"], classes,
                      test_source, test_entry, o["force"], reporter,
                      cluster=_cluster(o["ray"], reporter))
     _track(paths, root, o["mlflow"], o["mlflow_uri"], reporter)

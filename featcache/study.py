@@ -201,9 +201,9 @@ def _sources(study: Study):
 
 
 def _protocol(study: Study):
-    from featcache.api import protocol_of
+    from featcache.evaluation.protocol import Protocol
 
-    return protocol_of(study.fit)
+    return Protocol.from_options(study.fit)
 
 
 def _extract_settings(study: Study) -> dict[str, Any]:

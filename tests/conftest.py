@@ -37,6 +37,14 @@ def small_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def lite0():
+    """EfficientNet-Lite0 with its ImageNet weights (offline), loaded once per test module."""
+    from featcache.backbones.models import load_backbone
+
+    return load_backbone("efficientnet_lite0")
+
+
 @pytest.fixture
 def photo() -> Image.Image:
     return Image.open(next((DEMO / "images" / "nevus").glob("*.jpg"))).convert("RGB")

@@ -35,6 +35,7 @@ def test_the_eight_views_are_distinct_pixel_permutations():
     assert torch.equal(apply_view(apply_view(x, "rot90"), "rot270"), x)
 
 
+@pytest.mark.slow
 def test_views_are_an_axis_of_the_store_and_view_0_is_the_plain_extraction(small_folder, tmp_path):
     source = open_source(small_folder)
     backbone = load_backbone("efficientnet_lite0", weights="random")
@@ -103,6 +104,7 @@ def test_view_ensemble_trains_on_every_view_and_averages_them():
     np.testing.assert_allclose(first.predict_proba(X), first.estimator_.predict_proba(X[:, 0]))
 
 
+@pytest.mark.slow
 def test_a_multi_view_run_scores_images_not_views(tmp_path):
     rng = np.random.default_rng(1)
     y = np.array(["a", "b", "c"])[np.arange(90) % 3]
@@ -179,6 +181,7 @@ def test_ensemble_averages_the_out_of_fold_probabilities(tmp_path):
         ensemble_rows(rows, "best")
 
 
+@pytest.mark.slow
 def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path):
     from typer.testing import CliRunner
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,7 @@ def test_the_api_has_numpydoc_parameters_made_from_the_declarations():
     assert fit["heads"].kind is inspect.Parameter.KEYWORD_ONLY and fit["cv"].default == 5
 
 
+@pytest.mark.slow
 def test_extract_fit_compare_and_predict_from_python(small_folder, tmp_path):
     cache = tmp_path / "c"
     entry = fc.extract(small_folder, cache=cache, quiet=True)
@@ -107,6 +109,7 @@ def test_extract_fit_compare_and_predict_from_python(small_folder, tmp_path):
     assert not (cache / "compare.csv").exists()  # fitting writes no cache-wide comparison
 
 
+@pytest.mark.slow
 def test_a_study_with_color_constancy_runs_as_its_dry_run_planned(small_folder, tmp_path):
     study = {"data": {"train": str(small_folder)},
              "extract": {"backbones": ["efficientnet_lite0"], "preprocess": ["color-constancy"], "pools": ["gap"]},
@@ -123,33 +126,37 @@ def test_a_study_with_color_constancy_runs_as_its_dry_run_planned(small_folder, 
     assert all(step.done for step in again.steps) and again.steps[1].detail == f"finished: {run}"
 
 
-def test_the_package_has_no_import_cycle():
-    root = REPO / "featcache"
-    modules = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featcache"):
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The featcache modules ``path`` imports, at module level or inside functions; imports under
+    ``if TYPE_CHECKING`` are for annotations only and never run, so they do not count."""
+    found: set[str] = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                self.generic_visit(node)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module and node.module.startswith("featcache"):
                 for alias in node.names:
                     target = f"{node.module}.{alias.name}"
                     found.add(target if target in modules else node.module)
-        graph[name] = {m for m in found if m in modules and m != name and m != "featcache"}
-    # TYPE_CHECKING imports are for annotations only: they do not run
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                for inner in ast.walk(node):
-                    if isinstance(inner, ast.ImportFrom) and inner.module:
-                        graph[name].discard(inner.module)
-                        graph[name] -= {f"{inner.module}.{a.name}" for a in inner.names}
+
+    Visitor().visit(ast.parse(path.read_text()))
+    return found & modules
+
+
+def test_the_package_has_no_import_cycle():
+    modules = {}
+    for path in (REPO / "featcache").rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _imports(path, set(modules)) - {name, "featcache"} for name, path in modules.items()}
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for nxt in graph[start]:
-            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+        for nxt in graph[start] - seen:
+            seen.add(nxt)
+            if nxt == goal or reaches(nxt, goal, seen):
                 return True
         return False
 

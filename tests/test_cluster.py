@@ -30,6 +30,9 @@ from .conftest import DEMO
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'featcache[ray]'")
 
 
+pytestmark = pytest.mark.slow  # Ray clusters and kill loops: outside the fast tier
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from featcache.extraction.ray import RayCluster

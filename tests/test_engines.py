@@ -14,7 +14,8 @@ POOLS = {"efficientnet_lite0": ("gap", "penult", "multi"), "squeezenet1_1": ("ga
          "dinov2_vits14": ("cls", "cls+mean", "last4")}
 
 
-@pytest.mark.parametrize("backbone", list(POOLS))
+@pytest.mark.parametrize("backbone", [pytest.param(b, marks=pytest.mark.slow) if b.startswith("dinov2") else b
+                                      for b in POOLS])  # a ViT export takes ~20 s: outside the fast tier
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_engines_agree_with_pytorch_for_every_pooling_and_view(small_folder, tmp_path, backbone, engine):
     weights = "random" if backbone.startswith("dinov2") else None  # no ViT weights install offline

@@ -23,6 +23,7 @@ from .conftest import shared
 from .fakes import FakeEntry
 
 
+@pytest.mark.slow
 def test_no_lesion_in_both_train_and_test():
     import csv
 
@@ -72,7 +73,7 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
     assert seen[-1] == set(range(len(data.y)))
 
 
-@pytest.mark.parametrize("head", ["logreg", "mlp"])
+@pytest.mark.parametrize("head", ["logreg", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_parallel_folds_give_the_same_run_as_serial_ones(tmp_path, head):
     data = _blobs()
     runs = [fit_head(data, FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs", jobs=jobs)
@@ -108,6 +109,7 @@ def test_binary_metrics_use_the_rarer_class_as_positive():
     assert m["sensitivity"] == pytest.approx(0.5) and m["specificity"] == pytest.approx(7 / 8)
 
 
+@pytest.mark.slow
 def test_mlp_learns_unscaled_features_and_is_deterministic():
     data = _blobs(n=300, seed=1)
     X = np.delete(data.X, 1, axis=1)  # drop the row-id column
@@ -120,7 +122,7 @@ def test_mlp_learns_unscaled_features_and_is_deterministic():
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
 
 
-@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("n_classes", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_vectorized_bootstrap_equals_sklearn_on_every_resample(n_classes):
     from featcache.evaluation.metrics import bootstrap_ci
 
@@ -178,6 +180,7 @@ def test_tune_search_stops_at_its_time_budget_and_keeps_the_default_first():
     assert bounded.best_params_ == {"head__C": 1.0} and bounded.predict_proba(data.X).shape == (300, 3)
 
 
+@pytest.mark.slow
 def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
     runner = CliRunner()
     cache = str(tmp_path / "cache")

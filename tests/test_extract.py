@@ -25,11 +25,7 @@ from featcache.store.entries import CacheEntry, EntryLock
 from .conftest import shared
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
-
-
+@pytest.mark.slow
 def test_features_equal_plain_timm_forward(tmp_path, lite0):
     """Cached features == timm's own model + timm's own eval transform, to fp16 precision."""
     source = open_source(shared("ham70"))
@@ -47,6 +43,7 @@ def test_features_equal_plain_timm_forward(tmp_path, lite0):
     np.testing.assert_allclose(cached, expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_listed_and_the_run_continues(small_folder, lite0, tmp_path):
     bad = small_folder / "nevus"
     (bad / "empty.jpg").write_bytes(b"")
@@ -70,6 +67,7 @@ def test_bad_inputs_are_listed_and_the_run_continues(small_folder, lite0, tmp_pa
     assert fixed.extracted == 1 and "nevus/empty.jpg" in fixed.entry.ids
 
 
+@pytest.mark.slow
 def test_changed_image_is_reextracted_never_served_stale(small_folder, lite0, tmp_path):
     source = open_source(small_folder)
     first = extract(source, lite0, cache_root=tmp_path, workers=0)
@@ -81,6 +79,7 @@ def test_changed_image_is_reextracted_never_served_stale(small_folder, lite0, tm
     assert not np.allclose(second.entry.read("gap", [target.id]), before)
 
 
+@pytest.mark.slow
 def test_weights_file_or_input_size_change_makes_a_new_entry(small_folder, lite0, tmp_path):
     source = open_source(small_folder)
     base = extract(source, lite0, cache_root=tmp_path, workers=0).entry.path

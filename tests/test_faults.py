@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 import featcache.store.entries as store
-from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.errors import CacheError, EntryLocked, RunError
 from featcache.evaluation.features import labeled_features
@@ -36,11 +35,6 @@ from featcache.store.runs import load_model
 from featcache.store.verify import verify_entry
 
 from .conftest import shared
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
 
 
 def _same_features(a: CacheEntry, b: CacheEntry) -> None:
@@ -128,6 +122,7 @@ def _mount(args: list[str]) -> bool:
     return subprocess.run(["mount", *args], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_filesystem(small_folder, lite0, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.extraction.engines import MEASURED_FASTEST
 
 from .conftest import DEMO, REPO
+
+pytestmark = pytest.mark.slow  # timing on real extractions: outside the fast tier
+
 
 SMOKE_MIN_RATIO = 0.75  # benchmarks/extraction_efficiency.py measures the full figure (target 0.9)
 # With the fastest engine the decode's core time is a large share of the machine, and how large depends on the

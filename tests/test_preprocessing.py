@@ -77,6 +77,7 @@ def _subset_csv(folder: Path, path: Path, names: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_sets_for_other_data(
         small_folder, tmp_path):
     source = open_source(small_folder)

@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.extraction.extract import extract
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
 
 
 def test_a_moved_relabelled_subset_csv_extracts_only_new_images(small_folder, tmp_path, lite0):
@@ -50,6 +44,7 @@ def test_a_moved_relabelled_subset_csv_extracts_only_new_images(small_folder, tm
     assert again.extracted == 0 and again.reused == 0 and again.skipped == 9
 
 
+@pytest.mark.slow
 def test_other_settings_are_never_reused(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
     extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
@@ -61,6 +56,7 @@ def test_other_settings_are_never_reused(small_folder, tmp_path, lite0):
     assert same.reused == 12 and same.extracted == 0
 
 
+@pytest.mark.slow
 def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_folder, tmp_path, lite0):
     from typer.testing import CliRunner
 

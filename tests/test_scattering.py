@@ -28,6 +28,7 @@ def test_names_choose_j_and_l_and_bad_ones_are_refused():
         get_spec("scattering_j9_l8")
 
 
+@pytest.mark.slow
 def test_features_are_kymatios_spatially_averaged_coefficients(small_folder, tmp_path):
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
@@ -50,6 +51,7 @@ def test_features_are_kymatios_spatially_averaged_coefficients(small_folder, tmp
     assert np.array_equal(again.read("log"), entry.read("log"))
 
 
+@pytest.mark.slow
 def test_other_input_sizes_and_refusals(small_folder, tmp_path):
     model = load_backbone("scattering_j2_l4")
     with torch.inference_mode():

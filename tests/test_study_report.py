@@ -83,6 +83,7 @@ def test_a_bad_study_is_one_error_naming_the_key_before_any_work(tmp_path, conte
         parse_study(content, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_study_runs_reuses_resumes_and_ends_with_the_report(tmp_path, folder):
     study = _study(tmp_path, folder)
     cache = tmp_path / "cache"
@@ -107,6 +108,7 @@ def test_a_study_runs_reuses_resumes_and_ends_with_the_report(tmp_path, folder):
     assert "grouped stratified CV" in read_metrics(grouped.runs[0])["protocol"]
 
 
+@pytest.mark.slow
 def test_show_prints_the_confusion_matrix_and_per_class_table(tmp_path, folder):
     cache = tmp_path / "cache"
     result = fc.run_study(parse_study({"data": {"train": str(folder)}, "extract": {"backbones": ["efficientnet_lite0"]},
@@ -118,6 +120,7 @@ def test_show_prints_the_confusion_matrix_and_per_class_table(tmp_path, folder):
     assert str(metrics["confusion_matrix"][0][0]) in out.output
 
 
+@pytest.mark.slow
 def test_compare_shows_identical_runs_and_baselines_once_with_their_folders(tmp_path, folder):
     cache = tmp_path / "cache"
     study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg", "majority"], "cv": 3},
@@ -135,6 +138,7 @@ def test_compare_shows_identical_runs_and_baselines_once_with_their_folders(tmp_
     assert all(Path(r["run folder"]).is_dir() for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI", "").lower() != "true",
                     reason="no chromium here (apt-get install chromium); CI installs it and must not skip")
 def test_the_report_renders_in_a_real_browser_without_errors_or_requests(tmp_path, folder):
@@ -173,6 +177,7 @@ def test_the_report_renders_in_a_real_browser_without_errors_or_requests(tmp_pat
     assert any(c.startswith("featcache predict --run ") for c in commands)
 
 
+@pytest.mark.slow
 def test_fit_logs_each_run_to_a_real_local_mlflow_store_once(tmp_path, folder):
     from mlflow.tracking import MlflowClient
 
@@ -219,6 +224,7 @@ def test_help_shows_flags_without_a_type_and_every_command_has_quiet():
         assert "--quiet" in runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output, command
 
 
+@pytest.mark.slow
 def test_a_study_can_fuse_its_backbones(tmp_path, folder):
     study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg"], "cv": 3, "fuse": True},
              "extract": {"backbones": ["efficientnet_lite0", "squeezenet1_1"], "pools": ["gap"]}}

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from featcache.backbones.models import load_backbone
 from featcache.cli import app
 from featcache.data.sources import open_source
 from featcache.errors import RunError, SourceError
@@ -36,11 +35,6 @@ from . import conftest
 from .fakes import FakeEntry
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -93,6 +87,7 @@ def test_an_unrecognised_patient_column_is_named_as_a_suspect(tmp_path, small_fo
     assert source.group_column is None and source.suspect_group_columns == ["mole_ref"]
 
 
+@pytest.mark.slow
 def test_cv_without_groups_says_so_in_the_protocol_metrics_and_compare(clinic, small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
     nogroup = _write_csv(small_folder / "plain.csv", ["path", "label"],
@@ -127,6 +122,7 @@ def test_the_case_id_column_groups_the_folds(clinic, tmp_path, lite0):
 
 # --- 1. run identity covers everything that sets a run's numbers --------------------------------
 
+@pytest.mark.slow
 def test_a_run_is_redone_when_labels_groups_or_an_image_change_and_only_then(clinic, small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
 
@@ -168,6 +164,7 @@ def with_copies(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_audit_finds_identical_and_near_identical_images(with_copies, tmp_path, lite0):
     source = open_source(with_copies)
     entry = extract(source, lite0, cache_root=tmp_path, workers=0).entry
@@ -183,6 +180,7 @@ def test_the_audit_finds_identical_and_near_identical_images(with_copies, tmp_pa
     assert len(set(groups[trio])) == 1 and len(set(groups.tolist())) == len(data.ids) - 2 == 40
 
 
+@pytest.mark.slow
 def test_fit_reports_leaking_folds_and_near_duplicate_groups_remove_them(with_copies, tmp_path, lite0):
     cache = tmp_path / "cache"
     extract(open_source(with_copies), lite0, cache_root=cache, workers=0)
@@ -245,6 +243,7 @@ def _toy(n: int = 120, seed: int = 0, groups: bool = False) -> LabeledFeatures:
     return LabeledFeatures(X, y, g, None, [f"i{k}" for k in range(n)], ["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_seeds_are_all_pooled_with_their_spread(tmp_path):
     data = _toy()
     run = fit_head(data, FakeEntry(tmp_path), "mlp", "gap", Protocol(cv=3, seeds=3), "toy")
@@ -282,6 +281,7 @@ def test_an_official_split_shows_its_counts_and_no_fake_spread(tmp_path):
     assert cell == "0.500 (one split)" and metrics["pooled"]["ci95"]["balanced_accuracy"][0] < 0.5 + 1e-9
 
 
+@pytest.mark.slow
 def test_every_run_has_per_class_auroc_and_compare_sorts_by_one(clinic, tmp_path, lite0):
     scores = compute_metrics(np.array(["a", "b", "c", "a"]), np.eye(3)[[0, 1, 2, 1]] * 0.7 + 0.1, ["a", "b", "c"])
     assert {"auroc:a", "auroc:b", "auroc:c"} <= set(scores)
@@ -346,6 +346,7 @@ def test_a_lost_manifest_is_rebuilt_and_nothing_is_extracted_or_counted_twice(sm
 
 # --- input errors are messages, not tracebacks ---------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_with_one_corrupt_image_predicts_the_rest(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
     extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
@@ -362,6 +363,7 @@ def test_predict_with_one_corrupt_image_predicts_the_rest(small_folder, tmp_path
     assert rows["broken.jpg"]["predicted"].startswith("FAILED") and rows["fine.jpg"]["p_nevus"]
 
 
+@pytest.mark.slow
 def test_a_stranger_csv_fits_with_named_columns_and_too_few_images_for_knn_is_one_line(tmp_path, small_folder, lite0):
     rows = [[str(p), p.parent.name, f"P{k // 2}"] for k, p in enumerate(sorted(small_folder.rglob("*.jpg")))]
     befunde = _write_csv(tmp_path / "befunde.csv", ["Bild", "Befund", "PatientNr"], rows)

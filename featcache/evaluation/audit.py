@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.leakage import (
     held_out_with_duplicate,
 )
-
-if TYPE_CHECKING:
-    pass
-from featcache.evaluation.features import LabeledFeatures
 
 
 def leakage_summary(data: LabeledFeatures, folds: list[tuple[np.ndarray, np.ndarray]]) -> dict:

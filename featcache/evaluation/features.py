@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,9 +17,6 @@ from featcache.evaluation.leakage import (
 from featcache.options import BY_NAME, Grouping
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import bytes_hash, rows_hash
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from sklearn import metrics as skm
 from sklearn.utils.class_weight import compute_sample_weight
-
-if TYPE_CHECKING:
-    pass
-
 
 MAIN_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
 

@@ -37,6 +37,16 @@ class Protocol:
                 continue
             setattr(self, field_name, BY_NAME[option].checked(value, command="fit"))
 
+    @classmethod
+    def from_options(cls, options: dict) -> Protocol:
+        """The protocol the checked fit options describe (``featcache.fit``'s keywords, a study's [fit])."""
+        return cls(cv=options["cv"], split=options["split"], seeds=options["seeds"],
+                   class_weight=options["class_weight"], pca=options["pca"], tune=options["tune"],
+                   tune_budget_s=options["tune_budget"], standardize=options["standardize"],
+                   views=options["use_views"], meta=",".join(options["meta"] or ()),
+                   calibrate=options["calibrate"] or "", groups=options["groups"],
+                   near_dup_threshold=options["near_dup_threshold"])
+
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""
         counts = split_counts or {}

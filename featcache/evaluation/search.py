@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import ParameterGrid, cross_val_score
-
-if TYPE_CHECKING:
-    pass
 
 
 class BudgetedSearch(ClassifierMixin, BaseEstimator):

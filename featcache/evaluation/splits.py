@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from featcache.errors import RunError
-from featcache.store.hashing import stable_hash
-
-if TYPE_CHECKING:
-    pass
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.protocol import Protocol
+from featcache.store.hashing import stable_hash
 
 _FOLDS_MEMO: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 

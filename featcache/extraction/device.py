@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -13,9 +12,6 @@ import torchvision
 from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.options import DEVICE_PATTERN
-
-if TYPE_CHECKING:
-    pass
 
 
 def resolve_device(device: str) -> torch.device:

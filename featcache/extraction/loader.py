@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,9 +12,6 @@ from torch.utils.data import Dataset
 from featcache.data.images import Preprocess, apply_view
 from featcache.data.sources import ImageRecord
 from featcache.extraction.engines import Forward
-
-if TYPE_CHECKING:
-    pass
 from featcache.extraction.resume import file_state, read_record
 
 

@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +17,11 @@ from featcache.data.images import Preprocess
 from featcache.data.preprocessing import DATASET_NORM
 from featcache.data.sources import ImageSource
 from featcache.errors import FeatcacheError
+from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
+from featcache.extraction.resume import file_state
 from featcache.progress import Reporter
 from featcache.store.entries import read_norm_stats, write_json_atomic
 from featcache.store.naming import norm_stats_path
-
-if TYPE_CHECKING:
-    pass
-from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
-from featcache.extraction.resume import file_state
 
 
 def _apply_dataset_norm(model: LoadedBackbone, source: ImageSource, cache_root: Path,

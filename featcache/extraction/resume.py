@@ -5,15 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featcache.data.sources import ImageRecord, ImageSource
 from featcache.store.entries import MANIFEST, CacheEntry
-
-if TYPE_CHECKING:
-    pass
 
 
 def file_state(record: ImageRecord) -> tuple[int, int]:

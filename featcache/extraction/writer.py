@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,6 @@ from featcache.store.entries import (
     write_json_atomic,
     write_shard,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def _writable(entry_dir: Path) -> bool:
