@@ -365,9 +365,9 @@ class Run:
         Returns
         -------
         pandas.DataFrame
-            A row per image, indexed by id: ``group``, ``predicted``, ``p_<class>`` per class,
+            A row per image, indexed by id: ``predicted``, ``p_<class>`` per class,
             ``near_duplicate_of`` and ``similarity`` (a training image it is identical or nearly
-            identical to), and ``failed`` (why an image has no prediction).
+            identical to), ``group``, and ``failed`` (why an image has no prediction).
         """
         from featcache.evaluation.predict import predict_frame
         from featcache.store.naming import cache_root_of_run
@@ -436,9 +436,10 @@ class Comparison:
     metric: str
 
     def to_pandas(self) -> pd.DataFrame:
-        """A row per run: dataset, protocol, backbone, pool, head, n, the metric's pooled value and
-        interval, its fold mean and spread, the other metrics, the test score when there is one, and
-        the run folder."""
+        """A row per run, ranked: ``model`` (backbone/pool/head), the metric's pooled value with its
+        interval (``_ci_low``, ``_ci_high``) and fold mean and spread, the other metrics, the test
+        scores when there is a test set, then ``dataset``, ``protocol``, ``run`` (the folder),
+        ``backbone``, ``pool``, ``head``, ``baseline`` and ``n``."""
         import pandas as pd
 
         from featcache.reporting.compare import frame_records

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,10 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
             raise StudyError(f"{where}: [{table}] must be a table of keys")
         for key in value:
             if key not in tables[table]:
-                raise StudyError(f"{where}: [{table}] {key}: unknown key; [{table}] takes {', '.join(tables[table])}")
+                close = difflib.get_close_matches(key, tables[table], n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise StudyError(f"{where}: [{table}] {key}: unknown key; {hint}[{table}] takes "
+                                 f"{', '.join(tables[table])}")
     for table, key in (("data", "train"), ("extract", "backbones"), ("fit", "heads")):
         if key not in content.get(table, {}):
             raise StudyError(f"{where}: [{table}] {key} is missing ({tables[table][key].help})")

@@ -103,7 +103,7 @@ def test_extract_fit_compare_and_predict_from_python(small_folder, tmp_path):
     assert "<table" in fc.compare(cache=cache)._repr_html_()
     image = next((small_folder / "nevus").glob("*.jpg"))
     predictions = fc.load_run(runs[0].path).predict([image])
-    assert list(predictions.columns[:4]) == ["group", "predicted", "p_melanoma", "p_nevus"]
+    assert list(predictions.columns[:3]) == ["predicted", "p_melanoma", "p_nevus"]
     assert np.isclose(predictions[["p_melanoma", "p_nevus"]].to_numpy().sum(), 1.0)
     assert predictions["near_duplicate_of"].iloc[0]  # it is a training image
     assert not (cache / "compare.csv").exists()  # fitting writes no cache-wide comparison

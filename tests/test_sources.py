@@ -33,6 +33,16 @@ def test_generic_csv_with_images_dir_and_problems(small_folder, tmp_path):
     assert source.records[0].path.exists()
 
 
+def test_a_semicolon_csv_from_a_spreadsheet_reads_like_a_comma_one(small_folder, tmp_path):
+    files = sorted(small_folder.rglob("*.jpg"))
+    rows = [f"{f.relative_to(small_folder)};{f.parent.name};Patient {i // 3}" for i, f in enumerate(files)]
+    (tmp_path / "export.csv").write_text("\ufeffBild;Befund;Patienten-Nr\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    source = open_source(tmp_path / "export.csv", images=small_folder, image_col="bild", label_col="befund",
+                         group_col="patienten-nr")
+    assert len(source.records) == 12 and {r.label for r in source.records} == {"melanoma", "nevus"}
+    assert source.group_column == "Patienten-Nr" and source.records[3].group == "Patient 1"
+
+
 def test_csv_with_wrong_columns(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("foo,bar\n1,2\n")

@@ -163,6 +163,12 @@ def _index_images(folder: Path) -> dict[str, Path]:
     return index
 
 
+def _delimiter(header: str) -> str:
+    """The header's field separator: a comma, or the semicolon or tab of spreadsheet exports in locales
+    that write decimal commas."""
+    return next((d for d in (",", ";", "\t") if d in header), ",")
+
+
 def read_csv_source(
     csv_path: Path,
     images: str | os.PathLike | None = None,
@@ -175,7 +181,8 @@ def read_csv_source(
     base = Path(images).expanduser() if images else csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, delimiter=_delimiter(handle.readline()))
+            handle.seek(0)
             columns = list(reader.fieldnames or [])
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

@@ -97,9 +97,9 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
 
 def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
                   weights: str | None = None, group_col: str | None = None) -> pd.DataFrame:
-    """Class probabilities of new images with a saved run, a row per image indexed by id: ``group``,
-    ``predicted``, ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it
-    is identical or nearly identical to), and ``failed`` (why an image has no prediction, else empty)."""
+    """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
+    ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
+    nearly identical to), ``group``, and ``failed`` (why an image has no prediction, else empty)."""
     import pandas as pd
 
     reporter = reporter or Reporter(quiet=True)
@@ -134,7 +134,7 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     rows += [{"id": image_id, "group": groups[image_id], "predicted": "",
               **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan, "failed": reason}
              for image_id, reason in failed.items() if image_id in groups]
-    columns = ["id", "group", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "failed"]
+    columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "group", "failed"]
     return pd.DataFrame(rows, columns=columns).set_index("id")
 
 

@@ -240,17 +240,18 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
     for r in rows:
         m = r.metrics.get(metric) or {}
         ci = m.get("ci") or (None, None)
-        record = {"dataset": r.dataset, "protocol": r.protocol, "backbone": r.backbone, "pool": r.pool,
-                  "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS, "n": r.n_images,
-                  metric: m.get("pooled"), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1],
-                  f"{metric}_fold_mean": m.get("mean"), f"{metric}_fold_std": m.get("std")}
+        # what a narrow printout shows first (it keeps the leading and trailing columns): the model and its score
+        record = {"model": f"{r.backbone}/{r.pool}/{r.head}", metric: m.get("pooled"), f"{metric}_ci_low": ci[0],
+                  f"{metric}_ci_high": ci[1], f"{metric}_fold_mean": m.get("mean"), f"{metric}_fold_std": m.get("std")}
         for other in MAIN_METRICS:
             if other != metric:
                 record[other] = (r.metrics.get(other) or {}).get("pooled")
         if r.test:
             record["test_balanced_accuracy"] = r.test.get("balanced_accuracy")
             record["test_auroc"] = r.test.get("auroc")
-        record["run"] = str(r.run)
+        record |= {"dataset": r.dataset, "protocol": r.protocol, "run": str(r.run), "backbone": r.backbone,
+                   "pool": r.pool, "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS,
+                   "n": r.n_images}
         records.append(record)
     return records
 
