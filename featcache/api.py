@@ -94,7 +94,6 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
         params += [p for p in made + own if p.kind is inspect.Parameter.KEYWORD_ONLY]
         signature = inspect.Signature(params, return_annotation=inspect.signature(func).return_annotation)
 
-        @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 bound = signature.bind(*args, **kwargs)
@@ -107,7 +106,9 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
                 values[option.name] = option.checked(values[option.name], f"{option.name}=", command)
             return func(**values)
 
+        # the made signature is the whole truth (no __wrapped__: tools would show **options instead)
         call.__signature__ = signature  # type: ignore[attr-defined]
+        call.__name__, call.__qualname__, call.__module__ = func.__name__, func.__qualname__, func.__module__
         section = "\n".join(f"{o.name} : {_doc_type(o, command)}\n    {o.help}" for o in declared)
         doc = inspect.cleandoc(func.__doc__ or "")
         marker = "Parameters\n----------\n"
