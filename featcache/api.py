@@ -211,7 +211,8 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
                          precision=o["precision"], jpeg_draft=o["jpeg_draft"], input_size=o["input_size"],
                          views=o["views"], resize=o["resize"], break_lock=o["break_lock"], reporter=reporter,
                          engine=o["engine"], preprocess=o["preprocess"], norm_from=o["norm_from"],
-                         resampler=o["resampler"], cluster=_cluster(o["ray"], reporter, o["ray_actors"]))
+                         resampler=o["resampler"], cluster=_cluster(o["ray"], reporter, o["ray_actors"]),
+                         rehash=o["rehash"])
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     reporter.result(result.summary())
@@ -240,6 +241,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     list of Run
         One per head, in the order of ``heads``.
     """
+    from featcache.evaluation.features import check_test_classes
     from featcache.evaluation.fitting import find_entry, fit_many
     from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import find_or_extract_like
@@ -255,8 +257,14 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         raise OptionError("engine auto names no entry: give the engine the entry was extracted with (torch, "
                           "onnxruntime or openvino; `featcache extract` says which auto took)")
     root = cache_root(o["cache"])
+    if o["mlflow"] or o["mlflow_uri"]:  # before any work: a store that cannot take the runs is refused now
+        from featcache.net import check_tracking_uri
+
+        check_tracking_uri(o["mlflow_uri"], root)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
     backbones = o["backbone"].split("+") if o["backbone"] else [None]
+    if len(set(backbones)) != len(backbones):
+        raise OptionError(f"--backbone {o['backbone']}: a backbone is named twice; fuse different backbones (a+b)")
     entries = [find_entry(root, source, name, o["pool"], o["views"], o["resize"], o["preprocess"], o["engine"],
                           o["resampler"], reporter) for name in backbones]
     test_source = test_entries = None
@@ -264,6 +272,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         from featcache.data.sources import open_source
 
         test_source = open_source(o["test_data"], group_col=o["test_group_col"])
+        check_test_classes(source, test_source, o["label_map"], ",".join(o["classes"]) if o["classes"] else None)
         test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
     entry, test_entry = entries[0], test_entries[0] if test_entries else None
     if len(entries) > 1:  # backbone a+b: their features side by side
@@ -592,6 +601,10 @@ def run_study(study: str | os.PathLike | dict | Study, *, dry_run: bool = False,
     plan = study if isinstance(study, Study) else parse_study(study) if isinstance(study, dict) else load_study(study)
     reporter = _reporter(options["quiet"], reporter)
     root = cache_root(options["cache"])
+    if not dry_run and (options["mlflow"] or options["mlflow_uri"]):
+        from featcache.net import check_tracking_uri
+
+        check_tracking_uri(options["mlflow_uri"], root)
     result = execute_study(plan, root, reporter, dry_run=dry_run,
                            cluster=None if dry_run else _cluster(options["ray"], reporter, plan.extract["ray_actors"]))
     if not dry_run:

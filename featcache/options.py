@@ -319,6 +319,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("resize", ResizeMode, "crop", "crop (the backbone's resize + centre crop), full (whole image squeezed "
            "to a square) or pad (whole image padded to a square); on fit, the entry made so.", _DATA, "extract",
            selects=True),
+    Option("rehash", bool, False, "Compare every image's content with what was extracted, also where its size "
+           "and modification time are unchanged (a file rewritten in place can keep both; `verify` finds such "
+           "files), and re-extract those that changed.", ("extract",), "extract"),
     Option("shard_size", int, 1024, "Images per committed shard (the unit of resume).", ("extract",), "extract",
            minimum=1),
     Option("break_lock", bool, False, "Clear a lock file left by a dead run on a file system without POSIX locks "

@@ -227,7 +227,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
     by the same code as :func:`featcache.extraction.extract.extract`, and a fit is known to be done
     only once its features exist, because a run is named by the rows it uses."""
     from featcache.backbones.models import load_backbone
-    from featcache.evaluation.features import labeled_features
+    from featcache.evaluation.features import check_test_classes, label_counts, labeled_features
     from featcache.evaluation.fitting import test_grouping
     from featcache.evaluation.runner import run_dir_for
     from featcache.extraction.extract import name_entry
@@ -237,6 +237,13 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
     train, test = _sources(study)
     protocol = _protocol(study)
     label_map, classes = study.data["label_map"], _classes(study)
+    if test is not None:  # before any work: a test class the model never sees is refused by the run too
+        check_test_classes(train, test, label_map, classes)
+    metric = study.compare["metric"]
+    if metric.startswith("auroc:") and metric[6:] not in label_counts(train, label_map, classes):
+        known = ", ".join(sorted(label_counts(train, label_map, classes)))
+        raise StudyError(f"[compare] metric = {metric!r}: the training data has no class {metric[6:]!r}; its classes "
+                         f"are {known} (use auroc:<class>)")
     steps = []
     for backbone in study.backbones:
         model = load_backbone(backbone, weights=study.weights.get(backbone), pools=study.extract["pools"])
@@ -302,7 +309,8 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
     heads = list(study.fit["heads"])
     runs: list[Path] = []
     entries: dict[str, tuple] = {}
-    how = {name: study.extract[name] for name in ("batch_size", "workers", "shard_size", "device", "break_lock")}
+    how = {name: study.extract[name] for name in ("batch_size", "workers", "shard_size", "device", "break_lock",
+                                                  "rehash")}
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
         for backbone in study.backbones:

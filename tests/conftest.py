@@ -48,3 +48,17 @@ def lite0():
 @pytest.fixture
 def photo() -> Image.Image:
     return Image.open(next((DEMO / "images" / "nevus").glob("*.jpg"))).convert("RGB")
+
+
+def flip_one_feature_bit(entry) -> Path:  # noqa: ANN001 - a featcache CacheEntry
+    """Bit rot: the first float16 of the first shard's gap features loses its lowest high-byte bit (still
+    finite, so only the checksum can tell)."""
+    import h5py
+
+    shard = entry.shard_paths()[0]
+    with h5py.File(shard, "r") as h5:
+        offset = h5["features/gap"].id.get_offset()
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 1] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    return shard

@@ -27,11 +27,12 @@ from featcache.evaluation.runner import fit_head
 from featcache.extraction.extract import extract
 from featcache.options import OptionError
 from featcache.reporting.compare import _fmt, collect_runs, ensemble_rows
-from featcache.store.entries import MANIFEST, CacheEntry
+from featcache.store.entries import MANIFEST
 from featcache.store.runs import read_metrics, read_predictions
 from featcache.store.verify import verify_entry
 
 from . import conftest
+from .conftest import flip_one_feature_bit
 from .fakes import FakeEntry
 
 runner = CliRunner()
@@ -307,20 +308,10 @@ def test_ids_with_commas_and_quotes_survive_the_prediction_files_and_ensembles(t
     assert row.n_images == 60
 
 
-def _shard_with_one_flipped_value(entry: CacheEntry) -> Path:
-    shard = entry.shard_paths()[0]
-    with h5py.File(shard, "r") as h5:
-        offset = h5["features/gap"].id.get_offset()
-    raw = bytearray(shard.read_bytes())
-    raw[offset + 1] ^= 0x01  # the high byte of the first float16 loses its lowest bit: still finite
-    shard.write_bytes(bytes(raw))
-    return shard
-
-
 def test_verify_catches_a_finite_bit_flip_through_the_feature_checksums(small_folder, tmp_path, lite0):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, shard_size=6).entry
     assert verify_entry(entry.path, check_files=False).ok
-    shard = _shard_with_one_flipped_value(entry)
+    shard = flip_one_feature_bit(entry)
     report = verify_entry(entry.path, check_files=False)
     assert not report.ok and any("checksum" in f.what and f.where == shard.name for f in report.findings)
 

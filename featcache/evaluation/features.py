@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,37 @@ def parse_label_map(text: str | None) -> dict[str, str]:
         old, new = (s.strip() for s in part.split("=", 1))
         mapping[old] = new
     return mapping
+
+
+def label_counts(source: ImageSource, label_map: str | None = None, classes: str | None = None) -> Counter:
+    """How many images of ``source`` carry each label once ``label_map`` and ``classes`` are applied."""
+    mapping = parse_label_map(label_map)
+    keep = {c.strip() for c in classes.split(",") if c.strip()} if classes else None
+    counts: Counter = Counter()
+    for record in source.records:
+        if record.label is None:
+            continue
+        label = mapping.get(record.label, mapping.get("*", record.label)) if mapping else record.label
+        if keep is None or label in keep:
+            counts[label] += 1
+    return counts
+
+
+def check_test_classes(train: ImageSource, test: ImageSource, label_map: str | None = None,
+                       classes: str | None = None) -> None:
+    """Refuse a held-out set with classes the training set lacks: a model cannot predict them, and
+    scoring only the rest would report a number on fewer images than were given."""
+    trained, tested = label_counts(train, label_map, classes), label_counts(test, label_map, classes)
+    unseen = {label: n for label, n in tested.items() if label not in trained}
+    if not unseen:
+        return
+    listed = ", ".join(f"{label} ({n})" for label, n in sorted(unseen.items()))
+    shared = sorted(set(tested) & set(trained))
+    way_out = (f"pass --classes {','.join(shared)} to score only the shared classes" if shared else
+               "no class is shared: check the label column of each (--label-col, --test-data's CSV)")
+    raise RunError(f"{test.location}: {sum(unseen.values())} of {sum(tested.values())} test images belong to classes "
+                   f"the training data ({train.location}) does not have: {listed}. The model cannot predict them; "
+                   f"{way_out}, or merge labels with --label-map (e.g. 'mel=malignant,*=benign')")
 
 
 def encode_meta(records: list, columns: list[str], spec: list[dict] | None = None,

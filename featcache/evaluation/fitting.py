@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from featcache.data.sources import ImageSource, open_source
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
-from featcache.evaluation.features import LabeledFeatures, labeled_features
+from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import split_plan
@@ -76,6 +76,8 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluation.runner.fit_head`);
     ``on_head`` is called after each (a study's overall progress); ``cluster``: folds as Ray tasks."""
     reporter = reporter or Reporter(quiet=True)
+    if test_source is not None:
+        check_test_classes(source, test_source, label_map, classes)
     pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
                             near_dup_threshold=protocol.near_dup_threshold)

@@ -117,6 +117,10 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     ids = [r.id for r in source.records if r.id not in failed]
     for image_id, reason in failed.items():
         reporter.warn(f"no prediction for {image_id}: {reason}")
+    if not ids:
+        first, reason = next(iter(failed.items()))
+        raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted (first: {first}: "
+                       f"{reason}); check that they are images featcache reads (JPEG, PNG, …)")
     proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location))
     duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]

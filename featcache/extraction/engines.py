@@ -27,6 +27,8 @@ from torch import nn
 from featcache.backbones.models import LoadedBackbone
 from featcache.errors import CacheError, FeatcacheError
 from featcache.options import Engine
+from featcache.store.entries import write_text_atomic
+from featcache.store.hashing import file_sha256
 from featcache.store.naming import engine_export_path
 
 ONNX_OPSET = 17
@@ -137,8 +139,14 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
                 "mean": list(model.preprocess.mean), "std": list(model.preprocess.std), "input": "uint8",
                 "torch": torch.__version__}
     path = engine_export_path(cache_root, model.spec.name, identity)
+    checksum = path.with_name(path.name + ".sha256")  # recorded at export, checked before every use
     if path.is_file():
-        return path
+        recorded = checksum.read_text().strip() if checksum.is_file() else None
+        if recorded is not None and recorded == file_sha256(path):
+            return path
+        why = "has no recorded checksum" if recorded is None else "does not match the checksum recorded at export"
+        _notice(f"the ONNX export {path} {why} (damaged or changed on disk): exporting it again")
+        path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     size = model.preprocess.crop_size
@@ -150,6 +158,7 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
             torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size, dtype=torch.uint8),), str(tmp), input_names=["x"],
                               output_names=pools, dynamic_axes={"x": {0: "n"}, **{p: {0: "n"} for p in pools}},
                               opset_version=ONNX_OPSET, dynamo=False)
+        write_text_atomic(checksum, file_sha256(tmp) + "\n")
         os.replace(tmp, path)
     except OSError as exc:  # disk full, quota, read-only cache: the user can fix that
         tmp.unlink(missing_ok=True)
@@ -160,6 +169,14 @@ def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
         raise FeatcacheError(f"{model.spec.name} could not be exported to ONNX ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); use --engine torch") from None
     return path
+
+
+def _notice(message: str) -> None:
+    """Said once on screen, whatever the command's verbosity: featcache did something it was not asked to."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forward:

@@ -47,6 +47,11 @@ class RayCluster:
         except ImportError:
             raise FeatcacheError("--ray needs Ray: pip install 'featcache[ray]'") from None
         if not ray.is_initialized():
+            if self.address not in (LOCAL, "auto"):
+                from featcache.net import reachable
+
+                reachable(self.address, "--ray", "start a cluster with `ray start --head` and give its address, "
+                          "or use --ray local")
             kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             try:
                 if self.address == LOCAL:

@@ -33,8 +33,9 @@ def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarra
     return pixels, digest.hexdigest()
 
 
-def plan(source: ImageSource, entry_dir: Path) -> tuple[list[ImageRecord], int]:
-    """Records still to extract: not in the store, or whose file changed since it was stored."""
+def plan(source: ImageSource, entry_dir: Path, rehash: bool = False) -> tuple[list[ImageRecord], int]:
+    """Records still to extract: not in the store, or whose file changed since it was stored (by size and
+    modification time, or with ``rehash`` by content: a file rewritten in place can keep both)."""
     if not (entry_dir / MANIFEST).exists():
         return list(source.records), 0
     state = CacheEntry(entry_dir).state()
@@ -44,7 +45,7 @@ def plan(source: ImageSource, entry_dir: Path) -> tuple[list[ImageRecord], int]:
         if known is None:
             todo.append(record)
             continue
-        if (known.size, known.mtime_ns) == file_state(record):
+        if (known.size, known.mtime_ns) == file_state(record) and not rehash:
             continue
         try:  # touched but maybe unchanged (copied, re-saved): compare the content hash
             unchanged = read_record(record, npz_cache)[1] == known.sha256

@@ -60,8 +60,13 @@ def read_norm_stats(cache_root: Path, dataset: str, preprocess: dict | None = No
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it: a reader sees all or nothing."""
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -290,8 +295,16 @@ class CacheEntry:
         if not manifest.is_file():
             raise CacheError(f"{self.path}: not a cache entry (no {MANIFEST}); "
                              "run `featcache extract` to create it")
-        self.manifest: dict = json.loads(manifest.read_text())
+        try:
+            self.manifest: dict = json.loads(manifest.read_text())
+            self.manifest["fingerprint"], self.manifest["fingerprint_inputs"]  # noqa: B018 - must be there
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"{manifest} is damaged ({type(exc).__name__}: {exc}); run `featcache verify --repair "
+                             f"{self.path}`: it rebuilds the manifest from the shards (runs are kept)") from None
+        except OSError as exc:
+            raise CacheError(f"{manifest} cannot be read ({exc.strerror or exc}); check its permissions") from None
         self._state: dict[str, ImageState] | None = None
+        self._checked: set[tuple[Path, str]] = set()  # (shard, pool) whose checksum was verified
 
     @property
     def fingerprint(self) -> str:
@@ -397,12 +410,23 @@ class CacheEntry:
         return [self._memmap(p, pool) for p in self.shard_paths()]
 
     def _memmap(self, shard: Path, pool: str) -> np.ndarray:
+        """A shard's features of ``pool``, their bytes checked against the checksum written with the shard
+        the first time this entry reads them (a changed value is refused, never used)."""
         with open_shard(shard) as h5:
             dset = h5[f"features/{pool}"]
             offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
+            recorded = json.loads(h5.attrs.get("features_sha256", "{}")).get(pool)
         if offset is None or shape[0] == 0:  # empty dataset: nothing allocated in the file
-            return np.zeros(shape, dtype=dtype)
-        return np.memmap(shard, mode="r", dtype=dtype, offset=offset, shape=shape)
+            data = np.zeros(shape, dtype=dtype)
+        else:
+            data = np.memmap(shard, mode="r", dtype=dtype, offset=offset, shape=shape)
+        if (shard, pool) not in self._checked:
+            if recorded is not None and bytes_hash(data) != recorded:
+                raise CacheError(f"{shard}: the features/{pool} bytes no longer match the checksum written with "
+                                 f"the shard (changed on disk): they are not used. Run `featcache verify --repair "
+                                 f"{self.path}` to drop the shard, then rerun extract to redo its images")
+            self._checked.add((shard, pool))
+        return data
 
     def _check_pool(self, pool: str) -> None:
         if pool not in self.pools:

@@ -69,8 +69,18 @@ class VerifyReport:
         return not any(f.severity == "error" for f in self.findings)
 
 
+class Unreadable(CacheError):
+    """A file the operating system will not let featcache read (permission, I/O error): not judged damaged."""
+
+
 def check_shard(shard: Path, manifest: dict) -> tuple[list[str], int]:
-    """Problems of one shard (empty when sound), and its number of failed rows."""
+    """Problems of one shard (empty when sound), and its number of failed rows; :class:`Unreadable` when
+    the operating system refuses to read it (its content cannot be judged, so it is never dropped)."""
+    try:
+        with open(shard, "rb") as handle:
+            handle.read(4096)
+    except OSError as exc:
+        raise Unreadable(f"cannot be read ({exc.strerror or exc})") from None
     try:
         h5 = h5py.File(shard, "r")
     except OSError as exc:
@@ -145,7 +155,8 @@ def _check_files(source: ImageSource, state: dict, report: VerifyReport) -> None
     if changed:
         report.findings.append(Finding(
             "images", f"{len(changed)} files changed since their features were extracted (first: {changed[0]})",
-            f"`featcache extract {data}` re-extracts exactly those (fit refuses them until then)",
+            f"`featcache extract {data} --rehash` re-extracts exactly those (a file rewritten with the same size "
+            "and time is found only by its content)",
             severity="error"))
     if missing_files:
         report.findings.append(Finding(
@@ -157,27 +168,46 @@ def _check_files(source: ImageSource, state: dict, report: VerifyReport) -> None
             f"(first: {not_extracted[0]})", f"`featcache extract {data}` adds them", severity="warning"))
 
 
+def _manifest_damage(path: Path) -> str | None:
+    """Why ``manifest.json`` cannot be used (missing, not JSON, keys lost), or None when it can. A file
+    that cannot be read for an OS reason (permission, I/O) is not damage: it is raised, never rebuilt."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc}): left as it is; fix its permissions or "
+                         "the drive, then verify again") from None
+    except ValueError as exc:
+        return f"damaged ({exc})"
+    missing = [k for k in ("fingerprint", "fingerprint_inputs", "pools", "dims", "dtype") if k not in manifest]
+    return f"damaged (no {', '.join(missing)})" if missing else None
+
+
 def verify_entry(entry_dir: str | Path, source: ImageSource | None = None, repair: bool = False,
                  check_files: bool = True, break_lock: bool = False) -> VerifyReport:
     """Check one entry; with ``repair`` drop damaged shards and temporaries and rewrite the manifest."""
     entry_dir = Path(entry_dir)
     report = VerifyReport(entry_dir)
     manifest_path = entry_dir / MANIFEST
-    if not manifest_path.exists() and any(entry_dir.glob(SHARD_GLOB)):
+    damage = _manifest_damage(manifest_path)
+    if damage and any(entry_dir.glob(SHARD_GLOB)):
         if not repair:
             report.findings.append(Finding(
-                MANIFEST, "missing (the shards are still there)",
-                f"`featcache verify --repair {entry_dir}` rebuilds it from the shards", True))
+                MANIFEST, f"{damage} (the shards are still there)",
+                f"`featcache verify --repair {entry_dir}` rebuilds it from the shards (runs are kept)", True))
             return report
         with EntryLock(entry_dir, break_lock=break_lock):
             rebuild_manifest(entry_dir)
-        report.repaired.append("rebuilt manifest.json from the shards")
+        was = "" if damage == "missing" else f" (it was {damage})"
+        report.repaired.append(f"rebuilt manifest.json from the shards{was}")
     try:
         manifest = json.loads(manifest_path.read_text())
         expected_fp = fingerprint(manifest["fingerprint_inputs"])
     except (OSError, ValueError, KeyError) as exc:
-        raise CacheError(f"{manifest_path} cannot be read ({exc}); this is not a usable cache entry: "
-                         f"delete {entry_dir} and run `featcache extract` again") from None
+        raise CacheError(f"{manifest_path} cannot be read ({exc}) and there are no shards to rebuild it from: "
+                         f"this is not a usable cache entry; delete {entry_dir} and run `featcache extract` "
+                         "again") from None
     if expected_fp != manifest["fingerprint"] or not entry_dir.name.endswith(expected_fp):
         report.findings.append(Finding(
             MANIFEST, f"fingerprint {manifest['fingerprint']} (folder {entry_dir.name}) does not match its "
@@ -214,7 +244,13 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
     dropped = 0
     unchecked = []
     for shard in shards:
-        problems, n_failed = check_shard(shard, manifest)
+        try:
+            problems, n_failed = check_shard(shard, manifest)
+        except Unreadable as exc:
+            report.findings.append(Finding(
+                shard.name, f"{exc}: its content cannot be judged, so repair leaves it alone",
+                "fix its permissions or the drive, then verify again"))
+            continue
         if NO_CHECKSUM in problems:  # old but not damaged: said once below, never dropped
             problems.remove(NO_CHECKSUM)
             unchecked.append(shard.name)
@@ -236,9 +272,13 @@ def _verify_locked(entry_dir: Path, manifest: dict, source: ImageSource | None, 
     listed = set(manifest.get("shards", []))
     present = {p.name for p in entry_dir.glob(SHARD_GLOB)}
     if listed and listed != present:
+        lost = sorted(listed - present)
+        what = (f"lists {len(listed)} shards but {len(present)} are present" +
+                (f"; missing: {', '.join(lost[:3])}{' …' if len(lost) > 3 else ''} (their images have no features)"
+                 if lost else ""))
         report.findings.append(Finding(
-            MANIFEST, f"lists {len(listed)} shards but {len(present)} are present",
-            "`featcache verify --repair` rewrites it from the shards", True, "warning"))
+            MANIFEST, what, "`featcache verify --repair` rewrites it from the shards; `featcache extract` then "
+            "redoes the missing images", True, "error" if lost else "warning"))
     if repair and (dropped or (listed and listed != present)):
         write_json_atomic(entry_dir / MANIFEST,
                           {**manifest, "complete": False, **shard_summary(CacheEntry(entry_dir))})
