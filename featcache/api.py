@@ -184,23 +184,6 @@ def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry:
     return _extract(reporter, options).entry
 
 
-@takes_options("extract", positional=("data", "backbone"))
-def extract_result(*, reporter: Reporter | None = None, **options: Any) -> ExtractResult:
-    """:func:`extract`, returning what it did: images extracted, reused and failed, and images/s.
-
-    Parameters
-    ----------
-    reporter : Reporter, optional
-        Where progress and notes go (default: the terminal, unless ``quiet``).
-
-    Returns
-    -------
-    ExtractResult
-        ``.entry``, ``.extracted``, ``.skipped``, ``.failed``, ``.summary()`` …
-    """
-    return _extract(reporter, options)
-
-
 def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
     from featcache.extraction.extract import extract as run_extract
 

@@ -146,7 +146,7 @@ def extract(**options: Any) -> None:
     """
     from featcache import api
 
-    api.extract_result(**options)
+    api.extract(**options)
 
 
 @command("fit")
