@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError, RunError
-from featcache.options import Option, OptionError, options_for
+from featcache.options import BY_NAME, Option, OptionError, options_for
 from featcache.progress import Reporter
 
 if TYPE_CHECKING:
@@ -336,7 +336,8 @@ class Run:
 
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
-                quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+                test_align: str = "none", align_from: str | os.PathLike | None = None, quiet: bool = True,
+                reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
         exactly like the training features (through the cache).
 
@@ -350,6 +351,10 @@ class Run:
             The same local weights file given at extraction, if any.
         group_col : str, optional
             Group column, when ``images`` is a CSV.
+        test_align : {'none', 'moments', 'coral'}, default 'none'
+            {test_align}
+        align_from : path, optional
+            {align_from}
         quiet : bool, default True
             No progress display.
         reporter : Reporter, optional
@@ -367,14 +372,20 @@ class Run:
 
         inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
         root = Path(cache) if cache else cache_root_of_run(self.path.resolve())
+        test_align = BY_NAME["test_align"].checked(test_align, "test_align=")
+        align_from = BY_NAME["align_from"].checked(align_from, "align_from=")
         return predict_frame(self.path, [str(i) for i in inputs], root, _reporter(quiet, reporter), weights,
-                             group_col)
+                             group_col, test_align, align_from)
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
         score = pooled.get("balanced_accuracy")
         return (f"Run({self.head} on {self.config['backbone']}/{self.config['pool']}, "
                 f"balanced_accuracy {score:.3f}, {self.path})" if score is not None else f"Run({self.path})")
+
+
+Run.predict.__doc__ = Run.predict.__doc__.replace("{test_align}", BY_NAME["test_align"].help).replace(
+    "{align_from}", BY_NAME["align_from"].help)
 
 
 def _predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:

@@ -43,6 +43,14 @@ class Calibration(StrEnum):
     temperature = "temperature"
 
 
+class Alignment(StrEnum):
+    """Label-free alignment of a test batch's features to the training features' statistics."""
+
+    none = "none"
+    moments = "moments"
+    coral = "coral"
+
+
 class Grouping(StrEnum):
     """Which images must stay on one side of a split: ``auto`` = the source's group column when it
     has one (else ungrouped, said loudly); ``none`` = ungrouped on purpose; ``near-duplicates`` =
@@ -363,6 +371,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("near_dup_threshold", float, None, "Cosine similarity above which two images count as "
            "near-duplicates (default: calibrated per backbone on HAM10000).", ("fit",), "fit", minimum=0.0,
            maximum=1.0),
+    Option("test_align", Alignment, "none", "Align the test features to the training features' statistics, "
+           "from the test batch itself, without labels: `moments` (each dimension's mean and std) or `coral` (also "
+           "the covariance, shrunk). For another clinic's images; the unaligned scores are kept beside.",
+           ("fit", "predict"), "fit"),
+    Option("align_from", str, None, "With --test-align on predict: a source of images from the same clinic whose "
+           "features give the statistics (for batches too small to estimate them).", ("predict",)),
     Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
            "study's form of --backbone a+b).", (), "fit"),
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),

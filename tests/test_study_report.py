@@ -59,7 +59,7 @@ ensemble = 2
 
 @pytest.mark.parametrize("content, message", [
     ({"data": {"train": "x"}, "extract": {"backbones": ["efficientnet_lite0"]}, "fit": {"heds": ["logreg"]}},
-     r"\[fit\] heds: unknown key; \[fit\] takes heads"),
+     r"\[fit\] heds: unknown key; did you mean heads\? \[fit\] takes heads"),
     ({"data": {"train": "."}, "extract": {"backbones": ["efficientnet_lite0"]}, "fit": {"heads": ["logreg"],
                                                                                       "split": "offical"}},
      r"\[fit\] split 'offical'.*official"),

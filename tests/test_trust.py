@@ -28,6 +28,7 @@ from featcache.extraction.extract import extract
 from featcache.options import OptionError
 from featcache.reporting.compare import _fmt, collect_runs, ensemble_rows
 from featcache.store.entries import MANIFEST
+from featcache.store.hashing import bytes_hash
 from featcache.store.runs import read_metrics, read_predictions
 from featcache.store.verify import verify_entry
 
@@ -374,8 +375,9 @@ def test_fit_on_a_shard_holding_inf_points_to_verify(small_folder, tmp_path, lit
     shard = entry.shard_paths()[0]
     with h5py.File(shard, "a") as h5:
         data = h5["features/gap"][()]
-        data[3, 5] = np.inf
+        data[3, 5] = np.inf  # as a backbone that overflowed would have written it: its checksum matches
         h5["features/gap"][...] = data
+        h5.attrs["features_sha256"] = json.dumps({"gap": bytes_hash(data)}, sort_keys=True)
     out = _cli("fit", "--data", str(small_folder), "--cache", str(cache), "--head", "logreg", "--cv", "3")
     assert out.exit_code == 2 and "NaN/Inf" in out.output and "featcache verify --repair" in out.output
 

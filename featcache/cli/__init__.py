@@ -226,7 +226,8 @@ def predict(run: Path, inputs: list[str], out: Path, weights: str | None, group_
     from featcache.evaluation.predict import write_predictions
 
     frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
-                                      group_col=group_col, quiet=options["quiet"])
+                                      group_col=group_col, quiet=options["quiet"], test_align=options["test_align"],
+                                      align_from=options["align_from"])
     _print(f"predictions written to {write_predictions(frame, out)}")
 
 

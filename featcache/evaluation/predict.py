@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, ope
 from featcache.errors import RunError
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
+from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, align, domain_auroc
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
@@ -27,17 +29,20 @@ if TYPE_CHECKING:
 
 
 def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
-                             records: list[ImageRecord] | None = None, source_name: str = "") -> np.ndarray:
+                             records: list[ImageRecord] | None = None, source_name: str = "",
+                             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Apply a saved head to features in ``entry``; refuses features made unlike its training ones.
 
     A head trained with ``--meta`` also needs the images' ``records`` (from a CSV with the same
-    metadata columns)."""
+    metadata columns). ``transform``: applied to the image features first (``--test-align``)."""
     if entry.fingerprint != saved["feature_fingerprint"]:
         raise RunError(
             f"the features in {entry.path} have fingerprint {entry.fingerprint} but this head was trained on "
             f"{saved['feature_fingerprint']} (other backbone, weights or preprocessing); extract the images "
             "with the same settings as the training data")
     X = entry.read(saved["pool"], ids)
+    if transform is not None:
+        X = transform(X)
     spec = saved["config"].get("meta_spec")
     if spec:
         if records is None:
@@ -96,7 +101,8 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
 
 
 def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
-                  weights: str | None = None, group_col: str | None = None) -> pd.DataFrame:
+                  weights: str | None = None, group_col: str | None = None, test_align: str = "none",
+                  align_from: str | None = None) -> pd.DataFrame:
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
     nearly identical to), ``group``, and ``failed`` (why an image has no prediction, else empty)."""
@@ -121,7 +127,9 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
         first, reason = next(iter(failed.items()))
         raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted (first: {first}: "
                        f"{reason}); check that they are images featcache reads (JPEG, PNG, …)")
-    proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location))
+    transform = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter, test_align,
+                                 align_from)
+    proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location), transform)
     duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
     if near:
@@ -140,6 +148,38 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
              for image_id, reason in failed.items() if image_id in groups]
     columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "group", "failed"]
     return pd.DataFrame(rows, columns=columns).set_index("id")
+
+
+def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str], cache_root: Path,
+                     weights: str | None, reporter: Reporter, method: str, align_from: str | None
+                     ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The shift audit of the new images against the training images (a warning when clear), and with
+    ``--test-align`` the function that aligns their features (statistics of the batch itself, or of
+    ``align_from``, images of the same clinic)."""
+    pool, train_ids = saved["pool"], saved.get("train_ids")
+    if not train_ids or saved.get("fusion"):
+        if method != "none":
+            raise RunError(f"--test-align {method}: this run does not record its training images (made before "
+                           "featcache 0.2, or a fused run); fit it again to align")
+        return None
+    train_X = train_entry.read(pool, train_ids)
+    batch_X = entry.read(pool, ids)
+    if len(ids) >= MIN_ALIGN_IMAGES:
+        auroc, interval = domain_auroc(train_X, batch_X)
+        if auroc >= DOMAIN_WARN_AUROC:
+            reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
+                          f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
+                          "not fit them: try --test-align moments")
+    if method == "none":
+        if align_from:
+            raise RunError("--align-from gives the statistics for --test-align: pass --test-align moments or coral")
+        return None
+    domain = None
+    if align_from:
+        domain = extract_like(images_source([align_from]), train_entry, cache_root, weights, reporter).entry
+        domain = domain.read(pool)
+    align(batch_X if domain is None else domain, train_X, method)  # too few images: refused here, before work
+    return lambda X: align(X, train_X, method, domain=domain)
 
 
 def write_predictions(frame: pd.DataFrame, out: Path) -> Path:

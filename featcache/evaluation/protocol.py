@@ -24,6 +24,7 @@ class Protocol:
     calibrate: str = ""  # "", sigmoid, isotonic or temperature: recalibrate the head's probabilities
     groups: str = "auto"  # Grouping
     near_dup_threshold: float | None = None  # None: the calibrated one for the backbone (leakage.py)
+    test_align: str = "none"  # Alignment: how held-out features are aligned to the training features
 
     def __post_init__(self) -> None:
         # the fields keep their names (they name every run); each is checked by its option's declaration
@@ -31,7 +32,7 @@ class Protocol:
                                    ("class_weight", "class_weight"), ("pca", "pca"), ("tune", "tune"),
                                    ("tune_budget_s", "tune_budget"), ("standardize", "standardize"),
                                    ("views", "use_views"), ("calibrate", "calibrate"), ("groups", "groups"),
-                                   ("near_dup_threshold", "near_dup_threshold")):
+                                   ("near_dup_threshold", "near_dup_threshold"), ("test_align", "test_align")):
             value = getattr(self, field_name)
             if field_name == "calibrate" and value == "":
                 continue
@@ -45,7 +46,7 @@ class Protocol:
                    tune_budget_s=options["tune_budget"], standardize=options["standardize"],
                    views=options["use_views"], meta=",".join(options["meta"] or ()),
                    calibrate=options["calibrate"] or "", groups=options["groups"],
-                   near_dup_threshold=options["near_dup_threshold"])
+                   near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"])
 
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""
@@ -62,5 +63,9 @@ class Protocol:
         return f"{self.cv}-fold stratified CV{seeds}, UNGROUPED ({grouping['by']})"
 
     def config(self) -> dict:
-        """What names a run, with everything else that sets its numbers (see :func:`fit_head`)."""
-        return asdict(self)
+        """What names a run, with everything else that sets its numbers (see :func:`fit_head`). Fields added
+        since runs were first named appear only when set, so a run made before them keeps its name."""
+        config = asdict(self)
+        if config["test_align"] == "none":
+            del config["test_align"]
+        return config

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.evaluation.audit import leakage_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
-from featcache.evaluation.metrics import _align, _summarise, compute_metrics, score_parts, score_with_ci
+from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
+from featcache.evaluation.shift import align, shift_audit, shift_warning
 from featcache.evaluation.splits import split_plan
 
 
@@ -130,6 +131,30 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
                        f"{inner_train} images; drop --tune or use fewer --cv folds")
 
 
+def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
+                reporter: Reporter) -> tuple[dict, tuple]:
+    """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
+    unaligned scores kept beside), and the shift audit of its features against the training features."""
+    groups = test.groups
+
+    def predicted(X: np.ndarray) -> np.ndarray:
+        return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
+
+    plain = predicted(test.X)
+    proba = plain if protocol.test_align == "none" else predicted(align(test.X, data.X, protocol.test_align))
+    scores = score_with_ci(test.y, proba, data.classes, groups)
+    scores["n_images"] = len(test.y)
+    if protocol.test_align != "none":
+        unaligned = score_with_ci(test.y, plain, data.classes, groups)
+        scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
+        scores["test_align"] = protocol.test_align
+    scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
+    warning = shift_warning(scores["shift"])
+    if warning:
+        reporter.warn(warning)
+    return scores, (test.ids, test.y, proba)
+
+
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
@@ -210,12 +235,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                               if hasattr(out[0], "named_steps")]
     test_rows = None
     if test is not None:
-        proba = _align(model.predict_proba(with_meta(test.X, test.meta)), list(model.classes_), data.classes)
-        test_rows = (test.ids, test.y, proba)
-        keep = np.isin(test.y, data.classes)
-        result["test"] = score_with_ci(test.y[keep], proba[keep], data.classes,
-                                       None if test.groups is None else test.groups[keep])
-        result["test"]["n_images"] = int(keep.sum())
+        result["test"], test_rows = _score_test(model, data, test, protocol, reporter)
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check

@@ -249,6 +249,8 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
         if r.test:
             record["test_balanced_accuracy"] = r.test.get("balanced_accuracy")
             record["test_auroc"] = r.test.get("auroc")
+            record["test_unaligned_balanced_accuracy"] = (r.test.get("unaligned") or {}).get("balanced_accuracy")
+            record["test_domain_auroc"] = (r.test.get("shift") or {}).get("domain_auroc")
         record |= {"dataset": r.dataset, "protocol": r.protocol, "run": str(r.run), "backbone": r.backbone,
                    "pool": r.pool, "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS,
                    "n": r.n_images}
@@ -275,7 +277,8 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
               f"{metric} pooled [95% CI]", f"{metric} (folds)", *[m for m in MAIN_METRICS if m != metric]]
     has_test = any(r.test for r in rows)
     if has_test:
-        header += ["test balanced_accuracy [95% CI]", "test auroc"]
+        header += ["test balanced_accuracy [95% CI]", "test auroc", "test unaligned balanced_accuracy",
+                   "test shift (domain AUROC)"]
     if paths:
         header.append("run folder")
     body = []
@@ -287,8 +290,11 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
         if has_test:
             t = r.test or {}
             ci = t.get("ci95", {}).get("balanced_accuracy")
+            shift, unaligned = t.get("shift") or {}, t.get("unaligned") or {}
             line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if t and ci else "–",
-                     f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–"]
+                     f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–",
+                     f"{unaligned['balanced_accuracy']:.3f}" if "balanced_accuracy" in unaligned else "–",
+                     f"{shift['domain_auroc']:.2f}" if "domain_auroc" in shift else "–"]
         if paths:
             line.append(str(r.run))
         body.append(line)

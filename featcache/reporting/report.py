@@ -153,7 +153,7 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
 def _leaderboard_table(rows: list[Row], metric: str) -> str:
     has_test = any(r.test for r in rows)
     header = ["#", "backbone / pool / head", f"{metric} [95% CI]", "folds mean ± std", "macro F1", "AUROC"]
-    header += ["test balanced accuracy [95% CI]"] if has_test else []
+    header += ["test balanced accuracy [95% CI]", "test unaligned", "test shift (domain AUROC)"] if has_test else []
     lines = []
     for rank, row in enumerate(rows, start=1):
         m = row.metrics.get(metric) or {}
@@ -162,8 +162,12 @@ def _leaderboard_table(rows: list[Row], metric: str) -> str:
                  _ci_text(row.metrics.get("macro_f1")), _ci_text(row.metrics.get("auroc"))]
         if has_test:
             test = row.test or {}
-            cells.append(_ci_text({"pooled": test.get("balanced_accuracy"),
-                                   "ci": test.get("ci95", {}).get("balanced_accuracy")}))
+            shift, unaligned = test.get("shift") or {}, test.get("unaligned") or {}
+            cells += [_ci_text({"pooled": test.get("balanced_accuracy"),
+                                "ci": test.get("ci95", {}).get("balanced_accuracy")}),
+                      _ci_text({"pooled": unaligned.get("balanced_accuracy"),
+                                "ci": unaligned.get("ci95", {}).get("balanced_accuracy")}),
+                      _ci_text({"pooled": shift.get("domain_auroc"), "ci": shift.get("domain_auroc_ci")})]
         lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(lines)}</table>"
 

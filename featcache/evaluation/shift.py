@@ -1,0 +1,169 @@
+"""When a model meets other images: how far they are from its training images, and a label-free correction.
+
+The shift audit needs no test label: a domain classifier tells the training features from the test
+features (its cross-validated AUROC, with a bootstrap interval: 0.5 = indistinguishable); an
+out-of-distribution score per image (the distance to the nearest training images, each dimension scaled by
+its training spread) whose threshold is the
+95th percentile of held-out training images' own scores; and the test class prevalence estimated by EM
+from the model's probabilities (Saerens et al. 2002), beside the true one when the test set has labels.
+
+The alignment (``--test-align``) maps the test features onto the training features' statistics, from the
+test batch itself, before the head's own scaler: ``moments`` matches each dimension's mean and standard
+deviation, ``coral`` also the covariance (shrunk towards its diagonal; Sun et al. 2016).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from featcache.errors import RunError
+
+ALIGNMENTS = ("none", "moments", "coral")
+MIN_ALIGN_IMAGES = 30  # below this a batch's statistics are too noisy to align with
+DOMAIN_WARN_AUROC = 0.8  # a domain classifier this good: the test images look different to the features
+OOD_QUANTILE = 0.95  # so about 5 % of unshifted test images lie beyond the threshold
+OOD_WARN_FRACTION = 0.2  # four times the share an unshifted test set would have beyond the threshold
+SAMPLE = 2000  # rows per side for the domain classifier and the OOD reference (enough; bounded cost)
+
+
+def _rows(X: np.ndarray) -> np.ndarray:
+    """Features as 2-D rows: the views of a multi-view entry count as rows of the same image."""
+    return X.reshape(-1, X.shape[-1]) if X.ndim == 3 else X
+
+
+def _sample(X: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return X if len(X) <= n else X[rng.choice(len(X), n, replace=False)]
+
+
+# --- alignment ----------------------------------------------------------------------------------
+
+def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float = 0.1,
+          domain: np.ndarray | None = None) -> np.ndarray:
+    """``test`` features mapped onto ``train``'s statistics (``method``: none, moments or coral); the
+    shape, views included, is kept. The test side's statistics are ``domain``'s (other images of the same
+    clinic) when given, else ``test``'s own. Aligning a set to itself changes nothing."""
+    if method == "none":
+        return test
+    if method not in ALIGNMENTS:
+        raise RunError(f"--test-align {method!r}: choose one of {', '.join(ALIGNMENTS)}")
+    rows = _rows(test).astype(np.float64)
+    src, ref = (rows if domain is None else _rows(domain).astype(np.float64)), _rows(train).astype(np.float64)
+    if len(src) < MIN_ALIGN_IMAGES:
+        raise RunError(f"--test-align {method}: {len(src)} feature rows are too few to estimate their statistics "
+                       f"(at least {MIN_ALIGN_IMAGES}); predict a larger batch, or pass --align-from with images "
+                       "of the same clinic")
+    mu_s, mu_r = src.mean(axis=0), ref.mean(axis=0)
+    if method == "moments":
+        sd_s, sd_r = src.std(axis=0), ref.std(axis=0)
+        out = (rows - mu_s) / np.where(sd_s > 0, sd_s, 1.0) * sd_r + mu_r
+    else:
+        whiten = _matrix_power(_shrunk_cov(src - mu_s, shrinkage), -0.5)
+        colour = _matrix_power(_shrunk_cov(ref - mu_r, shrinkage), 0.5)
+        out = (rows - mu_s) @ whiten @ colour + mu_r
+    return out.reshape(test.shape).astype(test.dtype)
+
+
+def _shrunk_cov(centred: np.ndarray, shrinkage: float) -> np.ndarray:
+    cov = centred.T @ centred / max(len(centred) - 1, 1)
+    return (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(cov))
+
+
+def _matrix_power(matrix: np.ndarray, power: float) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.clip(values, 1e-12, None) ** power) @ vectors.T
+
+
+# --- the audit ----------------------------------------------------------------------------------
+
+def domain_auroc(train: np.ndarray, test: np.ndarray, seed: int = 0, draws: int = 200) -> tuple[float, list[float]]:
+    """Cross-validated AUROC of a logistic regression telling ``train`` rows from ``test`` rows, and its
+    bootstrap 95 % interval (0.5: the features cannot tell the two apart)."""
+    rng = np.random.default_rng(seed)
+    a, b = _sample(_rows(train), SAMPLE, rng), _sample(_rows(test), SAMPLE, rng)
+    X = np.concatenate([a, b]).astype(np.float32)
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+    score = cross_val_predict(model, X, y, cv=folds, method="predict_proba")[:, 1]
+    value = float(skm.roc_auc_score(y, score))
+    boots = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[pick])) == 2:
+            boots.append(skm.roc_auc_score(y[pick], score[pick]))
+    return value, [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def ood_scores(reference: np.ndarray, X: np.ndarray, k: int = 5) -> np.ndarray:
+    """Per row: the mean Euclidean distance to its ``k`` nearest reference rows, each dimension scaled by
+    the reference's spread (so no single dimension's unit decides)."""
+    center, spread = reference.mean(axis=0), reference.std(axis=0) + 1e-6
+    R = ((reference - center) / spread).astype(np.float32)
+    Z = ((X - center) / spread).astype(np.float32)
+    squared = (Z ** 2).sum(axis=1)[:, None] - 2 * Z @ R.T + (R ** 2).sum(axis=1)[None, :]
+    k = min(k, squared.shape[1])
+    nearest = np.partition(np.maximum(squared, 0), k - 1, axis=1)[:, :k]
+    return np.sqrt(nearest).mean(axis=1)
+
+
+def ood_threshold(train: np.ndarray, seed: int = 0) -> float:
+    """The OOD score that held-out training images exceed in 5 % of cases: each training fold scored
+    against the others (the threshold an unshifted test set would be held to)."""
+    rng = np.random.default_rng(seed)
+    X = _sample(_rows(train), SAMPLE, rng)
+    folds = np.arange(len(X)) % 5
+    rng.shuffle(folds)
+    scores = np.concatenate([ood_scores(X[folds != f], X[folds == f]) for f in range(5)])
+    return float(np.quantile(scores, OOD_QUANTILE))
+
+
+def em_prevalence(proba: np.ndarray, train_prior: np.ndarray, steps: int = 200, tol: float = 1e-8) -> np.ndarray:
+    """The class prevalence of a test set from a model's probabilities alone (EM: Saerens et al. 2002)."""
+    prior = train_prior.astype(np.float64)
+    current = prior.copy()
+    for _ in range(steps):
+        adjusted = proba * (current / prior)
+        adjusted /= np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
+        updated = adjusted.mean(axis=0)
+        if np.abs(updated - current).max() < tol:
+            current = updated
+            break
+        current = updated
+    return current
+
+
+def shift_audit(train: np.ndarray, test: np.ndarray, proba: np.ndarray, classes: list[str],
+                train_labels: np.ndarray, test_labels: np.ndarray | None = None) -> dict:
+    """Everything :mod:`featcache.evaluation.shift` measures, for ``metrics.json["test"]["shift"]``."""
+    auroc, interval = domain_auroc(train, test)
+    # one row per image (the mean over its views), for the reference, the threshold and the test alike
+    train_images, test_images = (X.mean(axis=1) if X.ndim == 3 else X for X in (train, test))
+    threshold = ood_threshold(train_images)
+    reference = _sample(train_images, SAMPLE, np.random.default_rng(0))
+    per_image = ood_scores(reference, test_images)
+    prior = np.array([np.mean(train_labels == c) for c in classes])
+    estimate = em_prevalence(proba, prior)
+    out = {"domain_auroc": auroc, "domain_auroc_ci": interval, "ood_threshold": threshold,
+           "ood_fraction": float(np.mean(per_image > threshold)),
+           "prevalence_train": dict(zip(classes, prior.tolist(), strict=True)),
+           "prevalence_estimate": dict(zip(classes, estimate.tolist(), strict=True))}
+    if test_labels is not None:
+        out["prevalence_true"] = {c: float(np.mean(test_labels == c)) for c in classes}
+    return out
+
+
+def shift_warning(shift: dict) -> str | None:
+    """One line when the shift is clear: what was measured, what it means, what to try."""
+    if shift["domain_auroc"] < DOMAIN_WARN_AUROC and shift["ood_fraction"] < OOD_WARN_FRACTION:
+        return None
+    low, high = shift["domain_auroc_ci"]
+    return (f"domain shift: a classifier tells the test images' features from the training images' (AUROC "
+            f"{shift['domain_auroc']:.2f} [{low:.2f}, {high:.2f}]) and {shift['ood_fraction']:.0%} of test images "
+            f"lie beyond the distance that 5 % of held-out training images reach; the model's threshold may no "
+            "longer fit these images (balanced accuracy can fall though AUROC holds): try --test-align moments, "
+            "and read the test scores as those of another clinic")

@@ -1,0 +1,93 @@
+"""Across clinics: the shift audit and the label-free test alignment (issue 23, first part)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache.errors import RunError
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.evaluation.shift import align, domain_auroc, em_prevalence, shift_warning
+from featcache.progress import Reporter
+from featcache.store.runs import read_metrics, read_predictions
+
+from .fakes import FakeEntry
+
+
+def _clinic(n: int, seed: int, scale: float = 1.0, offset: float = 0.0, ids: str = "a") -> LabeledFeatures:
+    """Two classes apart along every dimension; another clinic's camera scales and shifts the features."""
+    rng = np.random.default_rng(seed)
+    y = np.array(["mel", "nv"])[np.arange(n) % 2]
+    X = rng.normal(size=(n, 8)) + (y == "mel")[:, None] * 1.5
+    return LabeledFeatures((X * scale + offset).astype(np.float32), y, None, None,
+                           [f"{ids}{k}" for k in range(n)], ["mel", "nv"])
+
+
+@pytest.mark.parametrize("method", ["moments", "coral"])
+def test_aligning_a_set_to_itself_changes_nothing(method):
+    X = _clinic(200, 0).X
+    np.testing.assert_allclose(align(X, X, method), X, atol=1e-4 if method == "coral" else 1e-5)
+    views = np.stack([X, X[:, ::-1]], axis=1)  # (images, views, dim) keeps its shape
+    assert align(views, views, method).shape == views.shape
+
+
+def test_alignment_maps_the_moments_and_refuses_a_batch_too_small():
+    train, test = _clinic(300, 0).X, _clinic(300, 1, scale=2.0, offset=3.0).X
+    moved = align(test, train, "moments")
+    np.testing.assert_allclose(moved.mean(axis=0), train.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(moved.std(axis=0), train.std(axis=0), rtol=1e-4)
+    coral = align(test, train, "coral")
+    np.testing.assert_allclose(np.cov(coral.T), np.cov(train.T), atol=0.15)
+    with pytest.raises(RunError, match="too few to estimate .* --align-from"):
+        align(test[:10], train, "moments")
+
+
+def test_the_domain_classifier_tells_clinics_apart_only_when_they_differ():
+    same, _ = domain_auroc(_clinic(400, 0).X, _clinic(400, 1).X)
+    shifted, interval = domain_auroc(_clinic(400, 0).X, _clinic(400, 1, scale=2.0, offset=3.0).X)
+    assert 0.4 < same < 0.62 and shifted > 0.95 and interval[0] <= shifted <= interval[1]
+
+
+def test_em_recovers_a_test_prevalence_from_calibrated_probabilities():
+    rng = np.random.default_rng(0)
+    y = (rng.random(5000) < 0.8).astype(int)  # 80 % positive at test time, 50 % in training
+    score = rng.normal(size=5000) + (2 * y - 1)
+    p1 = 1 / (1 + np.exp(-2 * score))  # calibrated for the training prior of 0.5
+    estimate = em_prevalence(np.c_[1 - p1, p1], np.array([0.5, 0.5]))
+    assert estimate[1] == pytest.approx(0.8, abs=0.03)
+
+
+def test_fit_on_another_clinic_warns_audits_and_moments_alignment_recovers_it(tmp_path, capfd):
+    train, test = _clinic(300, 0), _clinic(200, 1, scale=2.0, offset=3.0, ids="b")
+    plain = read_metrics(fit_head(train, FakeEntry(tmp_path / "p"), "logreg", "gap", Protocol(cv=3), "toy",
+                                  test=test, reporter=Reporter()))
+    warning = capfd.readouterr().err
+    assert "domain shift:" in warning and "--test-align moments" in warning
+    shift = plain["test"]["shift"]
+    assert shift["domain_auroc"] > 0.95 and shift["ood_fraction"] > 0.5
+    assert set(shift["prevalence_estimate"]) == {"mel", "nv"} and shift["prevalence_true"]["mel"] == 0.5
+    run = fit_head(train, FakeEntry(tmp_path / "a"), "logreg", "gap", Protocol(cv=3, test_align="moments"), "toy",
+                   test=test)
+    aligned = read_metrics(run)
+    assert aligned["test"]["balanced_accuracy"] >= plain["test"]["balanced_accuracy"] + 0.2
+    assert aligned["test"]["unaligned"]["balanced_accuracy"] == pytest.approx(plain["test"]["balanced_accuracy"])
+    assert aligned["config"]["protocol"]["test_align"] == "moments"  # part of the run's name
+    assert "test_align" not in plain["config"]["protocol"]  # runs made without it keep their names
+
+
+def test_permuting_the_test_labels_changes_no_prediction(tmp_path):
+    train, test = _clinic(300, 0), _clinic(200, 1, scale=2.0, offset=3.0, ids="b")
+    shuffled = LabeledFeatures(test.X, np.random.default_rng(5).permutation(test.y), None, None, test.ids,
+                               test.classes)
+    protocol = Protocol(cv=3, test_align="coral")
+    first = read_predictions(fit_head(train, FakeEntry(tmp_path / "1"), "logreg", "gap", protocol, "toy",
+                                      test=test), "test")
+    second = read_predictions(fit_head(train, FakeEntry(tmp_path / "2"), "logreg", "gap", protocol, "toy",
+                                       test=shuffled), "test")
+    np.testing.assert_array_equal(first.proba, second.proba)
+
+
+def test_no_warning_when_the_test_set_is_like_the_training_set():
+    assert shift_warning({"domain_auroc": 0.55, "domain_auroc_ci": [0.5, 0.6], "ood_fraction": 0.05}) is None
