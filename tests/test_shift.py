@@ -91,3 +91,33 @@ def test_permuting_the_test_labels_changes_no_prediction(tmp_path):
 
 def test_no_warning_when_the_test_set_is_like_the_training_set():
     assert shift_warning({"domain_auroc": 0.55, "domain_auroc_ci": [0.5, 0.6], "ood_fraction": 0.05}) is None
+
+
+@pytest.mark.slow
+def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import featcache as fc
+    from featcache.cli import app
+
+    from .conftest import DEMO
+
+    folder = tmp_path / "clinic_b"
+    for label in ("melanoma", "nevus"):
+        (folder / label).mkdir(parents=True)
+        for src in sorted((DEMO / "images" / label).glob("*.jpg"))[:18]:
+            shutil.copy(src, folder / label / src.name)
+    cache = tmp_path / "cache"
+    fc.extract(folder, cache=cache, engine="torch", quiet=True)
+    [run] = fc.fit(folder, heads=["logreg"], cv=3, cache=cache, engine="torch", quiet=True)
+    few = [str(p) for p in sorted(folder.rglob("*.jpg"))[:3]]
+    out = CliRunner().invoke(app, ["predict", "--run", str(run.path), *few, "--test-align", "moments",
+                                   "--cache", str(cache), "--out", str(tmp_path / "p.csv")])
+    assert out.exit_code == 2 and "too few to estimate" in out.output and "--align-from" in out.output, out.output
+    aligned = run.predict(few, test_align="moments", align_from=folder, cache=cache)
+    plain = run.predict(few, cache=cache)
+    assert list(aligned.index) == list(plain.index) and np.allclose(aligned.filter(like="p_").sum(axis=1), 1.0)
+    # the statistics came from the training images themselves: aligning to them changes nothing
+    np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
