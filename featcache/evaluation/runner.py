@@ -18,7 +18,7 @@ from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
 from featcache.store.naming import run_path
-from featcache.store.runs import is_finished, write_run
+from featcache.store.runs import is_finished, read_metrics, write_run
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
@@ -183,6 +183,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     run_dir = run_path(entry.path, head, pool, identity)
     if is_finished(run_dir) and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
+        shift = (read_metrics(run_dir).get("test") or {}).get("shift")
+        warning = shift_warning(shift) if shift else None
+        if warning:  # a reused run says what it said when it was made
+            reporter.warn(warning)
         return run_dir
     started = time.perf_counter()
     plans = [split_plan(data, protocol, seed) for seed in range(protocol.seeds)]
