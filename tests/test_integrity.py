@@ -251,3 +251,11 @@ def test_a_file_rewritten_with_the_same_size_and_time_is_found_and_rehash_redoes
     again = extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch", rehash=True)
     assert again.extracted == 1
     assert verify_entry(entry.path, source).ok
+
+
+def test_verify_exits_non_zero_whenever_it_reports_anything(small_folder, tmp_path, lite0):
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch").entry
+    assert runner.invoke(app, ["verify", str(entry.path)]).exit_code == 0
+    (entry.path / ".shard-00009.h5.tmp-999").write_bytes(b"half a shard")  # a dead writer's leftover: a warning
+    out = runner.invoke(app, ["verify", str(entry.path)])
+    assert out.exit_code == 1 and "WARNINGS" in out.output, out.output

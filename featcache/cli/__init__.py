@@ -244,7 +244,8 @@ def predict(run: Path, inputs: list[str], out: Path, weights: str | None, group_
 def verify(entry: Path | None, data: str | None, repair: bool, quick: bool, break_lock: bool,
            **options: Any) -> None:
     """Check cache entries: every shard opens, shapes/dtypes/ids are sound, no NaN/Inf, fingerprints
-    agree, and the images still hash to what was extracted. Exit status 1 when something is wrong.
+    agree, and the images still hash to what was extracted. Exit status 1 whenever it reports anything
+    (an error: results could be wrong; a warning: work is missing or left over), 0 when all is well.
 
     Example: `featcache verify cache/ham10000_200x150/efficientnet_lite0-0e1ebd8d300e6c4f --repair`
     """
@@ -256,10 +257,11 @@ def verify(entry: Path | None, data: str | None, repair: bool, quick: bool, brea
                                                    check_files=not quick, break_lock=break_lock):
         for line in repaired:
             _print(f"[green]repaired[/] {entry_dir.name}: {line}")
-        all_ok &= found.ok
+        all_ok &= not found.findings  # whatever it reports, a script sees in the exit status
         if options["quiet"] and not found.findings:
             continue
-        status = "[green]ok[/]" if found.ok else "[red]PROBLEMS[/]"
+        status = ("[green]ok[/]" if not found.findings else "[red]PROBLEMS[/]" if not found.ok
+                  else "[yellow]WARNINGS[/]")
         _print(f"{status} {entry_dir}: {found.shards} shards, {found.images} images, {found.failed} failed at "
                f"extraction, {found.checked_files} files re-hashed")
         for finding in found.findings:
