@@ -51,6 +51,13 @@ class Alignment(StrEnum):
     coral = "coral"
 
 
+class ConformalMode(StrEnum):
+    """Coverage of conformal prediction sets: over all images, or for every class."""
+
+    marginal = "marginal"
+    class_ = "class"
+
+
 class Grouping(StrEnum):
     """Which images must stay on one side of a split: ``auto`` = the source's group column when it
     has one (else ungrouped, said loudly); ``none`` = ungrouped on purpose; ``near-duplicates`` =
@@ -377,6 +384,12 @@ OPTIONS: tuple[Option, ...] = (
            ("fit", "predict"), "fit"),
     Option("align_from", str, None, "With --test-align on predict: a source of images from the same clinic whose "
            "features give the statistics (for batches too small to estimate them).", ("predict",)),
+    Option("conformal", float, None, "Prediction sets with this coverage, e.g. 0.9 (cross-conformal on the "
+           "training folds): each image gets the set of classes it plausibly is; metrics.json holds their "
+           "out-of-fold coverage and mean size, predict writes each image's set.", ("fit",), "fit",
+           minimum=0.5, maximum=0.999),
+    Option("conformal_mode", ConformalMode, "marginal", "`marginal`: the coverage over all images; `class`: the "
+           "coverage for every class (rare classes get larger sets).", ("fit",), "fit"),
     Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
            "study's form of --backbone a+b).", (), "fit"),
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),

@@ -111,7 +111,7 @@ def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
             shutil.copy(src, folder / label / src.name)
     cache = tmp_path / "cache"
     fc.extract(folder, cache=cache, engine="torch", quiet=True)
-    [run] = fc.fit(folder, heads=["logreg"], cv=3, cache=cache, engine="torch", quiet=True)
+    [run] = fc.fit(folder, heads=["logreg"], cv=3, cache=cache, engine="torch", quiet=True, conformal=0.9)
     few = [str(p) for p in sorted(folder.rglob("*.jpg"))[:3]]
     out = CliRunner().invoke(app, ["predict", "--run", str(run.path), *few, "--test-align", "moments",
                                    "--cache", str(cache), "--out", str(tmp_path / "p.csv")])
@@ -119,5 +119,37 @@ def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     aligned = run.predict(few, test_align="moments", align_from=folder, cache=cache)
     plain = run.predict(few, cache=cache)
     assert list(aligned.index) == list(plain.index) and np.allclose(aligned.filter(like="p_").sum(axis=1), 1.0)
+    assert all(s and set(s.split("|")) <= {"melanoma", "nevus"} for s in plain["set_90"])  # each image's set
+    out = CliRunner().invoke(app, ["predict", "--run", str(run.path), *few, "--cache", str(cache), "--out",
+                                   str(tmp_path / "sets.csv")])
+    assert out.exit_code == 0 and "set_90" in (tmp_path / "sets.csv").read_text().splitlines()[0]
     # the statistics came from the training images themselves: aligning to them changes nothing
     np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
+
+
+# --- conformal prediction sets ------------------------------------------------------------------
+
+def test_the_conformal_quantile_and_cross_conformal_coverage_keep_their_promise():
+    from featcache.evaluation.conformal import cross_conformal, quantile
+
+    assert quantile(np.arange(1.0, 10.0), 0.9) == 9.0 and quantile(np.arange(1.0, 5.0), 0.9) == np.inf
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 3000)
+    logits = rng.normal(size=(3000, 3)) + np.eye(3)[y] * 1.2
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    folds = np.arange(3000) % 5
+    for mode in ("marginal", "class"):
+        found = cross_conformal(proba, y, folds, 0.9, mode)
+        assert 0.88 <= found["coverage"] <= 0.92 and 1.0 < found["mean_set_size"] < 3.0, (mode, found)
+
+
+def test_fit_with_conformal_sets_reports_their_coverage_out_of_fold_and_on_the_test_set(tmp_path):
+    train, test = _clinic(600, 0), _clinic(300, 1, scale=2.0, offset=3.0, ids="b")
+    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=5, conformal=0.9, test_align="moments"),
+                   "toy", test=test)
+    metrics = read_metrics(run)
+    found = metrics["conformal"]
+    assert found["level"] == 0.9 and 0.85 <= found["coverage"] <= 0.95 and len(found["thresholds"]) == 2
+    assert 0.8 <= metrics["test"]["conformal"]["coverage"] <= 1.0  # aligned: the promise holds again
+    assert metrics["test"]["unaligned"]["conformal"]["coverage"] < metrics["test"]["conformal"]["coverage"]
+    assert metrics["config"]["protocol"]["conformal"] == 0.9

@@ -11,6 +11,7 @@ import numpy as np
 
 from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
 from featcache.errors import RunError
+from featcache.evaluation.conformal import prediction_sets, set_labels
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
 from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, align, domain_auroc
@@ -19,7 +20,7 @@ from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, fused_from_manifest
 from featcache.store.naming import entry_of_run
-from featcache.store.runs import load_model
+from featcache.store.runs import load_model, read_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -147,7 +148,13 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
               **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan, "failed": reason}
              for image_id, reason in failed.items() if image_id in groups]
     columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "group", "failed"]
-    return pd.DataFrame(rows, columns=columns).set_index("id")
+    frame = pd.DataFrame(rows, columns=columns).set_index("id")
+    conformal = read_metrics(run_dir).get("conformal")
+    if conformal:  # each image's prediction set, at the run's coverage
+        column = f"set_{round(conformal['level'] * 100)}"
+        sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
+        frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
+    return frame
 
 
 def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str], cache_root: Path,
@@ -186,18 +193,20 @@ def write_predictions(frame: pd.DataFrame, out: Path) -> Path:
     """``predictions.csv``: a row per image (probabilities to 6 places); an image that failed says
     ``FAILED: <why>`` in the ``predicted`` column."""
     classes = [c for c in frame.columns if c.startswith("p_")]
+    sets = [c for c in frame.columns if c.startswith("set_")]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["id", "group", "predicted", *classes, "near_duplicate_of", "similarity"])
+            writer.writerow(["id", "group", "predicted", *classes, *sets, "near_duplicate_of", "similarity"])
             for image_id, row in frame.iterrows():
                 if row["failed"]:
-                    writer.writerow([image_id, row["group"], f"FAILED: {row['failed']}", *[""] * len(classes), "", ""])
+                    writer.writerow([image_id, row["group"], f"FAILED: {row['failed']}", *[""] * len(classes),
+                                     *[""] * len(sets), "", ""])
                     continue
                 similarity = "" if np.isnan(row["similarity"]) else f"{row['similarity']:.4f}"
                 writer.writerow([image_id, row["group"], row["predicted"], *(f"{row[c]:.6f}" for c in classes),
-                                 row["near_duplicate_of"], similarity])
+                                 *(row[c] for c in sets), row["near_duplicate_of"], similarity])
     except OSError as exc:
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
     return out

@@ -25,6 +25,8 @@ class Protocol:
     groups: str = "auto"  # Grouping
     near_dup_threshold: float | None = None  # None: the calibrated one for the backbone (leakage.py)
     test_align: str = "none"  # Alignment: how held-out features are aligned to the training features
+    conformal: float | None = None  # coverage of the prediction sets (None: no sets)
+    conformal_mode: str = "marginal"  # ConformalMode
 
     def __post_init__(self) -> None:
         # the fields keep their names (they name every run); each is checked by its option's declaration
@@ -32,7 +34,8 @@ class Protocol:
                                    ("class_weight", "class_weight"), ("pca", "pca"), ("tune", "tune"),
                                    ("tune_budget_s", "tune_budget"), ("standardize", "standardize"),
                                    ("views", "use_views"), ("calibrate", "calibrate"), ("groups", "groups"),
-                                   ("near_dup_threshold", "near_dup_threshold"), ("test_align", "test_align")):
+                                   ("near_dup_threshold", "near_dup_threshold"), ("test_align", "test_align"),
+                                   ("conformal", "conformal"), ("conformal_mode", "conformal_mode")):
             value = getattr(self, field_name)
             if field_name == "calibrate" and value == "":
                 continue
@@ -46,7 +49,8 @@ class Protocol:
                    tune_budget_s=options["tune_budget"], standardize=options["standardize"],
                    views=options["use_views"], meta=",".join(options["meta"] or ()),
                    calibrate=options["calibrate"] or "", groups=options["groups"],
-                   near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"])
+                   near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"],
+                   conformal=options["conformal"], conformal_mode=options["conformal_mode"])
 
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""
@@ -66,6 +70,9 @@ class Protocol:
         """What names a run, with everything else that sets its numbers (see :func:`fit_head`). Fields added
         since runs were first named appear only when set, so a run made before them keeps its name."""
         config = asdict(self)
-        if config["test_align"] == "none":
-            del config["test_align"]
+        for name, unset in (("test_align", "none"), ("conformal", None)):
+            if config[name] == unset:
+                del config[name]
+        if "conformal" not in config:
+            del config["conformal_mode"]
         return config

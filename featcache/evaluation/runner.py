@@ -23,6 +23,8 @@ from featcache.store.runs import is_finished, read_metrics, write_run
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.evaluation.audit import leakage_summary
+from featcache.evaluation.conformal import cross_conformal, prediction_sets
+from featcache.evaluation.conformal import summary as set_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
 from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
 from featcache.evaluation.protocol import Protocol
@@ -132,9 +134,10 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 
 
 def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
-                reporter: Reporter) -> tuple[dict, tuple]:
+                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
-    unaligned scores kept beside), and the shift audit of its features against the training features."""
+    unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
+    audit of its features against the training features."""
     groups = test.groups
 
     def predicted(X: np.ndarray) -> np.ndarray:
@@ -144,9 +147,15 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     proba = plain if protocol.test_align == "none" else predicted(align(test.X, data.X, protocol.test_align))
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
+    if conformal is not None:
+        y_idx = np.searchsorted(data.classes, test.y)
+        limits = np.array(conformal["thresholds"])
+        scores["conformal"] = set_summary(prediction_sets(proba, limits), y_idx)
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
+        if conformal is not None:
+            scores["unaligned"]["conformal"] = set_summary(prediction_sets(plain, limits), y_idx)
         scores["test_align"] = protocol.test_align
     scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
     warning = shift_warning(scores["shift"])
@@ -219,6 +228,16 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         parts.append((data.y[scored], oof_by_seed[seed][scored],
                       None if data.groups is None else data.groups[scored]))
     pooled = score_parts(parts, data.classes)
+    conformal = None
+    if protocol.conformal is not None:  # seed 0's out-of-fold predictions calibrate the sets
+        fold_of = np.full(len(data.y), -1)
+        for seed, fold, _, test_idx in fold_plan:
+            if seed == 0:
+                fold_of[test_idx] = fold
+        scored = fold_of >= 0
+        y_idx = np.searchsorted(data.classes, data.y)
+        conformal = cross_conformal(oof_by_seed[0][scored], y_idx[scored], fold_of[scored], protocol.conformal,
+                                    protocol.conformal_mode)
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
     leak = leakage_summary(data, plans[0][0])
     result = {"config": config, "protocol": protocol.describe(data.grouping, split_counts),
@@ -226,6 +245,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
               "n_images": len(data.y), "n_folds": len(plans[0][0]), "seeds": protocol.seeds,
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
               "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
+    if conformal is not None:
+        result["conformal"] = conformal
     if isinstance(final, BudgetedSearch):
         result["best_params"] = final.best_params_
         result["search"] = {"tried": final.cv_results_, "grid_size": final.n_candidates_,
@@ -239,7 +260,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                               if hasattr(out[0], "named_steps")]
     test_rows = None
     if test is not None:
-        result["test"], test_rows = _score_test(model, data, test, protocol, reporter)
+        result["test"], test_rows = _score_test(model, data, test, protocol, reporter, conformal)
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check

@@ -251,6 +251,11 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
             record["test_auroc"] = r.test.get("auroc")
             record["test_unaligned_balanced_accuracy"] = (r.test.get("unaligned") or {}).get("balanced_accuracy")
             record["test_domain_auroc"] = (r.test.get("shift") or {}).get("domain_auroc")
+        conformal = (r.config or {}).get("protocol", {}).get("conformal")
+        if conformal:
+            saved = read_metrics(r.run).get("conformal", {})
+            record |= {"conformal_level": conformal, "conformal_coverage": saved.get("coverage"),
+                       "conformal_mean_set_size": saved.get("mean_set_size")}
         record |= {"dataset": r.dataset, "protocol": r.protocol, "run": str(r.run), "backbone": r.backbone,
                    "pool": r.pool, "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS,
                    "n": r.n_images}

@@ -1,0 +1,61 @@
+"""Prediction sets that keep their promise: "this image is {melanoma, nevus}, with 90 % coverage".
+
+Cross-conformal on the training folds: an image's nonconformity is one minus the out-of-fold probability of
+its true class. The threshold is the conformal quantile of those scores (``marginal``: over every image;
+``class``: per true class, so that every class is covered at the level, not only the common ones), and a
+prediction set holds every class whose score stays under it. The out-of-fold coverage of an image is
+judged with the threshold of the other folds' images only, so it is an honest estimate; the model that
+predicts new images uses the threshold of all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MODES = ("marginal", "class")
+
+
+def quantile(scores: np.ndarray, level: float) -> float:
+    """The conformal quantile: the ceil((n + 1) * level)-th smallest score (inf when n is too small)."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * level)
+    return float(np.sort(scores)[rank - 1]) if 0 < rank <= n else math.inf
+
+
+def thresholds(proba: np.ndarray, y_idx: np.ndarray, level: float, mode: str, n_classes: int) -> np.ndarray:
+    """One threshold per class (all equal when ``marginal``), from calibration probabilities and labels."""
+    scores = 1.0 - proba[np.arange(len(y_idx)), y_idx]
+    if mode == "marginal":
+        return np.full(n_classes, quantile(scores, level))
+    return np.array([quantile(scores[y_idx == c], level) for c in range(n_classes)])
+
+
+def prediction_sets(proba: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """Boolean (images, classes): class c is in an image's set when 1 - p_c <= the threshold of c."""
+    return (1.0 - proba) <= limits[None, :]
+
+
+def summary(sets: np.ndarray, y_idx: np.ndarray) -> dict:
+    return {"coverage": float(sets[np.arange(len(y_idx)), y_idx].mean()),
+            "mean_set_size": float(sets.sum(axis=1).mean()),
+            "empty_sets": float((sets.sum(axis=1) == 0).mean())}
+
+
+def cross_conformal(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str) -> dict:
+    """Thresholds from every out-of-fold prediction (for new images), and the out-of-fold coverage and set
+    size, each fold's images judged with the other folds' threshold."""
+    n_classes = oof.shape[1]
+    sets = np.zeros_like(oof, dtype=bool)
+    for fold in np.unique(folds):
+        held = folds == fold
+        limits = thresholds(oof[~held], y_idx[~held], level, mode, n_classes)
+        sets[held] = prediction_sets(oof[held], limits)
+    out = {"level": level, "mode": mode, "thresholds": thresholds(oof, y_idx, level, mode, n_classes).tolist()}
+    return out | summary(sets, y_idx)
+
+
+def set_labels(sets: np.ndarray, classes: list[str]) -> list[str]:
+    """Each image's set as ``a|b`` (empty when no class is plausible enough)."""
+    return ["|".join(c for c, keep in zip(classes, row, strict=True) if keep) for row in sets]
