@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from featcache.api import Comparison, Run, compare, demo, extract, fit, load_run, report, run_study
+    from featcache.api import Comparison, Run, audit, compare, demo, extract, fit, load_run, report, run_study
     from featcache.errors import FeatcacheError
     from featcache.store.entries import CacheEntry as Entry
 
 _EXPORTS = {
     "extract": "featcache.api", "fit": "featcache.api", "compare": "featcache.api", "report": "featcache.api",
-    "run_study": "featcache.api", "load_run": "featcache.api", "Run": "featcache.api",
+    "run_study": "featcache.api", "audit": "featcache.api", "load_run": "featcache.api", "Run": "featcache.api",
     "Comparison": "featcache.api", "demo": "featcache.api", "Entry": "featcache.store.entries",
     "FeatcacheError": "featcache.errors",
 }
-__all__ = ["Comparison", "Entry", "FeatcacheError", "Run", "__version__", "compare", "demo", "extract", "fit",
+__all__ = ["Comparison", "Entry", "FeatcacheError", "Run", "__version__", "audit", "compare", "demo", "extract", "fit",
            "load_run", "report", "run_study"]
 
 

@@ -566,6 +566,52 @@ def demo(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     return [Run(path) for path in paths]
 
 
+@takes_options("audit", positional=("data",))
+def audit(*, out: str | os.PathLike | None = None, reporter: Reporter | None = None, **options: Any) -> Path:
+    """What can be wrong with a dataset, from its cached features: suspected label errors, identical and
+    near-identical images, and outliers, with a page that shows each suspect.
+
+    The out-of-fold probabilities come from a logistic regression under the same grouped, stratified
+    cross-validation as :func:`fit` (the run is kept and reused); suspected label errors are found by
+    confident learning (cleanlab).
+
+    Parameters
+    ----------
+    out : path, optional
+        Folder for ``label_issues.csv`` (``id``, ``given``, ``suggested``, ``score``; most suspect first),
+        ``duplicates.csv``, ``outliers.csv`` and ``audit.html`` (default: ``<cache>/audit-<dataset>``).
+    reporter : Reporter, optional
+        Where progress and notes go.
+
+    Returns
+    -------
+    Path
+        The folder written.
+    """
+    from featcache.evaluation.dataset_audit import audit_dataset, write_audit
+    from featcache.evaluation.features import labeled_features
+    from featcache.reporting.audit_page import write_audit_page
+    from featcache.store.entries import CacheEntry
+    from featcache.store.naming import entry_of_run
+
+    o = options
+    reporter = _reporter(o["quiet"], reporter)
+    selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "preprocess",
+                                   "engine", "resampler", "views", "resize", "cv", "groups", "cache")}
+    [run] = fit(o["data"], heads=["logreg"], quiet=o["quiet"], reporter=reporter, **selection)
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], Reporter(quiet=True))
+    data = labeled_features(source, CacheEntry(entry_of_run(run.path)), run.config["pool"], groups=o["groups"])
+    oof = run.oof
+    first = oof[oof["seed"] == oof["seed"].min()].set_index("id").loc[data.ids]
+    found = audit_dataset(data, first.filter(like="p_").to_numpy(), first["fold"].to_numpy())
+    folder = Path(out) if out else cache_root(o["cache"]) / f"audit-{source.name}"
+    files = write_audit(found, folder)
+    files["html"] = write_audit_page(found, source, folder / "audit.html")
+    reporter.result(f"{len(found.label_issues)} suspected label errors, {len(found.duplicates)} duplicate pairs, "
+                    f"{len(found.outliers)} outliers of {found.n_images} images -> {folder}")
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------------------
 # studies
 # ---------------------------------------------------------------------------------------------------------

@@ -181,8 +181,8 @@ class Option:
         return self.flag or "--" + self.name.replace("_", "-")
 
     def default_for(self, command: str) -> Any:
-        """The default on ``command``: an extraction setting only selects entries on ``fit``."""
-        return None if self.selects and command == "fit" else self.default
+        """The default on ``command``: an extraction setting only selects entries where features are read."""
+        return None if self.selects and command in ("fit", "audit") else self.default
 
     def checked(self, value: Any, label: str | None = None, command: str | None = None) -> Any:
         """``value`` as this option's plain value (enum members as their string, lists as tuples),
@@ -278,7 +278,7 @@ def _ensemble(value: int | str) -> int:
     return int(count)
 
 
-_DATA = ("extract", "fit")
+_DATA = ("extract", "fit", "audit")
 OPTIONS: tuple[Option, ...] = (
     # --- where the data is (the study's [data] table) ---
     Option("data", str, None, "Image folder (one sub-folder per class, or with a labels.csv), a CSV manifest "
@@ -349,7 +349,7 @@ OPTIONS: tuple[Option, ...] = (
            "beyond a few thousand images).", ("fit",), "fit", flag="--head", multiple=True, check=_heads),
     Option("pool", str, None, "Pooling to use (default: the entry's first; in a study: every pooling "
            "extracted).", ("fit",), "fit"),
-    Option("cv", int, 5, "Folds; grouped by the source's group column when it has one.", ("fit",), "fit",
+    Option("cv", int, 5, "Folds; grouped by the source's group column when it has one.", ("fit", "audit"), "fit",
            minimum=2),
     Option("split", Split, "cv", "`cv`; `official` to use the source's split column (validation rows are left "
            "out); `random712` for an image-level 70/10/20 split (DermaMNIST's protocol: it ignores lesion "
@@ -373,7 +373,7 @@ OPTIONS: tuple[Option, ...] = (
            "(--class-weight).", ("fit",), "fit"),
     Option("groups", Grouping, "auto", "`auto`: the group column when there is one; `near-duplicates`: "
            "identical and near-identical images form groups (for data without a patient/lesion column); "
-           "`none`: every image independent, on purpose (the protocol line records it).", ("fit",), "fit",
+           "`none`: every image independent, on purpose (the protocol line records it).", ("fit", "audit"), "fit",
            alias=("--no-groups", "none", "Cross-validate without groups, on purpose (= --groups none).")),
     Option("near_dup_threshold", float, None, "Cosine similarity above which two images count as "
            "near-duplicates (default: calibrated per backbone on HAM10000).", ("fit",), "fit", minimum=0.0,
@@ -405,7 +405,8 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0),
     # --- the session: where and how a command runs, not what it computes (no study key) ---
     Option("cache", str, None, "Cache root (default ./cache, or $FEATCACHE_CACHE).",
-           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run"), envvar="FEATCACHE_CACHE"),
+           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "audit"),
+           envvar="FEATCACHE_CACHE"),
     Option("ray", str, None, "Run on Ray: `local` starts a cluster on this machine for the run, `auto` joins the "
            "one started here with `ray start --head`, or a cluster address (ray://host:10001). Same store, "
            "fingerprints and results; pip install 'featcache[ray]'.", ("extract", "fit", "run"),
@@ -415,8 +416,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("mlflow_uri", str, None, "MLflow tracking URI (implies --mlflow), e.g. http://mlflow.lab:5000 or "
            "sqlite:///runs.db.", ("fit", "run")),
     Option("quiet", bool, False, "Only errors, warnings and the final lines.",
-           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "show", "backbones"),
-           short="-q"),
+           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "show", "backbones",
+            "audit"), short="-q"),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 TABLES = ("data", "extract", "fit", "compare", "report")

@@ -316,6 +316,20 @@ def run(study: Path, dry_run: bool, **options: Any) -> None:
            f"report: {result.report}")
 
 
+@command("audit", own("out", Path | None, typer.Option(None, help="Folder for label_issues.csv, duplicates.csv, "
+                                                      "outliers.csv and audit.html (default: CACHE/audit-<dataset>).")))
+def audit(out: Path | None, **options: Any) -> None:
+    """What can be wrong with a dataset, from its cached features: suspected label errors (confident
+    learning on out-of-fold probabilities), identical and near-identical images, outliers; a page shows
+    each suspect's thumbnail with its given and suggested label.
+
+    Example: `featcache audit --data ham10000/labels.csv --group-col lesion_id --out audit/`
+    """
+    from featcache import api
+
+    api.audit(out=out, **options)
+
+
 @command("show", own("run", Path, typer.Argument(..., help="A run folder (see `featcache compare --paths`).")))
 def show(run: Path, **options: Any) -> None:
     """Print a run's protocol, scores, confusion matrix and per-class precision/recall/F1.
