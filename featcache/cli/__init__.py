@@ -317,8 +317,10 @@ def run(study: Path, dry_run: bool, **options: Any) -> None:
 
 
 @command("audit", own("out", Path | None, typer.Option(None, help="Folder for label_issues.csv, duplicates.csv, "
-                                                      "outliers.csv and audit.html (default: CACHE/audit-<dataset>).")))
-def audit(out: Path | None, **options: Any) -> None:
+                                                      "outliers.csv and audit.html (default: CACHE/audit-<dataset>).")),
+         own("head", str, typer.Option("logreg,mlp", help="Heads whose out-of-fold probabilities are averaged "
+                                       "(two different heads find more label errors than either alone).")))
+def audit(out: Path | None, head: str, **options: Any) -> None:
     """What can be wrong with a dataset, from its cached features: suspected label errors (confident
     learning on out-of-fold probabilities), identical and near-identical images, outliers; a page shows
     each suspect's thumbnail with its given and suggested label.
@@ -327,7 +329,7 @@ def audit(out: Path | None, **options: Any) -> None:
     """
     from featcache import api
 
-    api.audit(out=out, **options)
+    api.audit(out=out, heads=head, **options)
 
 
 @command("show", own("run", Path, typer.Argument(..., help="A run folder (see `featcache compare --paths`).")))
