@@ -128,6 +128,7 @@ def test_metadata_is_coded_imputed_and_used():
         encode_meta(records, ["sex"], source_name="here.csv")
 
 
+@pytest.mark.slow
 def test_metadata_features_carry_signal_the_image_features_lack(tmp_path):
     rng = np.random.default_rng(0)
     n = 150
@@ -219,6 +220,7 @@ def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path
         assert len(preds.read_text().splitlines()) == 7
 
 
+@pytest.mark.slow
 def test_vit_poolings_are_the_tokens_they_name():
     """cls / mean / cls+mean / last4 against a hand-run of the blocks (random weights: values, not accuracy)."""
     backbone = load_backbone("dinov2_vits14", weights="random", pools=("cls", "mean", "cls+mean", "last4"))

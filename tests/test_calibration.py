@@ -63,6 +63,7 @@ def test_the_calibrator_keeps_the_class_balancing():
     assert abs(balanced["balanced"] - balanced_accuracy_score(yt, plain)) < 0.05
 
 
+@pytest.mark.slow
 def test_views_of_one_image_share_a_calibration_fold():
     X, y = _imbalanced(400)
     groups = np.arange(400) // 4

@@ -152,6 +152,7 @@ def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_features(tmp_path):
     np.testing.assert_array_equal(a.read("gap", b.ids), b.read("gap", b.ids))
 
 
+@pytest.mark.slow
 def test_reader_chunks_and_memmaps_agree(small_folder, lite0, tmp_path):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, shard_size=5).entry
     whole = entry.read("gap")

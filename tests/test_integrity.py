@@ -40,6 +40,7 @@ def _copy(folder: Path, target: Path) -> Path:
 
 # --- 1. a damaged engine export -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["zeroed block", "truncated"])
 def test_a_damaged_onnx_export_is_rebuilt_and_gives_the_clean_features(small_folder, tmp_path, lite0, capfd, damage):
     cache = tmp_path / "cache"
@@ -68,6 +69,7 @@ def test_a_damaged_onnx_export_is_rebuilt_and_gives_the_clean_features(small_fol
 
 # --- 2. a bit-rotted shard ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_bit_rotted_shard_is_refused_by_fit_and_never_copied_into_a_new_entry(small_folder, tmp_path, lite0, capfd):
     cache = tmp_path / "cache"
     source = open_source(small_folder)
@@ -86,6 +88,7 @@ def test_a_bit_rotted_shard_is_refused_by_fit_and_never_copied_into_a_new_entry(
 
 # --- 3. test classes the training set lacks -----------------------------------------------------
 
+@pytest.mark.slow
 def test_test_images_of_a_class_the_model_never_saw_are_refused_with_the_way_out(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
     test = _copy(small_folder, tmp_path / "hospital_b")
@@ -105,6 +108,7 @@ def test_test_images_of_a_class_the_model_never_saw_are_refused_with_the_way_out
 
 # --- 4. repair never destroys what it cannot judge ----------------------------------------------
 
+@pytest.mark.slow
 def test_repair_leaves_a_shard_it_cannot_read_alone(small_folder, tmp_path, lite0, monkeypatch):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch",
                     shard_size=6).entry
@@ -125,6 +129,7 @@ def test_repair_leaves_a_shard_it_cannot_read_alone(small_folder, tmp_path, lite
 
 # --- 5. a damaged manifest ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_truncated_manifest_is_one_line_everywhere_and_repair_rebuilds_it_keeping_the_runs(small_folder, tmp_path,
                                                                                              lite0):
     cache = tmp_path / "cache"
@@ -163,6 +168,7 @@ def test_a_tracking_store_that_would_lose_or_hang_is_refused_at_once(tmp_path, u
     check_tracking_uri(f"sqlite:///{tmp_path / 'runs.db'}", tmp_path)  # a file in a writable folder is fine
 
 
+@pytest.mark.slow
 def test_fit_refuses_an_unusable_tracking_store_before_fitting(small_folder, tmp_path, lite0):
     extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch")
     out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", str(tmp_path), "--engine", "torch",
@@ -171,6 +177,7 @@ def test_fit_refuses_an_unusable_tracking_store_before_fitting(small_folder, tmp
     assert not list(tmp_path.glob("*/*/runs/*"))  # refused before any work
 
 
+@pytest.mark.slow
 def test_a_ray_address_nothing_answers_at_is_one_line_within_seconds(small_folder, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'featcache[ray]'")
     started = time.perf_counter()
@@ -207,6 +214,7 @@ def test_a_utf16_study_file_is_one_error(tmp_path):
         load_study(path)
 
 
+@pytest.mark.slow
 def test_predict_on_images_that_all_fail_is_one_line(small_folder, tmp_path, lite0):
     extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch")
     [run] = fc.fit(small_folder, heads=["logreg"], cv=3, cache=tmp_path, engine="torch", quiet=True)
@@ -228,6 +236,7 @@ def test_a_backbone_named_twice_is_refused(small_folder, tmp_path):
                      "extract": {"backbones": ["squeezenet1_1", "squeezenet1_1"]}})
 
 
+@pytest.mark.slow
 def test_verify_fails_when_a_listed_shard_is_missing(small_folder, tmp_path, lite0):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch",
                     shard_size=6).entry
@@ -236,6 +245,7 @@ def test_verify_fails_when_a_listed_shard_is_missing(small_folder, tmp_path, lit
     assert out.exit_code == 1 and "missing: shard-00000.h5" in out.output, out.output
 
 
+@pytest.mark.slow
 def test_a_file_rewritten_with_the_same_size_and_time_is_found_and_rehash_redoes_it(small_folder, tmp_path, lite0):
     source = open_source(small_folder)
     entry = extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch").entry
@@ -253,6 +263,7 @@ def test_a_file_rewritten_with_the_same_size_and_time_is_found_and_rehash_redoes
     assert verify_entry(entry.path, source).ok
 
 
+@pytest.mark.slow
 def test_verify_exits_non_zero_whenever_it_reports_anything(small_folder, tmp_path, lite0):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch").entry
     assert runner.invoke(app, ["verify", str(entry.path)]).exit_code == 0

@@ -54,6 +54,7 @@ def test_hair_removal_fills_thin_dark_lines(photo):
     assert after < 0.3 * before
 
 
+@pytest.mark.slow
 def test_filters_make_their_own_entry_and_fit_never_takes_it_by_default(small_folder, tmp_path):
     lite0 = load_backbone("efficientnet_lite0")
     source = open_source(small_folder)

@@ -77,6 +77,7 @@ def test_fit_on_another_clinic_warns_audits_and_moments_alignment_recovers_it(tm
     assert "test_align" not in plain["config"]["protocol"]  # runs made without it keep their names
 
 
+@pytest.mark.slow
 def test_permuting_the_test_labels_changes_no_prediction(tmp_path):
     train, test = _clinic(300, 0), _clinic(200, 1, scale=2.0, offset=3.0, ids="b")
     shuffled = LabeledFeatures(test.X, np.random.default_rng(5).permutation(test.y), None, None, test.ids,

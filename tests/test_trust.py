@@ -108,6 +108,7 @@ def test_cv_without_groups_says_so_in_the_protocol_metrics_and_compare(clinic, s
     assert out.exit_code == 0 and "UNGROUPED" in out.output
 
 
+@pytest.mark.slow
 def test_the_case_id_column_groups_the_folds(clinic, tmp_path, lite0):
     source = open_source(clinic)
     entry = extract(source, lite0, cache_root=tmp_path / "cache", workers=0).entry
@@ -228,6 +229,7 @@ def test_the_python_api_checks_the_same_values():
         Protocol(class_weight="balance")
 
 
+@pytest.mark.slow
 def test_unknown_class_names_are_named(clinic, tmp_path, lite0):
     source = open_source(clinic)
     entry = extract(source, lite0, cache_root=tmp_path, workers=0).entry
@@ -309,6 +311,7 @@ def test_ids_with_commas_and_quotes_survive_the_prediction_files_and_ensembles(t
     assert row.n_images == 60
 
 
+@pytest.mark.slow
 def test_verify_catches_a_finite_bit_flip_through_the_feature_checksums(small_folder, tmp_path, lite0):
     entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, shard_size=6).entry
     assert verify_entry(entry.path, check_files=False).ok
@@ -317,6 +320,7 @@ def test_verify_catches_a_finite_bit_flip_through_the_feature_checksums(small_fo
     assert not report.ok and any("checksum" in f.what and f.where == shard.name for f in report.findings)
 
 
+@pytest.mark.slow
 def test_a_lost_manifest_is_rebuilt_and_nothing_is_extracted_or_counted_twice(small_folder, tmp_path, lite0):
     source = open_source(small_folder)
     entry = extract(source, lite0, cache_root=tmp_path, workers=0, shard_size=5).entry
@@ -369,6 +373,7 @@ def test_a_stranger_csv_fits_with_named_columns_and_too_few_images_for_knn_is_on
     assert out.exit_code == 2 and "knn: 11 neighbours, but a training part has only 8 rows" in out.output
 
 
+@pytest.mark.slow
 def test_fit_on_a_shard_holding_inf_points_to_verify(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
     entry = extract(open_source(small_folder), lite0, cache_root=cache, workers=0).entry
