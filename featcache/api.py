@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from featcache.store.entries import CacheEntry
     from featcache.study import Study, StudyResult
 
-__all__ = ["Comparison", "Run", "compare", "extract", "fit", "load_run", "report", "run_study"]
+__all__ = ["Comparison", "Run", "audit", "compare", "demo", "extract", "fit", "load_run", "report", "run_study"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
-from featcache.options import BY_NAME, TABLES, Option, OptionError, options_for, study_table
+from featcache.options import BY_NAME, TABLES, Option, OptionError, study_table
 from featcache.progress import Reporter
 from featcache.store.runs import is_finished
 
@@ -341,6 +341,3 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                           ensemble=study.compare["ensemble"])
     return StudyResult(runs, report, steps)
 
-
-__all__ = ["Step", "Study", "StudyError", "StudyResult", "execute_study", "load_study", "options_for",
-           "parse_study", "plan_study"]

@@ -14,8 +14,6 @@ import math
 
 import numpy as np
 
-MODES = ("marginal", "class")
-
 
 def quantile(scores: np.ndarray, level: float) -> float:
     """The conformal quantile: the ceil((n + 1) * level)-th smallest score (inf when n is too small)."""

@@ -22,8 +22,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featcache.errors import RunError
+from featcache.options import BY_NAME
 
-ALIGNMENTS = ("none", "moments", "coral")
 MIN_ALIGN_IMAGES = 30  # below this a batch's statistics are too noisy to align with
 DOMAIN_WARN_AUROC = 0.8  # a domain classifier this good: the test images look different to the features
 OOD_QUANTILE = 0.95  # so about 5 % of unshifted test images lie beyond the threshold
@@ -49,8 +49,7 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float = 0
     clinic) when given, else ``test``'s own. Aligning a set to itself changes nothing."""
     if method == "none":
         return test
-    if method not in ALIGNMENTS:
-        raise RunError(f"--test-align {method!r}: choose one of {', '.join(ALIGNMENTS)}")
+    method = BY_NAME["test_align"].checked(method)  # the one check of the option's values
     rows = _rows(test).astype(np.float64)
     src, ref = (rows if domain is None else _rows(domain).astype(np.float64)), _rows(train).astype(np.float64)
     if len(src) < MIN_ALIGN_IMAGES:
