@@ -336,8 +336,8 @@ class Run:
 
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
-                test_align: str = "none", align_from: str | os.PathLike | None = None, quiet: bool = True,
-                reporter: Reporter | None = None) -> pd.DataFrame:
+                test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
+                quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
         exactly like the training features (through the cache).
 
@@ -355,6 +355,8 @@ class Run:
             {test_align}
         align_from : path, optional
             {align_from}
+        trust_pickle : bool, default False
+            {trust_pickle}
         quiet : bool, default True
             No progress display.
         reporter : Reporter, optional
@@ -374,8 +376,9 @@ class Run:
         root = Path(cache) if cache else cache_root_of_run(self.path.resolve())
         test_align = BY_NAME["test_align"].checked(test_align, "test_align=")
         align_from = BY_NAME["align_from"].checked(align_from, "align_from=")
+        trust_pickle = BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle=")
         return predict_frame(self.path, [str(i) for i in inputs], root, _reporter(quiet, reporter), weights,
-                             group_col, test_align, align_from)
+                             group_col, test_align, align_from, trust_pickle)
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
@@ -384,8 +387,8 @@ class Run:
                 f"balanced_accuracy {score:.3f}, {self.path})" if score is not None else f"Run({self.path})")
 
 
-Run.predict.__doc__ = Run.predict.__doc__.replace("{test_align}", BY_NAME["test_align"].help).replace(
-    "{align_from}", BY_NAME["align_from"].help)
+for _name in ("test_align", "align_from", "trust_pickle"):
+    Run.predict.__doc__ = Run.predict.__doc__.replace("{" + _name + "}", BY_NAME[_name].help)
 
 
 def _predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:

@@ -384,6 +384,9 @@ OPTIONS: tuple[Option, ...] = (
            ("fit", "predict"), "fit"),
     Option("align_from", str, None, "With --test-align on predict: a source of images from the same clinic whose "
            "features give the statistics (for batches too small to estimate them).", ("predict",)),
+    Option("trust_pickle", bool, False, "Load a run folder of featcache before 0.3, whose model is a pickle (it can "
+           "run any code it contains): only for folders you made yourself. Fitting the run again saves it without "
+           "pickles.", ("predict", "export")),
     Option("conformal", float, None, "Prediction sets with this coverage, e.g. 0.9 (cross-conformal on the "
            "training folds): each image gets the set of classes it plausibly is; metrics.json holds their "
            "out-of-fold coverage and mean size, predict writes each image's set.", ("fit",), "fit",

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, TABLES, Option, OptionError, study_table
 from featcache.progress import Reporter
-from featcache.store.runs import is_finished
+from featcache.store.runs import is_reusable
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
@@ -275,7 +275,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
                     steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", None, "after extraction"))
                     continue
                 run = run_dir_for(data, entries[train.name], head, pool, protocol, test_data)
-                done = is_finished(run)
+                done = is_reusable(run)
                 steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", done,
                                   f"finished: {run}" if done else f"to fit: {run}"))
     if study.fit["fuse"]:  # whether fused runs exist is only known once every backbone is extracted

@@ -31,7 +31,7 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.extraction.extract import extract
 from featcache.store.entries import CacheEntry, EntryLock
-from featcache.store.runs import load_model
+from featcache.store.model_files import load_model
 from featcache.store.verify import verify_entry
 
 from .conftest import shared

@@ -61,7 +61,8 @@ def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_
     from typer.testing import CliRunner
 
     from featcache.cli import app
-    from featcache.store.runs import load_model, read_metrics
+    from featcache.store.model_files import load_model
+    from featcache.store.runs import read_metrics
 
     cache = tmp_path / "cache"
     source = open_source(small_folder)

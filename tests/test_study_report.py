@@ -200,7 +200,7 @@ def test_fit_logs_each_run_to_a_real_local_mlflow_store_once(tmp_path, folder):
     assert mlflow_run.data.metrics["balanced_accuracy"] == pytest.approx(pooled["balanced_accuracy"])
     assert mlflow_run.data.params["protocol.cv"] == "3"
     artefacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"metrics.json", "oof_predictions.csv", "model.joblib", "confusion_matrix.png"} <= artefacts
+    assert {"metrics.json", "oof_predictions.csv", "model.skops", "model.json", "confusion_matrix.png"} <= artefacts
 
 
 def test_backbones_lists_the_usable_ones_first_without_importing_torch():

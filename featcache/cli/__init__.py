@@ -227,7 +227,7 @@ def predict(run: Path, inputs: list[str], out: Path, weights: str | None, group_
 
     frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
                                       group_col=group_col, quiet=options["quiet"], test_align=options["test_align"],
-                                      align_from=options["align_from"])
+                                      align_from=options["align_from"], trust_pickle=options["trust_pickle"])
     _print(f"predictions written to {write_predictions(frame, out)}")
 
 

@@ -5,6 +5,7 @@ The scaler is part of the pipeline, so in cross-validation it is fit on training
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -24,6 +25,7 @@ from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
 from featcache.errors import RunError
+from featcache.store.model_files import side_files
 
 # Part of every run's name: bump it whenever a change to this module changes any head's numbers
 # (a default, a solver, a seed), so that no run made by the old code is served as the new one's.
@@ -91,9 +93,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         n_classes = len(self.classes_)
-        self.model_ = torch.nn.Sequential(
-            torch.nn.Linear(X.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Dropout(self.dropout),
-            torch.nn.Linear(self.hidden, n_classes)).to(device)
+        self.model_ = _mlp(X.shape[1], self.hidden, n_classes, self.dropout).to(device)
         weight = None
         if self.class_weight == "balanced":
             weight = torch.tensor(len(target) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
@@ -135,6 +135,36 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_epochs_ = len(self.loss_curve_)
         return self
 
+    def __getstate__(self) -> dict:
+        """Saved in a run folder, the network becomes ``mlp-<k>.safetensors`` (weights) and ``mlp-<k>.json``
+        (settings) beside the skops file, which keeps only their name (see featcache.store.model_files)."""
+        state = super().__getstate__()
+        side = side_files()
+        if side is None or not side.writing or "model_" not in state:
+            return state
+        from safetensors.torch import save_file
+
+        first, last = self.model_[0], self.model_[-1]
+        name = side.new_name("mlp", "")
+        save_file({k: v.contiguous() for k, v in self.model_.state_dict().items()},
+                  str(side.folder / f"{name}.safetensors"))
+        settings = {"in_features": first.in_features, "hidden": first.out_features, "n_classes": last.out_features,
+                    "dropout": self.model_[2].p, "activation": "gelu", "layers": "linear-gelu-dropout-linear"}
+        (side.folder / f"{name}.json").write_text(json.dumps(settings, indent=2))
+        return {**state, "model_": name}
+
+    def __setstate__(self, state: dict) -> None:
+        side = side_files()
+        if side is not None and not side.writing and isinstance(state.get("model_"), str):
+            from safetensors.torch import load_file
+
+            name = state["model_"]
+            settings = json.loads(side.path(f"{name}.json").read_text())
+            model = _mlp(settings["in_features"], settings["hidden"], settings["n_classes"], settings["dropout"])
+            model.load_state_dict(load_file(str(side.path(f"{name}.safetensors"))))
+            state = {**state, "model_": model.eval()}
+        super().__setstate__(state)
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         import torch
 
@@ -144,6 +174,13 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _mlp(in_features: int, hidden: int, n_classes: int, dropout: float):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(hidden, n_classes))
 
 
 def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
@@ -311,6 +348,27 @@ class XGBHead(ClassifierMixin, BaseEstimator):
             random_state=self.seed, n_jobs=self.n_jobs)
         self.model_.fit(X, target, sample_weight=weights)
         return self
+
+    def __getstate__(self) -> dict:
+        """Saved in a run folder, the booster becomes ``xgboost-<k>.json`` (XGBoost's own format) beside
+        the skops file, which keeps only its name (see featcache.store.model_files)."""
+        state = super().__getstate__()
+        side = side_files()
+        if side is None or not side.writing or "model_" not in state:
+            return state
+        name = side.new_name("xgboost", ".json")
+        self.model_.save_model(str(side.folder / name))
+        return {**state, "model_": name}
+
+    def __setstate__(self, state: dict) -> None:
+        side = side_files()
+        if side is not None and not side.writing and isinstance(state.get("model_"), str):
+            from xgboost import XGBClassifier
+
+            model = XGBClassifier()
+            model.load_model(str(side.path(state["model_"])))
+            state = {**state, "model_": model}
+        super().__setstate__(state)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(X)

@@ -19,15 +19,12 @@ from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, fused_from_manifest
+from featcache.store.model_files import load_model
 from featcache.store.naming import entry_of_run
-from featcache.store.runs import load_model, read_metrics
+from featcache.store.runs import read_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
-
-# joblib files are pickles: loading one can run code. featcache only loads model.joblib from run
-# directories inside the user's own cache, which featcache itself wrote.
-
 
 def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
                              records: list[ImageRecord] | None = None, source_name: str = "",
@@ -103,14 +100,14 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
 
 def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
                   weights: str | None = None, group_col: str | None = None, test_align: str = "none",
-                  align_from: str | None = None) -> pd.DataFrame:
+                  align_from: str | None = None, trust_pickle: bool = False) -> pd.DataFrame:
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
     nearly identical to), ``group``, and ``failed`` (why an image has no prediction, else empty)."""
     import pandas as pd
 
     reporter = reporter or Reporter(quiet=True)
-    saved = load_model(run_dir)
+    saved = load_model(run_dir, trust_pickle)
     source = images_source(inputs, group_col)
     if saved.get("fusion"):  # a fused run: the new images go through every backbone it read
         train_entry = fused_from_manifest(saved["fusion"])

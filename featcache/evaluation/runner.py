@@ -18,7 +18,7 @@ from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
 from featcache.store.naming import run_path
-from featcache.store.runs import is_finished, read_metrics, write_run
+from featcache.store.runs import is_finished, is_reusable, read_metrics, write_run
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
@@ -190,7 +190,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
               "ids_sha256": rows_hash([i] for i in data.ids),
               "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None}
     run_dir = run_path(entry.path, head, pool, identity)
-    if is_finished(run_dir) and not force:
+    if is_finished(run_dir) and not is_reusable(run_dir) and not force:
+        reporter.info(f"{head}: {run_dir} was made by featcache before 0.3 and its model is a pickle: fitting it "
+                      "again, without pickles")
+    elif is_finished(run_dir) and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
         shift = (read_metrics(run_dir).get("test") or {}).get("shift")
         warning = shift_warning(shift) if shift else None

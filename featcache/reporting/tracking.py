@@ -13,7 +13,8 @@ from pathlib import Path
 
 from featcache.errors import FeatcacheError
 from featcache.reporting.plots import confusion_figure
-from featcache.store.runs import CONFIG, METRICS, MODEL, OOF, TEST, read_metrics
+from featcache.store.model_files import model_files
+from featcache.store.runs import CONFIG, METRICS, OOF, TEST, read_metrics
 
 EXPERIMENT = "featcache"
 TAG = "featcache.run"
@@ -89,9 +90,9 @@ def _log_one(mlflow, client, experiment_id: str, run: Path) -> str:
             client.log_param(run_id, key, value)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
-    for name in (METRICS, CONFIG, OOF, TEST, MODEL):
-        if (run / name).is_file():
-            client.log_artifact(run_id, str(run / name))
+    for path in [run / name for name in (METRICS, CONFIG, OOF, TEST)] + model_files(run):
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
     with tempfile.TemporaryDirectory() as tmp:
         figure = Path(tmp) / "confusion_matrix.png"
         figure.write_bytes(confusion_figure(result["pooled"]["confusion_matrix"], config["classes"]))

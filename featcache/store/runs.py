@@ -2,7 +2,8 @@
 
 A run lives in ``<entry>/runs/<head>-<pool>-<id>/``, where ``id`` is the hash of everything that
 set its numbers (see :func:`featcache.evaluation.runner.fit_head`). It holds ``config.json``,
-``metrics.json``, ``model.joblib``, ``oof_predictions.csv`` and, with a held-out set,
+``metrics.json``, the model without pickles (``model.skops``, ``model.json`` and the side files of
+:mod:`featcache.store.model_files`), ``oof_predictions.csv`` and, with a held-out set,
 ``test_predictions.csv``. It is written to a hidden temporary folder and renamed, so a run is
 either complete or absent.
 """
@@ -16,21 +17,26 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 from featcache.errors import RunError
 from featcache.store.entries import write_json_atomic
+from featcache.store.model_files import holds_only_pickle, save_model
 from featcache.store.naming import METRICS
 
 CONFIG = "config.json"
-MODEL = "model.joblib"
 OOF = "oof_predictions.csv"
 TEST = "test_predictions.csv"
 
 
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / METRICS).is_file()
+
+
+def is_reusable(run_dir: Path) -> bool:
+    """Finished, with a model saved without pickles: fit keeps it, and refits a run of featcache before
+    0.3 whose model is a pickle."""
+    return is_finished(run_dir) and not holds_only_pickle(run_dir)
 
 
 @dataclass
@@ -65,7 +71,7 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
                        "but runs are saved next to them: copy the cache to a writable folder and pass "
                        "--cache") from None
     write_json_atomic(tmp / CONFIG, config)
-    joblib.dump(model_payload, tmp / MODEL)
+    save_model(tmp, model_payload)
     probability_columns = [f"p_{c}" for c in classes]
     with open(tmp / OOF, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -112,12 +118,3 @@ def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
 
 def has_test_predictions(run_dir: Path) -> bool:
     return (Path(run_dir) / TEST).is_file()
-
-
-def load_model(run_dir: Path) -> dict:
-    """The saved model of a run. ``model.joblib`` is a pickle: featcache loads it only from run
-    folders in the user's own cache, which featcache itself wrote."""
-    path = Path(run_dir) / MODEL
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {MODEL}; pass a run directory written by `featcache fit`")
-    return joblib.load(path)
