@@ -18,7 +18,20 @@ from typing import TYPE_CHECKING
 __version__ = "0.3.0"
 
 if TYPE_CHECKING:
-    from featcache.api import Comparison, Run, audit, compare, demo, extract, fit, load_run, report, run_study
+    from featcache.api import (
+        Comparison,
+        Run,
+        audit,
+        compare,
+        demo,
+        export,
+        extract,
+        fit,
+        load_run,
+        predict_onnx,
+        report,
+        run_study,
+    )
     from featcache.errors import FeatcacheError
     from featcache.store.entries import CacheEntry as Entry
 
@@ -26,10 +39,10 @@ _EXPORTS = {
     "extract": "featcache.api", "fit": "featcache.api", "compare": "featcache.api", "report": "featcache.api",
     "run_study": "featcache.api", "audit": "featcache.api", "load_run": "featcache.api", "Run": "featcache.api",
     "Comparison": "featcache.api", "demo": "featcache.api", "Entry": "featcache.store.entries",
-    "FeatcacheError": "featcache.errors",
+    "FeatcacheError": "featcache.errors", "export": "featcache.api", "predict_onnx": "featcache.api",
 }
-__all__ = ["Comparison", "Entry", "FeatcacheError", "Run", "__version__", "audit", "compare", "demo", "extract", "fit",
-           "load_run", "report", "run_study"]
+__all__ = ["Comparison", "Entry", "FeatcacheError", "Run", "__version__", "audit", "compare", "demo", "export",
+           "extract", "fit", "load_run", "predict_onnx", "report", "run_study"]
 
 
 def __getattr__(name: str) -> object:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from featcache.store.entries import CacheEntry
     from featcache.study import Study, StudyResult
 
-__all__ = ["Comparison", "Run", "audit", "compare", "demo", "extract", "fit", "load_run", "report", "run_study"]
+__all__ = ["Comparison", "Run", "audit", "compare", "demo", "export", "extract", "fit", "load_run", "predict_onnx",
+           "report", "run_study"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,6 +570,72 @@ def demo(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
 
     _, paths = run_demo(cache_root(options["cache"]), _reporter(options["quiet"], reporter))
     return [Run(path) for path in paths]
+
+
+@takes_options("export")
+def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx", weights: str | None = None,
+           reporter: Reporter | None = None, **options: Any) -> Path:
+    """A finished run as one ONNX file, from images to class probabilities, that runs anywhere ONNX
+    Runtime does (no featcache, PyTorch, scikit-learn or XGBoost needed).
+
+    The graph takes ``image`` (uint8, ``n x size x size x 3``: the backbone's resized and cropped input)
+    and gives ``probabilities`` (float32, ``n x classes``). It chains the views the run averaged, the
+    backbone (the export ``--engine`` runs), its pooling, the scaler and the head; the classes, the
+    preprocessing, the feature fingerprint, the protocol and the headline metrics are in its metadata.
+    A head without an ONNX form (k-NN, recalibrated heads, metadata columns) is refused, with why.
+
+    Parameters
+    ----------
+    run : path or Run
+        A run folder written by :func:`fit`.
+    out : path, default 'model.onnx'
+        The file to write.
+    weights : str, optional
+        The same local weights file given at extraction, if any.
+    reporter : Reporter, optional
+        Where progress and notes go.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    from featcache.deploy.export import export_run
+
+    path = run.path if isinstance(run, Run) else Path(run)
+    Run(path)  # refuses what is not a finished run folder
+    return export_run(path, Path(out), weights=weights, trust_pickle=options["trust_pickle"],
+                      reporter=_reporter(options["quiet"], reporter))
+
+
+def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 group_col: str | None = None, quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+    """Class probabilities for new images from a file written by :func:`export`, with ONNX Runtime and
+    featcache's image preprocessing only.
+
+    Parameters
+    ----------
+    model : path
+        The ``.onnx`` file.
+    images : path or sequence of paths
+        Image files and/or folders (searched recursively), or one CSV/.npz source.
+    group_col : str, optional
+        Group column, when ``images`` is a CSV.
+    quiet : bool, default True
+        No progress display.
+    reporter : Reporter, optional
+        Where warnings go.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A row per image, indexed by id: ``predicted``, ``p_<class>`` per class (and the prediction set
+        where the run had one), ``group`` and ``failed``.
+    """
+    from featcache.deploy.onnx_predict import predict_onnx_frame
+
+    inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
+    return predict_onnx_frame(Path(model), [str(i) for i in inputs], _reporter(quiet, reporter), group_col)
 
 
 @takes_options("audit", positional=("data",))

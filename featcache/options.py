@@ -420,7 +420,7 @@ OPTIONS: tuple[Option, ...] = (
            "sqlite:///runs.db.", ("fit", "run")),
     Option("quiet", bool, False, "Only errors, warnings and the final lines.",
            ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "show", "backbones",
-            "audit"), short="-q"),
+            "audit", "export"), short="-q"),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 TABLES = ("data", "extract", "fit", "compare", "report")

@@ -193,7 +193,8 @@ def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
     again = runner.invoke(app, fit[:-1])
     assert "already finished, reusing" in again.output
     (run,) = list((tmp_path / "cache").glob("*/*/runs/logreg-*"))
-    assert {p.name for p in run.iterdir()} >= {"metrics.json", "oof_predictions.csv", "model.skops", "model.json", "config.json"}
+    assert {p.name for p in run.iterdir()} >= {"metrics.json", "oof_predictions.csv", "model.skops", "model.json",
+                                               "config.json"}
     out = runner.invoke(app, ["compare", "--cache", cache, "--metric", "auroc"])
     assert out.exit_code == 0 and (tmp_path / "cache" / "compare.md").exists()
     preds = tmp_path / "p.csv"

@@ -37,7 +37,7 @@ def assert_no_pickle(folder: Path) -> None:
     for path in folder.rglob("*"):
         if not path.is_file():
             continue
-        assert not path.read_bytes()[:2] in PICKLE_MAGIC, f"{path} is a pickle"
+        assert path.read_bytes()[:2] not in PICKLE_MAGIC, f"{path} is a pickle"
         if path.suffix == ".skops":
             with zipfile.ZipFile(path) as archive:
                 for member in archive.namelist():

@@ -210,25 +210,56 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
 
 
 @command("predict",
-         own("run", Path, typer.Option(..., help="A run directory written by `featcache fit`.")),
+         own("run", Path | None, typer.Option(None, help="A run directory written by `featcache fit`.")),
+         own("onnx", Path | None, typer.Option(None, help="A model written by `featcache export` instead of --run: "
+                                               "ONNX Runtime and featcache's image preprocessing only (no cache).")),
          own("inputs", list[str], typer.Argument(..., help="Image files and/or folders (or one CSV/.npz).")),
          own("out", Path, typer.Option(Path("predictions.csv"), help="Output CSV.")),
          own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")),
          own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)))
-def predict(run: Path, inputs: list[str], out: Path, weights: str | None, group_col: str | None,
-            **options: Any) -> None:
-    """Class probabilities for new images with a saved run (features go through the cache); warns
-    when a new image is identical or nearly identical to a training image.
+def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, weights: str | None,
+            group_col: str | None, **options: Any) -> None:
+    """Class probabilities for new images with a saved run (features go through the cache; warns when a
+    new image is identical or nearly identical to a training image), or with an exported model (--onnx).
 
     Example: `featcache predict --run cache/…/runs/logreg-gap-… new_images/`
     """
     from featcache import api
     from featcache.evaluation.predict import write_predictions
 
-    frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
-                                      group_col=group_col, quiet=options["quiet"], test_align=options["test_align"],
-                                      align_from=options["align_from"], trust_pickle=options["trust_pickle"])
+    if (run is None) == (onnx is None):
+        raise typer.BadParameter("give either --run (a run folder) or --onnx (an exported model)", param_hint="--run")
+    if onnx is not None:
+        ignored = [flag for flag, value in (("--weights", weights), ("--test-align", options["test_align"] != "none"),
+                                            ("--align-from", options["align_from"]),
+                                            ("--trust-pickle", options["trust_pickle"])) if value]
+        if ignored:
+            raise typer.BadParameter(f"{', '.join(ignored)} apply to --run only: an exported model holds its "
+                                     "weights and takes images as they are", param_hint="--onnx")
+        frame = api.predict_onnx(onnx, inputs, group_col=group_col, quiet=options["quiet"])
+    else:
+        frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
+                                          group_col=group_col, quiet=options["quiet"],
+                                          test_align=options["test_align"], align_from=options["align_from"],
+                                          trust_pickle=options["trust_pickle"])
     _print(f"predictions written to {write_predictions(frame, out)}")
+
+
+@command("export",
+         own("run", Path, typer.Argument(..., help="A run directory written by `featcache fit`.")),
+         own("out", Path, typer.Option(Path("model.onnx"), help="The ONNX file to write.")),
+         own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")))
+def export(run: Path, out: Path, weights: str | None, **options: Any) -> None:
+    """One ONNX file from images to class probabilities: views, backbone, pooling, scaler and head in one
+    graph, with the classes, preprocessing and metrics in its metadata. Runs with ONNX Runtime alone.
+
+    Example: `featcache export cache/…/runs/logreg-gap-… --out model.onnx`
+    """
+    from featcache import api
+
+    path = api.export(run, out=out, weights=weights, **options)
+    _print(f"model written to {path} ({path.stat().st_size / 1e6:.1f} MB); use it with "
+           f"`featcache predict --onnx {path} IMAGES` or docs/deploy.md's script")
 
 
 @command("verify",

@@ -67,9 +67,12 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
             raise NotExportable("a run with metadata columns (--meta): its graph would need each image's metadata "
                                 "as a second input, which featcache does not export yet; fit without --meta to "
                                 "export")
-        transform = Pipeline(prefix)
-        pieces.append(_sklearn(transform, dim, "features"))
-        width = transform.transform(np.zeros((1, dim), dtype=np.float32)).shape[1]
+        for _, step in prefix:
+            if type(step).__name__ == "StandardScaler":
+                pieces.append(_scaler(step, width))
+            else:
+                pieces.append(_sklearn(step, width, "features"))
+                width = step.transform(np.zeros((1, width), dtype=np.float32)).shape[1]
     if isinstance(head, CalibratedHead):
         raise NotExportable(f"--calibrate {head.method}: the recalibrated head (a CalibratedClassifierCV around a "
                             "featcache head) has no ONNX converter; fit without --calibrate to export")
@@ -149,6 +152,22 @@ def _sklearn(estimator, dim: int, kind: str) -> onnx.ModelProto:  # noqa: ANN001
         warnings.simplefilter("ignore")
         return convert_sklearn(estimator, initial_types=[("X", FloatTensorType([None, dim]))],
                                target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET}, options=options)
+
+
+def _scaler(scaler, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitted StandardScaler
+    """``(x - mean) / scale`` in float32, as scikit-learn computes it on float32 features. skl2onnx multiplies
+    by ``1 / scale`` instead, which moves values by one unit in the last place: enough to send a tree's
+    branch the other way at a split value (XGBoost's probabilities were off by up to 0.15)."""
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(dim)
+    scale = scaler.scale_ if scaler.with_std else np.ones(dim)
+    nodes = [helper.make_node("Sub", ["X", "mean"], ["centred"]),
+             helper.make_node("Div", ["centred", "scale"], ["scaled"])]
+    graph = helper.make_graph(
+        nodes, "standard_scaler", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, dim])],
+        [helper.make_tensor_value_info("scaled", TensorProto.FLOAT, [None, dim])],
+        initializer=[numpy_helper.from_array(np.asarray(mean, dtype=np.float32), "mean"),
+                     numpy_helper.from_array(np.asarray(scale, dtype=np.float32), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def _xgboost(booster, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - an XGBClassifier

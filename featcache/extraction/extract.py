@@ -296,6 +296,16 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
     return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm)
 
 
+def weights_of(entry: CacheEntry, weights: str | None = None) -> str | None:
+    """The ``--weights`` that made ``entry``: ``weights`` when given, else the file or ``random`` its
+    manifest recorded, else None (the backbone's own pretrained weights)."""
+    if weights is not None:
+        return weights
+    origin = entry.manifest["provenance"]["weights_origin"]
+    return origin.split(" ")[0][5:] if origin.startswith("file:") else (
+        "random" if origin.startswith("random") else None)
+
+
 def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,
                  weights: str | None = None, reporter: Reporter | None = None) -> ExtractResult:
     """Features of ``source`` made exactly like ``entry``'s (same backbone, poolings, dtype,
@@ -303,10 +313,7 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
     if any (default: the one the entry recorded, when it was a file)."""
     manifest = entry.manifest
     inputs = manifest["fingerprint_inputs"]
-    origin = manifest["provenance"]["weights_origin"]
-    if weights is None:
-        weights = origin.split(" ")[0][5:] if origin.startswith("file:") else (
-            "random" if origin.startswith("random") else None)
+    weights = weights_of(entry, weights)
     preprocess = inputs["preprocess"]
     # dataset-norm: the images are normalised with exactly the statistics the entry was made with (not
     # the training dataset's newest, which differ once images were added to it)

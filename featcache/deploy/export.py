@@ -1,0 +1,260 @@
+"""``featcache export``: a run as one ONNX graph from images to class probabilities.
+
+The graph takes ``image``: uint8, ``n x size x size x 3`` (height, width, RGB), the backbone's resized and
+cropped input as featcache's preprocessing makes it (metadata key ``featcache.preprocess``). Inside it:
+the views the run averaged (flips and quarter turns), the backbone with its normalisation (the very
+export that ``--engine`` runs), the pooling the head read, the rounding to the stored feature dtype, the
+scaler, PCA and head (:mod:`featcache.deploy.head_graph`) and the mean over views. Out comes
+``probabilities``: float32, ``n x classes``, in the order of ``featcache.classes``.
+
+A fused run has one backbone per part, all fed from the same image when their preprocessing agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from featcache import __version__
+from featcache.data.images import Preprocess
+from featcache.deploy.head_graph import FEATURES, OPSET, PROBABILITIES, NotExportable, chain, head_graph
+from featcache.errors import RunError
+from featcache.progress import Reporter
+from featcache.store.entries import CacheEntry
+from featcache.store.fusion import fused_from_manifest
+from featcache.store.naming import cache_root_of_run, entry_of_run
+from featcache.store.runs import read_metrics
+
+IMAGE = "image"
+METADATA_KEY = "featcache"  # the JSON of everything a user of the graph needs (see export_run)
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pickle: bool = False,
+               reporter: Reporter | None = None) -> Path:
+    """Write ``out``: the run in ``run_dir`` as one ONNX graph (see the module's docstring)."""
+    from featcache.store.model_files import load_model
+
+    reporter = reporter or Reporter(quiet=True)
+    run_dir = Path(run_dir).resolve()
+    saved = load_model(run_dir, trust_pickle)
+    metrics = read_metrics(run_dir)
+    if saved["config"].get("meta_spec"):
+        raise NotExportable("a run with metadata columns (--meta): its graph would need each image's metadata as "
+                            "a second input, which featcache does not export yet; fit without --meta to export")
+    if saved.get("fusion"):
+        fused = fused_from_manifest(saved["fusion"])
+        parts = [(entry, pool) for entry, pool in fused.parts]
+    else:
+        parts = [(CacheEntry(entry_of_run(run_dir)), saved["pool"])]
+    cache_root = cache_root_of_run(run_dir)
+    pipeline = saved["pipeline"]
+    views, test_views = parts[0][0].views, "all"
+    if hasattr(pipeline, "estimator_"):  # a ViewEnsemble: the head runs on each view, its outputs averaged
+        test_views, pipeline = pipeline.test_views, pipeline.estimator_
+    used_views = _view_names(views if test_views == "all" else 1)
+    preprocesses = {json.dumps(_preprocess_of(entry).to_dict(), sort_keys=True) for entry, _ in parts}
+    if len(preprocesses) > 1:
+        raise NotExportable("a fused run whose backbones take differently prepared images (input size, resize or "
+                            "filters): one graph takes one image; fuse backbones with the same input to export")
+    preprocess = _preprocess_of(parts[0][0])
+    reporter.info(f"exporting {' + '.join(e.manifest['backbone'] for e, _ in parts)} with its "
+                  f"{type(pipeline.steps[-1][1]).__name__} head")
+    dims = [entry.manifest["dims"][pool] for entry, pool in parts]
+    head = head_graph(pipeline, sum(dims))
+    backbones = [_backbone_features(entry, pool, cache_root, weights, k) for k, (entry, pool) in enumerate(parts)]
+    graph = _assemble(backbones, head, used_views, preprocess.crop_size, parts[0][0].manifest["fingerprint_inputs"]
+                      ["dtype"], len(saved["classes"]))
+    graph.metadata_props.extend(_metadata(saved, metrics, preprocess, parts, used_views, run_dir))
+    onnx.checker.check_model(graph, full_check=False)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
+    return out
+
+
+def _preprocess_of(entry: CacheEntry) -> Preprocess:
+    fields = dict(entry.manifest["fingerprint_inputs"]["preprocess"])
+    for key in ("mean", "std", "filters"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    return Preprocess(**fields)
+
+
+def _backbone_features(entry: CacheEntry, pool: str, cache_root: Path, weights: str | None,
+                       k: int) -> onnx.ModelProto:
+    """The backbone of ``entry`` as ONNX, from uint8 NCHW ``x`` to the pooling ``pool`` only: the export
+    the extraction engines run (checksum checked), rebuilt if missing."""
+    from featcache.backbones.models import load_backbone
+    from featcache.extraction.engines import onnx_path
+    from featcache.extraction.extract import weights_of
+    from featcache.store.naming import fingerprint_inputs
+
+    manifest = entry.manifest
+    inputs = manifest["fingerprint_inputs"]
+    if manifest["backbone"] == "scattering" or manifest["backbone"].startswith("scattering"):
+        raise NotExportable(f"{manifest['backbone']}: its FFTs do not export to ONNX")
+    model = load_backbone(manifest["backbone"], weights=weights_of(entry, weights), pools=tuple(manifest["pools"]))
+    model.preprocess = _preprocess_of(entry)
+    made = fingerprint_inputs(model, inputs["dtype"], inputs["precision"], entry.views, inputs.get("engine", "torch"))
+    if made["weights_sha256"] != inputs["weights_sha256"]:
+        raise RunError(f"the weights loaded for {manifest['backbone']} (SHA-256 {made['weights_sha256'][:12]}…) "
+                       f"are not the ones {entry.path} was made with ({inputs['weights_sha256'][:12]}…); pass the same "
+                       "--weights file given at extraction")
+    full = onnx.load(str(onnx_path(model, cache_root)))
+    from onnx.utils import Extractor
+
+    only = Extractor(full).extract_model(["x"], [pool])
+    only.graph.name = f"backbone{k}"
+    return only
+
+
+def _view_names(count: int) -> tuple[str, ...]:
+    from featcache.data.images import views_for
+
+    return views_for(count)
+
+
+def _view_nodes(source: str, view: str, out: str) -> list[onnx.NodeProto]:
+    """``view`` (featcache.data.images.VIEWS) of an N x C x H x W tensor, by slices and transposes, as
+    :func:`featcache.data.images.apply_view` moves the pixels."""
+    def flip(x: str, axes: list[int], name: str) -> list[onnx.NodeProto]:
+        n = len(axes)
+        consts = {"starts": [-1] * n, "ends": [_INT64_MIN] * n, "axes": axes, "steps": [-1] * n}
+        made = [helper.make_node("Constant", [], [f"{name}/{key}"], value=numpy_helper.from_array(
+            np.array(value, dtype=np.int64))) for key, value in consts.items()]
+        return [*made, helper.make_node("Slice", [x, *(f"{name}/{key}" for key in consts)], [name])]
+
+    def swap(x: str, name: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("Transpose", [x], [name], perm=[0, 1, 3, 2])]
+
+    if view == "identity":
+        return [helper.make_node("Identity", [source], [out])]
+    if view == "hflip":
+        return flip(source, [3], out)
+    if view == "vflip":
+        return flip(source, [2], out)
+    if view == "rot180":
+        return flip(source, [2, 3], out)
+    if view == "rot90":  # torch.rot90(x, 1, (H, W)) = the width flipped, then H and W swapped
+        return flip(source, [3], f"{out}/flipped") + swap(f"{out}/flipped", out)
+    if view == "rot270":  # torch.rot90(x, -1, (H, W)) = H and W swapped, then the width flipped
+        return swap(source, f"{out}/swapped") + flip(f"{out}/swapped", [3], out)
+    if view == "transpose":
+        return swap(source, out)
+    if view == "antitranspose":
+        return swap(source, f"{out}/swapped") + flip(f"{out}/swapped", [2, 3], out)
+    raise NotExportable(f"view {view!r} has no ONNX form")
+
+
+def _assemble(backbones: list[onnx.ModelProto], head: onnx.ModelProto, views: tuple[str, ...], size: int,
+              dtype: str, n_classes: int) -> onnx.ModelProto:
+    """image (uint8 NHWC) -> views stacked on the batch axis -> each backbone's pooling -> rounded to the
+    stored dtype, side by side -> head -> mean over views -> probabilities."""
+    nodes = [helper.make_node("Transpose", [IMAGE], ["nchw"], perm=[0, 3, 1, 2])]
+    for k, view in enumerate(views):
+        nodes += _view_nodes("nchw", view, f"view{k}")
+    nodes.append(helper.make_node("Concat", [f"view{k}" for k in range(len(views))], ["x"], axis=0))
+    front = helper.make_graph(nodes, "views", [helper.make_tensor_value_info(IMAGE, TensorProto.UINT8,
+                                                                             ["n", size, size, 3])],
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 3, size, size])])
+    front_model = helper.make_model(front, opset_imports=[helper.make_opsetid("", OPSET)])
+    stored = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}.get(dtype)
+    if stored is None:
+        raise NotExportable(f"features stored as {dtype}: only float16 and float32 export")
+    # the backbones side by side, from the same x; each output rounded as the cache stores it
+    from onnx.compose import add_prefix, merge_graphs
+
+    merged = front_model
+    outputs = []
+    for k, backbone in enumerate(backbones):
+        piece = add_prefix(_normalised(backbone), f"b{k}/")
+        (pool_out,) = [o.name for o in piece.graph.output]
+        keep = [o.name for o in merged.graph.output if o.name != "x"] + [pool_out]
+        graph = merge_graphs(merged.graph, piece.graph, io_map=[("x", f"b{k}/x")], outputs=["x", *keep])
+        merged = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        outputs.append(pool_out)
+    tail = [helper.make_node("Cast", [o], [f"{o}/stored"], to=stored) for o in outputs]
+    tail += [helper.make_node("Cast", [f"{o}/stored"], [f"{o}/read"], to=TensorProto.FLOAT) for o in outputs]
+    tail.append(helper.make_node("Concat", [f"{o}/read" for o in outputs], [FEATURES], axis=1)
+                if len(outputs) > 1 else helper.make_node("Identity", [f"{outputs[0]}/read"], [FEATURES]))
+    graph = merged.graph
+    graph.node.extend(tail)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, None))
+    body = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    # the head on every view's row, then the mean over views: rows are view-major (view 0's images first)
+    shape = numpy_helper.from_array(np.array([len(views), -1, n_classes], dtype=np.int64), "mean/shape")
+    mean_nodes = [helper.make_node("Reshape", ["per_view", "mean/shape"], ["by_view"]),
+                  helper.make_node("ReduceMean", ["by_view"], [PROBABILITIES], axes=[0], keepdims=0)]
+    mean = helper.make_graph(mean_nodes, "view_mean",
+                             [helper.make_tensor_value_info("per_view", TensorProto.FLOAT, [None, n_classes])],
+                             [helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["n", n_classes])],
+                             initializer=[shape])
+    mean_model = helper.make_model(mean, opset_imports=[helper.make_opsetid("", OPSET)])
+    whole = chain([body, head, mean_model], [(FEATURES, FEATURES), (PROBABILITIES, "per_view")])
+    return _ends_named(whole)
+
+
+def _normalised(model: onnx.ModelProto) -> onnx.ModelProto:
+    from featcache.deploy.head_graph import normalised
+
+    return normalised(model)
+
+
+def _ends_named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph's input and output under their plain names (``image``, ``probabilities``)."""
+    graph = model.graph
+    renamed = {graph.input[0].name: IMAGE, graph.output[0].name: PROBABILITIES}
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    graph.input[0].name, graph.output[0].name = IMAGE, PROBABILITIES
+    return model
+
+
+def _metadata(saved: dict, metrics: dict, preprocess: Preprocess, parts: list, views: tuple[str, ...],
+              run_dir: Path) -> list[onnx.StringStringEntryProto]:
+    pooled = metrics.get("pooled", {})
+    headline = {name: {"value": pooled[name], "ci95": pooled.get("ci95", {}).get(name)}
+                for name in ("balanced_accuracy", "macro_f1", "auroc") if name in pooled}
+    info = {
+        "format": 1, "featcache_version": __version__, "input": IMAGE, "output": PROBABILITIES,
+        "input_layout": "NHWC uint8 RGB", "input_size": preprocess.crop_size,
+        "classes": [str(c) for c in saved["pipeline"].classes_],
+        "preprocess": preprocess.to_dict() | {"resize_mode": preprocess.resize_mode, "resampler": preprocess.resampler,
+                                              "filters": list(preprocess.filters)},
+        "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std), "inside_graph": True},
+        "backbones": [entry.manifest["backbone"] for entry, _ in parts], "pools": [pool for _, pool in parts],
+        "views": list(views), "feature_fingerprint": saved["feature_fingerprint"], "head": saved["config"]["head"],
+        "protocol": metrics.get("protocol"), "metrics": headline, "run": run_dir.name,
+        "conformal": metrics.get("conformal"),
+    }
+    if "test" in metrics:
+        info["test_metrics"] = {k: metrics["test"].get(k) for k in ("balanced_accuracy", "macro_f1", "auroc")
+                                if k in metrics["test"]}
+    plain = {"featcache.classes": ",".join(info["classes"]), "featcache.input_size": str(preprocess.crop_size),
+             "featcache.feature_fingerprint": saved["feature_fingerprint"]}
+    entries = [onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(info, default=str))]
+    entries += [onnx.StringStringEntryProto(key=k, value=v) for k, v in plain.items()]
+    return entries
+
+
+def read_metadata(path: Path) -> dict:
+    """The ``featcache`` metadata of an exported graph (without loading its weights into a session)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise RunError(f"{path}: no featcache metadata; pass a file written by `featcache export`")
