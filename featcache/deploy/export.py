@@ -65,6 +65,14 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     preprocess = _preprocess_of(parts[0][0])
     reporter.info(f"exporting {' + '.join(e.manifest['backbone'] for e, _ in parts)} with its "
                   f"{type(pipeline.steps[-1][1]).__name__} head")
+    engines = {entry.manifest["fingerprint_inputs"].get("engine", "torch") for entry, _ in parts} - {"onnxruntime"}
+    if type(pipeline.steps[-1][1]).__name__ == "XGBHead" and (engines or "pca" in pipeline.named_steps):
+        why = (f"the features this run was trained on came from {', '.join(sorted(engines))} and the graph computes "
+               "them with ONNX Runtime, about 1e-6 apart" if engines else
+               "the graph sums the PCA projection in another order than NumPy, about 1e-7 apart")
+        reporter.warn(f"{why}: an XGBoost tree can go the other way at a split value, so some probabilities may "
+                      "differ from `predict --run` (up to ~0.01 on ham70). For identical numbers extract with "
+                      "--engine onnxruntime and fit without --pca")
     dims = [entry.manifest["dims"][pool] for entry, pool in parts]
     head = head_graph(pipeline, sum(dims))
     backbones = [_backbone_features(entry, pool, cache_root, weights, k) for k, (entry, pool) in enumerate(parts)]
