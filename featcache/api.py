@@ -337,6 +337,7 @@ class Run:
 
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
+                image_col: str | None = None,
                 test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
                 quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
@@ -352,6 +353,8 @@ class Run:
             The same local weights file given at extraction, if any.
         group_col : str, optional
             Group column, when ``images`` is a CSV.
+        image_col : str, optional
+            Image column, when ``images`` is a CSV whose column is not one featcache finds by itself.
         test_align : {'none', 'moments', 'coral'}, default 'none'
             {test_align}
         align_from : path, optional
@@ -379,7 +382,7 @@ class Run:
         align_from = BY_NAME["align_from"].checked(align_from, "align_from=")
         trust_pickle = BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle=")
         return predict_frame(self.path, [str(i) for i in inputs], root, _reporter(quiet, reporter), weights,
-                             group_col, test_align, align_from, trust_pickle)
+                             group_col, test_align, align_from, trust_pickle, image_col)
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
@@ -609,7 +612,8 @@ def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx
 
 
 def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 group_col: str | None = None, quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+                 group_col: str | None = None, image_col: str | None = None, quiet: bool = True,
+                 reporter: Reporter | None = None) -> pd.DataFrame:
     """Class probabilities for new images from a file written by :func:`export`, with ONNX Runtime and
     featcache's image preprocessing only.
 
@@ -621,6 +625,8 @@ def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[
         Image files and/or folders (searched recursively), or one CSV/.npz source.
     group_col : str, optional
         Group column, when ``images`` is a CSV.
+    image_col : str, optional
+        Image column, when ``images`` is a CSV whose column is not one featcache finds by itself.
     quiet : bool, default True
         No progress display.
     reporter : Reporter, optional
@@ -635,7 +641,7 @@ def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[
     from featcache.deploy.onnx_predict import predict_onnx_frame
 
     inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
-    return predict_onnx_frame(Path(model), [str(i) for i in inputs], _reporter(quiet, reporter), group_col)
+    return predict_onnx_frame(Path(model), [str(i) for i in inputs], _reporter(quiet, reporter), group_col, image_col)
 
 
 @takes_options("audit", positional=("data",))

@@ -62,10 +62,18 @@ def test_every_exportable_head_gives_its_probabilities_in_onnx(head, options, cl
     np.testing.assert_allclose(proba, pipeline.predict_proba(X), atol=2e-6)
 
 
+def test_metadata_columns_go_through_the_graph_as_through_the_pipeline():
+    X, y = _features("abc")
+    X[:, 20] = np.where(np.arange(len(X)) % 7 == 0, np.nan, X[:, 20])  # a missing age
+    X[:, 21:] = np.where(np.arange(len(X))[:, None] % 5 == 0, np.nan, np.abs(np.round(X[:, 21:])) % 3)  # categories
+    pipeline = make_pipeline("mlp", image_dim=20, meta_numeric=1, meta_categorical=3).fit(X, y)
+    (proba,) = _run_graph(head_graph(pipeline, X.shape[1]), {"features": X})
+    np.testing.assert_allclose(proba, pipeline.predict_proba(X), atol=2e-6)
+
+
 @pytest.mark.parametrize(("head", "options", "reason"), [
     ("knn", {}, "cosine"), ("majority", {}, "baseline"), ("mlp", {"calibrate": "sigmoid"}, "--calibrate"),
-    ("svm-rbf-exact", {}, "svm-rbf-exact"),
-    ("logreg", {"image_dim": 20, "meta_numeric": 4}, "--meta")])
+    ("svm-rbf-exact", {}, "svm-rbf-exact")])
 def test_a_head_without_an_onnx_form_is_refused_with_its_name_and_why(head, options, reason):
     X, y = _features("ab")
     pipeline = make_pipeline(head, **options).fit(X, y)
@@ -162,3 +170,49 @@ def test_a_four_view_run_exports_on_the_default_engine(tmp_path):
     by_run = run.predict(str(data))
     columns = [c for c in by_run.columns if c.startswith("p_")]
     assert np.abs(by_run.loc[info.index, columns].to_numpy() - info[columns].to_numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_fused_and_metadata_runs_export_from_a_strangers_csv(tmp_path):
+    """A semicolon CSV with German headers, a label with a trailing space and missing ages; a run with
+    metadata columns (a second input) and a fused run of two backbones that prepare images otherwise (two
+    image inputs) export, and predict --onnx gives predict --run's probabilities."""
+    data = shared("ham70")
+    lesions = {}
+    with open(data / "HAM10000_metadata.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            lesions[row["image_id"]] = row
+    table = tmp_path / "bilder.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=";")
+        writer.writerow(["Bild Pfad", "Diagnose ", "Läsion", "Alter", "geschlecht"])
+        for k, image in enumerate(sorted(data.rglob("*.jpg"))):
+            row = lesions[image.stem]
+            writer.writerow([image, row["dx"] + (" " if k % 9 == 0 else ""), row["lesion_id"],
+                             row["age"] if k % 11 else "", row["sex"]])
+    cache = str(tmp_path / "cache")
+    columns = ["--data", str(table), "--image-col", "Bild Pfad", "--label-col", "Diagnose ", "--group-col", "Läsion",
+               "--cache", cache, "-q"]
+    runner = CliRunner()
+    for backbone in ("efficientnet_lite0", "squeezenet1_1"):
+        out = runner.invoke(app, ["extract", *columns, "--backbone", backbone, "--engine", "onnxruntime"])
+        assert out.exit_code == 0, out.output
+    fits = [["--backbone", "efficientnet_lite0", "--meta", "Alter,geschlecht"],
+            ["--backbone", "efficientnet_lite0+squeezenet1_1"]]
+    for extra in fits:
+        out = runner.invoke(app, ["fit", *columns, *extra, "--head", "logreg", "--cv", "3"])
+        assert out.exit_code == 0, out.output
+    runs = sorted(Path(cache).glob("*/*/runs/logreg-*"))
+    assert len(runs) == 2
+    for run in runs:
+        model = tmp_path / f"{run.name}.onnx"
+        out = runner.invoke(app, ["export", str(run), "--out", str(model)])
+        assert out.exit_code == 0, out.output
+        inputs = [i.name for i in ort.InferenceSession(str(model)).get_inputs()]
+        assert inputs == (["image", "image_1"] if "gap_gap" in run.name else ["image", "metadata"])
+        for way, flag in (("run", ["--run", str(run), "--cache", cache]), ("onnx", ["--onnx", str(model)])):
+            out = runner.invoke(app, ["predict", *flag, str(table), "--image-col", "Bild Pfad",
+                                      "--out", str(tmp_path / f"{way}.csv"), "-q"])
+            assert out.exit_code == 0, out.output
+        by_run, by_onnx = _rows(tmp_path / "run.csv"), _rows(tmp_path / "onnx.csv")
+        assert len(by_onnx) == 70 and _max_difference(by_run, by_onnx) < 1e-4

@@ -86,3 +86,13 @@ def test_npz_source_and_mismatched_lengths(tmp_path):
 def test_missing_data_path():
     with pytest.raises(SourceError, match="no such file or folder"):
         open_source("/nonexistent/place")
+
+
+def test_a_csv_of_new_images_needs_no_label_column_for_predict(tmp_path, photo):
+    photo.save(tmp_path / "a b#1.jpg")
+    table = tmp_path / "neu.csv"
+    table.write_text("Datei;Alter\na b#1.jpg;51\n")
+    with pytest.raises(SourceError, match="no label column"):
+        open_source(table, image_col="Datei")
+    (record,) = open_source(table, image_col="Datei", labels_required=False).records
+    assert record.label is None and record.meta == {"Alter": "51"} and record.path.name == "a b#1.jpg"

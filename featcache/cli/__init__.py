@@ -216,9 +216,10 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
          own("inputs", list[str], typer.Argument(..., help="Image files and/or folders (or one CSV/.npz).")),
          own("out", Path, typer.Option(Path("predictions.csv"), help="Output CSV.")),
          own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")),
-         own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)))
+         own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)),
+         own("image_col", str | None, typer.Option(None, help=BY_NAME["image_col"].help)))
 def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, weights: str | None,
-            group_col: str | None, **options: Any) -> None:
+            group_col: str | None, image_col: str | None, **options: Any) -> None:
     """Class probabilities for new images with a saved run (features go through the cache; warns when a
     new image is identical or nearly identical to a training image), or with an exported model (--onnx).
 
@@ -236,10 +237,10 @@ def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, w
         if ignored:
             raise typer.BadParameter(f"{', '.join(ignored)} apply to --run only: an exported model holds its "
                                      "weights and takes images as they are", param_hint="--onnx")
-        frame = api.predict_onnx(onnx, inputs, group_col=group_col, quiet=options["quiet"])
+        frame = api.predict_onnx(onnx, inputs, group_col=group_col, image_col=image_col, quiet=options["quiet"])
     else:
         frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
-                                          group_col=group_col, quiet=options["quiet"],
+                                          group_col=group_col, image_col=image_col, quiet=options["quiet"],
                                           test_align=options["test_align"], align_from=options["align_from"],
                                           trust_pickle=options["trust_pickle"])
     _print(f"predictions written to {write_predictions(frame, out)}")

@@ -93,18 +93,20 @@ def open_source(
     image_col: str | None = None,
     label_col: str | None = None,
     group_col: str | None = None,
+    labels_required: bool = True,
 ) -> ImageSource:
     """Open ``data`` (folder, CSV or .npz) as an :class:`ImageSource`.
 
     A folder holding a ``labels.csv`` is read through that CSV (so groups and splits are kept);
-    any other folder must have one sub-folder per class.
+    any other folder must have one sub-folder per class. ``labels_required=False``: a CSV without a
+    label column is read too (new images to predict).
     """
     path = Path(data).expanduser()
     if not path.exists():
         raise SourceError(f"--data {path}: no such file or folder")
     manifest = path / "labels.csv" if path.is_dir() else path
     if manifest.is_file() and manifest.suffix.lower() == ".csv":
-        return read_csv_source(manifest, images, image_col, label_col, group_col)
+        return read_csv_source(manifest, images, image_col, label_col, group_col, labels_required)
     if group_col:
         raise SourceError(f"--group-col {group_col}: {path} has no columns (only a CSV manifest has); "
                           "write a CSV with an image, a label and a group column")
@@ -175,8 +177,10 @@ def read_csv_source(
     image_col: str | None = None,
     label_col: str | None = None,
     group_col: str | None = None,
+    labels_required: bool = True,
 ) -> ImageSource:
-    """Read a CSV manifest; recognises the HAM10000 metadata and ISIC one-hot ground-truth forms."""
+    """Read a CSV manifest; recognises the HAM10000 metadata and ISIC one-hot ground-truth forms.
+    ``labels_required=False``: without a label column every image is unlabelled (for predict)."""
     csv_path = Path(csv_path)
     base = Path(images).expanduser() if images else csv_path.parent
     try:
@@ -212,7 +216,7 @@ def read_csv_source(
             )
         image_column = id_column
         stem_index = _index_images(base)  # ids such as ISIC_0024306 name files below --images
-    if label_column is None and kind != "isic-onehot":
+    if label_column is None and kind != "isic-onehot" and labels_required:
         raise SourceError(
             f"{csv_path}: no label column; columns are {columns}. Expected one of "
             f"{', '.join(LABEL_COLUMNS)} or ISIC one-hot columns, or pass --label-col NAME"
@@ -246,6 +250,8 @@ def read_csv_source(
             if len(hot) != 1:
                 notes.append(f"{csv_path.name} line {line}: {len(hot)} one-hot labels set, "
                              "image kept without label")
+        elif label_column is None:
+            label = None
         else:
             label = (row.get(label_column) or "").strip() or None
             if label is None:

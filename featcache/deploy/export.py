@@ -7,7 +7,8 @@ export that ``--engine`` runs), the pooling the head read, the rounding to the s
 scaler, PCA and head (:mod:`featcache.deploy.head_graph`) and the mean over views. Out comes
 ``probabilities``: float32, ``n x classes``, in the order of ``featcache.classes``.
 
-A fused run has one backbone per part, all fed from the same image when their preprocessing agrees.
+A fused run has one backbone per part; backbones that prepare the image the same way share an input,
+others get their own (``image_1``…). A run with metadata columns takes them as a second input, ``metadata``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from featcache.store.naming import cache_root_of_run, entry_of_run
 from featcache.store.runs import read_metrics
 
 IMAGE = "image"
+METADATA = "metadata"  # the second input of a run with --meta
 METADATA_KEY = "featcache"  # the JSON of everything a user of the graph needs (see export_run)
 _INT64_MIN = np.iinfo(np.int64).min
 
@@ -44,12 +46,8 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     run_dir = Path(run_dir).resolve()
     saved = load_model(run_dir, trust_pickle)
     metrics = read_metrics(run_dir)
-    if saved["config"].get("meta_spec"):
-        raise NotExportable("a run with metadata columns (--meta): its graph would need each image's metadata as "
-                            "a second input, which featcache does not export yet; fit without --meta to export")
     if saved.get("fusion"):
-        fused = fused_from_manifest(saved["fusion"])
-        parts = [(entry, pool) for entry, pool in fused.parts]
+        parts = list(fused_from_manifest(saved["fusion"]).parts)
     else:
         parts = [(CacheEntry(entry_of_run(run_dir)), saved["pool"])]
     cache_root = cache_root_of_run(run_dir)
@@ -58,27 +56,32 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     if hasattr(pipeline, "estimator_"):  # a ViewEnsemble: the head runs on each view, its outputs averaged
         test_views, pipeline = pipeline.test_views, pipeline.estimator_
     used_views = _view_names(views if test_views == "all" else 1)
-    preprocesses = {json.dumps(_preprocess_of(entry).to_dict(), sort_keys=True) for entry, _ in parts}
-    if len(preprocesses) > 1:
-        raise NotExportable("a fused run whose backbones take differently prepared images (input size, resize or "
-                            "filters): one graph takes one image; fuse backbones with the same input to export")
-    preprocess = _preprocess_of(parts[0][0])
-    reporter.info(f"exporting {' + '.join(e.manifest['backbone'] for e, _ in parts)} with its "
-                  f"{type(pipeline.steps[-1][1]).__name__} head")
+    # one image input per distinct way of preparing the image (the normalisation is inside each backbone)
+    prepared: list[Preprocess] = []
+    input_of = []
+    for entry, _ in parts:
+        preprocess = _preprocess_of(entry)
+        key = [_geometry(p) for p in prepared]
+        if _geometry(preprocess) not in key:
+            prepared.append(preprocess)
+        input_of.append([_geometry(p) for p in prepared].index(_geometry(preprocess)))
+    meta_spec = saved["config"].get("meta_spec") or []
+    head_name = type(pipeline.steps[-1][1]).__name__
+    reporter.info(f"exporting {' + '.join(e.manifest['backbone'] for e, _ in parts)} with its {head_name} head")
     engines = {entry.manifest["fingerprint_inputs"].get("engine", "torch") for entry, _ in parts} - {"onnxruntime"}
-    if type(pipeline.steps[-1][1]).__name__ == "XGBHead" and (engines or "pca" in pipeline.named_steps):
+    if head_name == "XGBHead" and (engines or "pca" in pipeline.named_steps or meta_spec):
         why = (f"the features this run was trained on came from {', '.join(sorted(engines))} and the graph computes "
                "them with ONNX Runtime, about 1e-6 apart" if engines else
-               "the graph sums the PCA projection in another order than NumPy, about 1e-7 apart")
+               "the graph scales or projects the features with other float32 rounding than NumPy, about 1e-7 apart")
         reporter.warn(f"{why}: an XGBoost tree can go the other way at a split value, so some probabilities may "
                       "differ from `predict --run` (up to ~0.01 on ham70). For identical numbers extract with "
-                      "--engine onnxruntime and fit without --pca")
+                      "--engine onnxruntime and fit without --pca and --meta")
     dims = [entry.manifest["dims"][pool] for entry, pool in parts]
-    head = head_graph(pipeline, sum(dims))
+    head = head_graph(pipeline, sum(dims) + len(meta_spec))
     backbones = [_backbone_features(entry, pool, cache_root, weights, k) for k, (entry, pool) in enumerate(parts)]
-    graph = _assemble(backbones, head, used_views, preprocess.crop_size, parts[0][0].manifest["fingerprint_inputs"]
-                      ["dtype"], len(saved["classes"]))
-    graph.metadata_props.extend(_metadata(saved, metrics, preprocess, parts, used_views, run_dir))
+    graph = _assemble(backbones, input_of, [p.crop_size for p in prepared], head, used_views,
+                      parts[0][0].manifest["fingerprint_inputs"]["dtype"], len(saved["classes"]), len(meta_spec))
+    graph.metadata_props.extend(_metadata(saved, metrics, prepared, parts, used_views, run_dir, meta_spec))
     onnx.checker.check_model(graph, full_check=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +93,17 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
         tmp.unlink(missing_ok=True)
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
     return out
+
+
+def input_names(count: int) -> list[str]:
+    """The graph's image inputs: ``image``, then ``image_1``… for fused backbones that prepare images otherwise."""
+    return [IMAGE] + [f"{IMAGE}_{k}" for k in range(1, count)]
+
+
+def _geometry(preprocess: Preprocess) -> str:
+    """What shapes the uint8 input (size, resize, crop, filters, decoding), not the normalisation."""
+    fields = {k: v for k, v in preprocess.to_dict().items() if k not in ("mean", "std")}
+    return json.dumps(fields, sort_keys=True, default=list)
 
 
 def _preprocess_of(entry: CacheEntry) -> Preprocess:
@@ -166,43 +180,54 @@ def _view_nodes(source: str, view: str, out: str) -> list[onnx.NodeProto]:
     raise NotExportable(f"view {view!r} has no ONNX form")
 
 
-def _assemble(backbones: list[onnx.ModelProto], head: onnx.ModelProto, views: tuple[str, ...], size: int,
-              dtype: str, n_classes: int) -> onnx.ModelProto:
-    """image (uint8 NHWC) -> views stacked on the batch axis -> each backbone's pooling -> rounded to the
-    stored dtype, side by side -> head -> mean over views -> probabilities."""
-    nodes = [helper.make_node("Transpose", [IMAGE], ["nchw"], perm=[0, 3, 1, 2])]
-    for k, view in enumerate(views):
-        nodes += _view_nodes("nchw", view, f"view{k}")
-    nodes.append(helper.make_node("Concat", [f"view{k}" for k in range(len(views))], ["x"], axis=0))
-    front = helper.make_graph(nodes, "views", [helper.make_tensor_value_info(IMAGE, TensorProto.UINT8,
-                                                                             ["n", size, size, 3])],
-                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 3, size, size])])
-    front_model = helper.make_model(front, opset_imports=[helper.make_opsetid("", OPSET)])
+def _assemble(backbones: list[onnx.ModelProto], input_of: list[int], sizes: list[int], head: onnx.ModelProto,
+              views: tuple[str, ...], dtype: str, n_classes: int, meta_columns: int) -> onnx.ModelProto:
+    """image(s) (uint8 NHWC) -> views stacked on the batch axis -> each backbone's pooling, rounded to the
+    stored dtype, side by side (then the metadata columns, repeated per view) -> head -> mean over views."""
+    names = input_names(len(sizes))
+    nodes, inputs = [], []
+    for k, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.UINT8, ["n", size, size, 3]))
+        nodes.append(helper.make_node("Transpose", [name], [f"nchw{k}"], perm=[0, 3, 1, 2]))
+        for v, view in enumerate(views):
+            nodes += _view_nodes(f"nchw{k}", view, f"in{k}/view{v}")
+        nodes.append(helper.make_node("Concat", [f"in{k}/view{v}" for v in range(len(views))], [f"x{k}"], axis=0))
+    front_outputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.UINT8, [None, 3, size, size])
+                     for k, size in enumerate(sizes)]
+    if meta_columns:  # the metadata of each image, once per view (rows are view-major)
+        inputs.append(helper.make_tensor_value_info(METADATA, TensorProto.FLOAT, ["n", meta_columns]))
+        repeats = numpy_helper.from_array(np.array([len(views), 1], dtype=np.int64))
+        nodes += [helper.make_node("Constant", [], ["meta/repeats"], value=repeats),
+                  helper.make_node("Tile", [METADATA, "meta/repeats"], ["meta_rows"])]
+        front_outputs.append(helper.make_tensor_value_info("meta_rows", TensorProto.FLOAT, [None, meta_columns]))
+    merged = helper.make_model(helper.make_graph(nodes, "views", inputs, front_outputs),
+                               opset_imports=[helper.make_opsetid("", OPSET)])
     stored = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT}.get(dtype)
     if stored is None:
         raise NotExportable(f"features stored as {dtype}: only float16 and float32 export")
-    # the backbones side by side, from the same x; each output rounded as the cache stores it
     from onnx.compose import add_prefix, merge_graphs
 
-    merged = front_model
-    outputs = []
-    for k, backbone in enumerate(backbones):
-        piece = add_prefix(_normalised(backbone), f"b{k}/")
+    carried = [o.name for o in front_outputs]
+    pools = []
+    for b, (backbone, k) in enumerate(zip(backbones, input_of, strict=True)):
+        piece = add_prefix(_normalised(backbone), f"b{b}/")
         (pool_out,) = [o.name for o in piece.graph.output]
-        keep = [o.name for o in merged.graph.output if o.name != "x"] + [pool_out]
-        graph = merge_graphs(merged.graph, piece.graph, io_map=[("x", f"b{k}/x")], outputs=["x", *keep])
+        graph = merge_graphs(merged.graph, piece.graph, io_map=[(f"x{k}", f"b{b}/x")],
+                             outputs=[*carried, *pools, pool_out])
         merged = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        outputs.append(pool_out)
-    tail = [helper.make_node("Cast", [o], [f"{o}/stored"], to=stored) for o in outputs]
-    tail += [helper.make_node("Cast", [f"{o}/stored"], [f"{o}/read"], to=TensorProto.FLOAT) for o in outputs]
-    tail.append(helper.make_node("Concat", [f"{o}/read" for o in outputs], [FEATURES], axis=1)
-                if len(outputs) > 1 else helper.make_node("Identity", [f"{outputs[0]}/read"], [FEATURES]))
+        pools.append(pool_out)
+    # each pooling rounded as the cache stores it and read back as float32, side by side, then the metadata
+    tail = [helper.make_node("Cast", [o], [f"{o}/stored"], to=stored) for o in pools]
+    tail += [helper.make_node("Cast", [f"{o}/stored"], [f"{o}/read"], to=TensorProto.FLOAT) for o in pools]
+    columns = [f"{o}/read" for o in pools] + (["meta_rows"] if meta_columns else [])
+    tail.append(helper.make_node("Concat", columns, [FEATURES], axis=1) if len(columns) > 1
+                else helper.make_node("Identity", columns, [FEATURES]))
     graph = merged.graph
     graph.node.extend(tail)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, None))
     body = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    # the head on every view's row, then the mean over views: rows are view-major (view 0's images first)
+    # the head on every view's row, then the mean over views
     shape = numpy_helper.from_array(np.array([len(views), -1, n_classes], dtype=np.int64), "mean/shape")
     mean_nodes = [helper.make_node("Reshape", ["per_view", "mean/shape"], ["by_view"]),
                   helper.make_node("ReduceMean", ["by_view"], [PROBABILITIES], axes=[0], keepdims=0)]
@@ -212,7 +237,7 @@ def _assemble(backbones: list[onnx.ModelProto], head: onnx.ModelProto, views: tu
                              initializer=[shape])
     mean_model = helper.make_model(mean, opset_imports=[helper.make_opsetid("", OPSET)])
     whole = chain([body, head, mean_model], [(FEATURES, FEATURES), (PROBABILITIES, "per_view")])
-    return _ends_named(whole)
+    return _ends_named(whole, names + ([METADATA] if meta_columns else []))
 
 
 def _normalised(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -221,38 +246,50 @@ def _normalised(model: onnx.ModelProto) -> onnx.ModelProto:
     return normalised(model)
 
 
-def _ends_named(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph's input and output under their plain names (``image``, ``probabilities``)."""
+def _ends_named(model: onnx.ModelProto, inputs: list[str]) -> onnx.ModelProto:
+    """The graph's inputs and output under their plain names (``image``…, ``metadata``, ``probabilities``):
+    the pieces' prefixes taken off."""
     graph = model.graph
-    renamed = {graph.input[0].name: IMAGE, graph.output[0].name: PROBABILITIES}
+    renamed = {graph.output[0].name: PROBABILITIES}
+    for value in graph.input:
+        renamed[value.name] = next(name for name in inputs if value.name.endswith("/" + name) or value.name == name)
     for node in graph.node:
         node.input[:] = [renamed.get(i, i) for i in node.input]
         node.output[:] = [renamed.get(o, o) for o in node.output]
-    graph.input[0].name, graph.output[0].name = IMAGE, PROBABILITIES
+    for value in [*graph.input, *graph.output]:
+        value.name = renamed[value.name]
     return model
 
 
-def _metadata(saved: dict, metrics: dict, preprocess: Preprocess, parts: list, views: tuple[str, ...],
-              run_dir: Path) -> list[onnx.StringStringEntryProto]:
+def _metadata(saved: dict, metrics: dict, prepared: list[Preprocess], parts: list, views: tuple[str, ...],
+              run_dir: Path, meta_spec: list[dict]) -> list[onnx.StringStringEntryProto]:
     pooled = metrics.get("pooled", {})
     headline = {name: {"value": pooled[name], "ci95": pooled.get("ci95", {}).get(name)}
                 for name in ("balanced_accuracy", "macro_f1", "auroc") if name in pooled}
+
+    def described(preprocess: Preprocess) -> dict:
+        return preprocess.to_dict() | {"resize_mode": preprocess.resize_mode, "resampler": preprocess.resampler,
+                                       "filters": list(preprocess.filters)}
+
+    inputs = [{"name": name, "size": p.crop_size, "preprocess": described(p)}
+              for name, p in zip(input_names(len(prepared)), prepared, strict=True)]
     info = {
-        "format": 1, "featcache_version": __version__, "input": IMAGE, "output": PROBABILITIES,
-        "input_layout": "NHWC uint8 RGB", "input_size": preprocess.crop_size,
+        "format": 1, "featcache_version": __version__, "inputs": inputs, "output": PROBABILITIES,
+        "input_layout": "NHWC uint8 RGB", "input_size": prepared[0].crop_size, "preprocess": inputs[0]["preprocess"],
         "classes": [str(c) for c in saved["pipeline"].classes_],
-        "preprocess": preprocess.to_dict() | {"resize_mode": preprocess.resize_mode, "resampler": preprocess.resampler,
-                                              "filters": list(preprocess.filters)},
-        "normalisation": {"mean": list(preprocess.mean), "std": list(preprocess.std), "inside_graph": True},
+        "normalisation": {"mean": list(prepared[0].mean), "std": list(prepared[0].std), "inside_graph": True},
         "backbones": [entry.manifest["backbone"] for entry, _ in parts], "pools": [pool for _, pool in parts],
         "views": list(views), "feature_fingerprint": saved["feature_fingerprint"], "head": saved["config"]["head"],
         "protocol": metrics.get("protocol"), "metrics": headline, "run": run_dir.name,
         "conformal": metrics.get("conformal"),
+        # --meta: the second input's columns, numeric ones as numbers and categorical ones as their index in
+        # `categories`; NaN where missing
+        "metadata": meta_spec or None,
     }
     if "test" in metrics:
         info["test_metrics"] = {k: metrics["test"].get(k) for k in ("balanced_accuracy", "macro_f1", "auroc")
                                 if k in metrics["test"]}
-    plain = {"featcache.classes": ",".join(info["classes"]), "featcache.input_size": str(preprocess.crop_size),
+    plain = {"featcache.classes": ",".join(info["classes"]), "featcache.input_size": str(prepared[0].crop_size),
              "featcache.feature_fingerprint": saved["feature_fingerprint"]}
     entries = [onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(info, default=str))]
     entries += [onnx.StringStringEntryProto(key=k, value=v) for k, v in plain.items()]

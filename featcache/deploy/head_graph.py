@@ -50,8 +50,8 @@ def chain(models: list[onnx.ModelProto], names: list[tuple[str, str]]) -> onnx.M
 
 
 def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitted scikit-learn Pipeline
-    """``features`` (float32, n x ``dim``) -> ``probabilities`` (float32, n x classes, in the order of
-    the pipeline's ``classes_``)."""
+    """``features`` (float32, n x ``dim``: the image features, then any metadata columns) ->
+    ``probabilities`` (float32, n x classes, in the order of the pipeline's ``classes_``)."""
     from sklearn.pipeline import Pipeline
 
     from featcache.evaluation.heads import CalibratedHead, SVMHead, TorchMLPClassifier, XGBHead
@@ -63,11 +63,7 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
     pieces: list[onnx.ModelProto] = []
     width = dim
     if prefix:
-        if any(name == "prep" for name, _ in prefix):
-            raise NotExportable("a run with metadata columns (--meta): its graph would need each image's metadata "
-                                "as a second input, which featcache does not export yet; fit without --meta to "
-                                "export")
-        for _, step in prefix:
+        for _, step in prefix:  # a StandardScaler, PCA, or with --meta the ColumnTransformer of features and metadata
             if type(step).__name__ == "StandardScaler":
                 pieces.append(_scaler(step, width))
             else:

@@ -41,38 +41,51 @@ def graph_info(session) -> dict:  # noqa: ANN001
 
 
 def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None = None,
-                       group_col: str | None = None):  # noqa: ANN201 - a pandas DataFrame
+                       group_col: str | None = None, image_col: str | None = None):  # noqa: ANN201 - a pandas DataFrame
     """The same table as :func:`featcache.evaluation.predict.predict_frame` (``predicted``, ``p_<class>``,
     the prediction set where the run had one, ``failed``), from the exported graph ``path``."""
     import pandas as pd
 
     from featcache.data.images import Preprocess
+    from featcache.deploy.export import METADATA
     from featcache.evaluation.conformal import prediction_sets, set_labels
+    from featcache.evaluation.features import encode_meta
     from featcache.evaluation.predict import images_source
     from featcache.extraction.resume import read_record
 
     reporter = reporter or Reporter(quiet=True)
     session = onnx_session(path)
     info = graph_info(session)
-    fields = dict(info["preprocess"])
-    for key in ("mean", "std", "filters"):
-        fields[key] = tuple(fields.get(key, ()))
-    preprocess = Preprocess(**fields)
-    source = images_source(inputs, group_col)
+    inputs_info = info.get("inputs") or [{"name": "image", "preprocess": info["preprocess"]}]
+    preprocesses = []
+    for given in inputs_info:
+        fields = dict(given["preprocess"])
+        for key in ("mean", "std", "filters"):
+            fields[key] = tuple(fields.get(key, ()))
+        preprocesses.append(Preprocess(**fields))
+    source = images_source(inputs, group_col, image_col)
     classes = info["classes"]
     ids, images, failed, arrays = [], [], {}, {}
     for record in source.records:
         try:
             content, _ = read_record(record, arrays)
-            images.append(preprocess.load(content).permute(1, 2, 0).numpy())
+            images.append([p.load(content).permute(1, 2, 0).numpy() for p in preprocesses])
             ids.append(record.id)
         except (OSError, ValueError) as exc:
             failed[record.id] = str(exc)
             reporter.warn(f"no prediction for {record.id}: {exc}")
     if not ids:
         raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted")
-    proba = np.concatenate([session.run(["probabilities"], {"image": np.stack(images[start:start + BATCH])})[0]
-                            for start in range(0, len(images), BATCH)])
+    feeds = {given["name"]: np.stack([image[k] for image in images]) for k, given in enumerate(inputs_info)}
+    if info.get("metadata"):  # --meta: the same columns, coded as at training
+        by_id = {r.id: r for r in source.records}
+        if not any(by_id[i].meta for i in ids):
+            names = ", ".join(c["name"] for c in info["metadata"])
+            raise RunError(f"this model also reads metadata columns ({names}); predict from a CSV that has them")
+        feeds[METADATA], _ = encode_meta([by_id[i] for i in ids], [], info["metadata"], str(source.location))
+        feeds[METADATA] = feeds[METADATA].astype(np.float32)
+    proba = np.concatenate([session.run(["probabilities"], {k: v[start:start + BATCH] for k, v in feeds.items()})[0]
+                            for start in range(0, len(ids), BATCH)])
     groups = {r.id: r.group or "" for r in source.records}
     rows = [{"id": i, "group": groups[i], "predicted": classes[int(np.argmax(p))],
              **{f"p_{c}": float(v) for c, v in zip(classes, p, strict=True)}, "near_duplicate_of": "",

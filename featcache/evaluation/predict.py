@@ -52,13 +52,14 @@ def predict_proba_from_entry(saved: dict, entry: CacheEntry, ids: list[str],
     return saved["pipeline"].predict_proba(X)
 
 
-def images_source(inputs: list[str], group_col: str | None = None) -> ImageSource:
+def images_source(inputs: list[str], group_col: str | None = None, image_col: str | None = None) -> ImageSource:
     """A source of unlabelled images from file paths and/or folders (searched recursively)."""
     if len(inputs) == 1 and (Path(inputs[0]).suffix.lower() in (".csv", ".npz")
                              or (Path(inputs[0]) / "labels.csv").is_file()):
-        return open_source(inputs[0], group_col=group_col)
-    if group_col:
-        raise RunError(f"--group-col {group_col}: only a CSV of images has columns; pass one CSV")
+        return open_source(inputs[0], image_col=image_col, group_col=group_col, labels_required=False)
+    for flag, column in (("--group-col", group_col), ("--image-col", image_col)):
+        if column:
+            raise RunError(f"{flag} {column}: only a CSV of images has columns; pass one CSV")
     records = []
     for item in inputs:
         path = Path(item)
@@ -100,7 +101,8 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
 
 def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
                   weights: str | None = None, group_col: str | None = None, test_align: str = "none",
-                  align_from: str | None = None, trust_pickle: bool = False) -> pd.DataFrame:
+                  align_from: str | None = None, trust_pickle: bool = False,
+                  image_col: str | None = None) -> pd.DataFrame:
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
     nearly identical to), ``group``, and ``failed`` (why an image has no prediction, else empty)."""
@@ -108,7 +110,7 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
 
     reporter = reporter or Reporter(quiet=True)
     saved = load_model(run_dir, trust_pickle)
-    source = images_source(inputs, group_col)
+    source = images_source(inputs, group_col, image_col)
     if saved.get("fusion"):  # a fused run: the new images go through every backbone it read
         train_entry = fused_from_manifest(saved["fusion"])
         results = [extract_like(source, part, cache_root, weights, reporter) for part, _ in train_entry.parts]
