@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderResult
 
     from featcache.data.sources import ImageSource
-    from featcache.extraction.extract import ExtractResult
     from featcache.extraction.ray import RayCluster
+    from featcache.extraction.result import ExtractResult
     from featcache.reporting.compare import Row
     from featcache.store.entries import CacheEntry
     from featcache.study import Study, StudyResult
@@ -186,10 +186,18 @@ def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry:
 
 
 def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
-    from featcache.extraction.extract import extract as run_extract
+    from featcache.extraction.warm import recipe_key, record_recipe, warm_result
 
     reporter = _reporter(o["quiet"], reporter)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
+    root = cache_root(o["cache"])
+    recipe = recipe_key(source, o)
+    result = warm_result(source, root, recipe)  # every image cached: no backbone, no PyTorch
+    if result is not None:
+        reporter.result(result.summary())
+        return result
+    from featcache.extraction.extract import extract as run_extract
+
     result = run_extract(source, o["backbone"], cache_root(o["cache"]), o["pools"], o["dtype"], o["weights"],
                          o["batch_size"], o["workers"], o["shard_size"], device=o["device"],
                          precision=o["precision"], jpeg_draft=o["jpeg_draft"], input_size=o["input_size"],
@@ -197,6 +205,7 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
                          engine=o["engine"], preprocess=o["preprocess"], norm_from=o["norm_from"],
                          resampler=o["resampler"], cluster=_cluster(o["ray"], reporter, o["ray_actors"]),
                          rehash=o["rehash"])
+    record_recipe(root, recipe, result)
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     reporter.result(result.summary())

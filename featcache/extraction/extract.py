@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 from featcache.extraction.device import provenance, resolve_device, resolve_precision
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
+from featcache.extraction.result import ExtractResult
 from featcache.extraction.resume import file_state, plan, read_record
 from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
 from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
@@ -51,26 +52,6 @@ PRECISIONS = tuple(p.value for p in Precision)
 
 class ExtractionInterrupted(FeatcacheError):
     """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
-
-
-@dataclass
-class ExtractResult:
-    entry: CacheEntry
-    extracted: int
-    skipped: int
-    failed: dict[str, str]
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-    reused: int = 0  # images whose features came from another entry with the same fingerprint
-
-    @property
-    def images_per_second(self) -> float:
-        return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        reused = f"{self.reused} reused from other entries, " if self.reused else ""
-        return (f"{self.extracted} extracted ({self.images_per_second:.1f} images/s), {reused}"
-                f"{self.skipped} already cached, {len(self.failed)} failed -> {self.entry.path}")
 
 
 def extract(

@@ -8,6 +8,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/runs/<head>-<pool>-<run id>/   a run
     <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
     <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
+    <cache root>/.warm/<recipe>.json                                 the entry an extract recipe named last
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def find_runs(cache_root: Path) -> list[Path]:
 def norm_stats_path(cache_root: Path, dataset: str, inputs: dict) -> Path:
     """Where a dataset's channel statistics computed from ``inputs`` (files and preprocessing) are kept."""
     return Path(cache_root) / dataset / f"{NORM_STATS_PREFIX}{stable_hash(inputs, 16)}.json"
+
+
+def warm_recipe_path(cache_root: Path, key: str) -> Path:
+    """The entry an extraction recipe named last time (featcache.extraction.warm): a hint, checked when used."""
+    return Path(cache_root) / ".warm" / f"{key}.json"
 
 
 def engine_export_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
