@@ -166,11 +166,12 @@ def _open(data: str, images: str | None, image_col: str | None, label_col: str |
 # ---------------------------------------------------------------------------------------------------------
 
 @takes_options("extract", positional=("data", "backbone"))
-def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry:
+def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry | list[CacheEntry]:
     """Run a frozen backbone once over the images of ``data`` and cache its features (HDF5 shards).
 
     Reruns skip the images already committed (resume after a crash or Ctrl-C); a changed image, weights
-    file or preprocessing never reuses old features.
+    file or preprocessing never reuses old features. With several backbones (``backbone="a,b,c"``) each
+    image is decoded once for all of them, and each gets the entry its own extraction would make.
 
     Parameters
     ----------
@@ -179,18 +180,22 @@ def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry:
 
     Returns
     -------
-    Entry
-        The cache entry: ``.path``, ``.fingerprint``, ``.ids``, ``.read(pool)`` …
+    Entry, or list of Entry
+        The cache entry: ``.path``, ``.fingerprint``, ``.ids``, ``.read(pool)`` …; one per backbone, in
+        order, when ``backbone`` names several.
     """
-    return _extract(reporter, options).entry
+    result = _extract(reporter, options)
+    return [r.entry for r in result] if isinstance(result, list) else result.entry
 
 
-def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
+def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | list[ExtractResult]:
     from featcache.extraction.warm import recipe_key, record_recipe, warm_result
 
     reporter = _reporter(o["quiet"], reporter)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
     root = cache_root(o["cache"])
+    if "," in o["backbone"]:
+        return _extract_many(source, root, reporter, o)
     recipe = recipe_key(source, o)
     result = warm_result(source, root, recipe)  # every image cached: no backbone, no PyTorch
     if result is not None:
@@ -210,6 +215,35 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult:
         reporter.info(note)
     reporter.result(result.summary())
     return result
+
+
+def _extract_many(source: ImageSource, root: Path, reporter: Reporter, o: dict[str, Any]) -> list[ExtractResult]:
+    """``backbone="a,b,c"``: every image decoded once for all of them, an entry each (as its single
+    extraction makes it); answered from the recipes when every backbone has every image."""
+    from featcache.extraction.multi import extract_many, split_backbones
+    from featcache.extraction.warm import recipe_key, record_recipe, warm_result
+
+    names = split_backbones(o["backbone"])
+    if o["ray"]:
+        raise OptionError(f"backbone {o['backbone']} with ray: one decode for several backbones runs on this machine; "
+                          "drop ray, or extract one backbone at a time on the cluster")
+    recipes = [recipe_key(source, {**o, "backbone": name}) for name in names]
+    warm = [warm_result(source, root, recipe) for recipe in recipes]
+    if all(result is not None for result in warm):
+        results = warm
+    else:
+        results = extract_many(source, names, root, pools=o["pools"], dtype=o["dtype"], weights=o["weights"],
+                               batch_size=o["batch_size"], workers=o["workers"], shard_size=o["shard_size"],
+                               device=o["device"], precision=o["precision"], jpeg_draft=o["jpeg_draft"],
+                               input_size=o["input_size"], views=o["views"], resize=o["resize"],
+                               break_lock=o["break_lock"], reporter=reporter, engine=o["engine"],
+                               preprocess=o["preprocess"], resampler=o["resampler"], norm_from=o["norm_from"],
+                               rehash=o["rehash"])
+        for recipe, result in zip(recipes, results, strict=True):
+            record_recipe(root, recipe, result)
+    for result in results:
+        reporter.result(result.summary())
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -296,7 +296,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("classes", str, None, "Keep only these classes, e.g. `mel,nv`.", ("fit",), "data", multiple=True),
     # --- extraction (the study's [extract] table; fit takes the entry settings to choose an entry) ---
     Option("backbone", str, "efficientnet_lite0", "Registry name (see `featcache backbones`) or timm:<model>; "
-           "on fit, the backbone whose features to use (default: the one the data was extracted with), and "
+           "on extract, `a,b,c` decodes each image once for all of them (an entry each); on fit, the backbone "
+           "whose features to use (default: the one the data was extracted with), and "
            "`a+b` fuses several (their features side by side, rows aligned by image id).", _DATA,
            "extract", key="backbones", short="-b", selects=True),
     Option("pools", str, None, "Comma list of poolings, e.g. `cls,mean,cls+mean` (ViTs) or `gap,fc7` "

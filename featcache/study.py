@@ -217,6 +217,26 @@ def _extract_settings(study: Study) -> dict[str, Any]:
     return {name: study.extract[name] for name in names}
 
 
+def _extract_together(study: Study, sources: list, models: dict, cache_root: Path, reporter: Reporter, how: dict,
+                      cluster: Any, overall: Any) -> dict[str, tuple]:
+    """Several backbones on this machine: each source decoded once for all of them
+    (:func:`featcache.extraction.multi.extract_many`); ``{backbone: (entry, test entry)}``, empty otherwise."""
+    from featcache.extraction.multi import extract_many
+
+    if cluster is not None or len(study.backbones) < 2:
+        return {}
+    found: dict[str, list] = {backbone: [None, None] for backbone in study.backbones}
+    for k, source in enumerate(sources):
+        if source is None:
+            continue
+        results = extract_many(source, [models[b] for b in study.backbones], cache_root, reporter=reporter, **how,
+                               **_extract_settings(study))
+        for backbone, result in zip(study.backbones, results, strict=True):
+            found[backbone][k] = result.entry
+            overall.advance(1)
+    return {backbone: tuple(pair) for backbone, pair in found.items()}
+
+
 def _classes(study: Study) -> str | None:
     return ",".join(study.data["classes"]) if study.data["classes"] else None
 
@@ -313,16 +333,20 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                                                   "rehash")}
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
+        shared = _extract_together(study, [train, test], models, cache_root, reporter, how, cluster, overall)
         for backbone in study.backbones:
             # the loaded model already carries the study's weights and poolings (loaded once, by the plan)
             options = dict(cache_root=cache_root, reporter=reporter, cluster=cluster, **how,
                            **_extract_settings(study))
-            entry = extract(train, models[backbone], **options).entry
-            overall.advance(1)
-            test_entry = None
-            if test is not None:
-                test_entry = extract(test, models[backbone], **options).entry
+            if backbone in shared:
+                entry, test_entry = shared[backbone]
+            else:
+                entry = extract(train, models[backbone], **options).entry
                 overall.advance(1)
+                test_entry = None
+                if test is not None:
+                    test_entry = extract(test, models[backbone], **options).entry
+                    overall.advance(1)
             entries[backbone] = (entry, test_entry)
             for pool in _pools(study, list(entry.pools)):
                 runs += fit_many(train, entry, heads, pool, protocol, label_map, classes, test, test_entry,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -160,6 +161,39 @@ class Preprocess:
         return batch_uint8.float().div_(255).sub_(mean).div_(std)
 
 
+def load_for_each(content: bytes | np.ndarray, preprocesses: list[Preprocess]) -> list[torch.Tensor]:
+    """``[p.load(content) for p in preprocesses]``, with the file decoded once for all that decode it alike
+    (the same PIL path and the same JPEG draft scale): several backbones fed from one decode. Raises
+    ``ValueError`` as :meth:`Preprocess.load` does."""
+    if isinstance(content, np.ndarray) or len(preprocesses) == 1:
+        return [p.load(content) for p in preprocesses]
+    decoded: dict[tuple, Image.Image] = {}
+    out = []
+    for p in preprocesses:
+        if p.resampler == Resampler.torch and not p.filters:  # its own JPEG decoder (simplejpeg)
+            out.append(p.load(content))
+            continue
+        min_side = p.decode_min_side if p.jpeg_draft else None
+        key = _decode_key(content, min_side)
+        if key not in decoded:
+            decoded[key] = decode_rgb(content, min_side)
+        out.append(p.to_uint8(decoded[key]))
+    return out
+
+
+def _decode_key(content: bytes, min_side: int | None) -> tuple:
+    """What decides :func:`decode_rgb`'s pixels: whether a JPEG draft is asked for and at which scale
+    (PIL's draft rule, as in :func:`decode_jpeg_tensor`). Two requests with the same key decode alike."""
+    if not min_side:
+        return ("plain",)
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(content)
+    except (ValueError, RuntimeError):
+        return ("draft", min_side)  # not a plain JPEG: keyed by the request itself, never shared wrongly
+    scale = min(width // min_side, height // min_side)
+    return ("draft", next((s for s in (8, 4, 2) if scale >= s), 1))
+
+
 _VIEW_TRANSFORMS = {  # on the last two axes (height, width)
     "identity": lambda x: x,
     "hflip": lambda x: x.flip(-1),
@@ -204,6 +238,7 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
             raise ValueError(f"image too large to decode safely ({exc})") from None
         except (OSError, SyntaxError, Image.UnidentifiedImageError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", reason)  # PIL names its in-memory file by address
             raise ValueError(f"not a decodable image ({reason})") from None
         image = ImageOps.exif_transpose(image)
     return to_rgb(image)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -104,48 +105,67 @@ def extract(
                        resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
                        resampler=resampler, norm_from=norm_from, engine=engine, workers=workers,
                        reporter=reporter, cluster=cluster)
-    entry_dir, inputs, fp, engine, precision, norm = (named.entry_dir, named.inputs, named.fingerprint,
-                                                      named.engine, named.precision, named.norm)
+    entry_dir, engine, precision = named.entry_dir, named.engine, named.precision
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
 
     with EntryLock(entry_dir, break_lock=break_lock):
-        removed = remove_temporaries(entry_dir)
-        if removed:
-            reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
-        if not (entry_dir / MANIFEST).exists() and any(entry_dir.glob(SHARD_GLOB)):
-            # its shards are still the truth: without this, every image would be extracted again
-            rebuild_manifest(entry_dir)
-            reporter.warn(f"{entry_dir / MANIFEST} was missing; rebuilt it from the shards")
-        todo, skipped = plan(source, entry_dir, rehash)
-        manifest = {
-            "fingerprint": fp, "fingerprint_inputs": inputs, "format_version": 1,
-            "dataset": source.name, "source": str(Path(source.location).resolve()),
-            "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
-            "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
-            "views": list(view_names),
-        }
-        if norm:
-            manifest["dataset_norm"] = norm
-        if cluster is not None:
-            manifest["provenance"]["cluster"] = cluster.describe()
-        if skipped:
-            reporter.info(f"{skipped} of {len(source.records)} images already in the cache: "
-                          f"extracting the other {len(todo)}")
+        todo, skipped, manifest = begin_entry(source, model, named, dev, dtype, view_names, rehash, reporter,
+                                              cluster)
         start = time.perf_counter()
-        try:
-            if not (entry_dir / MANIFEST).exists():
-                write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+        with _disk_errors(entry_dir):
             todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
                              shard_size, manifest, view_names, reporter, engine, root, cluster)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
-        except OSError as exc:  # disk full, drive gone, quota: what was committed stays valid
-            raise CacheError(
-                f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
-                "kept: free space or fix the drive, then rerun the same command to resume") from None
         seconds = time.perf_counter() - start
     return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+
+
+def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, dev: torch.device, dtype: str,
+                view_names: tuple[str, ...], rehash: bool, reporter: Reporter, cluster: RayCluster | None = None
+                ) -> tuple[list[ImageRecord], int, dict]:
+    """Under the entry's lock: clear what an interrupted run left, rebuild a lost manifest from the shards,
+    plan what is still to extract, and write the manifest of an entry begun. Returns the images still to
+    do, how many are already in, and the manifest."""
+    entry_dir = named.entry_dir
+    removed = remove_temporaries(entry_dir)
+    if removed:
+        reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
+    if not (entry_dir / MANIFEST).exists() and any(entry_dir.glob(SHARD_GLOB)):
+        # its shards are still the truth: without this, every image would be extracted again
+        rebuild_manifest(entry_dir)
+        reporter.warn(f"{entry_dir / MANIFEST} was missing; rebuilt it from the shards")
+    todo, skipped = plan(source, entry_dir, rehash)
+    manifest = {
+        "fingerprint": named.fingerprint, "fingerprint_inputs": named.inputs, "format_version": 1,
+        "dataset": source.name, "source": str(Path(source.location).resolve()),
+        "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
+        "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
+        "views": list(view_names),
+    }
+    if named.norm:
+        manifest["dataset_norm"] = named.norm
+    if cluster is not None:
+        manifest["provenance"]["cluster"] = cluster.describe()
+    if skipped:
+        reporter.info(f"{model.spec.name}: {skipped} of {len(source.records)} images already in the cache: "
+                      f"extracting the other {len(todo)}")
+    with _disk_errors(entry_dir):
+        if not (entry_dir / MANIFEST).exists():
+            write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+    return todo, skipped, manifest
+
+
+@contextmanager
+def _disk_errors(entry_dir: Path) -> Iterator[None]:
+    """Disk full, drive gone, quota: one line, and what was committed stays valid."""
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(
+            f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
+            "kept: free space or fix the drive, then rerun the same command to resume") from None
 
 
 def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict, dims: dict[str, int],
@@ -360,24 +380,8 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
     try:
         with _StopRequested(), torch.inference_mode():
             for items, feats in batches:
-                feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
-                n = 0  # rows of feats follow the items that decoded, in order
-                for item in items:
-                    record = todo[item["index"]]
-                    args = (record.id, item["sha"], item["size"], item["mtime"])
-                    if item["error"]:
-                        reporter.warn(f"skipped {record.id}: {item['error']}")
-                        sink.add_failed(*args, item["error"])
-                        continue
-                    row = {p: feats[p][n] for p in sink.pools}
-                    n += 1
-                    if not all(np.isfinite(v).all() for v in row.values()):
-                        reason = f"non-finite features (NaN/Inf) for {record.path}"
-                        reporter.warn(f"skipped {record.id}: {reason}")
-                        sink.add_failed(*args, reason)
-                        continue
-                    sink.add(*args, row)
-                    extracted += 1
+                extracted += commit_items([todo[item["index"]] for item in items], items, feats, sink, dtype,
+                                          reporter)
                 sink.commit_full()
                 task.advance(len(items))
             sink.commit()
@@ -389,6 +393,30 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
     finally:
         task.close()
     return extracted
+
+
+def commit_items(records: list[ImageRecord], items: list[dict], feats: dict[str, np.ndarray], sink: ShardSink,
+                 dtype: str, reporter: Reporter) -> int:
+    """Add a batch to ``sink``: each item's features (rows of ``feats`` follow the items that decoded, in
+    order), or the reason it has none (unreadable, or non-finite features). Returns how many were added."""
+    feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
+    added = n = 0
+    for record, item in zip(records, items, strict=True):
+        args = (record.id, item["sha"], item["size"], item["mtime"])
+        if item["error"]:
+            reporter.warn(f"skipped {record.id}: {item['error']}")
+            sink.add_failed(*args, item["error"])
+            continue
+        row = {p: feats[p][n] for p in sink.pools}
+        n += 1
+        if not all(np.isfinite(v).all() for v in row.values()):
+            reason = f"non-finite features (NaN/Inf) for {record.path}"
+            reporter.warn(f"skipped {record.id}: {reason}")
+            sink.add_failed(*args, reason)
+            continue
+        sink.add(*args, row)
+        added += 1
+    return added
 
 
 def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,

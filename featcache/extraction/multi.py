@@ -1,0 +1,216 @@
+"""One decode for many backbones: ``featcache extract --backbone a,b,c``.
+
+Each image is read, hashed and decoded once, resized once per distinct input transform
+(:func:`featcache.data.images.load_for_each`), and every backbone that still needs it gets it. Each
+backbone keeps its own entry, named, locked, planned, resumed and written exactly as its single
+extraction would (:func:`featcache.extraction.extract.begin_entry`, the same shard sink and the same
+batches of its own images), so the entries are the ones the single commands make, and a killed run
+resumes each entry where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featcache.backbones.models import LoadedBackbone, load_backbone
+from featcache.data.images import Preprocess, load_for_each
+from featcache.data.sources import ImageRecord, ImageSource
+from featcache.errors import FeatcacheError
+from featcache.extraction.device import resolve_device
+from featcache.extraction.extract import (
+    ExtractionInterrupted,
+    NamedEntry,
+    _checked_views,
+    _disk_errors,
+    _read_only_result,
+    begin_entry,
+    commit_items,
+    name_entry,
+    reuse_known_images,
+)
+from featcache.extraction.loader import _quiet_worker_teardown, _worker_init, run_views
+from featcache.extraction.result import ExtractResult
+from featcache.extraction.resume import file_state, read_record
+from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
+from featcache.progress import Reporter
+from featcache.store.entries import EntryLock
+from featcache.store.naming import default_cache_root
+
+# images decoded per loader batch: every backbone's batches of its own images are cut from it, so that
+# the decode worker keeps ahead while the backbones run one after the other
+GROUP_BATCHES = 8
+
+
+@dataclass
+class _Job:
+    """One backbone's part of a shared extraction."""
+
+    model: LoadedBackbone
+    named: NamedEntry
+    manifest: dict
+    todo: list[ImageRecord]
+    skipped: int
+    reused: int
+    transform: int  # index of its preprocessing among the distinct ones
+
+
+def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``a,b,c`` -> names, each once."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise FeatcacheError(f"--backbone {','.join(names)}: {', '.join(doubled)} named twice; name each once")
+    return names
+
+
+def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
+                 cache_root: str | os.PathLike | None = None, *, pools: tuple[str, ...] | None = None,
+                 dtype: str = "float16", weights: str | None = None, batch_size: int | None = None,
+                 workers: int | None = None, shard_size: int = 1024, device: str = "auto", precision: str = "auto",
+                 jpeg_draft: bool = True, input_size: int | None = None, views: int = 1, resize: str = "crop",
+                 break_lock: bool = False, reporter: Reporter | None = None, engine: str = "auto",
+                 preprocess: tuple[str, ...] | str = (), resampler: str = "pil", norm_from: str | dict | None = None,
+                 rehash: bool = False) -> list[ExtractResult]:
+    """Extract ``source`` with every backbone of ``backbones`` from one decode of each image; one
+    :class:`ExtractResult` per backbone, in order. The options mean what they mean for
+    :func:`featcache.extraction.extract.extract` and apply to every backbone."""
+    reporter = reporter or Reporter(quiet=True)
+    if weights not in (None, "random"):
+        raise FeatcacheError(f"--weights {weights}: a weights file belongs to one backbone; extract that backbone "
+                             "alone (several backbones take their own weights, or --weights random)")
+    dev = resolve_device(device)
+    view_names = _checked_views(views)
+    root = Path(cache_root or default_cache_root())
+    models = [b if isinstance(b, LoadedBackbone) else load_backbone(b, weights=weights, pools=pools, device=dev)
+              for b in backbones]
+    named = [name_entry(source, model, root, dtype=dtype, precision=precision, device=dev, views=views,
+                        resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
+                        resampler=resampler, norm_from=norm_from, engine=engine, workers=workers, reporter=reporter)
+             for model in models]
+    results: dict[int, ExtractResult] = {k: _read_only_result(source, n.entry_dir)
+                                         for k, n in enumerate(named) if not _writable(n.entry_dir)}
+    with ExitStack() as locks:
+        jobs: dict[int, _Job] = {}
+        transforms: list[Preprocess] = []
+        for k, (model, entry) in enumerate(zip(models, named, strict=True)):
+            if k in results:
+                continue
+            locks.enter_context(EntryLock(entry.entry_dir, break_lock=break_lock))
+            todo, skipped, manifest = begin_entry(source, model, entry, dev, dtype, view_names, rehash, reporter)
+            with _disk_errors(entry.entry_dir):
+                todo, reused = reuse_known_images(todo, entry.entry_dir, manifest, model.dims, shard_size, reporter)
+            if model.preprocess not in transforms:
+                transforms.append(model.preprocess)
+            jobs[k] = _Job(model, entry, manifest, todo, skipped, reused, transforms.index(model.preprocess))
+        start = time.perf_counter()
+        extracted = _run_many(source, list(jobs.values()), transforms, dev, batch_size, workers, shard_size,
+                              view_names, reporter, root)
+        seconds = time.perf_counter() - start
+        for (k, job), count in zip(jobs.items(), extracted, strict=True):
+            with _disk_errors(job.named.entry_dir):
+                entry = _write_manifest(job.named.entry_dir, job.manifest, source, complete=True)
+            results[k] = ExtractResult(entry, count, job.skipped, entry.failed, seconds, list(source.notes),
+                                       job.reused)
+    return [results[k] for k in range(len(models))]
+
+
+class _SharedDecodeDataset(Dataset):
+    """Reads, hashes and decodes one image once, and resizes it for each distinct transform."""
+
+    def __init__(self, records: list[ImageRecord], transforms: list[Preprocess]):
+        self.records, self.transforms = records, transforms
+        self._npz: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        size, mtime = file_state(record)
+        item = {"index": i, "size": size, "mtime": mtime, "sha": "", "images": None, "error": None}
+        if size < 0:
+            item["error"] = f"file not found: {record.path}"
+            return item
+        try:
+            content, item["sha"] = read_record(record, self._npz)
+            item["images"] = load_for_each(content, self.transforms)
+        except (ValueError, OSError, KeyError) as exc:
+            item["error"] = f"{exc} ({record.path})"
+        return item
+
+
+def _collate_shared(items: list[dict]) -> dict:
+    """One stack per transform of the images that decoded (only stacks cross to the main process)."""
+    ok = [it for it in items if it["images"] is not None]
+    stacks = ([torch.stack([it["images"][t] for it in ok]) for t in range(len(ok[0]["images"]))] if ok else [])
+    row = {it["index"]: r for r, it in enumerate(ok)}
+    return {"items": [{**it, "images": None, "row": row.get(it["index"])} for it in items], "stacks": stacks}
+
+
+def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess], dev: torch.device,
+              batch_size: int | None, workers: int | None, shard_size: int, view_names: tuple[str, ...],
+              reporter: Reporter, cache_root: Path) -> list[int]:
+    from featcache.extraction.engines import make_forward, run_pipelined
+
+    wanted = {r.id for job in jobs for r in job.todo}
+    if not wanted:
+        return [0] * len(jobs)
+    union = [r for r in source.records if r.id in wanted]  # source order, as each job's own plan keeps it
+    needs = [{r.id for r in job.todo} for job in jobs]
+    cuda = dev.type == "cuda"
+    batch_size = batch_size or (128 if cuda else 8)
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    for job in jobs:
+        if job.model.spec.is_cnn and job.named.engine == "torch":
+            job.model.model.to(memory_format=torch.channels_last)
+    loader = DataLoader(_SharedDecodeDataset(union, transforms), batch_size=batch_size * GROUP_BATCHES,
+                        num_workers=workers, collate_fn=_collate_shared, pin_memory=cuda,
+                        worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+                        prefetch_factor=2 if workers else None)
+    groups = iter(loader)  # the decode workers fork now, before the engines start their thread pools
+    forwards = [make_forward(job.named.engine, job.model, cache_root) for job in jobs]
+    sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, shard_size) for job in jobs]
+    extracted = [0] * len(jobs)
+    task = reporter.task(f"extract {', '.join(job.model.spec.name for job in jobs)} (one decode)", total=len(union))
+    try:
+        with _StopRequested(), torch.inference_mode():
+            for group in groups:
+                for k, job in enumerate(jobs):
+                    mine = [it for it in group["items"] if union[it["index"]].id in needs[k]]
+                    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+                    def features(items: list[dict], job: _Job = job, forward=forwards[k],
+                                 stacks: list[torch.Tensor] = group["stacks"]) -> dict[str, np.ndarray]:
+                        rows = [it["row"] for it in items if it["row"] is not None]
+                        if not rows:
+                            return {}
+                        images = stacks[job.transform][torch.tensor(rows)]
+                        return run_views(forward, images.to(dev, non_blocking=cuda), view_names, dev,
+                                         job.named.precision)
+
+                    for items, feats in run_pipelined(forwards[k], batches, features):
+                        extracted[k] += commit_items([union[it["index"]] for it in items], items, feats, sinks[k],
+                                                     job.manifest["dtype"], reporter)
+                        sinks[k].commit_full()
+                task.advance(len(group["items"]))
+            for sink in sinks:
+                sink.commit()
+    except KeyboardInterrupt:
+        _quiet_worker_teardown()
+        done = ", ".join(f"{job.model.spec.name} {count - sink.pending}"
+                         for job, count, sink in zip(jobs, extracted, sinks, strict=True))
+        raise ExtractionInterrupted(f"Interrupted: new images committed per backbone: {done}; rerun the same "
+                                    "command to resume each entry from there") from None
+    finally:
+        task.close()
+    return extracted
+
