@@ -11,7 +11,6 @@ Run: python benchmarks/multi_backbone.py [--images 1024] [--backbones a,b,c]
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from docs_blocks import replace_block
+from photos import ham70_copies
 
 from featcache.store.entries import CacheEntry
 
 REPO = Path(__file__).resolve().parents[1]
-HAM70 = REPO.parent / "shared" / "data" / "ham70"
 
 
 def main() -> None:
@@ -34,12 +33,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     names = args.backbones.split(",")
-    photos = sorted(HAM70.rglob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        (data / "photos").mkdir(parents=True)
-        for i in range(args.images):
-            shutil.copyfile(photos[i % len(photos)], data / "photos" / f"{i:05d}.jpg")
+        ham70_copies(data, args.images)
         singles, shared = Path(tmp) / "singles", Path(tmp) / "shared"
         seconds = {}
         for name in names:

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 from docs_blocks import replace_block
+from photos import HAM70, ham70_copies
 
 REPO = Path(__file__).resolve().parents[1]
-HAM70 = REPO.parent / "shared" / "data" / "ham70"
 
 BREAKDOWN = r"""
 import json, sys, time
@@ -73,9 +73,7 @@ def main() -> None:
     photos = sorted(HAM70.rglob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = Path(tmp) / "data", Path(tmp) / "cache"
-        (data / "photos").mkdir(parents=True)
-        for i in range(args.images):
-            shutil.copyfile(photos[i % len(photos)], data / "photos" / f"{i:05d}.jpg")
+        ham70_copies(data, args.images)
         command = ["featcache", "extract", "--data", str(data), "--cache", str(cache), "-q"]
         first = _seconds(command)
         warm = statistics.median(_seconds(command) for _ in range(args.repeats))

@@ -204,6 +204,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
         # batches: without spinning SqueezeNet's extraction ran ~25 % faster here, its bare forward no slower.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ort.OrtValue.ortvalue_from_numpy(np.zeros(1, dtype=np.float32)).numpy()  # NumPy's C API set up here, once
 
         def run_ort(x: torch.Tensor) -> dict[str, torch.Tensor]:
             outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy())})
@@ -218,6 +219,9 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
     if streams > 1:
         config["PERFORMANCE_HINT"] = "THROUGHPUT"
     compiled = ov.Core().compile_model(str(path), "CPU", config)
+    # pybind11 sets up NumPy's C API on first use, once per process; two stream threads racing to do it
+    # deadlocked (seen in a shared-decode extraction), so it is done here, on this thread, first
+    np.asarray(ov.Tensor(np.zeros(1, dtype=np.float32)).data)
     ports = [compiled.output(p) for p in pools]
     requests = threading.local()  # an infer request per stream thread (one request is not thread-safe)
 
