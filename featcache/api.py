@@ -220,8 +220,7 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | li
 def _extract_many(source: ImageSource, root: Path, reporter: Reporter, o: dict[str, Any]) -> list[ExtractResult]:
     """``backbone="a,b,c"``: every image decoded once for all of them, an entry each (as its single
     extraction makes it); answered from the recipes when every backbone has every image."""
-    from featcache.extraction.multi import extract_many, split_backbones
-    from featcache.extraction.warm import recipe_key, record_recipe, warm_result
+    from featcache.extraction.warm import recipe_key, record_recipe, split_backbones, warm_result
 
     names = split_backbones(o["backbone"])
     if o["ray"]:
@@ -232,6 +231,8 @@ def _extract_many(source: ImageSource, root: Path, reporter: Reporter, o: dict[s
     if all(result is not None for result in warm):
         results = warm
     else:
+        from featcache.extraction.multi import extract_many
+
         results = extract_many(source, names, root, pools=o["pools"], dtype=o["dtype"], weights=o["weights"],
                                batch_size=o["batch_size"], workers=o["workers"], shard_size=o["shard_size"],
                                device=o["device"], precision=o["precision"], jpeg_draft=o["jpeg_draft"],

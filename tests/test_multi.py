@@ -59,9 +59,13 @@ def test_several_backbones_from_one_decode_make_the_entries_of_the_single_comman
     for entry in entries:
         _same_entries(entry.path, singles / entry.path.relative_to(shared))
         assert "broken.jpg" in " ".join(entry.failed)
-    # everything cached: answered from the recipes, the same entries
+    # everything cached: answered from the recipes, the same entries, without importing PyTorch
     again = api.extract(str(small_folder), backbone=BACKBONES, cache=str(shared), quiet=True)
     assert [e.path for e in again] == [e.path for e in entries]
+    probe = (f"import sys, featcache.api as a; a.extract({str(small_folder)!r}, backbone={BACKBONES!r}, "
+             f"cache={str(shared)!r}, quiet=True); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", done.stderr
 
 
 @pytest.mark.slow

@@ -62,15 +62,6 @@ class _Job:
     transform: int  # index of its preprocessing among the distinct ones
 
 
-def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``a,b,c`` -> names, each once."""
-    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
-    doubled = sorted({n for n in names if names.count(n) > 1})
-    if doubled:
-        raise FeatcacheError(f"--backbone {','.join(names)}: {', '.join(doubled)} named twice; name each once")
-    return names
-
-
 def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
                  cache_root: str | os.PathLike | None = None, *, pools: tuple[str, ...] | None = None,
                  dtype: str = "float16", weights: str | None = None, batch_size: int | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from featcache import __version__
 from featcache.data.sources import ImageSource
+from featcache.errors import FeatcacheError
 from featcache.extraction.result import ExtractResult
 from featcache.store.entries import MANIFEST, CacheEntry, write_json_atomic
 from featcache.store.hashing import stable_hash
@@ -32,6 +33,15 @@ _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", 
 # the extract options that choose the entry (the others, such as workers or batch size, do not)
 NAMING_OPTIONS = ("backbone", "weights", "pools", "dtype", "precision", "device", "views", "resize", "jpeg_draft",
                   "input_size", "preprocess", "resampler", "engine", "norm_from")
+
+
+def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``a,b,c`` -> names, each once."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise FeatcacheError(f"--backbone {','.join(names)}: {', '.join(doubled)} named twice; name each once")
+    return names
 
 
 def recipe_key(source: ImageSource, options: dict) -> str | None:
