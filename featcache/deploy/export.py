@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from featcache import __version__
 from featcache.data.images import Preprocess
-from featcache.deploy.head_graph import FEATURES, OPSET, PROBABILITIES, NotExportable, chain, head_graph
+from featcache.deploy.head_graph import FEATURES, OPSET, PROBABILITIES, NotExportable, chain, head_graph, normalised
 from featcache.errors import RunError
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
@@ -210,7 +210,7 @@ def _assemble(backbones: list[onnx.ModelProto], input_of: list[int], sizes: list
     carried = [o.name for o in front_outputs]
     pools = []
     for b, (backbone, k) in enumerate(zip(backbones, input_of, strict=True)):
-        piece = add_prefix(_normalised(backbone), f"b{b}/")
+        piece = add_prefix(normalised(backbone), f"b{b}/")
         (pool_out,) = [o.name for o in piece.graph.output]
         graph = merge_graphs(merged.graph, piece.graph, io_map=[(f"x{k}", f"b{b}/x")],
                              outputs=[*carried, *pools, pool_out])
@@ -238,12 +238,6 @@ def _assemble(backbones: list[onnx.ModelProto], input_of: list[int], sizes: list
     mean_model = helper.make_model(mean, opset_imports=[helper.make_opsetid("", OPSET)])
     whole = chain([body, head, mean_model], [(FEATURES, FEATURES), (PROBABILITIES, "per_view")])
     return _ends_named(whole, names + ([METADATA] if meta_columns else []))
-
-
-def _normalised(model: onnx.ModelProto) -> onnx.ModelProto:
-    from featcache.deploy.head_graph import normalised
-
-    return normalised(model)
 
 
 def _ends_named(model: onnx.ModelProto, inputs: list[str]) -> onnx.ModelProto:

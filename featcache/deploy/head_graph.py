@@ -93,19 +93,19 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
                "DummyClassifier": "a baseline predicts without looking at the image"}.get(name, "no converter")
         raise NotExportable(f"the {name} head does not export to ONNX: {why}")
     pieces[0] = _renamed_input(pieces[0], FEATURES)
-    links = [(_output(piece, "features"), piece_next.graph.input[0].name)
+    links = [(_output(piece), piece_next.graph.input[0].name)
              for piece, piece_next in zip(pieces[:-1], pieces[1:], strict=True)]
-    model = chain(pieces, links) if len(pieces) > 1 else add_prefix_single(pieces[0])
+    model = chain(pieces, links) if len(pieces) > 1 else _prefixed(pieces[0])
     return _keep_probabilities(model)
 
 
-def add_prefix_single(model: onnx.ModelProto) -> onnx.ModelProto:
+def _prefixed(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx.compose import add_prefix
 
     return add_prefix(normalised(model), "p0/")
 
 
-def _output(model: onnx.ModelProto, kind: str) -> str:
+def _output(model: onnx.ModelProto) -> str:
     """The output of a piece that the next piece reads: a transform's only output, or a classifier's
     probabilities."""
     names = [o.name for o in model.graph.output]
@@ -126,7 +126,7 @@ def _keep_probabilities(model: onnx.ModelProto) -> onnx.ModelProto:
     """Inputs ``features``, one output ``probabilities``: the prefixes taken off the ends."""
     graph = model.graph
     (entry,) = graph.input
-    target = _output(model, "probabilities")
+    target = _output(model)
     renamed = {entry.name: FEATURES, target: PROBABILITIES}
     for node in graph.node:
         node.input[:] = [renamed.get(i, i) for i in node.input]
