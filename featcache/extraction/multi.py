@@ -168,7 +168,8 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
                         prefetch_factor=2 if workers else None)
     groups = iter(loader)  # the decode workers fork now, before the engines start their thread pools
-    forwards = [make_forward(job.named.engine, job.model, cache_root) for job in jobs]
+    forwards = [make_forward(job.named.engine, job.model, cache_root) if needs[k] else None  # done: no engine
+                for k, job in enumerate(jobs)]
     sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, shard_size) for job in jobs]
     extracted = [0] * len(jobs)
     task = reporter.task(f"extract {', '.join(job.model.spec.name for job in jobs)} (one decode)", total=len(union))
@@ -176,6 +177,8 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
         with _StopRequested(), torch.inference_mode():
             for group in groups:
                 for k, job in enumerate(jobs):
+                    if forwards[k] is None:
+                        continue
                     mine = [it for it in group["items"] if union[it["index"]].id in needs[k]]
                     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
