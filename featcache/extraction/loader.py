@@ -34,10 +34,14 @@ class _ImageDataset(Dataset):
             return item
         try:
             content, item["sha"] = read_record(record, self._npz)
-            item["image"] = self.preprocess.load(content)
+            item["image"] = self.prepare(content)
         except (ValueError, OSError, KeyError) as exc:
             item["error"] = f"{exc} ({record.path})"
         return item
+
+    def prepare(self, content: bytes | np.ndarray) -> torch.Tensor:
+        """The decoded, resized image (raises ``ValueError`` for content that is not an image)."""
+        return self.preprocess.load(content)
 
 
 def _collate(items: list[dict]) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from featcache.backbones.models import LoadedBackbone, load_backbone
 from featcache.data.images import Preprocess, load_for_each
@@ -36,9 +36,8 @@ from featcache.extraction.extract import (
     name_entry,
     reuse_known_images,
 )
-from featcache.extraction.loader import _quiet_worker_teardown, _worker_init, run_views
+from featcache.extraction.loader import _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import file_state, read_record
 from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
 from featcache.progress import Reporter
 from featcache.store.entries import EntryLock
@@ -113,37 +112,24 @@ def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
     return [results[k] for k in range(len(models))]
 
 
-class _SharedDecodeDataset(Dataset):
-    """Reads, hashes and decodes one image once, and resizes it for each distinct transform."""
+class _SharedDecodeDataset(_ImageDataset):
+    """Reads and hashes one image once, decodes it once, and resizes it for each distinct transform: its
+    ``image`` is the list of them."""
 
     def __init__(self, records: list[ImageRecord], transforms: list[Preprocess]):
-        self.records, self.transforms = records, transforms
-        self._npz: dict = {}
+        super().__init__(records, transforms[0])
+        self.transforms = transforms
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        size, mtime = file_state(record)
-        item = {"index": i, "size": size, "mtime": mtime, "sha": "", "images": None, "error": None}
-        if size < 0:
-            item["error"] = f"file not found: {record.path}"
-            return item
-        try:
-            content, item["sha"] = read_record(record, self._npz)
-            item["images"] = load_for_each(content, self.transforms)
-        except (ValueError, OSError, KeyError) as exc:
-            item["error"] = f"{exc} ({record.path})"
-        return item
+    def prepare(self, content: bytes | np.ndarray) -> list[torch.Tensor]:
+        return load_for_each(content, self.transforms)
 
 
 def _collate_shared(items: list[dict]) -> dict:
     """One stack per transform of the images that decoded (only stacks cross to the main process)."""
-    ok = [it for it in items if it["images"] is not None]
-    stacks = ([torch.stack([it["images"][t] for it in ok]) for t in range(len(ok[0]["images"]))] if ok else [])
+    ok = [it for it in items if it["image"] is not None]
+    stacks = ([torch.stack([it["image"][t] for it in ok]) for t in range(len(ok[0]["image"]))] if ok else [])
     row = {it["index"]: r for r, it in enumerate(ok)}
-    return {"items": [{**it, "images": None, "row": row.get(it["index"])} for it in items], "stacks": stacks}
+    return {"items": [{**it, "image": None, "row": row.get(it["index"])} for it in items], "stacks": stacks}
 
 
 def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess], dev: torch.device,
