@@ -76,6 +76,11 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
         reporter.warn(f"{why}: an XGBoost tree can go the other way at a split value, so some probabilities may "
                       "differ from `predict --run` (up to ~0.01 on ham70). For identical numbers extract with "
                       "--engine onnxruntime and fit without --pca and --meta")
+    aligned = (saved["config"].get("protocol") or {}).get("test_align")
+    if aligned and aligned != "none":
+        reporter.warn(f"this run scored its test set with --test-align {aligned}; the graph holds the model as "
+                      "trained, without the alignment (it needs a batch's own statistics): for aligned predictions "
+                      f"use `featcache predict --run RUN --test-align {aligned}` on a batch")
     dims = [entry.manifest["dims"][pool] for entry, pool in parts]
     head = head_graph(pipeline, sum(dims) + len(meta_spec))
     backbones = [_backbone_features(entry, pool, cache_root, weights, k) for k, (entry, pool) in enumerate(parts)]
