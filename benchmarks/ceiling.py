@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_common import HAM70, ham70_copies, run_command
 from docs_blocks import replace_block
 from efficiency import bare_forward_ips, decode_ips
-from photos import HAM70, ham70_copies
 
 from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
@@ -50,17 +48,16 @@ def main() -> None:
         # the engine exported and compiled by an earlier command (on one image, into the same cache)
         (Path(tmp) / "one" / "photos").mkdir(parents=True)
         shutil.copyfile(photos[0], Path(tmp) / "one" / "photos" / "a.jpg")
-        _run(["featcache", "extract", "--data", str(Path(tmp) / "one"), "--cache", str(cache),
+        run_command(["featcache", "extract", "--data", str(Path(tmp) / "one"), "--cache", str(cache),
               "--backbone", args.backbone, "-q"])
         backbone = load_backbone(args.backbone)
         engine = resolve_engine("auto", backbone, torch.device("cpu"))
         forward = max(bare_forward_ips(backbone, b, 512, engine, cache) for b in (8, 32))
         decode = decode_ips(backbone, open_source(data), "pil")
         ceiling = cores / (cores / forward + 1 / decode)
-        started = time.perf_counter()
-        output = _run(["featcache", "extract", "--data", str(data), "--cache", str(cache), "--backbone",
-                       args.backbone])
-        whole = args.images / (time.perf_counter() - started)
+        seconds, output = run_command(["featcache", "extract", "--data", str(data), "--cache", str(cache),
+                                       "--backbone", args.backbone])
+        whole = args.images / seconds
         reported = float(re.search(r"\(([\d.]+) images/s\)", output).group(1))
     lines = ["## The default extraction against the machine's ceiling", "",
              f"`python benchmarks/ceiling.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
@@ -74,9 +71,6 @@ def main() -> None:
     replace_block(args.out, "ceiling", "\n".join(lines))
     print("\n".join(lines))
 
-
-def _run(command: list[str]) -> str:
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ Run: python benchmarks/multi_backbone.py [--images 1024] [--backbones a,b,c]
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import ham70_copies, run_command
 from docs_blocks import replace_block
-from photos import ham70_copies
 
 from featcache.store.entries import CacheEntry
 
@@ -39,10 +37,10 @@ def main() -> None:
         singles, shared = Path(tmp) / "singles", Path(tmp) / "shared"
         seconds = {}
         for name in names:
-            seconds[name] = _seconds(["featcache", "extract", "--data", str(data), "--cache", str(singles),
-                                      "--backbone", name, "-q"])
-        together = _seconds(["featcache", "extract", "--data", str(data), "--cache", str(shared), "--backbone",
-                             args.backbones, "-q"])
+            seconds[name] = run_command(["featcache", "extract", "--data", str(data), "--cache", str(singles),
+                                      "--backbone", name, "-q"])[0]
+        together = run_command(["featcache", "extract", "--data", str(data), "--cache", str(shared), "--backbone",
+                             args.backbones, "-q"])[0]
         identical = all(_same(entry.parent, singles / entry.parent.relative_to(shared))
                         for entry in shared.glob("*/*/manifest.json"))
     total = sum(seconds.values())
@@ -59,11 +57,6 @@ def main() -> None:
     replace_block(args.out, "multi-backbone", "\n".join(lines))
     print("\n".join(lines))
 
-
-def _seconds(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
 
 
 def _same(a: Path, b: Path) -> bool:

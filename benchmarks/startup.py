@@ -24,11 +24,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_common import HAM70, ham70_copies, run_command
 from docs_blocks import replace_block
-from photos import HAM70, ham70_copies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,15 +74,15 @@ def main() -> None:
         data, cache = Path(tmp) / "data", Path(tmp) / "cache"
         ham70_copies(data, args.images)
         command = ["featcache", "extract", "--data", str(data), "--cache", str(cache), "-q"]
-        first = _seconds(command)
-        warm = statistics.median(_seconds(command) for _ in range(args.repeats))
+        first = run_command(command)[0]
+        warm = statistics.median(run_command(command)[0] for _ in range(args.repeats))
         full = []
         for _ in range(args.repeats):
             shutil.rmtree(cache / ".warm", ignore_errors=True)
-            full.append(_seconds(command))
+            full.append(run_command(command)[0])
         full_noop = statistics.median(full)
         shutil.copyfile(photos[0], data / "photos" / "new.jpg")
-        one_new = _seconds(command)
+        one_new = run_command(command)[0]
         done = subprocess.run([sys.executable, "-c", BREAKDOWN, str(cache), str(data)], capture_output=True, text=True,
                               check=True)
         marks = json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,11 +103,6 @@ def main() -> None:
     replace_block(args.out, "startup", "\n".join(lines))
     print("\n".join(lines))
 
-
-def _seconds(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -424,6 +424,10 @@ OPTIONS: tuple[Option, ...] = (
             "audit", "export"), short="-q"),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+# the extract options that, with the backbone, its weights and poolings, name an entry (the others, such as
+# workers or batch size, say how to run it): a study passes these, and an extraction's recipe is made of them
+ENTRY_SETTINGS = ("dtype", "precision", "views", "resize", "jpeg_draft", "input_size", "preprocess", "resampler",
+                  "norm_from", "engine")
 TABLES = ("data", "extract", "fit", "compare", "report")
 
 

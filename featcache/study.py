@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
-from featcache.options import BY_NAME, TABLES, Option, OptionError, study_table
+from featcache.options import BY_NAME, ENTRY_SETTINGS, TABLES, Option, OptionError, study_table
 from featcache.progress import Reporter
 from featcache.store.runs import is_reusable
 
@@ -212,9 +212,7 @@ def _protocol(study: Study):
 
 def _extract_settings(study: Study) -> dict[str, Any]:
     """The keywords of ``extract`` that name an entry (the rest say how to run it)."""
-    names = ("dtype", "precision", "views", "resize", "jpeg_draft", "input_size", "preprocess", "resampler",
-             "norm_from", "engine")
-    return {name: study.extract[name] for name in names}
+    return {name: study.extract[name] for name in ENTRY_SETTINGS}
 
 
 def _extract_together(study: Study, sources: list, models: dict, cache_root: Path, reporter: Reporter, how: dict,

@@ -293,12 +293,3 @@ def _metadata(saved: dict, metrics: dict, prepared: list[Preprocess], parts: lis
     entries = [onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(info, default=str))]
     entries += [onnx.StringStringEntryProto(key=k, value=v) for k, v in plain.items()]
     return entries
-
-
-def read_metadata(path: Path) -> dict:
-    """The ``featcache`` metadata of an exported graph (without loading its weights into a session)."""
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    raise RunError(f"{path}: no featcache metadata; pass a file written by `featcache export`")

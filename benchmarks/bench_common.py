@@ -1,8 +1,11 @@
-"""Benchmark images: ham70's 600x450 photographs copied under N distinct names (one class folder)."""
+"""What the whole-command benchmarks share: their images (ham70's 600x450 photographs copied under N
+distinct names, one class folder) and timing a command in a fresh process."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 HAM70 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham70"
@@ -17,3 +20,10 @@ def ham70_copies(data: Path, count: int) -> list[Path]:
         copies.append(data / "photos" / f"{i:05d}.jpg")
         shutil.copyfile(photos[i % len(photos)], copies[-1])
     return copies
+
+
+def run_command(command: list[str]) -> tuple[float, str]:
+    """Run ``command`` (it must succeed): its wall seconds and its standard output."""
+    started = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, done.stdout
