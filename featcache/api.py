@@ -273,7 +273,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     from featcache.evaluation.fitting import find_entry, fit_many
     from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import find_or_extract_like
-    from featcache.store.fusion import FusedEntry
+    from featcache.store.fusion import FusedEntry, fused_pools
 
     o = options
     reporter = _reporter(o["quiet"], reporter)
@@ -293,8 +293,9 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     backbones = o["backbone"].split("+") if o["backbone"] else [None]
     if len(set(backbones)) != len(backbones):
         raise OptionError(f"--backbone {o['backbone']}: a backbone is named twice; fuse different backbones (a+b)")
-    entries = [find_entry(root, source, name, o["pool"], o["views"], o["resize"], o["preprocess"], o["engine"],
-                          o["resampler"], reporter) for name in backbones]
+    pools = fused_pools(o["pool"], backbones)
+    entries = [find_entry(root, source, name, pool, o["views"], o["resize"], o["preprocess"], o["engine"],
+                          o["resampler"], reporter) for name, pool in zip(backbones, pools, strict=True)]
     test_source = test_entries = None
     if o["test_data"]:
         from featcache.data.sources import open_source
@@ -304,10 +305,12 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
     entry, test_entry = entries[0], test_entries[0] if test_entries else None
     if len(entries) > 1:  # backbone a+b: their features side by side
-        entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in entries])
-        test_entry = FusedEntry([(e, o["pool"] or e.pools[0]) for e in test_entries]) if test_entries else None
+        entry = FusedEntry([(e, pool or e.pools[0]) for e, pool in zip(entries, pools, strict=True)])
+        test_entry = (FusedEntry([(e, pool or e.pools[0]) for e, pool in zip(test_entries, pools, strict=True)])
+                      if test_entries else None)
     classes = ",".join(o["classes"]) if o["classes"] else None
-    paths = fit_many(source, entry, list(o["heads"]), o["pool"], Protocol.from_options(o), o["label_map"], classes,
+    pool = None if len(entries) > 1 else o["pool"]  # a fused entry carries each part's pooling
+    paths = fit_many(source, entry, list(o["heads"]), pool, Protocol.from_options(o), o["label_map"], classes,
                      test_source, test_entry, o["force"], reporter,
                      cluster=_cluster(o["ray"], reporter))
     _track(paths, root, o["mlflow"], o["mlflow_uri"], reporter)

@@ -269,13 +269,15 @@ def _metric(value: str) -> str:
     raise ValueError(f"{value!r}: choose one of {', '.join(m.value for m in Metric)}, or auroc:<class>")
 
 
-def _ensemble(value: int | str) -> int:
-    """``3`` or ``top3``: soft-vote the N best runs."""
-    text = str(value)
+def _ensemble(value: int | str) -> str:
+    """``3`` or ``top3``: soft-vote the 3 best runs; ``stack``: a meta-learner over all runs."""
+    text = str(value).strip().lower()
+    if text == "stack":
+        return text
     count = text[3:] if text.startswith("top") else text
     if not count.isdigit() or int(count) < 2:
-        raise ValueError(f"{value!r}: give N >= 2 (or topN), e.g. 3")
-    return int(count)
+        raise ValueError(f"{value!r}: give N >= 2 (or topN) for a soft vote of the N best runs, e.g. 3, or stack")
+    return f"top{int(count)}"
 
 
 _DATA = ("extract", "fit", "audit")
@@ -349,7 +351,9 @@ OPTIONS: tuple[Option, ...] = (
            "(+svm-rbf,xgboost); baselines majority/stratified come with both. Also: svm-rbf-exact (libsvm, slow "
            "beyond a few thousand images).", ("fit",), "fit", flag="--head", multiple=True, check=_heads),
     Option("pool", str, None, "Pooling to use (default: the entry's first; in a study: every pooling "
-           "extracted).", ("fit",), "fit"),
+           "extracted). With --backbone a+b, one per backbone joined by + (`penult+gap`) fuses each backbone's "
+           "own pooling; in a study with fuse = true, the same spelling fits each backbone with its part and "
+           "fuses them.", ("fit",), "fit"),
     Option("cv", int, 5, "Folds; grouped by the source's group column when it has one.", ("fit", "audit"), "fit",
            minimum=2),
     Option("split", Split, "cv", "`cv`; `official` to use the source's split column (validation rows are left "
@@ -400,9 +404,10 @@ OPTIONS: tuple[Option, ...] = (
     # --- comparing and reporting (the study's [compare] and [report] tables) ---
     Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
            "auroc:<class> (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
-    Option("ensemble", int, None, "Add a soft-vote ensemble of the N best runs of each comparable group (scored "
-           "on the same out-of-fold predictions); `top3` also works.", ("compare", "report"), "compare",
-           check=_ensemble, cli_kind=str, metavar="N"),
+    Option("ensemble", int, None, "Add an ensemble to each comparable group of runs (scored on the same "
+           "out-of-fold predictions): N (or topN) soft-votes the N best; `stack` fits a logistic regression on "
+           "all runs' out-of-fold probabilities, nested in their folds.", ("compare", "report"), "compare",
+           check=_ensemble, cli_kind=str, metavar="N|stack"),
     Option("top", int, 20, "Runs shown per protocol in the report's leaderboard.", ("report",), "report",
            minimum=1),
     Option("best", int, 3, "Best runs shown with confusion matrix, ROC and reliability.", ("report",), "report",

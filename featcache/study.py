@@ -156,8 +156,13 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
                          "(the poolings fused; every backbone must have them)")
     if fit["groups"] == "near-duplicates" and data["group_col"]:
         raise StudyError(f"{where}: [fit] groups = 'near-duplicates' contradicts [data] group_col; give one")
-    if fit["pool"] and extract["pools"] and fit["pool"] not in extract["pools"]:
-        raise StudyError(f"{where}: [fit] pool = {fit['pool']!r} is not among [extract] pools")
+    fit_pools = fit["pool"].split("+") if fit["pool"] else []
+    if len(fit_pools) > 1 and (not fit["fuse"] or len(fit_pools) != len(backbones)):
+        raise StudyError(f"{where}: [fit] pool = {fit['pool']!r}: a pooling per backbone (joined by +) needs "
+                         f"fuse = true and one pooling for each of the {len(backbones)} [extract] backbones, in order")
+    for pool in fit_pools:
+        if extract["pools"] and pool not in extract["pools"]:
+            raise StudyError(f"{where}: [fit] pool = {fit['pool']!r}: {pool!r} is not among [extract] pools")
     return Study(backbones=backbones, data=data, extract=extract, fit=fit, weights=weights,
                  compare=checked["compare"], report=checked["report"], name=name)
 
@@ -280,7 +285,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
             entries[source.name] = CacheEntry(named.entry_dir) if not todo else None
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
                               f"{total - todo} of {total} images cached: {named.entry_dir}"))
-        for pool in _pools(study, list(model.model.pools)):
+        for pool in _pools(study, backbone, list(model.model.pools)):
             data = test_data = None
             if entries[train.name] is not None and (test is None or entries[test.name] is not None):
                 data = labeled_features(train, entries[train.name], pool, label_map, classes, protocol.meta,
@@ -296,17 +301,30 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
                 done = is_reusable(run)
                 steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", done,
                                   f"finished: {run}" if done else f"to fit: {run}"))
-    if study.fit["fuse"]:  # whether fused runs exist is only known once every backbone is extracted
-        steps += [Step("fit", f"fit {'+'.join(study.backbones)}/{pool}/{head}", None, "fusion")
-                  for pool in study.extract["pools"] for head in study.fit["heads"]]
+    # whether fused runs exist is only known once every backbone is extracted
+    steps += [Step("fit", f"fit {'+'.join(study.backbones)}/{'+'.join(pools)}/{head}", None, "fusion")
+              for pools in _fused_pools(study) for head in study.fit["heads"]]
     return steps
 
 
-def _pools(study: Study, extracted: list[str]) -> list[str]:
-    """The poolings fitted: [fit] pool, else every pooling extracted."""
+def _pools(study: Study, backbone: str, extracted: list[str]) -> list[str]:
+    """The poolings ``backbone`` is fitted with: [fit] pool (its own part of ``penult+gap``), else every
+    pooling extracted."""
     if study.fit["pool"]:
-        return [study.fit["pool"]]
+        parts = study.fit["pool"].split("+")
+        return [parts[study.backbones.index(backbone)] if len(parts) > 1 else parts[0]]
     return list(study.extract["pools"] or extracted)
+
+
+def _fused_pools(study: Study) -> list[list[str]]:
+    """The fused fits' poolings, one per backbone: [fit] pool's parts, else each pooling of [extract] pools
+    for all backbones in turn (none without fuse = true)."""
+    if not study.fit["fuse"]:
+        return []
+    parts = study.fit["pool"].split("+") if study.fit["pool"] else []
+    if len(parts) > 1:
+        return [parts]
+    return [[pool] * len(study.backbones) for pool in ([parts[0]] if parts else study.extract["pools"])]
 
 
 def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: bool = False,
@@ -346,13 +364,14 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                     test_entry = extract(test, models[backbone], **options).entry
                     overall.advance(1)
             entries[backbone] = (entry, test_entry)
-            for pool in _pools(study, list(entry.pools)):
+            for pool in _pools(study, backbone, list(entry.pools)):
                 runs += fit_many(train, entry, heads, pool, protocol, label_map, classes, test, test_entry,
                                  force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
                                  cluster=cluster)
-        for pool in study.extract["pools"] if study.fit["fuse"] else []:
-            fused = FusedEntry([(entries[b][0], pool) for b in study.backbones])
-            fused_test = FusedEntry([(entries[b][1], pool) for b in study.backbones]) if test is not None else None
+        for pools in _fused_pools(study):
+            fused = FusedEntry([(entries[b][0], pool) for b, pool in zip(study.backbones, pools, strict=True)])
+            fused_test = (FusedEntry([(entries[b][1], pool) for b, pool in zip(study.backbones, pools, strict=True)])
+                          if test is not None else None)
             runs += fit_many(train, fused, heads, None, protocol, label_map, classes, test, fused_test,
                              force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
                              cluster=cluster)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import featcache as fc
 from featcache.cli import app
+from featcache.options import OptionError
 from featcache.store.runs import read_metrics
 from featcache.study import StudyError, load_study, parse_study
 
@@ -234,3 +235,28 @@ def test_a_study_can_fuse_its_backbones(tmp_path, folder):
     assert len(result.steps) == 2 + 2 + 1
     with pytest.raises(StudyError, match="fuse = true needs two or more"):
         parse_study({**study, "extract": {"backbones": ["efficientnet_lite0"], "pools": ["gap"]}})
+
+
+@pytest.mark.slow
+def test_a_study_fuses_each_backbones_own_pooling_and_stacks_the_runs(tmp_path, folder):
+    study = {"data": {"train": str(folder)}, "fit": {"heads": ["logreg", "knn"], "cv": 3, "fuse": True,
+                                                     "pool": "penult+gap"},
+             "extract": {"backbones": ["efficientnet_lite0", "squeezenet1_1"], "pools": ["gap", "penult"]},
+             "compare": {"ensemble": "stack"}}
+    result = fc.run_study(study, cache=tmp_path / "cache")
+    made = sorted((read_metrics(r)["config"]["backbone"], read_metrics(r)["config"]["pool"]) for r in result.runs)
+    assert made == [("efficientnet_lite0", "penult")] * 2 + [("efficientnet_lite0+squeezenet1_1", "penult+gap")] * 2 \
+        + [("squeezenet1_1", "gap")] * 2
+    assert "stack of 6" in result.report.read_text()
+    # the same fused run from Python: found, not fitted again
+    again = fc.fit(data=str(folder), backbone="efficientnet_lite0+squeezenet1_1", pool="penult+gap", heads="logreg",
+                   cv=3, cache=tmp_path / "cache", quiet=True)
+    assert again[0].path in result.runs
+    with pytest.raises(OptionError, match="one per backbone"):
+        fc.fit(data=str(folder), backbone="efficientnet_lite0+squeezenet1_1", pool="penult+gap+gap",
+               cache=tmp_path / "cache", quiet=True)
+    for fit, message in (({"pool": "penult+gap"}, "needs fuse = true"),
+                         ({"pool": "penult+gap+gap", "fuse": True}, "one pooling for each"),
+                         ({"pool": "penult+multi", "fuse": True}, "'multi' is not among")):
+        with pytest.raises(StudyError, match=message):
+            parse_study({**study, "fit": {"heads": ["logreg"], **fit}})

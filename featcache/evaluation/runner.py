@@ -161,7 +161,7 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     warning = shift_warning(scores["shift"])
     if warning:
         reporter.warn(warning)
-    return scores, (test.ids, test.y, proba)
+    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ())
 
 
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,

@@ -129,36 +129,57 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
 
 
 def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:
-    """Soft-vote ensembles of the top runs of each comparable group (``spec``: ``top3``, ``top5``).
+    """Ensembles of each comparable group of runs: ``topN`` soft-votes the N best, ``stack`` fits a
+    meta-learner on all of them (:mod:`featcache.evaluation.stacking`).
 
     Runs are comparable when they scored the same images under the same protocol, so their
-    out-of-fold predictions line up image by image; the ensemble averages those probabilities and
-    is scored exactly like a run (its interval by the same bootstrap). The members are chosen by
-    the same out-of-fold scores, which makes the ensemble's score slightly optimistic; with the
-    test set (``test_predictions.csv``) the test score is free of that selection.
+    out-of-fold predictions line up image by image; the ensemble is scored exactly like a run (its
+    interval by the same bootstrap). ``topN`` chooses its members by the same out-of-fold scores, which
+    makes its score slightly optimistic; ``stack`` chooses nothing (every run is a member) and is nested
+    in the runs' folds. With the test set (``test_predictions.csv``) the test score is free of both.
     """
     from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
+    from featcache.evaluation.stacking import stack
 
-    if not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2:
-        raise ValueError(f"--ensemble {spec}: use topN with N >= 2, e.g. top3")
-    size = int(spec[3:])
+    stacking = spec == "stack"
+    if not stacking and (not spec.startswith("top") or not spec[3:].isdigit() or int(spec[3:]) < 2):
+        raise ValueError(f"--ensemble {spec}: use topN with N >= 2 (e.g. top3), or stack")
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         if row.config is None or row.head.split(" (")[0] in BASELINE_HEADS or metric not in row.metrics:
             continue
-        key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"))
+        # runs whose test features were aligned differently are not combined: their test predictions differ
+        key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"),
+               row.config.get("protocol", {}).get("test_align", "none"))
         groups.setdefault(key, []).append(row)
     out = []
-    for (dataset, protocol, _, _), members in groups.items():
-        members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))[:size]
-        if len(members) < size:
+    for (dataset, protocol, _, _, test_align), members in groups.items():
+        members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))
+        size = len(members) if stacking else int(spec[3:])
+        members = members[:size]
+        if len(members) < max(size, 2):
             continue
         oof = [read_predictions(r.run, "oof") for r in members]
         first = oof[0]
         if any(o.ids != first.ids or o.classes != first.classes or not np.array_equal(o.seeds, first.seeds)
                for o in oof):
             continue  # not aligned image by image: not comparable after all
-        proba = np.mean([o.proba for o in oof], axis=0)
+        tests = _test_predictions(members, first.classes, "test")
+        # with --test-align, the members' as-trained test predictions too: the ensemble's score before alignment
+        unaligned = _test_predictions(members, first.classes, "test_unaligned") if test_align != "none" else None
+        if unaligned and [t.ids for t in unaligned] != [t.ids for t in tests or []]:
+            unaligned = None
+        both = (tests or []) + (unaligned or [])  # one meta-learner (or vote) for both: only the inputs differ
+        if stacking:
+            stacked = stack([o.proba for o in oof], first.labels, first.classes, first.seeds, first.folds,
+                            first.group_array(np.ones(len(first.labels), dtype=bool)),
+                            [np.concatenate([t.proba for t in both[k::len(members)]]) for k in range(len(members))]
+                            if tests else None)
+            proba, t_both = stacked.oof, stacked.test
+        else:
+            proba = np.mean([o.proba for o in oof], axis=0)
+            t_both = (np.concatenate([np.mean([t.proba for t in part], axis=0) for part in (tests, unaligned) if part])
+                      if tests else None)
         seeds = np.unique(first.seeds)
         parts = [(first.labels[first.seeds == s], proba[first.seeds == s], first.group_array(first.seeds == s))
                  for s in seeds]
@@ -169,16 +190,30 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
                        "pooled": pooled[m], "ci": pooled["ci95"].get(m), "n_folds": len(per_fold) // len(seeds)}
                    for m in members[0].metrics if m in pooled}
         test = None
-        if all(has_test_predictions(r.run) for r in members):
-            tests = [read_predictions(r.run, "test") for r in members]
-            t_labels, t_classes = tests[0].labels, tests[0].classes
-            t_proba = np.mean([t.proba for t in tests], axis=0)
-            keep = np.isin(t_labels, t_classes)
-            test = score_with_ci(t_labels[keep], t_proba[keep], t_classes)
+        if tests:
+            t_labels, n_test = tests[0].labels, len(tests[0].labels)
+            keep = np.isin(t_labels, first.classes)
+            test = score_with_ci(t_labels[keep], t_both[:n_test][keep], first.classes, tests[0].group_array(keep))
+            if unaligned:
+                before = score_with_ci(t_labels[keep], t_both[n_test:][keep], first.classes, tests[0].group_array(keep))
+                test["unaligned"] = {k: before[k] for k in (*MAIN_METRICS, "ci95") if k in before}
+                test["test_align"] = test_align
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
-        out.append(Row(members[0].run.parent, dataset, "ensemble", "–", f"{spec}: {names}", protocol,
+        label = f"stack of {len(members)}: {names}" if stacking else f"{spec}: {names}"
+        out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
                        len(first.labels) // len(seeds), metrics, test, None))
     return out
+
+
+def _test_predictions(members: list[Row], classes: list[str], which: str) -> list | None:
+    """Every member's held-out predictions (``test`` or ``test_unaligned``), or None unless all have them
+    for the same images and classes."""
+    if not all(has_test_predictions(r.run, unaligned=which == "test_unaligned") for r in members):
+        return None
+    tests = [read_predictions(r.run, which) for r in members]
+    if any(t.ids != tests[0].ids or t.classes != classes for t in tests):
+        return None
+    return tests
 
 
 def unique_rows(rows: list[Row]) -> list[Row]:
@@ -212,10 +247,12 @@ def sort_rows(rows: list[Row], metric: str) -> list[Row]:
 
 
 def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None = None, backbone: str | None = None,
-                head: str | None = None, runs: list[Path] | None = None, ensemble: int | None = None) -> list[Row]:
+                head: str | None = None, runs: list[Path] | None = None,
+                ensemble: str | int | None = None) -> list[Row]:
     """The one selection of runs (compare and report alike): every finished run under ``cache_root``
-    (one root or several) that matches, each result once, with soft-vote ensembles of the ``ensemble``
-    best runs of each comparable group, ranked by :func:`sort_rows`."""
+    (one root or several) that matches, each result once, with the ensembles ``ensemble`` asks for
+    (``top3`` or 3: a soft vote of the 3 best runs of each comparable group; ``stack``: a meta-learner over
+    all of them, see :func:`ensemble_rows`), ranked by :func:`sort_rows`."""
     metric = checked_metric(metric)
     roots = cache_root if isinstance(cache_root, list) else [cache_root]
     rows = [row for root in roots for row in collect_runs(root, dataset, backbone, head, metric)]
@@ -228,7 +265,7 @@ def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None 
     rows = unique_rows(rows)
     if ensemble:
         try:
-            rows += ensemble_rows(rows, f"top{ensemble}", metric)
+            rows += ensemble_rows(rows, ensemble if isinstance(ensemble, str) else f"top{ensemble}", metric)
         except ValueError as exc:
             raise FeatcacheError(str(exc)) from None
     return sort_rows(rows, metric)

@@ -111,7 +111,7 @@ img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display
 
 def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | None = None,
                  dataset: str | None = None, title: str = "featcache report", metric: str = "balanced_accuracy",
-                 top: int = 20, best: int = 3, ensemble: int | None = None) -> Path:
+                 top: int = 20, best: int = 3, ensemble: str | int | None = None) -> Path:
     """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
     ``cache_root``. Returns the path."""
     roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]

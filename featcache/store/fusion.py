@@ -76,3 +76,18 @@ class FusedEntry:
 def fused_from_manifest(parts: list[dict]) -> FusedEntry:
     """A fused entry again from what a saved run recorded (``manifest()["parts"]``)."""
     return FusedEntry([(CacheEntry(part["entry"]), part["pool"]) for part in parts])
+
+
+def fused_pools(pool: str | None, backbones: list[str | None]) -> list[str | None]:
+    """The pooling of each backbone of ``--backbone a+b``: ``pool`` for all of them, or one per backbone
+    spelled like the backbones (``--pool penult+gap``); ``None`` leaves each entry's first pooling."""
+    from featcache.options import OptionError
+
+    parts = pool.split("+") if pool else [None]
+    if len(parts) == 1:
+        return parts * len(backbones)
+    if len(parts) != len(backbones) or not all(parts):
+        raise OptionError(f"--pool {pool}: give one pooling for all backbones, or one per backbone of --backbone "
+                          f"{'+'.join(b or '?' for b in backbones)} in the same order ({len(backbones)} joined by +)")
+    return parts
+

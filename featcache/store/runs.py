@@ -27,6 +27,7 @@ from featcache.store.naming import METRICS
 CONFIG = "config.json"
 OOF = "oof_predictions.csv"
 TEST = "test_predictions.csv"
+TEST_UNALIGNED = "test_predictions_unaligned.csv"  # with --test-align: the model's as-trained predictions
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -60,7 +61,8 @@ class Predictions:
 def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
               oof_rows: list, test_rows: tuple | None = None) -> None:
     """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, label, proba) tuples;
-    ``test_rows``: (ids, labels, proba) of the held-out set. CSVs go through the csv module, so an
+    ``test_rows``: (ids, labels, proba) of the held-out set, or (ids, labels, proba, unaligned proba) when
+    the test features were aligned (``--test-align``). CSVs go through the csv module, so an
     id holding a comma, a quote or a newline comes back as it was."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,11 +81,13 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
         for seed, fold, image_id, group, label, proba in oof_rows:
             writer.writerow([seed, fold, image_id, group or "", label, *(f"{v:.6f}" for v in proba)])
     if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
-        with open(tmp / TEST, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "label", *probability_columns])
-            for image_id, label, proba in zip(*test_rows, strict=True):
-                writer.writerow([image_id, label, *(f"{v:.6f}" for v in proba)])
+        ids, labels, *probas = test_rows
+        for name, proba_rows in zip((TEST, TEST_UNALIGNED), probas, strict=False):
+            with open(tmp / name, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["id", "label", *probability_columns])
+                for image_id, label, proba in zip(ids, labels, proba_rows, strict=True):
+                    writer.writerow([image_id, label, *(f"{v:.6f}" for v in proba)])
     write_json_atomic(tmp / METRICS, result)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -99,8 +103,9 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
-    """A run's out-of-fold (``oof``) or held-out (``test``) predictions."""
-    path = Path(run_dir) / (OOF if which == "oof" else TEST)
+    """A run's out-of-fold (``oof``) or held-out (``test``) predictions; ``test_unaligned``: the held-out
+    predictions before ``--test-align``."""
+    path = Path(run_dir) / {"oof": OOF, "test": TEST, "test_unaligned": TEST_UNALIGNED}[which]
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
@@ -116,5 +121,6 @@ def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
         groups=[line[3] if which == "oof" else "" for line in lines])
 
 
-def has_test_predictions(run_dir: Path) -> bool:
-    return (Path(run_dir) / TEST).is_file()
+def has_test_predictions(run_dir: Path, unaligned: bool = False) -> bool:
+    """Whether the run scored a held-out set (``unaligned``: and kept its predictions before --test-align)."""
+    return (Path(run_dir) / (TEST_UNALIGNED if unaligned else TEST)).is_file()
