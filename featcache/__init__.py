@@ -20,8 +20,10 @@ __version__ = "0.3.0"
 if TYPE_CHECKING:
     from featcache.api import (
         Comparison,
+        Ensemble,
         Run,
         audit,
+        best_model,
         compare,
         demo,
         export,
@@ -40,9 +42,10 @@ _EXPORTS = {
     "run_study": "featcache.api", "audit": "featcache.api", "load_run": "featcache.api", "Run": "featcache.api",
     "Comparison": "featcache.api", "demo": "featcache.api", "Entry": "featcache.store.entries",
     "FeatcacheError": "featcache.errors", "export": "featcache.api", "predict_onnx": "featcache.api",
+    "Ensemble": "featcache.api", "best_model": "featcache.api",
 }
-__all__ = ["Comparison", "Entry", "FeatcacheError", "Run", "__version__", "audit", "compare", "demo", "export",
-           "extract", "fit", "load_run", "predict_onnx", "report", "run_study"]
+__all__ = ["Comparison", "Ensemble", "Entry", "FeatcacheError", "Run", "__version__", "audit", "best_model", "compare",
+           "demo", "export", "extract", "fit", "load_run", "predict_onnx", "report", "run_study"]
 
 
 def __getattr__(name: str) -> object:

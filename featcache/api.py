@@ -421,15 +421,10 @@ class Run:
             identical to), ``group``, and ``failed`` (why an image has no prediction).
         """
         from featcache.evaluation.predict import predict_frame
-        from featcache.store.naming import cache_root_of_run
 
-        inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
-        root = Path(cache) if cache else cache_root_of_run(self.path.resolve())
-        test_align = BY_NAME["test_align"].checked(test_align, "test_align=")
-        align_from = BY_NAME["align_from"].checked(align_from, "align_from=")
-        trust_pickle = BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle=")
-        return predict_frame(self.path, [str(i) for i in inputs], root, _reporter(quiet, reporter), weights,
-                             group_col, test_align, align_from, trust_pickle, image_col)
+        inputs, root, options = _prediction_options(self.path, images, cache, weights, group_col, image_col,
+                                                    test_align, align_from, trust_pickle)
+        return predict_frame(self.path, inputs, root, _reporter(quiet, reporter), **options)
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
@@ -440,6 +435,97 @@ class Run:
 
 for _name in ("test_align", "align_from", "trust_pickle"):
     Run.predict.__doc__ = Run.predict.__doc__.replace("{" + _name + "}", BY_NAME[_name].help)
+
+
+def _prediction_options(run: Path, images: str | os.PathLike | Sequence[str | os.PathLike],
+                        cache: str | os.PathLike | None, weights: str | None, group_col: str | None,
+                        image_col: str | None, test_align: str, align_from: str | os.PathLike | None,
+                        trust_pickle: bool) -> tuple[list[str], Path, dict]:
+    """What :meth:`Run.predict` and :meth:`Ensemble.predict` take, checked: the inputs, the cache root (default:
+    the run's own) and the keywords of the prediction functions."""
+    from featcache.store.naming import cache_root_of_run
+
+    inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
+    root = Path(cache) if cache else cache_root_of_run(Path(run).resolve())
+    options = {"weights": weights, "group_col": group_col, "image_col": image_col,
+               "test_align": BY_NAME["test_align"].checked(test_align, "test_align="),
+               "align_from": BY_NAME["align_from"].checked(align_from, "align_from="),
+               "trust_pickle": BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle=")}
+    return [str(i) for i in inputs], root, options
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Finished runs that predict as one, the way ``featcache compare --ensemble`` scored them.
+
+    Attributes
+    ----------
+    runs : tuple of Run
+        The members, best first.
+    spec : str
+        ``topN`` (the runs' probabilities averaged) or ``stack`` (a meta-learner over them, fit on their
+        out-of-fold probabilities).
+    """
+
+    runs: tuple[Run, ...]
+    spec: str
+
+    def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
+                cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
+                image_col: str | None = None,
+                test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
+                quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+        """Class probabilities for new images: every member predicts them (see :meth:`Run.predict`, whose
+        keywords these are), then they are averaged or stacked. Returns a row per image, indexed by id:
+        ``predicted``, ``p_<class>`` per class, ``group`` and ``failed``."""
+        from featcache.evaluation.predict import predict_ensemble_frame
+
+        inputs, root, options = _prediction_options(self.runs[0].path, images, cache, weights, group_col, image_col,
+                                                    test_align, align_from, trust_pickle)
+        return predict_ensemble_frame([r.path for r in self.runs], self.spec, inputs, root,
+                                      _reporter(quiet, reporter), **options)
+
+    def __repr__(self) -> str:
+        return f"Ensemble({self.spec} of {len(self.runs)} runs: {', '.join(r.head for r in self.runs)})"
+
+
+def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | None = None) -> Run | Ensemble:
+    """The best model of a study that ``featcache run`` finished: its first row in the report's ranking,
+    a single run or the ensemble the study's ``[compare] ensemble`` asked for.
+
+    Parameters
+    ----------
+    study : path or dict
+        The study file (TOML), or its content as given to :func:`run_study`.
+    cache : path, optional
+        The cache root the study ran in (default ./cache, or $FEATCACHE_CACHE).
+
+    Returns
+    -------
+    Run or Ensemble
+    """
+    import json
+
+    from featcache.reporting.compare import select_rows
+    from featcache.store.naming import study_record_path
+    from featcache.study import StudyError, load_study, parse_study
+
+    checked = parse_study(study) if isinstance(study, dict) else load_study(study)
+    record_file = study_record_path(cache_root(cache), checked.name)
+    if not record_file.is_file():
+        raise StudyError(f"{study}: no finished run of this study in {cache_root(cache)} ({record_file.name} is "
+                         f"missing); run `featcache run {study}` first")
+    record = json.loads(record_file.read_text())
+    missing = [r for r in record["runs"] if not Path(r, "metrics.json").is_file()]
+    if missing:
+        raise StudyError(f"{study}: {len(missing)} of its runs are gone from the cache (first: {missing[0]}); run "
+                         f"`featcache run {study}` again")
+    rows = select_rows(cache_root(cache), record["metric"], runs=[Path(r) for r in record["runs"]],
+                       ensemble=record["ensemble"])
+    best = rows[0]
+    if best.members:
+        return Ensemble(tuple(Run(path) for path in best.members), best.ensemble)
+    return Run(best.run)
 
 
 def _predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:

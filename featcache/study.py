@@ -333,7 +333,9 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
     from featcache.evaluation.fitting import fit_many
     from featcache.extraction.extract import extract
     from featcache.reporting.report import write_report
+    from featcache.store.entries import write_json_atomic
     from featcache.store.fusion import FusedEntry
+    from featcache.store.naming import study_record_path, study_report_path
 
     protocol = _protocol(study)
     models: dict = {}
@@ -377,8 +379,11 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                              cluster=cluster)
     finally:
         overall.close()
-    report = write_report(cache_root / f"report-{study.name}.html", runs, title=f"featcache study: {study.name}",
+    report = write_report(study_report_path(cache_root, study.name), runs, title=f"featcache study: {study.name}",
                           metric=study.compare["metric"], top=study.report["top"], best=study.report["best"],
                           ensemble=study.compare["ensemble"])
+    write_json_atomic(study_record_path(cache_root, study.name),
+                      {"study": study.name, "runs": [str(run) for run in runs], "metric": study.compare["metric"],
+                       "ensemble": study.compare["ensemble"]})
     return StudyResult(runs, report, steps)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -248,6 +249,31 @@ def test_a_study_fuses_each_backbones_own_pooling_and_stacks_the_runs(tmp_path, 
     assert made == [("efficientnet_lite0", "penult")] * 2 + [("efficientnet_lite0+squeezenet1_1", "penult+gap")] * 2 \
         + [("squeezenet1_1", "gap")] * 2
     assert "stack of 6" in result.report.read_text()
+    best = fc.best_model(study, cache=tmp_path / "cache")
+    assert isinstance(best, fc.Ensemble | fc.Run)
+    # an ensemble predicts new images as compare scored it: the members' mean, or the meta-learner on them
+    from featcache.evaluation.stacking import final_meta_learner, stacked_proba
+    from featcache.store.runs import read_predictions
+
+    members = tuple(fc.load_run(r) for r in result.runs[:3])
+    images = sorted(Path(folder).rglob("*.jpg"))[:4]
+    alone = [m.predict(images, quiet=True) for m in members]
+    columns = [c for c in alone[0].columns if c.startswith("p_")]
+    voted = fc.Ensemble(members, "top3").predict(images)
+    assert np.allclose(voted[columns].to_numpy(float), np.mean([a[columns].to_numpy(float) for a in alone], axis=0))
+    oof = [read_predictions(m.path) for m in members]
+    meta = final_meta_learner([o.proba for o in oof], oof[0].labels, oof[0].classes, oof[0].seeds,
+                              oof[0].group_array(np.ones(len(oof[0].ids), dtype=bool)))
+    stacked = fc.Ensemble(members, "stack").predict(images)
+    expected = stacked_proba(meta, [a[columns].to_numpy(float) for a in alone], len(columns))
+    assert np.allclose(stacked[columns].to_numpy(float), expected)
+    assert list(stacked["predicted"]) == [columns[k][2:] for k in expected.argmax(axis=1)]
+    runs = [arg for m in members[:2] for arg in ("--run", str(m.path))]
+    out = _cli("predict", *runs, *map(str, images), "--out", str(tmp_path / "p.csv"), "-q")
+    assert out.exit_code != 0 and "--ensemble" in out.output
+    out = _cli("predict", *runs, "--ensemble", "stack", *map(str, images), "--out", str(tmp_path / "p.csv"), "-q")
+    assert out.exit_code == 0, out.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + len(images)
     # the same fused run from Python: found, not fitted again
     again = fc.fit(data=str(folder), backbone="efficientnet_lite0+squeezenet1_1", pool="penult+gap", heads="logreg",
                    cv=3, cache=tmp_path / "cache", quiet=True)

@@ -210,7 +210,10 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
 
 
 @command("predict",
-         own("run", Path | None, typer.Option(None, help="A run directory written by `featcache fit`.")),
+         own("run", list[Path] | None, typer.Option(None, help="A run directory written by `featcache fit`; give it "
+                                                    "several times with --ensemble for an ensemble of runs.")),
+         own("study", Path | None, typer.Option(None, help="A study file that `featcache run` finished: predict with "
+                                                "its best model (the report's first row, a run or its ensemble).")),
          own("onnx", Path | None, typer.Option(None, help="A model written by `featcache export` instead of --run: "
                                                "ONNX Runtime and featcache's image preprocessing only (no cache).")),
          own("inputs", list[str], typer.Argument(..., help="Image files and/or folders (or one CSV/.npz).")),
@@ -218,8 +221,8 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
          own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")),
          own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)),
          own("image_col", str | None, typer.Option(None, help=BY_NAME["image_col"].help)))
-def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, weights: str | None,
-            group_col: str | None, image_col: str | None, **options: Any) -> None:
+def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, inputs: list[str], out: Path,
+            weights: str | None, group_col: str | None, image_col: str | None, **options: Any) -> None:
     """Class probabilities for new images with a saved run (features go through the cache; warns when a
     new image is identical or nearly identical to a training image), or with an exported model (--onnx).
 
@@ -228,8 +231,15 @@ def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, w
     from featcache import api
     from featcache.evaluation.predict import write_predictions
 
-    if (run is None) == (onnx is None):
-        raise typer.BadParameter("give either --run (a run folder) or --onnx (an exported model)", param_hint="--run")
+    if sum(bool(given) for given in (run, study, onnx)) != 1:
+        raise typer.BadParameter("give one of --run (a run folder), --study (a finished study file) or --onnx (an "
+                                 "exported model)", param_hint="--run")
+    if options["ensemble"] and not (run and len(run) > 1):
+        raise typer.BadParameter("--ensemble combines several --run folders (a study's best model carries its own)",
+                                 param_hint="--ensemble")
+    if run and len(run) > 1 and not options["ensemble"]:
+        raise typer.BadParameter(f"{len(run)} runs given: say how to combine them with --ensemble (N to average "
+                                 "them, stack for the meta-learner)", param_hint="--ensemble")
     if onnx is not None:
         ignored = [flag for flag, value in (("--weights", weights), ("--test-align", options["test_align"] != "none"),
                                             ("--align-from", options["align_from"]),
@@ -239,10 +249,23 @@ def predict(run: Path | None, onnx: Path | None, inputs: list[str], out: Path, w
                                      "weights and takes images as they are", param_hint="--onnx")
         frame = api.predict_onnx(onnx, inputs, group_col=group_col, image_col=image_col, quiet=options["quiet"])
     else:
-        frame = api.load_run(run).predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
-                                          group_col=group_col, image_col=image_col, quiet=options["quiet"],
-                                          test_align=options["test_align"], align_from=options["align_from"],
-                                          trust_pickle=options["trust_pickle"])
+        if study is not None:
+            model = api.best_model(study, cache=options["cache"])
+            _print(f"the best model of {study}: {model!r}")
+            first = model.runs[0] if isinstance(model, api.Ensemble) else model
+            measured = first.config.get("protocol", {}).get("test_align", "none")
+            if measured != options["test_align"]:
+                console.print(f"[yellow]warning:[/] the study scored its test set with --test-align {measured}; "
+                              f"these images are predicted with --test-align {options['test_align']}, so its test "
+                              "score does not describe them", highlight=False)
+        elif len(run) > 1:
+            model = api.Ensemble(tuple(api.load_run(r) for r in run), options["ensemble"])
+        else:
+            model = api.load_run(run[0])
+        frame = model.predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
+                              group_col=group_col, image_col=image_col, quiet=options["quiet"],
+                              test_align=options["test_align"], align_from=options["align_from"],
+                              trust_pickle=options["trust_pickle"])
     _print(f"predictions written to {write_predictions(frame, out)}")
 
 

@@ -156,6 +156,47 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     return frame
 
 
+def predict_ensemble_frame(run_dirs: list[Path], spec: str, inputs: list[str], cache_root: Path,
+                           reporter: Reporter | None = None, **options: object) -> pd.DataFrame:
+    """Class probabilities of new images with an ensemble of saved runs, as ``featcache compare --ensemble``
+    scored it: ``topN`` averages the runs' probabilities, ``stack`` applies the meta-learner fit on all of
+    their out-of-fold probabilities (:func:`featcache.evaluation.stacking.final_meta_learner`). Each run
+    predicts as :func:`predict_frame` with ``options``; an image any run could not read has no prediction."""
+    from featcache.evaluation.stacking import final_meta_learner, stacked_proba
+    from featcache.store.runs import read_predictions
+
+    if len(run_dirs) < 2:
+        raise RunError(f"an ensemble needs two or more runs; got {len(run_dirs)}")
+    frames = [predict_frame(Path(run), inputs, cache_root, reporter, **options) for run in run_dirs]
+    columns = [c for c in frames[0].columns if c.startswith("p_")]
+    for run, frame in zip(run_dirs, frames, strict=True):
+        if [c for c in frame.columns if c.startswith("p_")] != columns:
+            raise RunError(f"{run} predicts other classes than {run_dirs[0]}; an ensemble's runs must share classes")
+    classes = [c.removeprefix("p_") for c in columns]
+    failed = frames[0]["failed"].copy()
+    for frame in frames[1:]:
+        failed = failed.where(failed != "", frame["failed"])
+    ok = failed[failed == ""].index
+    probas = [frame.loc[ok, columns].to_numpy(dtype=float) for frame in frames]
+    if spec == "stack":
+        oof = [read_predictions(Path(run), "oof") for run in run_dirs]
+        if any(o.ids != oof[0].ids or not np.array_equal(o.seeds, oof[0].seeds) for o in oof):
+            raise RunError("these runs' out-of-fold predictions are not of the same images and folds, so no "
+                           "meta-learner can be fit on them; stack runs fitted on the same data with the same --cv")
+        meta = final_meta_learner([o.proba for o in oof], oof[0].labels, oof[0].classes, oof[0].seeds,
+                                  oof[0].group_array(np.ones(len(oof[0].labels), dtype=bool)))
+        proba = stacked_proba(meta, probas, len(classes))
+    else:
+        proba = np.mean(probas, axis=0)
+    frame = frames[0].drop(columns=[c for c in frames[0].columns if c.startswith("set_")])
+    frame["failed"] = failed
+    frame.loc[failed != "", columns] = np.nan
+    frame.loc[failed != "", "predicted"] = ""
+    frame.loc[ok, columns] = proba
+    frame.loc[ok, "predicted"] = [classes[int(k)] for k in proba.argmax(axis=1)]
+    return frame
+
+
 def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str], cache_root: Path,
                      weights: str | None, reporter: Reporter, method: str, align_from: str | None
                      ) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -73,10 +73,24 @@ def stack(probas: list[np.ndarray], labels: np.ndarray, classes: list[str], seed
             chosen.append(float(search.best_params_["logisticregression__C"]))
     test = None
     if test_probas is not None:
-        first = seeds == np.unique(seeds)[0]  # every seed's rows are all images once; one seed's suffice
-        search = fit_meta_learner(X[first], y[first], None if groups is None else groups[first], 0)
-        test = _full_proba(search, stack_features(test_probas), len(classes))
+        test = stacked_proba(final_meta_learner(probas, labels, classes, seeds, groups), test_probas, len(classes))
     return Stacked(oof, test, chosen)
+
+
+def final_meta_learner(probas: list[np.ndarray], labels: np.ndarray, classes: list[str], seeds: np.ndarray,
+                       groups: np.ndarray | None = None) -> GridSearchCV:
+    """The meta-learner that predicts new images: fit on every image's out-of-fold probabilities (one
+    seed's rows: each seed holds every image once). Deterministic, so compare's test score and predict
+    use the same model."""
+    first = seeds == np.unique(seeds)[0]
+    y = np.array([classes.index(v) for v in np.asarray(labels)[first]])
+    return fit_meta_learner(stack_features([p[first] for p in probas]), y,
+                            None if groups is None else groups[first], 0)
+
+
+def stacked_proba(search: GridSearchCV, probas: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """The meta-learner's probabilities for the members' ``probas`` of some images."""
+    return _full_proba(search, stack_features(probas), n_classes)
 
 
 def _full_proba(search: GridSearchCV, X: np.ndarray, n_classes: int) -> np.ndarray:

@@ -32,6 +32,8 @@ class Row:
     metrics: dict  # metric -> {"mean", "std", "pooled", "ci"}
     test: dict | None
     config: dict | None = None
+    members: tuple[Path, ...] = ()  # an ensemble's runs, best first
+    ensemble: str | None = None  # an ensemble's --ensemble spelling (top3, stack)
 
 
 def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = ()) -> str:
@@ -201,7 +203,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
         label = f"stack of {len(members)}: {names}" if stacking else f"{spec}: {names}"
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
-                       len(first.labels) // len(seeds), metrics, test, None))
+                       len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec))
     return out
 
 

@@ -9,6 +9,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
     <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
     <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
     <cache root>/.warm/<recipe>.json                                 the entry an extract recipe named last
+    <cache root>/report-<study>.html, study-<study>.json             a study's report and its runs
 """
 
 from __future__ import annotations
@@ -103,3 +104,14 @@ def warm_recipe_path(cache_root: Path, key: str) -> Path:
 def engine_export_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
     """A backbone's ONNX export, named by the hash of everything it was exported from."""
     return Path(cache_root) / ".engines" / f"{backbone.replace(':', '-')}-{stable_hash(inputs, 16)}.onnx"
+
+
+def study_report_path(cache_root: Path, study_name: str) -> Path:
+    """The report ``featcache run`` writes for a study."""
+    return Path(cache_root) / f"report-{study_name}.html"
+
+
+def study_record_path(cache_root: Path, study_name: str) -> Path:
+    """What ``featcache run`` did last for a study: its runs and ensemble (read by ``predict --study``)."""
+    return Path(cache_root) / f"study-{study_name}.json"
+
