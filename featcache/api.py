@@ -642,8 +642,13 @@ def compare(data: str | os.PathLike | None = None, *, backbone: str | None = Non
             raise FeatcacheError(f"--data {data}: no such file or folder")
         dataset = source_name(str(data))
     metric = options["metric"]
+    notes: list[str] = []
     rows = select_rows(cache_root(options["cache"]), metric, dataset=dataset, backbone=backbone, head=head,
-                       runs=None if runs is None else [Path(r) for r in runs], ensemble=options["ensemble"])
+                       runs=None if runs is None else [Path(r) for r in runs], ensemble=options["ensemble"],
+                       notes=notes)
+    reporter = _reporter(options["quiet"], None)
+    for note in notes:
+        reporter.warn(note)
     return Comparison(rows, metric)
 
 

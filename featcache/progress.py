@@ -48,9 +48,8 @@ class Reporter:
             self.console.print(escape(message), highlight=False)
 
     def warn(self, message: str) -> None:
+        """A problem the user must see: shown also when quiet (quiet drops progress and notes, not warnings)."""
         self._warned += 1
-        if self.quiet:
-            return
         if self._warned <= self.max_warnings:
             self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
         elif self._warned == self.max_warnings + 1:

@@ -130,3 +130,15 @@ def test_the_ensemble_option_takes_a_count_or_stack(given, spec):
 def test_the_ensemble_option_refuses_other_spellings(given):
     with pytest.raises(OptionError, match="stack"):
         BY_NAME["ensemble"].checked(given)
+
+
+def test_a_single_split_cannot_be_stacked_and_says_why(tmp_path):
+    rng = np.random.default_rng(6)
+    y_idx = np.arange(240) % 3
+    X = rng.normal(size=(240, 8)) + y_idx[:, None] * 0.8
+    rows = _runs(tmp_path, np.array(CLASSES)[y_idx], X, heads=("logreg", "svm-linear"),
+                 protocol=Protocol(split="random712"))
+    notes: list[str] = []
+    assert ensemble_rows(rows, "stack", notes=notes) == []
+    assert len(notes) == 1 and "single train/test split" in notes[0] and "--split cv" in notes[0]
+    assert len(ensemble_rows(rows, "top2")) == 1  # a soft vote needs no out-of-fold training predictions

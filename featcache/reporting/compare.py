@@ -130,7 +130,8 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
     return _name_engines(rows, engines)
 
 
-def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy") -> list[Row]:
+def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
+                  notes: list[str] | None = None) -> list[Row]:
     """Ensembles of each comparable group of runs: ``topN`` soft-votes the N best, ``stack`` fits a
     meta-learner on all of them (:mod:`featcache.evaluation.stacking`).
 
@@ -139,6 +140,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
     interval by the same bootstrap). ``topN`` chooses its members by the same out-of-fold scores, which
     makes its score slightly optimistic; ``stack`` chooses nothing (every run is a member) and is nested
     in the runs' folds. With the test set (``test_predictions.csv``) the test score is free of both.
+    Why a group got no ensemble is added to ``notes``.
     """
     from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
     from featcache.evaluation.stacking import stack
@@ -159,13 +161,20 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))
         size = len(members) if stacking else int(spec[3:])
         members = members[:size]
+        where = f"--ensemble {spec} on {dataset} ({protocol})"
         if len(members) < max(size, 2):
+            _note(notes, f"{where}: only {len(members)} run(s) to combine")
             continue
         oof = [read_predictions(r.run, "oof") for r in members]
         first = oof[0]
         if any(o.ids != first.ids or o.classes != first.classes or not np.array_equal(o.seeds, first.seeds)
                for o in oof):
-            continue  # not aligned image by image: not comparable after all
+            _note(notes, f"{where}: the runs' out-of-fold predictions are not of the same images, so none is made")
+            continue
+        if stacking and len(np.unique(first.folds)) < 2:
+            _note(notes, f"{where}: a single train/test split leaves no out-of-fold predictions of the training "
+                         "images to fit a meta-learner on; use cross-validation (--split cv) or a soft vote (N)")
+            continue
         tests = _test_predictions(members, first.classes, "test")
         # with --test-align, the members' as-trained test predictions too: the ensemble's score before alignment
         unaligned = _test_predictions(members, first.classes, "test_unaligned") if test_align != "none" else None
@@ -205,6 +214,11 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy")
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
                        len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec))
     return out
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None:
+        notes.append(text)
 
 
 def _test_predictions(members: list[Row], classes: list[str], which: str) -> list | None:
@@ -250,11 +264,11 @@ def sort_rows(rows: list[Row], metric: str) -> list[Row]:
 
 def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None = None, backbone: str | None = None,
                 head: str | None = None, runs: list[Path] | None = None,
-                ensemble: str | int | None = None) -> list[Row]:
+                ensemble: str | int | None = None, notes: list[str] | None = None) -> list[Row]:
     """The one selection of runs (compare and report alike): every finished run under ``cache_root``
     (one root or several) that matches, each result once, with the ensembles ``ensemble`` asks for
     (``top3`` or 3: a soft vote of the 3 best runs of each comparable group; ``stack``: a meta-learner over
-    all of them, see :func:`ensemble_rows`), ranked by :func:`sort_rows`."""
+    all of them, see :func:`ensemble_rows`; why a group got none goes to ``notes``), ranked by :func:`sort_rows`."""
     metric = checked_metric(metric)
     roots = cache_root if isinstance(cache_root, list) else [cache_root]
     rows = [row for root in roots for row in collect_runs(root, dataset, backbone, head, metric)]
@@ -267,7 +281,7 @@ def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None 
     rows = unique_rows(rows)
     if ensemble:
         try:
-            rows += ensemble_rows(rows, ensemble if isinstance(ensemble, str) else f"top{ensemble}", metric)
+            rows += ensemble_rows(rows, ensemble if isinstance(ensemble, str) else f"top{ensemble}", metric, notes)
         except ValueError as exc:
             raise FeatcacheError(str(exc)) from None
     return sort_rows(rows, metric)

@@ -115,7 +115,8 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
     """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
     ``cache_root``. Returns the path."""
     roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]
-    rows = select_rows(roots, metric, dataset=dataset, runs=runs, ensemble=ensemble)
+    notes: list[str] = []
+    rows = select_rows(roots, metric, dataset=dataset, runs=runs, ensemble=ensemble, notes=notes)
     if not rows:
         raise FeatcacheError("no finished runs to report; run `featcache fit` (or `featcache run`) first")
     groups: dict[tuple[str, str], list[Row]] = {}
@@ -124,7 +125,7 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p class='muted'>{len(rows)} runs &middot; made {_dt.datetime.now().isoformat(timespec='seconds')} by "
             f"featcache {__version__} on {html.escape(platform.node())} ({html.escape(platform.platform())}, "
-            f"Python {platform.python_version()})</p>"]
+            f"Python {platform.python_version()})</p>"] + [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
     for (dataset_name, protocol), members in groups.items():
         shown = members[:top]
         more = f" (top {top} of {len(members)})" if len(members) > top else ""
