@@ -112,6 +112,18 @@ def main() -> None:
         cv, cv_ci, test, _ = _run_scores(run)
         name = f"{run.config['backbone']} / {run.config['pool']} / {run.head}"
         lines.append(f"| {name} | {_fmt(cv, cv_ci)} | {test:.3f} | {_run_scores(run, aligned=True)[2]:.3f} |")
+    lines += ["", "The same runs across clinics (issue: shift audit, test alignment, prediction sets at 90 %; "
+              "`test.shift`, `test.unaligned` and `conformal` of each run's metrics.json):", "",
+              "| run | domain AUROC | test bal. acc. as trained -> moments | conformal coverage: CV / test as "
+              "trained / test aligned (mean set size) |", "|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: -r.metrics["pooled"]["balanced_accuracy"]):
+        test = run.metrics["test"]
+        sets = [run.metrics.get("conformal"), test["unaligned"].get("conformal"), test.get("conformal")]
+        coverage = " / ".join(f"{c['coverage']:.3f} ({c['mean_set_size']:.2f})" if c else "–" for c in sets)
+        before, after = test["unaligned"]["balanced_accuracy"], test["balanced_accuracy"]
+        lines.append(f"| {run.config['backbone']} / {run.config['pool']} / {run.head} | "
+                     f"{test['shift']['domain_auroc']:.3f} | {before:.3f} -> {after:.3f} ({after - before:+.3f}) | "
+                     f"{coverage} |")
     cv, cv_ci, test, test_ci = _scores(top3.metrics, top3.test, aligned=True)
     lines += ["", f"Beside the stack, the soft vote of the 3 best runs (`--ensemble 3`, chosen on the same CV scores): "
               f"CV {_fmt(cv, cv_ci)}, test (aligned) {_fmt(test, test_ci)}.", ""]
