@@ -69,7 +69,10 @@ def test_fit_on_another_clinic_warns_audits_and_moments_alignment_recovers_it(tm
     assert shift["domain_auroc"] > 0.95 and shift["ood_fraction"] > 0.5
     assert set(shift["prevalence_estimate"]) == {"mel", "nv"} and shift["prevalence_true"]["mel"] == 0.5
     run = fit_head(train, FakeEntry(tmp_path / "a"), "logreg", "gap", Protocol(cv=3, test_align="moments"), "toy",
-                   test=test)
+                   test=test, reporter=Reporter())
+    warning = capfd.readouterr().err  # an aligned run does not advise what it already does
+    assert "domain shift:" in warning and "try --test-align" not in warning
+    assert "after --test-align moments" in " ".join(warning.split())
     aligned = read_metrics(run)
     assert aligned["test"]["balanced_accuracy"] >= plain["test"]["balanced_accuracy"] + 0.2
     assert aligned["test"]["unaligned"]["balanced_accuracy"] == pytest.approx(plain["test"]["balanced_accuracy"])

@@ -158,7 +158,7 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
             scores["unaligned"]["conformal"] = set_summary(prediction_sets(plain, limits), y_idx)
         scores["test_align"] = protocol.test_align
     scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
-    warning = shift_warning(scores["shift"])
+    warning = shift_warning(scores["shift"], protocol.test_align)
     if warning:
         reporter.warn(warning)
     return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ())
@@ -196,7 +196,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     elif is_finished(run_dir) and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
         shift = (read_metrics(run_dir).get("test") or {}).get("shift")
-        warning = shift_warning(shift) if shift else None
+        warning = shift_warning(shift, protocol.test_align) if shift else None
         if warning:  # a reused run says what it said when it was made
             reporter.warn(warning)
         return run_dir

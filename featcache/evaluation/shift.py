@@ -156,13 +156,17 @@ def shift_audit(train: np.ndarray, test: np.ndarray, proba: np.ndarray, classes:
     return out
 
 
-def shift_warning(shift: dict) -> str | None:
-    """One line when the shift is clear: what was measured, what it means, what to try."""
+def shift_warning(shift: dict, aligned_with: str = "none") -> str | None:
+    """One line when the shift is clear: what was measured, what it means, what to try (``aligned_with``: the
+    run's --test-align, whose scores already correct the features' statistics)."""
     if shift["domain_auroc"] < DOMAIN_WARN_AUROC and shift["ood_fraction"] < OOD_WARN_FRACTION:
         return None
     low, high = shift["domain_auroc_ci"]
+    advice = ("try --test-align moments, and read the test scores as those of another clinic"
+              if aligned_with == "none" else
+              f"the test scores are after --test-align {aligned_with} (metrics.json keeps the unaligned ones under "
+              "test.unaligned); read them as those of another clinic")
     return (f"domain shift: a classifier tells the test images' features from the training images' (AUROC "
             f"{shift['domain_auroc']:.2f} [{low:.2f}, {high:.2f}]) and {shift['ood_fraction']:.0%} of test images "
             f"lie beyond the distance that 5 % of held-out training images reach; the model's threshold may no "
-            "longer fit these images (balanced accuracy can fall though AUROC holds): try --test-align moments, "
-            "and read the test scores as those of another clinic")
+            f"longer fit these images (balanced accuracy can fall though AUROC holds): {advice}")
