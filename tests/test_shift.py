@@ -129,6 +129,15 @@ def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     assert out.exit_code == 0 and "set_90" in (tmp_path / "sets.csv").read_text().splitlines()[0]
     # the statistics came from the training images themselves: aligning to them changes nothing
     np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
+    # a fused run aligns too: every backbone's features, each with its pooling, side by side
+    fc.extract(folder, backbone="squeezenet1_1", cache=cache, engine="torch", quiet=True)
+    [fused] = fc.fit(folder, backbone="efficientnet_lite0+squeezenet1_1", heads=["logreg"], cv=3, cache=cache,
+                     engine="torch", quiet=True)
+    aligned = fused.predict(few, test_align="moments", align_from=folder, cache=cache)
+    plain = fused.predict(few, cache=cache)
+    np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
+    batch = fused.predict(sorted(folder.rglob("*.jpg")), test_align="moments", cache=cache)
+    assert batch["failed"].eq("").all() and np.allclose(batch.filter(like="p_").sum(axis=1), 1.0)
 
 
 # --- conformal prediction sets ------------------------------------------------------------------

@@ -204,10 +204,10 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
     ``--test-align`` the function that aligns their features (statistics of the batch itself, or of
     ``align_from``, images of the same clinic)."""
     pool, train_ids = saved["pool"], saved.get("train_ids")
-    if not train_ids or saved.get("fusion"):
+    if not train_ids:
         if method != "none":
             raise RunError(f"--test-align {method}: this run does not record its training images (made before "
-                           "featcache 0.2, or a fused run); fit it again to align")
+                           "featcache 0.2); fit it again to align")
         return None
     train_X = train_entry.read(pool, train_ids)
     batch_X = entry.read(pool, ids)
@@ -223,8 +223,12 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
         return None
     domain = None
     if align_from:
-        domain = extract_like(images_source([align_from]), train_entry, cache_root, weights, reporter).entry
-        domain = domain.read(pool)
+        same_clinic = images_source([align_from])
+        if isinstance(train_entry, FusedEntry):  # through every backbone of the fused run, each with its pooling
+            domain = FusedEntry([(extract_like(same_clinic, part, cache_root, weights, reporter).entry, part_pool)
+                                 for part, part_pool in train_entry.parts]).read()
+        else:
+            domain = extract_like(same_clinic, train_entry, cache_root, weights, reporter).entry.read(pool)
     align(batch_X if domain is None else domain, train_X, method)  # too few images: refused here, before work
     return lambda X: align(X, train_X, method, domain=domain)
 
