@@ -214,9 +214,11 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
     if len(ids) >= MIN_ALIGN_IMAGES:
         auroc, interval = domain_auroc(train_X, batch_X)
         if auroc >= DOMAIN_WARN_AUROC:
+            advice = ("try --test-align moments" if method == "none" else
+                      f"they are predicted with --test-align {method}, which corrects their features' statistics")
             reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
                           f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
-                          "not fit them: try --test-align moments")
+                          f"not fit them: {advice}")
     if method == "none":
         if align_from:
             raise RunError("--align-from gives the statistics for --test-align: pass --test-align moments or coral")
