@@ -470,6 +470,16 @@ class Ensemble:
     runs: tuple[Run, ...]
     spec: str
 
+    def __post_init__(self) -> None:
+        spec = BY_NAME["ensemble"].checked(self.spec, "ensemble=")
+        if len(self.runs) < 2:
+            raise OptionError(f"an ensemble needs two or more runs; got {len(self.runs)}")
+        if spec != "stack" and spec != f"top{len(self.runs)}":
+            raise OptionError(f"ensemble {self.spec}: {len(self.runs)} runs are given, so their soft vote is "
+                              f"{len(self.runs)} (or stack for the meta-learner)")
+        object.__setattr__(self, "runs", tuple(r if isinstance(r, Run) else Run(r) for r in self.runs))
+        object.__setattr__(self, "spec", spec)
+
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
                 image_col: str | None = None,

@@ -142,3 +142,18 @@ def test_a_single_split_cannot_be_stacked_and_says_why(tmp_path):
     assert ensemble_rows(rows, "stack", notes=notes) == []
     assert len(notes) == 1 and "single train/test split" in notes[0] and "--split cv" in notes[0]
     assert len(ensemble_rows(rows, "top2")) == 1  # a soft vote needs no out-of-fold training predictions
+
+
+def test_an_ensemble_to_predict_with_names_its_runs_consistently(tmp_path):
+    import featcache as fc
+
+    rng = np.random.default_rng(7)
+    y_idx = np.arange(240) % 3
+    X = rng.normal(size=(240, 8)) + y_idx[:, None]
+    rows = _runs(tmp_path, np.array(CLASSES)[y_idx], X, heads=("logreg", "knn"))
+    runs = [row.run for row in rows]
+    assert fc.Ensemble(runs, 2).spec == "top2" and fc.Ensemble(runs, "stack").spec == "stack"
+    with pytest.raises(OptionError, match="2 runs are given"):
+        fc.Ensemble(runs, "top3")
+    with pytest.raises(OptionError, match="two or more"):
+        fc.Ensemble(runs[:1], "stack")

@@ -176,6 +176,8 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
                          "images to fit a meta-learner on; use cross-validation (--split cv) or a soft vote (N)")
             continue
         tests = _test_predictions(members, first.classes, "test")
+        if tests is None and all(has_test_predictions(r.run) for r in members):
+            _note(notes, f"{where}: the runs scored different test images (or classes), so it has no test score")
         # with --test-align, the members' as-trained test predictions too: the ensemble's score before alignment
         unaligned = _test_predictions(members, first.classes, "test_unaligned") if test_align != "none" else None
         if unaligned and [t.ids for t in unaligned] != [t.ids for t in tests or []]:
