@@ -188,6 +188,10 @@ def predict_ensemble_frame(run_dirs: list[Path], spec: str, inputs: list[str], c
         proba = stacked_proba(meta, probas, len(classes))
     else:
         proba = np.mean(probas, axis=0)
+    sets = [c for f in frames for c in f.columns if c.startswith("set_")]
+    if sets and reporter is not None:  # each member's thresholds were calibrated on its own probabilities
+        reporter.warn(f"no prediction sets ({sets[0]}) for the ensemble: its members' conformal thresholds do not "
+                      "apply to the combined probabilities; predict with one of its runs for sets")
     frame = frames[0].drop(columns=[c for c in frames[0].columns if c.startswith("set_")])
     frame["failed"] = failed
     frame.loc[failed != "", columns] = np.nan
