@@ -22,8 +22,9 @@ def ham70_copies(data: Path, count: int) -> list[Path]:
     return copies
 
 
-def run_command(command: list[str]) -> tuple[float, str]:
-    """Run ``command`` (it must succeed): its wall seconds and its standard output."""
+def run_command(command: list[str], stderr: bool = False) -> tuple[float, str]:
+    """Run ``command`` (it must succeed): its wall seconds and its standard output (and error, with
+    ``stderr``)."""
     started = time.perf_counter()
     done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started, done.stdout
+    return time.perf_counter() - started, done.stdout + (done.stderr if stderr else "")

@@ -5,7 +5,8 @@ C / (decode + C / forward) images/s, where ``decode`` is the decode's core-secon
 loader alone, one worker: read, SHA-256, decode, resize) and ``forward`` the bare forward's images/s on
 all cores (the default engine on pre-made batches, as extraction runs it). Beside it: the extraction
 itself (the images/s extract reports, start-up excluded) and the whole command (N / its wall time, in a
-fresh process, the engine compiled before: an earlier command exported and compiled it).
+fresh process, the engine compiled before: an earlier command on another dataset exported and compiled
+it, so this one takes the lean path, featcache.extraction.lean, without importing PyTorch).
 
 On N JPEGs of 600x450 (ham70's photographs copied under N distinct names). Writes the block `ceiling` of
 docs/benchmarks.md.
@@ -56,14 +57,16 @@ def main() -> None:
         decode = decode_ips(backbone, open_source(data), "pil")
         ceiling = cores / (cores / forward + 1 / decode)
         seconds, output = run_command(["featcache", "extract", "--data", str(data), "--cache", str(cache),
-                                       "--backbone", args.backbone])
+                                       "--backbone", args.backbone], stderr=True)
+        path = "lean" if "without PyTorch" in output else "full"
         whole = args.images / seconds
         reported = float(re.search(r"\(([\d.]+) images/s\)", output).group(1))
     lines = ["## The default extraction against the machine's ceiling", "",
              f"`python benchmarks/ceiling.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + f": {args.backbone}, default engine ({engine}), {args.images} JPEGs of 600x450, {cores} cores, "
              "img/s, all in this run. Ceiling = C / (decode + C / forward): decode = the loader alone (1 worker), "
-             "forward = the bare forward on all cores.", "",
+             f"forward = the bare forward on all cores. The whole command took the {path} path "
+             "(engine compiled before by a command on another dataset).", "",
              "| bare forward | decode (1 core) | ceiling | extraction (as reported) | whole command |",
              "|---|---|---|---|---|",
              f"| {forward:.1f} | {decode:.1f} | {ceiling:.1f} | {reported:.1f} ({reported / ceiling:.2f} of the "

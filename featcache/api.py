@@ -189,7 +189,7 @@ def extract(*, reporter: Reporter | None = None, **options: Any) -> CacheEntry |
 
 
 def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | list[ExtractResult]:
-    from featcache.extraction.warm import recipe_key, record_recipe, warm_result
+    from featcache.extraction.warm import engine_key, recipe_key, record_recipe, warm_result
 
     reporter = _reporter(o["quiet"], reporter)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
@@ -201,6 +201,14 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | li
     if result is not None:
         reporter.result(result.summary())
         return result
+    from featcache.extraction.lean import lean_extract
+
+    lean_key = engine_key(o)
+    result = lean_extract(source, root, lean_key, o, reporter)  # an exported engine: no PyTorch either
+    if result is not None:
+        record_recipe(root, recipe, result, lean_key)
+        reporter.result(result.summary())
+        return result
     from featcache.extraction.extract import extract as run_extract
 
     result = run_extract(source, o["backbone"], cache_root(o["cache"]), o["pools"], o["dtype"], o["weights"],
@@ -210,7 +218,7 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | li
                          engine=o["engine"], preprocess=o["preprocess"], norm_from=o["norm_from"],
                          resampler=o["resampler"], cluster=_cluster(o["ray"], reporter, o["ray_actors"]),
                          rehash=o["rehash"])
-    record_recipe(root, recipe, result)
+    record_recipe(root, recipe, result, lean_key)
     for note in result.notes[len(source.notes):]:
         reporter.info(note)
     reporter.result(result.summary())

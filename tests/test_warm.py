@@ -48,7 +48,7 @@ def test_a_changed_image_or_a_stale_recipe_takes_the_full_path(small_folder, tmp
     result = api._extract(None, _options(small_folder, cache))
     assert result.extracted == 1 and result.skipped == 11
     # a recipe pointing at an entry whose manifest says another fingerprint is not followed
-    (recipe,) = (cache / ".warm").glob("*.json")
+    (recipe,) = [p for p in (cache / ".warm").glob("*.json") if isinstance(json.loads(p.read_text())["entry"], str)]
     recorded = json.loads(recipe.read_text())
     recipe.write_text(json.dumps({**recorded, "fingerprint": "0" * 16}))
     again = api._extract(None, _options(small_folder, cache))

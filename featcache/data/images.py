@@ -3,6 +3,10 @@
 Workers return uint8 tensors (4x less inter-process traffic than float); normalisation runs on
 the whole batch in the main process, on the device, with the same operations as torchvision's
 ``ToTensor`` + ``Normalize`` so that results match a plain timm/torchvision pipeline bit for bit.
+
+The PIL path (decode, filter, resize, crop) needs no PyTorch: :meth:`Preprocess.load_array` gives the
+same pixels as NumPy, for the extraction that runs without importing it (:mod:`featcache.extraction.lean`).
+PyTorch is imported only by what returns tensors.
 """
 
 from __future__ import annotations
@@ -12,16 +16,16 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import simplejpeg
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
-from torchvision.transforms.v2 import functional as TF2
 
 from featcache.options import Resampler, ResizeMode, ViewCount
+
+if TYPE_CHECKING:
+    import torch
 
 RESIZE_MODES = tuple(m.value for m in ResizeMode)
 RESAMPLERS = tuple(r.value for r in Resampler)
@@ -32,11 +36,12 @@ _EXIF_ORIENTATION = 0x0112
 VIEWS = ("identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
 VIEW_COUNTS = tuple(int(v.value) for v in ViewCount)
 
-_INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-    "lanczos": InterpolationMode.LANCZOS,
+# the interpolations by name, as PIL's filters (torchvision's own mapping of its InterpolationMode)
+_PIL_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
@@ -112,38 +117,63 @@ class Preprocess:
     def load(self, content: bytes | np.ndarray) -> torch.Tensor:
         """File bytes (or an array's pixels) to the backbone's 3 x crop x crop uint8 input: decode,
         filter, resize. Raises ``ValueError`` for content that is not a decodable image."""
-        if isinstance(content, np.ndarray):
-            return self.to_uint8(array_to_rgb(content))
-        min_side = self.decode_min_side if self.jpeg_draft else None
-        if self.resampler == Resampler.torch and not self.filters:
-            tensor = decode_jpeg_tensor(content, min_side)
+        if self.resampler == Resampler.torch and not self.filters and not isinstance(content, np.ndarray):
+            tensor = decode_jpeg_tensor(content, self.decode_min_side if self.jpeg_draft else None)
             if tensor is not None:
                 return self._resize_tensor(tensor)
-        return self.to_uint8(decode_rgb(content, min_side))
+        if self.resampler == Resampler.torch:
+            return self.to_uint8(array_to_rgb(content) if isinstance(content, np.ndarray) else
+                                 decode_rgb(content, self.decode_min_side if self.jpeg_draft else None))
+        import torch
+
+        return torch.from_numpy(self.load_array(content))
+
+    def load_array(self, content: bytes | np.ndarray) -> np.ndarray:
+        """:meth:`load` as a 3 x crop x crop uint8 array, without PyTorch (the ``pil`` resampler only)."""
+        if self.resampler != Resampler.pil:
+            raise ValueError(f"--resampler {self.resampler} resizes with PyTorch: load() it")
+        if isinstance(content, np.ndarray):
+            return self.to_array(array_to_rgb(content))
+        return self.to_array(decode_rgb(content, self.decode_min_side if self.jpeg_draft else None))
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """Filter (``filters``), then resize (and crop or pad, by ``resize_mode``) to a 3 x crop x crop
         uint8 tensor."""
+        import torch
+
+        if self.resampler == Resampler.torch:
+            from featcache.data.preprocessing import apply_filters
+
+            return self._resize_tensor(torch.from_numpy(_chw(apply_filters(image, self.filters))))
+        return torch.from_numpy(self.to_array(image))
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """:meth:`to_uint8` by PIL alone (the ``pil`` resampler): the pixels torchvision's ``resize`` and
+        ``center_crop`` make of a PIL image, as a 3 x crop x crop uint8 array (tested equal)."""
         from featcache.data.preprocessing import apply_filters
 
         image = apply_filters(image, self.filters)
-        if self.resampler == Resampler.torch:
-            return self._resize_tensor(TF.pil_to_tensor(image))
-        interpolation = _INTERPOLATIONS[self.interpolation]
+        resample = _PIL_FILTERS[self.interpolation]
         if self.resize_mode == "pad":
             side = max(image.size)
             square = Image.new("RGB", (side, side))
             square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = square
         if self.resize_mode in ("full", "pad"):
-            return TF.pil_to_tensor(TF.resize(image, [self.crop_size, self.crop_size], interpolation=interpolation))
-        image = TF.resize(image, self.resize_size, interpolation=interpolation)
-        image = TF.center_crop(image, [self.crop_size, self.crop_size])
-        return TF.pil_to_tensor(image)
+            return _chw(_resized(image, (self.crop_size, self.crop_size), resample))
+        width, height = image.size  # the short side to resize_size, the long one scaled and truncated
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.resize_size * long / short)
+        image = _resized(image, (self.resize_size, new_long) if width <= height else (new_long, self.resize_size),
+                         resample)
+        return _chw(_center_crop(image, self.crop_size))
 
     def _resize_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """``to_uint8``'s geometry on a 3 x H x W uint8 tensor, by PyTorch's antialiased uint8 resize."""
-        interpolation = _INTERPOLATIONS[self.interpolation]
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF2
+
+        interpolation = InterpolationMode(self.interpolation)
         if self.resize_mode == "pad":  # black borders, the image centred, as the PIL path pastes it
             height, width = image.shape[-2:]
             side = max(height, width)
@@ -156,9 +186,35 @@ class Preprocess:
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 NxCxHxW -> float32 normalised, exactly as ToTensor() + Normalize() compute it."""
+        import torch
+
         mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch_uint8.device).view(1, 3, 1, 1)
         return batch_uint8.float().div_(255).sub_(mean).div_(std)
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    """An RGB PIL image as a 3 x H x W uint8 array (a view of one copy, as torchvision's pil_to_tensor)."""
+    return np.array(image, dtype=np.uint8, copy=True).reshape(image.height, image.width, 3).transpose(2, 0, 1)
+
+
+def _resized(image: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """``image`` at ``size`` (width, height); untouched when it already has that size (as torchvision)."""
+    return image if image.size == size else image.resize(size, resample)
+
+
+def _center_crop(image: Image.Image, side: int) -> Image.Image:
+    """torchvision's ``center_crop`` of a PIL image to side x side: black padding first where the image is
+    smaller, then the crop whose corner is rounded half to even."""
+    width, height = image.size
+    if side > width or side > height:
+        padded = Image.new(image.mode, (max(side, width), max(side, height)))
+        padded.paste(image, ((side - width) // 2 if side > width else 0, (side - height) // 2 if side > height else 0))
+        image, (width, height) = padded, padded.size
+        if (width, height) == (side, side):
+            return image
+    top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
+    return image.crop((left, top, left + side, top + side))
 
 
 def load_for_each(content: bytes | np.ndarray, preprocesses: list[Preprocess]) -> list[torch.Tensor]:
@@ -194,21 +250,26 @@ def _decode_key(content: bytes, min_side: int | None) -> tuple:
     return ("draft", next((s for s in (8, 4, 2) if scale >= s), 1))
 
 
-_VIEW_TRANSFORMS = {  # on the last two axes (height, width)
-    "identity": lambda x: x,
-    "hflip": lambda x: x.flip(-1),
-    "vflip": lambda x: x.flip(-2),
-    "rot180": lambda x: x.flip(-2, -1),
-    "rot90": lambda x: x.rot90(1, (-2, -1)),
-    "rot270": lambda x: x.rot90(-1, (-2, -1)),
-    "transpose": lambda x: x.transpose(-2, -1),
-    "antitranspose": lambda x: x.transpose(-2, -1).flip(-2, -1),
+_VIEW_TRANSFORMS = {  # on the last two axes (height, width); ``xp`` is NumPy or PyTorch (same functions)
+    "identity": lambda xp, x: x,
+    "hflip": lambda xp, x: xp.flip(x, (-1,)),
+    "vflip": lambda xp, x: xp.flip(x, (-2,)),
+    "rot180": lambda xp, x: xp.flip(x, (-2, -1)),
+    "rot90": lambda xp, x: xp.rot90(x, 1, (-2, -1)),
+    "rot270": lambda xp, x: xp.rot90(x, -1, (-2, -1)),
+    "transpose": lambda xp, x: xp.swapaxes(x, -2, -1),
+    "antitranspose": lambda xp, x: xp.flip(xp.swapaxes(x, -2, -1), (-2, -1)),
 }
 
 
-def apply_view(batch: torch.Tensor, view: str) -> torch.Tensor:
-    """One of :data:`VIEWS` applied to a square N x C x H x W batch (exact: pixels are only moved)."""
-    return _VIEW_TRANSFORMS[view](batch)
+def apply_view(batch: torch.Tensor | np.ndarray, view: str) -> torch.Tensor | np.ndarray:
+    """One of :data:`VIEWS` applied to a square N x C x H x W batch, a tensor or an array (exact: pixels
+    are only moved)."""
+    if isinstance(batch, np.ndarray):
+        return _VIEW_TRANSFORMS[view](np, batch)
+    import torch
+
+    return _VIEW_TRANSFORMS[view](torch, batch)
 
 
 def views_for(count: int) -> tuple[str, ...]:
@@ -268,6 +329,8 @@ def decode_jpeg_tensor(data: bytes, min_side: int | None = None) -> torch.Tensor
         return None
     if pixels.shape[:2] != (height, width):  # not PIL's scale: leave it to PIL
         return None
+    import torch
+
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 

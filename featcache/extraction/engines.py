@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from featcache.backbones.models import LoadedBackbone
 from featcache.errors import CacheError, FeatcacheError
+from featcache.extraction.runtimes import StreamedForward, export_intact, exported_forward, run_pipelined
 from featcache.options import Engine
 from featcache.store.entries import write_text_atomic
 from featcache.store.hashing import file_sha256
@@ -41,40 +37,7 @@ MEASURED_FASTEST = {
 }
 
 Forward = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class StreamedForward:
-    """A forward that ``streams`` batches may run through at once, each on one thread (the exported
-    engines' throughput mode). Measured on 2 cores with the decode worker beside it: a thread preempted by
-    the decode then holds up only its own batch, not the other thread at every parallel step (Lite0 on
-    OpenVINO +18 % on 200x150 JPEGs, SqueezeNet on ONNX Runtime +20 % on 600x450)."""
-
-    def __init__(self, run: Forward, streams: int):
-        self.run, self.streams = run, streams
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.run(images)
-
-
-def run_pipelined(forward: Forward, batches: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """``(batch, work(batch))`` in order, with as many batches in flight as ``forward`` has streams."""
-    streams = getattr(forward, "streams", 1)
-    if streams < 2:
-        for batch in batches:
-            yield batch, work(batch)
-        return
-    with ThreadPoolExecutor(streams, thread_name_prefix="featcache-stream") as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(work, batch)))
-            if len(pending) > streams:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+__all__ = ["StreamedForward", "run_pipelined"]  # the engines' streams, for the callers that import them here
 
 
 def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.device) -> str:
@@ -132,19 +95,23 @@ class _PoolOutputs(nn.Module):
         return tuple(out[p] for p in self.pools)
 
 
-def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
-    """The backbone exported to ONNX, cached by the hash of everything it was exported from."""
+def export_path(model: LoadedBackbone, cache_root: Path) -> Path:
+    """Where the backbone's ONNX export is cached: named by the hash of everything it is exported from."""
     identity = {"backbone": model.spec.name, "arch": model.spec.arch, "weights_sha256": model.weights_sha256,
                 "pools": list(model.model.pools), "crop": model.preprocess.crop_size, "opset": ONNX_OPSET,
                 "mean": list(model.preprocess.mean), "std": list(model.preprocess.std), "input": "uint8",
                 "torch": torch.__version__}
-    path = engine_export_path(cache_root, model.spec.name, identity)
+    return engine_export_path(cache_root, model.spec.name, identity)
+
+
+def onnx_path(model: LoadedBackbone, cache_root: Path) -> Path:
+    """The backbone exported to ONNX (exported now unless an intact export is cached)."""
+    path = export_path(model, cache_root)
     checksum = path.with_name(path.name + ".sha256")  # recorded at export, checked before every use
     if path.is_file():
-        recorded = checksum.read_text().strip() if checksum.is_file() else None
-        if recorded is not None and recorded == file_sha256(path):
+        why = export_intact(path)
+        if why is None:
             return path
-        why = "has no recorded checksum" if recorded is None else "does not match the checksum recorded at export"
         _notice(f"the ONNX export {path} {why} (damaged or changed on disk): exporting it again")
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,47 +156,10 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
             return model.model(model.preprocess.normalize(images).contiguous(memory_format=layout))
 
         return run_torch
-    path = onnx_path(model, cache_root)
     pools = tuple(model.model.pools)
-    threads = torch.get_num_threads()
-    streams = threads if threads > 1 else 1  # one single-threaded stream per thread (StreamedForward)
-    if engine == Engine.onnxruntime.value:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FeatcacheError("--engine onnxruntime needs ONNX Runtime: pip install onnx onnxruntime") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads // streams, 1  # run() is thread-safe
-        # Idle ONNX Runtime threads spin by default, taking the cores the decode worker needs between
-        # batches: without spinning SqueezeNet's extraction ran ~25 % faster here, its bare forward no slower.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        ort.OrtValue.ortvalue_from_numpy(np.zeros(1, dtype=np.float32)).numpy()  # NumPy's C API set up here, once
+    arrays = exported_forward(engine, onnx_path(model, cache_root), pools, torch.get_num_threads())
 
-        def run_ort(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            outputs = session.run(list(pools), {"x": np.ascontiguousarray(x.numpy())})
-            return {p: torch.from_numpy(o) for p, o in zip(pools, outputs, strict=True)}
+    def run_exported(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {p: torch.from_numpy(v) for p, v in arrays(x.numpy()).items()}
 
-        return StreamedForward(run_ort, streams)
-    try:
-        import openvino as ov
-    except ImportError:
-        raise FeatcacheError("--engine openvino needs OpenVINO: pip install onnx openvino") from None
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams}
-    if streams > 1:
-        config["PERFORMANCE_HINT"] = "THROUGHPUT"
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
-    # pybind11 sets up NumPy's C API on first use, once per process; two stream threads racing to do it
-    # deadlocked (seen in a shared-decode extraction), so it is done here, on this thread, first
-    np.asarray(ov.Tensor(np.zeros(1, dtype=np.float32)).data)
-    ports = [compiled.output(p) for p in pools]
-    requests = threading.local()  # an infer request per stream thread (one request is not thread-safe)
-
-    def run_openvino(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not hasattr(requests, "request"):
-            requests.request = compiled.create_infer_request()
-        result = requests.request.infer(np.ascontiguousarray(x.numpy()))
-        # copies: the request reuses its output buffers for the next batch
-        return {p: torch.from_numpy(np.array(result[port])) for p, port in zip(pools, ports, strict=True)}
-
-    return StreamedForward(run_openvino, streams)
+    return StreamedForward(run_exported, arrays.streams)

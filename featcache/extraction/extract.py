@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -38,21 +37,27 @@ from featcache.store.naming import default_cache_root, fingerprint
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.extraction.device import provenance, resolve_device, resolve_precision
+from featcache.extraction.lean import CPU_BATCH_SIZE, EXPORTED_ENGINES, default_workers, lean_recipe
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import file_state, plan, read_record
-from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
+from featcache.extraction.resume import plan
+from featcache.extraction.reuse import reuse_known_images
+from featcache.extraction.writer import (
+    ExtractionInterrupted,
+    ShardSink,
+    _StopRequested,
+    _writable,
+    _write_manifest,
+    commit_items,
+    disk_errors,
+)
 from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
 
 DTYPES = tuple(d.value for d in Dtype)
 
 
 PRECISIONS = tuple(p.value for p in Precision)
-
-
-class ExtractionInterrupted(FeatcacheError):
-    """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
 
 
 def extract(
@@ -113,13 +118,28 @@ def extract(
         todo, skipped, manifest = begin_entry(source, model, named, dev, dtype, view_names, rehash, reporter,
                                               cluster)
         start = time.perf_counter()
-        with _disk_errors(entry_dir):
+        with disk_errors(entry_dir):
             todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
                              shard_size, manifest, view_names, reporter, engine, root, cluster)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         seconds = time.perf_counter() - start
-    return ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+    result = ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+    result.lean = _lean_info(model, engine, dev, cluster, root)
+    return result
+
+
+def _lean_info(model: LoadedBackbone, engine: str, dev: torch.device, cluster: RayCluster | None,
+               cache_root: Path) -> dict | None:
+    """How a later extraction into this entry can run without PyTorch: on the CPU, an exported engine
+    whose export is cached, images resized by PIL (featcache.extraction.lean)."""
+    from featcache.extraction.engines import export_path
+
+    if cluster is not None or dev.type != "cpu" or engine not in EXPORTED_ENGINES \
+            or model.preprocess.resampler != "pil":
+        return None
+    path = export_path(model, cache_root)
+    return lean_recipe(engine, path, torch.get_num_threads(), cache_root) if path.is_file() else None
 
 
 def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, dev: torch.device, dtype: str,
@@ -151,82 +171,10 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
     if skipped:
         reporter.info(f"{model.spec.name}: {skipped} of {len(source.records)} images already in the cache: "
                       f"extracting the other {len(todo)}")
-    with _disk_errors(entry_dir):
+    with disk_errors(entry_dir):
         if not (entry_dir / MANIFEST).exists():
             write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
     return todo, skipped, manifest
-
-
-@contextmanager
-def _disk_errors(entry_dir: Path) -> Iterator[None]:
-    """Disk full, drive gone, quota: one line, and what was committed stays valid."""
-    try:
-        yield
-    except OSError as exc:
-        raise CacheError(
-            f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
-            "kept: free space or fix the drive, then rerun the same command to resume") from None
-
-
-def reuse_known_images(todo: list[ImageRecord], entry_dir: Path, manifest: dict, dims: dict[str, int],
-                       shard_size: int, reporter: Reporter) -> tuple[list[ImageRecord], int]:
-    """Commit, without running the backbone, the images of ``todo`` whose file (same SHA-256) already
-    has features under the same fingerprint in another entry of the cache (another dataset name: a
-    moved, relabelled or subset CSV). Returns the images still to extract and how many were reused.
-    The features are copied byte for byte, so they equal a fresh extraction's."""
-    paths = [p for p in sorted(cache_root_of_entry(entry_dir).glob(f"*/*-{manifest['fingerprint']}"))
-             if p != entry_dir and (p / MANIFEST).is_file()]
-    if not todo or not paths:
-        return todo, 0
-    known: dict[str, tuple[CacheEntry, str]] = {}
-    for path in paths:
-        try:  # a damaged entry is never copied from: its images are extracted afresh instead
-            other = CacheEntry(path)
-            for image_id, state in other.state().items():
-                if state.failed is None:
-                    known.setdefault(state.sha256, (other, image_id))
-        except CacheError as exc:
-            reporter.warn(f"not reusing features from {path}: {exc}")
-    hits, rest, npz_cache = [], [], {}
-    for record in todo:
-        try:
-            sha = read_record(record, npz_cache)[1]
-        except (OSError, ValueError, KeyError):  # the extraction itself reports unreadable files
-            rest.append(record)
-            continue
-        if sha in known:
-            hits.append((record, sha, *known[sha]))
-        else:
-            rest.append(record)
-    if not hits:
-        return todo, 0
-    sink = ShardSink(entry_dir, manifest, dims, shard_size)
-    damaged: set[Path] = set()
-    for start in range(0, len(hits), shard_size):
-        chunk = [h for h in hits[start:start + shard_size] if h[2].path not in damaged]
-        features: dict[tuple[Path, str], dict[str, np.ndarray]] = {}
-        for other in {id(h[2]): h[2] for h in chunk}.values():
-            wanted = [h[3] for h in chunk if h[2] is other]
-            try:  # every shard read is checked against its checksum: damaged values are never copied
-                arrays = {p: other.read(p, wanted, dtype=manifest["dtype"]) for p in sink.pools}
-            except CacheError as exc:
-                reporter.warn(f"not reusing features from {other.path}: {exc}")
-                damaged.add(other.path)
-                continue
-            for k, image_id in enumerate(wanted):
-                features[(other.path, image_id)] = {p: arrays[p][k] for p in sink.pools}
-        chunk = [h for h in chunk if h[2].path not in damaged]
-        for record, sha, other, image_id in chunk:
-            size, mtime = file_state(record)
-            sink.add(record.id, sha, size, mtime, features[(other.path, image_id)])
-        sink.commit()
-    rest += [h[0] for h in hits if h[2].path in damaged]
-    hits = [h for h in hits if h[2].path not in damaged]
-    if hits:
-        sources = ", ".join(sorted({h[2].path.parent.name for h in hits}))
-        reporter.info(f"{len(hits)} images reused from other entries with the same fingerprint ({sources}): "
-                      "same file contents, features copied, not recomputed")
-    return rest, len(hits)
 
 
 def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
@@ -395,30 +343,6 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
     return extracted
 
 
-def commit_items(records: list[ImageRecord], items: list[dict], feats: dict[str, np.ndarray], sink: ShardSink,
-                 dtype: str, reporter: Reporter) -> int:
-    """Add a batch to ``sink``: each item's features (rows of ``feats`` follow the items that decoded, in
-    order), or the reason it has none (unreadable, or non-finite features). Returns how many were added."""
-    feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
-    added = n = 0
-    for record, item in zip(records, items, strict=True):
-        args = (record.id, item["sha"], item["size"], item["mtime"])
-        if item["error"]:
-            reporter.warn(f"skipped {record.id}: {item['error']}")
-            sink.add_failed(*args, item["error"])
-            continue
-        row = {p: feats[p][n] for p in sink.pools}
-        n += 1
-        if not all(np.isfinite(v).all() for v in row.values()):
-            reason = f"non-finite features (NaN/Inf) for {record.path}"
-            reporter.warn(f"skipped {record.id}: {reason}")
-            sink.add_failed(*args, reason)
-            continue
-        sink.add(*args, row)
-        added += 1
-    return added
-
-
 def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
                    batch_size: int | None, workers: int | None, view_names: tuple[str, ...], engine: str,
                    cache_root: Path) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
@@ -428,11 +352,11 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
 
     forward = make_forward(engine, model, cache_root)
     if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        workers = default_workers()
     cuda = dev.type == "cuda"
     # Measured on 2 CPU cores (docs/benchmarks.md): small batches in channels_last run CNNs ~3x
     # faster than batch 64 in NCHW; on CUDA large batches keep the GPU busy.
-    batch_size = batch_size or (128 if cuda else 8)
+    batch_size = batch_size or (128 if cuda else CPU_BATCH_SIZE)
     memory_format = torch.channels_last if model.spec.is_cnn and engine == "torch" else torch.contiguous_format
     model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from featcache.data.images import Preprocess, apply_view
 from featcache.data.sources import ImageRecord
 from featcache.extraction.engines import Forward
-from featcache.extraction.resume import file_state, read_record
+from featcache.extraction.resume import read_item
 
 
 class _ImageDataset(Dataset):
@@ -26,18 +26,7 @@ class _ImageDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        size, mtime = file_state(record)
-        item = {"index": i, "size": size, "mtime": mtime, "sha": "", "image": None, "error": None}
-        if size < 0:
-            item["error"] = f"file not found: {record.path}"
-            return item
-        try:
-            content, item["sha"] = read_record(record, self._npz)
-            item["image"] = self.prepare(content)
-        except (ValueError, OSError, KeyError) as exc:
-            item["error"] = f"{exc} ({record.path})"
-        return item
+        return read_item(self.records[i], i, self.prepare, self._npz)
 
     def prepare(self, content: bytes | np.ndarray) -> torch.Tensor:
         """The decoded, resized image (raises ``ValueError`` for content that is not an image)."""
@@ -55,6 +44,10 @@ def _collate(items: list[dict]) -> dict:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the backbone's threads
+    # A worker hands its batch over through multiprocessing's fd-sharing thread; when the main process
+    # is interrupted mid-handshake, that thread in the worker prints a ConnectionResetError traceback
+    # under the clean "Interrupted" message (seen in CI). The main process alone reports errors.
+    _quiet_worker_teardown()
 
 
 def _views_axis(outs: list[dict[str, torch.Tensor]], pool: str) -> torch.Tensor:
@@ -65,7 +58,8 @@ def _views_axis(outs: list[dict[str, torch.Tensor]], pool: str) -> torch.Tensor:
 def _quiet_worker_teardown() -> None:
     """After Ctrl-C the loader's workers die mid-handshake with multiprocessing's fd-sharing thread,
     which then prints a ConnectionResetError traceback under the clean "Interrupted" message (seen
-    under load). Connection errors are expected at that point: they alone are silenced, from then on."""
+    under load, on either side of the handshake). Connection errors are expected at that point: they
+    alone are silenced, from then on (in a worker, from its start: its only peer is the main process)."""
     previous = sys.excepthook
     if getattr(previous, "featcache_quiet_teardown", False):  # already installed by an earlier interrupt
         return

@@ -25,20 +25,19 @@ from featcache.data.images import Preprocess, load_for_each
 from featcache.data.sources import ImageRecord, ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.device import resolve_device
-from featcache.extraction.extract import (
-    ExtractionInterrupted,
-    NamedEntry,
-    _checked_views,
-    _disk_errors,
-    _read_only_result,
-    begin_entry,
-    commit_items,
-    name_entry,
-    reuse_known_images,
-)
+from featcache.extraction.extract import NamedEntry, _checked_views, _read_only_result, begin_entry, name_entry
 from featcache.extraction.loader import _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.writer import ShardSink, _StopRequested, _writable, _write_manifest
+from featcache.extraction.reuse import reuse_known_images
+from featcache.extraction.writer import (
+    ExtractionInterrupted,
+    ShardSink,
+    _StopRequested,
+    _writable,
+    _write_manifest,
+    commit_items,
+    disk_errors,
+)
 from featcache.progress import Reporter
 from featcache.store.entries import EntryLock
 from featcache.store.naming import default_cache_root
@@ -95,7 +94,7 @@ def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
                 continue
             locks.enter_context(EntryLock(entry.entry_dir, break_lock=break_lock))
             todo, skipped, manifest = begin_entry(source, model, entry, dev, dtype, view_names, rehash, reporter)
-            with _disk_errors(entry.entry_dir):
+            with disk_errors(entry.entry_dir):
                 todo, reused = reuse_known_images(todo, entry.entry_dir, manifest, model.dims, shard_size, reporter)
             if model.preprocess not in transforms:
                 transforms.append(model.preprocess)
@@ -105,7 +104,7 @@ def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
                               view_names, reporter, root)
         seconds = time.perf_counter() - start
         for (k, job), count in zip(jobs.items(), extracted, strict=True):
-            with _disk_errors(job.named.entry_dir):
+            with disk_errors(job.named.entry_dir):
                 entry = _write_manifest(job.named.entry_dir, job.manifest, source, complete=True)
             results[k] = ExtractResult(entry, count, job.skipped, entry.failed, seconds, list(source.notes),
                                        job.reused)

@@ -16,6 +16,8 @@ class ExtractResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     reused: int = 0  # images whose features came from another entry with the same fingerprint
+    # how a later extraction into this entry can run without PyTorch (featcache.extraction.lean), if it can
+    lean: dict | None = None
 
     @property
     def images_per_second(self) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,22 @@ def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarra
     pixels = np.ascontiguousarray(arrays[key][index])
     digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode() + pixels.tobytes())
     return pixels, digest.hexdigest()
+
+
+def read_item(record: ImageRecord, index: int, prepare: Callable[[bytes | np.ndarray], Any], npz_cache: dict) -> dict:
+    """One image read for extraction: its file state, SHA-256 and ``prepare``d pixels (``image``), or the
+    reason it has none (``error``: missing, unreadable, not an image)."""
+    size, mtime = file_state(record)
+    item = {"index": index, "size": size, "mtime": mtime, "sha": "", "image": None, "error": None}
+    if size < 0:
+        item["error"] = f"file not found: {record.path}"
+        return item
+    try:
+        content, item["sha"] = read_record(record, npz_cache)
+        item["image"] = prepare(content)
+    except (ValueError, OSError, KeyError) as exc:
+        item["error"] = f"{exc} ({record.path})"
+    return item
 
 
 def plan(source: ImageSource, entry_dir: Path, rehash: bool = False) -> tuple[list[ImageRecord], int]:

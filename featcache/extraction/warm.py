@@ -22,6 +22,7 @@ from featcache import __version__
 from featcache.data.sources import ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.result import ExtractResult
+from featcache.extraction.writer import ENTRY_DESCRIPTION
 from featcache.options import ENTRY_SETTINGS
 from featcache.store.entries import MANIFEST, CacheEntry, write_json_atomic
 from featcache.store.hashing import stable_hash
@@ -48,6 +49,16 @@ def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 def recipe_key(source: ImageSource, options: dict) -> str | None:
     """The recipe of an extraction of ``source`` with ``options`` (the checked options of ``extract``), or
     None where it cannot be known without the backbone."""
+    return _recipe_hash(options, source.name)
+
+
+def engine_key(options: dict) -> str | None:
+    """The recipe of an extraction with ``options`` of any dataset: what names the fingerprint and the
+    engine (the lean path, :mod:`featcache.extraction.lean`, begins new datasets' entries from it)."""
+    return _recipe_hash(options, None)
+
+
+def _recipe_hash(options: dict, dataset: str | None) -> str | None:
     if options.get("ray") or options.get("rehash") or "dataset-norm" in (options.get("preprocess") or ()):
         return None
     chosen = {name: options.get(name) for name in NAMING_OPTIONS}
@@ -60,7 +71,7 @@ def recipe_key(source: ImageSource, options: dict) -> str | None:
         "torch_hub": _path_state(_torch_hub()), "hf_hub": _path_state(_hf_hub()), "gpu": _gpu_present(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
-    return stable_hash({"dataset": source.name, "options": chosen, "environment": environment}, 24)
+    return stable_hash({"dataset": dataset, "options": chosen, "environment": environment}, 24)
 
 
 def warm_result(source: ImageSource, cache_root: Path, key: str | None) -> ExtractResult | None:
@@ -85,16 +96,21 @@ def warm_result(source: ImageSource, cache_root: Path, key: str | None) -> Extra
     return ExtractResult(entry, 0, skipped, entry.failed, 0.0, list(source.notes))
 
 
-def record_recipe(cache_root: Path, key: str | None, result: ExtractResult) -> None:
-    """Point the recipe ``key`` at the entry just extracted (a hint only: the entry is checked when used)."""
+def record_recipe(cache_root: Path, key: str | None, result: ExtractResult, lean_key: str | None = None) -> None:
+    """Point the recipe ``key`` at the entry just extracted (a hint only: the entry is checked when used);
+    with ``lean_key`` (:func:`engine_key`) and an entry the lean path can extend, record that too."""
     if key is None:
         return
     entry_dir = Path(result.entry.path)
-    path = warm_recipe_path(cache_root, key)
     try:
-        path.parent.mkdir(exist_ok=True)
+        warm_recipe_path(cache_root, key).parent.mkdir(exist_ok=True)
         entry = entry_dir.resolve().relative_to(Path(cache_root).resolve()).as_posix()
-        write_json_atomic(path, {"entry": entry, "fingerprint": result.entry.fingerprint})
+        write_json_atomic(warm_recipe_path(cache_root, key), {"entry": entry, "fingerprint": result.entry.fingerprint})
+        if result.lean and lean_key:
+            manifest = result.entry.manifest
+            write_json_atomic(warm_recipe_path(cache_root, lean_key), {
+                "fingerprint": result.entry.fingerprint, "lean": result.lean,
+                "entry": {k: manifest[k] for k in ENTRY_DESCRIPTION}})
     except (OSError, ValueError):
         pass  # a read-only cache or an entry outside it: the next command takes the full path, as before
 

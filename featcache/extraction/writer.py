@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from featcache.data.sources import ImageSource
+from featcache.data.sources import ImageRecord, ImageSource
+from featcache.errors import CacheError, FeatcacheError
+from featcache.progress import Reporter
 from featcache.store.entries import (
     ENTRY_KEYS,
     MANIFEST,
@@ -19,6 +23,26 @@ from featcache.store.entries import (
     write_json_atomic,
     write_shard,
 )
+
+# what a manifest says of its entry whatever the dataset: the fingerprint and what made it (the rest of a
+# manifest names the dataset and sums up the shards)
+ENTRY_DESCRIPTION = ("fingerprint", "fingerprint_inputs", "format_version", "backbone", "pools", "dims", "dtype",
+                     "provenance", "views")
+
+
+class ExtractionInterrupted(FeatcacheError):
+    """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
+
+
+@contextmanager
+def disk_errors(entry_dir: Path) -> Iterator[None]:
+    """Disk full, drive gone, quota: one line, and what was committed stays valid."""
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(
+            f"writing to {entry_dir} failed ({exc}); shards committed before the failure are "
+            "kept: free space or fix the drive, then rerun the same command to resume") from None
 
 
 def _writable(entry_dir: Path) -> bool:
@@ -99,3 +123,27 @@ class ShardSink:
         if len(self.rows):
             write_shard(self.entry_dir, self.next_shard, self.rows, self.dims, self.dtype, self.attrs)
             self.next_shard, self.rows = self.next_shard + 1, ShardRows(self.pools, self.views)
+
+
+def commit_items(records: list[ImageRecord], items: list[dict], feats: dict[str, np.ndarray], sink: ShardSink,
+                 dtype: str, reporter: Reporter) -> int:
+    """Add a batch to ``sink``: each item's features (rows of ``feats`` follow the items that decoded, in
+    order), or the reason it has none (unreadable, or non-finite features). Returns how many were added."""
+    feats = {p: feats[p].astype(dtype) for p in sink.pools} if feats else {}  # float16 may overflow
+    added = n = 0
+    for record, item in zip(records, items, strict=True):
+        args = (record.id, item["sha"], item["size"], item["mtime"])
+        if item["error"]:
+            reporter.warn(f"skipped {record.id}: {item['error']}")
+            sink.add_failed(*args, item["error"])
+            continue
+        row = {p: feats[p][n] for p in sink.pools}
+        n += 1
+        if not all(np.isfinite(v).all() for v in row.values()):
+            reason = f"non-finite features (NaN/Inf) for {record.path}"
+            reporter.warn(f"skipped {record.id}: {reason}")
+            sink.add_failed(*args, reason)
+            continue
+        sink.add(*args, row)
+        added += 1
+    return added

@@ -1,0 +1,218 @@
+"""The lean path of ``extract``: new images for an entry begun before, without importing PyTorch.
+
+Importing PyTorch, torchvision and timm takes about 6.5 s here, every command, though an entry whose
+backbone was exported to ONNX and run by ONNX Runtime or OpenVINO needs none of them once it exists: the
+images are decoded and resized by PIL, and the engine runs the export (normalisation included) on NumPy
+arrays. So when the recipe of the command (:mod:`featcache.extraction.warm`) names an entry made on an
+exported engine, the images still to extract go that way: decoded in worker processes, run on the same
+export (its SHA-256 checked), in the same batches, committed to the same shards. The features are the
+full path's, bit for bit (tested).
+
+Anything else takes the full path: no recipe, PyTorch's own engine or resampler, a GPU, Ray, an entry
+without a manifest, a missing or damaged export (the full path exports it again and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from featcache.data.images import Preprocess, apply_view
+from featcache.data.sources import ImageRecord, ImageSource
+from featcache.extraction.result import ExtractResult
+from featcache.extraction.resume import plan, read_item
+from featcache.extraction.reuse import reuse_known_images
+from featcache.extraction.runtimes import export_intact, exported_forward, run_pipelined
+from featcache.extraction.writer import (
+    ExtractionInterrupted,
+    ShardSink,
+    _StopRequested,
+    _writable,
+    _write_manifest,
+    commit_items,
+    disk_errors,
+)
+from featcache.progress import Reporter
+from featcache.store.entries import MANIFEST, SHARD_GLOB, EntryLock, remove_temporaries, write_json_atomic
+from featcache.store.naming import entry_path, warm_recipe_path
+
+# Measured on 2 CPU cores (docs/benchmarks.md): small batches run the CPU engines fastest
+CPU_BATCH_SIZE = 8
+EXPORTED_ENGINES = ("onnxruntime", "openvino")
+
+
+def default_workers() -> int:
+    """Decoding worker processes when ``--workers`` is not given: half the cores, 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def lean_recipe(engine: str, export: Path, threads: int, cache_root: Path) -> dict | None:
+    """What a recipe records for the lean path: the engine, its export (inside the cache, relative to
+    it) and the threads it ran on; None for an export elsewhere."""
+    try:
+        relative = export.resolve().relative_to(Path(cache_root).resolve())
+    except ValueError:
+        return None
+    return {"engine": engine, "export": relative.as_posix(), "threads": threads}
+
+
+def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, options: dict,
+                 reporter: Reporter) -> ExtractResult | None:
+    """Extract the images of ``source`` still missing from its entry, without PyTorch, when the recipe
+    ``lean_key`` (:func:`featcache.extraction.warm.engine_key`) made an entry on an exported engine before
+    (of this dataset or another); None when the full path must run (see the module's notes)."""
+    recipe = _lean_recipe(cache_root, lean_key)
+    if recipe is None:
+        return None
+    lean, described = recipe["lean"], recipe["entry"]
+    entry_dir = entry_path(cache_root, source.name, described["backbone"], described["fingerprint"])
+    if not _writable(entry_dir):
+        return None
+    with EntryLock(entry_dir, break_lock=options.get("break_lock", False)):
+        if (entry_dir / MANIFEST).is_file():
+            try:
+                manifest = json.loads((entry_dir / MANIFEST).read_text())
+            except ValueError:
+                return None
+            if any(manifest.get(k) != described[k] for k in ("fingerprint", "fingerprint_inputs", "pools", "views")):
+                return None
+        elif any(entry_dir.glob(SHARD_GLOB)):
+            return None  # the full path rebuilds a lost manifest from the shards
+        else:
+            manifest = dict(described)
+        removed = remove_temporaries(entry_dir)
+        if removed:
+            reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
+        todo, skipped = plan(source, entry_dir)
+        reporter.info(f"{manifest['backbone']}: {lean['engine']} runs its export compiled before "
+                      f"({Path(lean['export']).name}), without PyTorch")
+        if skipped:
+            reporter.info(f"{manifest['backbone']}: {skipped} of {len(source.records)} images already in the "
+                          f"cache: extracting the other {len(todo)}")
+        manifest = {**manifest, "dataset": source.name, "source": str(Path(source.location).resolve()),
+                    "source_kind": source.kind,
+                    "provenance": {**manifest["provenance"], "host": platform.node(),
+                                   "date": datetime.now(UTC).isoformat(timespec="seconds")}}
+        start = time.perf_counter()
+        with disk_errors(entry_dir):
+            if not (entry_dir / MANIFEST).exists():
+                write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
+            todo, reused = reuse_known_images(todo, entry_dir, manifest, manifest["dims"],
+                                              options["shard_size"], reporter)
+            extracted = _run(todo, manifest, lean, entry_dir, cache_root, options, reporter)
+            entry = _write_manifest(entry_dir, manifest, source, complete=True)
+        seconds = time.perf_counter() - start
+    result = ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
+    result.lean = lean
+    return result
+
+
+def _lean_recipe(cache_root: Path, lean_key: str | None) -> dict | None:
+    """The recipe ``lean_key`` recorded, when the lean path can run it: an exported engine that is
+    installed, its export intact, images resized by PIL."""
+    try:
+        recipe = json.loads(warm_recipe_path(cache_root, lean_key).read_text()) if lean_key else {}
+        lean, described = recipe["lean"], recipe["entry"]
+        preprocess = Preprocess(**described["fingerprint_inputs"]["preprocess"])
+        export = Path(cache_root) / lean["export"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if lean.get("engine") not in EXPORTED_ENGINES or described.get("fingerprint") != recipe.get("fingerprint") \
+            or described["fingerprint_inputs"].get("engine") != lean["engine"] or preprocess.resampler != "pil":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(lean["engine"]) is None or not export.is_file() or export_intact(export) is not None:
+        return None
+    return recipe
+
+
+def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, cache_root: Path, options: dict,
+         reporter: Reporter) -> int:
+    if not todo:
+        return 0
+    preprocess = Preprocess(**manifest["fingerprint_inputs"]["preprocess"])
+    views = tuple(manifest["views"])
+    pools = tuple(manifest["pools"])
+    batch_size = options.get("batch_size") or CPU_BATCH_SIZE
+    workers = default_workers() if options.get("workers") is None else options["workers"]
+    sink = ShardSink(entry_dir, manifest, manifest["dims"], options["shard_size"])
+    extracted = 0
+    task = reporter.task(f"extract {manifest['backbone']}", total=len(todo))
+    # the workers are forked before the engine starts its threads; --workers 0 decodes here
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(preprocess,)) \
+        if workers else None
+    try:
+        forward = exported_forward(lean["engine"], Path(cache_root) / lean["export"], pools, int(lean["threads"]))
+
+        def features(batch: dict) -> dict[str, np.ndarray]:
+            if batch["images"] is None:
+                return {}
+            outs = [forward(apply_view(batch["images"], view)) for view in views]
+            return {p: outs[0][p] if len(outs) == 1 else np.stack([o[p] for o in outs], axis=1) for p in pools}
+
+        with _StopRequested():
+            batches = _decoded(pool, todo, batch_size, workers) if pool else \
+                (_decode_batch(todo[s:s + batch_size], s, preprocess) for s in range(0, len(todo), batch_size))
+            for batch, feats in run_pipelined(forward, batches, features):
+                extracted += commit_items([todo[item["index"]] for item in batch["items"]], batch["items"], feats,
+                                          sink, manifest["dtype"], reporter)
+                sink.commit_full()
+                task.advance(len(batch["items"]))
+            sink.commit()
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(
+            f"Interrupted: {extracted - sink.pending} new images were committed to "
+            f"{entry_dir}; rerun the same command to resume from there") from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        task.close()
+    return extracted
+
+
+def _decoded(pool, todo: list[ImageRecord], batch_size: int, workers: int) -> Iterator[dict]:
+    """Batches of ``todo`` decoded by the pool, in order, a few in flight per worker (bounded memory)."""
+    starts = iter(range(0, len(todo), batch_size))
+    pending: deque = deque()
+
+    def submit() -> None:
+        start = next(starts, None)
+        if start is not None:
+            pending.append(pool.apply_async(_decode_batch, (todo[start:start + batch_size], start)))
+
+    for _ in range(4 * workers):
+        submit()
+    while pending:
+        batch = pending.popleft().get()
+        submit()
+        yield batch
+
+
+_WORKER_PREPROCESS: Preprocess | None = None
+
+
+def _init_worker(preprocess: Preprocess) -> None:
+    global _WORKER_PREPROCESS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _WORKER_PREPROCESS = preprocess
+
+
+def _decode_batch(records: list[ImageRecord], start: int, preprocess: Preprocess | None = None) -> dict:
+    """A batch as the loader's collate makes it: the items (no pixels) and the decoded ones stacked."""
+    npz: dict = {}
+    load = (preprocess or _WORKER_PREPROCESS).load_array
+    items = [read_item(record, start + k, load, npz) for k, record in enumerate(records)]
+    ok = [item["image"] for item in items if item["image"] is not None]
+    return {"items": [{**item, "image": None} for item in items], "images": np.stack(ok) if ok else None}
