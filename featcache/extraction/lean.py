@@ -162,7 +162,7 @@ def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, c
             return {p: outs[0][p] if len(outs) == 1 else np.stack([o[p] for o in outs], axis=1) for p in pools}
 
         with _StopRequested():
-            batches = _decoded(pool, todo, batch_size, workers) if pool else \
+            batches = _decoded(pool, todo, batch_size, workers, preprocess) if pool else \
                 (_decode_batch(todo[s:s + batch_size], s, preprocess) for s in range(0, len(todo), batch_size))
             for batch, feats in run_pipelined(forward, batches, features):
                 extracted += commit_items([todo[item["index"]] for item in batch["items"]], batch["items"], feats,
@@ -182,10 +182,15 @@ def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, c
     return extracted
 
 
-def _decoded(pool, todo: list[ImageRecord], batch_size: int, workers: int) -> Iterator[dict]:
-    """Batches of ``todo`` decoded by the pool, in order, a few in flight per worker (bounded memory)."""
+def _decoded(pool, todo: list[ImageRecord], batch_size: int, workers: int, preprocess: Preprocess) -> Iterator[dict]:
+    """Batches of ``todo`` decoded by the pool, in order, a few in flight per worker (bounded memory).
+
+    When the next batch is not decoded yet, the engine is waiting for it: this thread then decodes the
+    next batch not handed to the pool yet itself, instead of sleeping, so the decode gets more of the
+    cores only while it holds the engine up (measured on 2 cores, 2,048 600x450 JPEGs: the command used
+    1.92-1.93 cores instead of 1.84-1.85, about 4 % faster; docs/benchmarks.md)."""
     starts = iter(range(0, len(todo), batch_size))
-    pending: deque = deque()
+    pending: deque = deque()  # AsyncResults of the pool, or batches decoded here, in order
 
     def submit() -> None:
         start = next(starts, None)
@@ -195,7 +200,14 @@ def _decoded(pool, todo: list[ImageRecord], batch_size: int, workers: int) -> It
     for _ in range(4 * workers):
         submit()
     while pending:
-        batch = pending.popleft().get()
+        head = pending[0]
+        if not isinstance(head, dict) and not head.ready():
+            start = next(starts, None)
+            if start is not None:
+                pending.append(_decode_batch(todo[start:start + batch_size], start, preprocess))
+                continue
+        pending.popleft()
+        batch = head if isinstance(head, dict) else head.get()
         submit()
         yield batch
 
