@@ -405,8 +405,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
            "auroc:<class> (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
     Option("ensemble", int, None, "Add an ensemble to each comparable group of runs (scored on the same "
-           "out-of-fold predictions): N (or topN) soft-votes the N best; `stack` fits a logistic regression on "
-           "all runs' out-of-fold probabilities, nested in their folds. On predict: how several --run combine.",
+           "out-of-fold predictions): N (or topN) soft-votes the N best, chosen for each fold on the other folds; "
+           "`stack` fits a logistic regression on all runs' out-of-fold probabilities, nested in their folds. On "
+           "predict: how several --run combine.",
            ("compare", "report", "predict"), "compare",
            check=_ensemble, cli_kind=str, metavar="N|stack"),
     Option("top", int, 20, "Runs shown per protocol in the report's leaderboard.", ("report",), "report",

@@ -157,3 +157,50 @@ def test_an_ensemble_to_predict_with_names_its_runs_consistently(tmp_path):
         fc.Ensemble(runs, "top3")
     with pytest.raises(OptionError, match="two or more"):
         fc.Ensemble(runs[:1], "stack")
+
+
+def test_a_top_n_vote_chooses_its_members_for_each_fold_on_the_other_folds_only(monkeypatch):
+    """Choosing the N best on the images they are then scored on would reward luck; for each fold the
+    vote ranks the runs on the other folds' images only, and votes the chosen ones on this fold's."""
+    from types import SimpleNamespace
+
+    from featcache.evaluation import metrics
+    from featcache.reporting.compare import _nested_vote
+
+    y, probas = _noise(n=100, members=6, seed=5)
+    folds, seeds = np.arange(len(y)) % 5, np.zeros(len(y), dtype=int)
+    oof = [SimpleNamespace(proba=p, labels=y, classes=CLASSES, seeds=seeds, folds=folds) for p in probas]
+    seen = []
+    real = metrics.compute_metrics
+
+    def spy(y_true, proba, classes):
+        seen.append(proba)
+        return real(y_true, proba, classes)
+
+    monkeypatch.setattr(metrics, "compute_metrics", spy)
+    voted = _nested_vote(oof, 2, "balanced_accuracy")
+    assert len(seen) == 5 * len(probas)  # each run ranked once per fold
+    for fold in range(5):
+        rest = folds != fold
+        ranked = seen[fold * len(probas):(fold + 1) * len(probas)]
+        assert all(np.array_equal(r, p[rest]) for r, p in zip(ranked, probas, strict=True))
+        scores = [real(y[rest], p[rest], CLASSES)["balanced_accuracy"] for p in probas]
+        best = np.argsort(scores, kind="stable")[::-1][:2]
+        np.testing.assert_allclose(voted[folds == fold], np.mean([probas[k][folds == fold] for k in best], axis=0))
+
+
+def test_runs_named_by_path_are_read_from_their_own_cache_and_a_wrong_path_is_refused(tmp_path, monkeypatch):
+    import featcache as fc
+    from featcache.errors import FeatcacheError
+
+    rng = np.random.default_rng(6)
+    y_idx = np.arange(90) % 3
+    rows = _runs(tmp_path, np.array(CLASSES)[y_idx], rng.normal(size=(90, 4)) + y_idx[:, None], heads=("logreg", "knn"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the default cache is ./cache, which holds nothing
+    monkeypatch.delenv("FEATCACHE_CACHE", raising=False)
+    table = fc.compare(runs=[r.run for r in rows], ensemble=2)
+    assert {r.run for r in table.rows if r.backbone != "ensemble"} == {r.run for r in rows}
+    assert any(r.backbone == "ensemble" for r in table.rows)
+    with pytest.raises(FeatcacheError, match="not a finished run"):
+        fc.compare(runs=[rows[0].run, tmp_path / "elsewhere"])

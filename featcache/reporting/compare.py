@@ -14,7 +14,7 @@ from featcache.errors import CacheError, FeatcacheError
 from featcache.evaluation.metrics import MAIN_METRICS
 from featcache.options import Metric
 from featcache.store.entries import CacheEntry
-from featcache.store.naming import entry_of_run, find_runs
+from featcache.store.naming import METRICS, cache_root_of_run, entry_of_run, find_runs
 from featcache.store.runs import has_test_predictions, read_metrics, read_predictions
 
 BASELINE_HEADS = ("majority", "stratified")
@@ -137,10 +137,12 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
 
     Runs are comparable when they scored the same images under the same protocol, so their
     out-of-fold predictions line up image by image; the ensemble is scored exactly like a run (its
-    interval by the same bootstrap). ``topN`` chooses its members by the same out-of-fold scores, which
-    makes its score slightly optimistic; ``stack`` chooses nothing (every run is a member) and is nested
-    in the runs' folds. With the test set (``test_predictions.csv``) the test score is free of both.
-    Why a group got no ensemble is added to ``notes``.
+    interval by the same bootstrap). Both are nested in the runs' folds, so their CV scores carry no
+    choice made on the images they score: ``topN`` chooses, for each fold, the N runs that score best on
+    the other folds' images and votes them on this fold's (:func:`_nested_vote`); ``stack`` fits its
+    meta-learner on the other folds. The members shown, and the test set's vote, are the N best over
+    all folds (what the nested score estimates). Why a group got no ensemble, or its score is not nested
+    (a single split), is added to ``notes``.
     """
     from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
     from featcache.evaluation.stacking import stack
@@ -158,17 +160,17 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
         groups.setdefault(key, []).append(row)
     out = []
     for (dataset, protocol, _, _, test_align), members in groups.items():
-        members = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))
-        size = len(members) if stacking else int(spec[3:])
-        members = members[:size]
+        candidates = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))
+        size = len(candidates) if stacking else int(spec[3:])
+        members = candidates[:size]
         where = f"--ensemble {spec} on {dataset} ({protocol})"
         if len(members) < max(size, 2):
             _note(notes, f"{where}: only {len(members)} run(s) to combine")
             continue
-        oof = [read_predictions(r.run, "oof") for r in members]
-        first = oof[0]
+        candidate_oof = [read_predictions(r.run, "oof") for r in candidates]
+        oof, first = candidate_oof[:size], candidate_oof[0]
         if any(o.ids != first.ids or o.classes != first.classes or not np.array_equal(o.seeds, first.seeds)
-               for o in oof):
+               for o in candidate_oof):
             _note(notes, f"{where}: the runs' out-of-fold predictions are not of the same images, so none is made")
             continue
         if stacking and len(np.unique(first.folds)) < 2:
@@ -190,7 +192,11 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
                             if tests else None)
             proba, t_both = stacked.oof, stacked.test
         else:
-            proba = np.mean([o.proba for o in oof], axis=0)
+            proba = _nested_vote(candidate_oof, size, metric)
+            if len(np.unique(first.folds)) < 2 and len(candidates) > size:
+                _note(notes, f"{where}: a single train/test split leaves no other images to choose the {size} "
+                             "members on, so they are chosen on the images they are scored on (optimistic); use "
+                             "cross-validation (--split cv) for a nested score")
             t_both = (np.concatenate([np.mean([t.proba for t in part], axis=0) for part in (tests, unaligned) if part])
                       if tests else None)
         seeds = np.unique(first.seeds)
@@ -216,6 +222,28 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
                        len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec))
     return out
+
+
+def _nested_vote(oof: list, size: int, metric: str) -> np.ndarray:
+    """The soft vote of ``size`` of the runs' out-of-fold probabilities (``oof``, every candidate's),
+    the ``size`` chosen for each fold (and seed) by ``metric`` on the other folds' images only: choosing
+    them on the images they are then scored on would make the score optimistic (the best of many noisy
+    runs looks good by luck). With a single split there are no other images: the best on all."""
+    from featcache.evaluation.metrics import compute_metrics
+
+    first = oof[0]
+    if len(oof) == size:  # nothing to choose
+        return np.mean([o.proba for o in oof], axis=0)
+    proba = np.empty_like(first.proba)
+    for seed in np.unique(first.seeds):
+        for fold in np.unique(first.folds[first.seeds == seed]):
+            scored = (first.seeds == seed) & (first.folds == fold)
+            rest = (first.seeds == seed) & ~scored
+            choose_on = rest if rest.any() else scored
+            scores = [compute_metrics(first.labels[choose_on], o.proba[choose_on], first.classes)[metric] for o in oof]
+            chosen = np.argsort(scores, kind="stable")[::-1][:size]
+            proba[scored] = np.mean([oof[k].proba[scored] for k in chosen], axis=0)
+    return proba
 
 
 def _note(notes: list[str] | None, text: str) -> None:
@@ -273,9 +301,17 @@ def select_rows(cache_root: Path | list[Path], metric: str, dataset: str | None 
     all of them, see :func:`ensemble_rows`; why a group got none goes to ``notes``), ranked by :func:`sort_rows`."""
     metric = checked_metric(metric)
     roots = cache_root if isinstance(cache_root, list) else [cache_root]
+    if runs is not None:  # runs named by path are read from their own caches, wherever --cache points
+        wanted = {Path(r).resolve() for r in runs}
+        roots = sorted({cache_root_of_run(r) for r in wanted if len(r.parents) > 3})
+        finished = {p.resolve() for root in roots for p in find_runs(root)}
+        missing = sorted(wanted - finished)
+        if missing:
+            raise FeatcacheError(f"{missing[0]}: not a finished run (no {METRICS} in a run folder of a cache)"
+                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; pass run "
+                                 "folders as `featcache fit` wrote them")
     rows = [row for root in roots for row in collect_runs(root, dataset, backbone, head, metric)]
     if runs is not None:
-        wanted = {Path(r).resolve() for r in runs}
         rows = [r for r in rows if r.run.resolve() in wanted]
     if not rows:
         return []
