@@ -44,13 +44,13 @@ from featcache.extraction.result import ExtractResult
 from featcache.extraction.resume import plan
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.writer import (
-    ExtractionInterrupted,
     ShardSink,
     _StopRequested,
     _writable,
     _write_manifest,
     commit_items,
     disk_errors,
+    interrupted,
 )
 from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
 
@@ -335,9 +335,7 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
             sink.commit()
     except KeyboardInterrupt:
         _quiet_worker_teardown()
-        raise ExtractionInterrupted(
-            f"Interrupted: {extracted - sink.pending} new images were committed to "
-            f"{entry_dir}; rerun the same command to resume from there") from None
+        raise interrupted(extracted - sink.pending, entry_dir) from None
     finally:
         task.close()
     return extracted

@@ -1,12 +1,13 @@
-"""The lean path of ``extract``: new images for an entry begun before, without importing PyTorch.
+"""The lean path of ``extract``: new images extracted without importing PyTorch.
 
-Importing PyTorch, torchvision and timm takes about 6.5 s here, every command, though an entry whose
-backbone was exported to ONNX and run by ONNX Runtime or OpenVINO needs none of them once it exists: the
-images are decoded and resized by PIL, and the engine runs the export (normalisation included) on NumPy
-arrays. So when the recipe of the command (:mod:`featcache.extraction.warm`) names an entry made on an
-exported engine, the images still to extract go that way: decoded in worker processes, run on the same
-export (its SHA-256 checked), in the same batches, committed to the same shards. The features are the
-full path's, bit for bit (tested).
+Importing PyTorch, torchvision and timm takes seconds, every command, though a backbone exported to ONNX
+and run by ONNX Runtime or OpenVINO needs none of them once the export exists: PIL decodes and resizes the
+images, and the engine runs the export (normalisation included) on NumPy arrays. So once an extraction
+with the same options ran on an exported engine (of this dataset or another), its recipe
+(:func:`featcache.extraction.warm.engine_key`) describes the entry and names the export; a later command
+extracts its new images this way: decoded in worker processes, run on the same export (its SHA-256 checked),
+in the same batches, committed to the same kind of shards, in this dataset's entry (begun if it has none).
+The features are the full path's, bit for bit (tested).
 
 Anything else takes the full path: no recipe, PyTorch's own engine or resampler, a GPU, Ray, an entry
 without a manifest, a missing or damaged export (the full path exports it again and says so).
@@ -34,13 +35,13 @@ from featcache.extraction.resume import plan, read_item
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.runtimes import export_intact, exported_forward, run_pipelined
 from featcache.extraction.writer import (
-    ExtractionInterrupted,
     ShardSink,
     _StopRequested,
     _writable,
     _write_manifest,
     commit_items,
     disk_errors,
+    interrupted,
 )
 from featcache.progress import Reporter
 from featcache.store.entries import MANIFEST, SHARD_GLOB, EntryLock, remove_temporaries, write_json_atomic
@@ -171,9 +172,7 @@ def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, c
                 task.advance(len(batch["items"]))
             sink.commit()
     except KeyboardInterrupt:
-        raise ExtractionInterrupted(
-            f"Interrupted: {extracted - sink.pending} new images were committed to "
-            f"{entry_dir}; rerun the same command to resume from there") from None
+        raise interrupted(extracted - sink.pending, entry_dir) from None
     finally:
         if pool is not None:
             pool.terminate()

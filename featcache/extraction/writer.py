@@ -34,6 +34,12 @@ class ExtractionInterrupted(FeatcacheError):
     """Ctrl-C / SIGTERM: committed shards are kept; a rerun resumes."""
 
 
+def interrupted(committed: int, entry_dir: Path) -> ExtractionInterrupted:
+    """The one message of a single-entry extraction stopped by Ctrl-C or SIGTERM (full and lean paths)."""
+    return ExtractionInterrupted(f"Interrupted: {committed} new images were committed to {entry_dir}; rerun the "
+                                 "same command to resume from there")
+
+
 @contextmanager
 def disk_errors(entry_dir: Path) -> Iterator[None]:
     """Disk full, drive gone, quota: one line, and what was committed stays valid."""
