@@ -834,7 +834,7 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
 
     o = options
     reporter = _reporter(o["quiet"], reporter)
-    selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "preprocess",
+    selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "pool", "preprocess",
                                    "engine", "resampler", "views", "resize", "cv", "groups", "cache")}
     heads = BY_NAME["heads"].checked(heads, "heads=")
     runs = fit(o["data"], heads=heads, quiet=o["quiet"], reporter=reporter, **selection)

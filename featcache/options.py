@@ -353,7 +353,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool", str, None, "Pooling to use (default: the entry's first; in a study: every pooling "
            "extracted). With --backbone a+b, one per backbone joined by + (`penult+gap`) fuses each backbone's "
            "own pooling; in a study with fuse = true, the same spelling fits each backbone with its part and "
-           "fuses them.", ("fit",), "fit"),
+           "fuses them.", ("fit", "audit"), "fit"),
     Option("cv", int, 5, "Folds; grouped by the source's group column when it has one.", ("fit", "audit"), "fit",
            minimum=2),
     Option("split", Split, "cv", "`cv`; `official` to use the source's split column (validation rows are left "

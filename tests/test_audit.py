@@ -48,10 +48,13 @@ def test_the_audit_command_writes_its_files_and_page(small_folder, tmp_path):
 
     runner = CliRunner()
     assert runner.invoke(app, ["extract", "--data", str(small_folder), "--cache", str(tmp_path), "--engine",
-                               "torch", "-q"]).exit_code == 0
+                               "torch", "--pool", "gap,penult", "-q"]).exit_code == 0
     out = runner.invoke(app, ["audit", "--data", str(small_folder), "--cache", str(tmp_path), "--cv", "3",
-                              "--out", str(tmp_path / "audit"), "-q"])
+                              "--pool", "penult", "--out", str(tmp_path / "audit"), "-q"])
     assert out.exit_code == 0, out.output
+    # the audit's heads were fit on the pooling asked for, not the entry's first
+    assert sorted(p.name.split("-")[:2] for p in tmp_path.glob("*/*/runs/*")) == [["logreg", "penult"],
+                                                                                  ["mlp", "penult"]]
     assert {p.name for p in (tmp_path / "audit").iterdir()} == {"label_issues.csv", "duplicates.csv", "outliers.csv",
                                                                "audit.html"}
     page = (tmp_path / "audit" / "audit.html").read_text()
