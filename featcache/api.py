@@ -829,8 +829,8 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     from featcache.evaluation.dataset_audit import audit_dataset, write_audit
     from featcache.evaluation.features import labeled_features
     from featcache.reporting.audit_page import write_audit_page
-    from featcache.store.entries import CacheEntry
-    from featcache.store.naming import entry_of_run
+    from featcache.store.fusion import FusedEntry, trained_entry
+    from featcache.store.model_files import load_model
 
     o = options
     reporter = _reporter(o["quiet"], reporter)
@@ -839,7 +839,9 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     heads = BY_NAME["heads"].checked(heads, "heads=")
     runs = fit(o["data"], heads=heads, quiet=o["quiet"], reporter=reporter, **selection)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], Reporter(quiet=True))
-    data = labeled_features(source, CacheEntry(entry_of_run(runs[0].path)), runs[0].config["pool"],
+    saved = load_model(runs[0].path)
+    entry = trained_entry(runs[0].path, saved)  # the features the heads saw (a fused run: every backbone's)
+    data = labeled_features(source, entry, None if isinstance(entry, FusedEntry) else saved["pool"],
                             groups=o["groups"])
     first = [run.oof[run.oof["seed"] == 0].set_index("id").loc[data.ids] for run in runs]
     oof = np.mean([f.filter(like="p_").to_numpy() for f in first], axis=0)  # the same folds for every head

@@ -59,3 +59,18 @@ def test_the_audit_command_writes_its_files_and_page(small_folder, tmp_path):
                                                                "audit.html"}
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert "Suspected label errors" in page and "data:image/jpeg;base64," in page
+
+
+@pytest.mark.slow
+def test_the_audit_of_fused_backbones_reads_every_backbone_s_pooling(small_folder, tmp_path):
+    pytest.importorskip("cleanlab", reason="pip install 'featcache[audit]'")
+    import featcache as fc
+
+    fc.extract(data=str(small_folder), backbone="efficientnet_lite0,squeezenet1_1", pools="gap,penult",
+               engine="torch", cache=str(tmp_path), quiet=True)
+    folder = fc.audit(str(small_folder), backbone="efficientnet_lite0+squeezenet1_1", pool="penult+gap", cv=3,
+                      cache=str(tmp_path), out=tmp_path / "audit", quiet=True)
+    assert sorted(p.name.split("-")[:2] for p in tmp_path.glob("*/*/runs/*")) == [["logreg", "penult_gap"],
+                                                                                  ["mlp", "penult_gap"]]
+    with open(folder / "outliers.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) >= 1  # read from the fused features (320 + 512 columns)

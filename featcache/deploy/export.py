@@ -27,8 +27,8 @@ from featcache.deploy.head_graph import FEATURES, OPSET, PROBABILITIES, NotExpor
 from featcache.errors import RunError
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
-from featcache.store.fusion import fused_from_manifest
-from featcache.store.naming import cache_root_of_run, entry_of_run
+from featcache.store.fusion import FusedEntry, trained_entry
+from featcache.store.naming import cache_root_of_run
 from featcache.store.runs import read_metrics
 
 IMAGE = "image"
@@ -46,10 +46,8 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     run_dir = Path(run_dir).resolve()
     saved = load_model(run_dir, trust_pickle)
     metrics = read_metrics(run_dir)
-    if saved.get("fusion"):
-        parts = list(fused_from_manifest(saved["fusion"]).parts)
-    else:
-        parts = [(CacheEntry(entry_of_run(run_dir)), saved["pool"])]
+    trained = trained_entry(run_dir, saved)
+    parts = list(trained.parts) if isinstance(trained, FusedEntry) else [(trained, saved["pool"])]
     cache_root = cache_root_of_run(run_dir)
     pipeline = saved["pipeline"]
     views, test_views = parts[0][0].views, "all"

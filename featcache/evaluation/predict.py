@@ -18,9 +18,8 @@ from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, alig
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
-from featcache.store.fusion import FusedEntry, fused_from_manifest
+from featcache.store.fusion import FusedEntry, trained_entry
 from featcache.store.model_files import load_model
-from featcache.store.naming import entry_of_run
 from featcache.store.runs import read_metrics
 
 if TYPE_CHECKING:
@@ -111,13 +110,12 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     reporter = reporter or Reporter(quiet=True)
     saved = load_model(run_dir, trust_pickle)
     source = images_source(inputs, group_col, image_col)
-    if saved.get("fusion"):  # a fused run: the new images go through every backbone it read
-        train_entry = fused_from_manifest(saved["fusion"])
+    train_entry = trained_entry(run_dir, saved)
+    if isinstance(train_entry, FusedEntry):  # a fused run: the new images go through every backbone it read
         results = [extract_like(source, part, cache_root, weights, reporter) for part, _ in train_entry.parts]
         entry = FusedEntry([(r.entry, pool) for r, (_, pool) in zip(results, train_entry.parts, strict=True)])
         failed = {k: v for r in results for k, v in r.failed.items()}
     else:
-        train_entry = CacheEntry(entry_of_run(Path(run_dir).resolve()))
         result = extract_like(source, train_entry, cache_root, weights, reporter)
         entry, failed = result.entry, result.failed
     ids = [r.id for r in source.records if r.id not in failed]

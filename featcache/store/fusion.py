@@ -15,7 +15,7 @@ import numpy as np
 
 from featcache.errors import RunError
 from featcache.store.entries import CacheEntry, ImageState
-from featcache.store.naming import fused_fingerprint
+from featcache.store.naming import entry_of_run, fused_fingerprint
 
 
 @dataclass
@@ -76,6 +76,14 @@ class FusedEntry:
 def fused_from_manifest(parts: list[dict]) -> FusedEntry:
     """A fused entry again from what a saved run recorded (``manifest()["parts"]``)."""
     return FusedEntry([(CacheEntry(part["entry"]), part["pool"]) for part in parts])
+
+
+def trained_entry(run_dir: Path, saved: dict) -> CacheEntry | FusedEntry:
+    """The features a saved run (``saved``: its model file's payload) was fit on: the entry it was written
+    into, or for a fused run every backbone's entry and pooling it read."""
+    if saved.get("fusion"):
+        return fused_from_manifest(saved["fusion"])
+    return CacheEntry(entry_of_run(Path(run_dir).resolve()))
 
 
 def fused_pools(pool: str | None, backbones: list[str | None]) -> list[str | None]:
