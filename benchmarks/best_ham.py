@@ -85,7 +85,9 @@ def main() -> None:
         ("+ colour constancy (Shades of Gray)", _run_scores(cc_one_view)),
         ("+ 4 cached views, test-time averaging", _run_scores(cc_views)),
         ("+ the backbone's best pooling (penult)", _run_scores(lite0_penult)),
-        ("+ four backbones fused at their best poolings (Lite0 penult, SqueezeNet gap, Lite1 multi, Lite2 multi)",
+        ("+ four backbones fused at their best poolings ("
+         + ", ".join(" ".join(part) for part in zip(fused.config["backbone"].split("+"),
+                                                      fused.config["pool"].split("+"), strict=True)) + ")",
          _run_scores(fused)),
         (f"+ three heads on each and on the fusion, stacked ({len(runs)} runs, `--ensemble stack`)",
          _scores(stacked.metrics, stacked.test, aligned=False)),
