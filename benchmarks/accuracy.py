@@ -226,8 +226,7 @@ def _verdict(pooled: dict, accuracy: float, auroc: float | None) -> str:
 
 def write_page(out: Path, timings: dict, main_rows: list[dict], pool_rows: dict, view_rows: list[dict],
                view_rows_mlp: list[dict], tune_rows: list[dict], meta_rows: list[dict], resize_rows: list[dict],
-               calibration_rows: list[dict], random_rows: list[dict], random_grouped: dict, runner: Runner,
-               seconds: float) -> None:
+               calibration_rows: list[dict], random_rows: list[dict], random_grouped: dict, runner: Runner) -> None:
     def best(rows: list[dict], key=lambda r: r["result"]["pooled"]["balanced_accuracy"]) -> dict:
         return max(rows, key=key)
 
@@ -374,7 +373,6 @@ def main() -> None:
     parser.add_argument("--skip-extraction", action="store_true", help="Use what the cache holds.")
     args = parser.parse_args()
     reporter = Reporter()
-    started = time.perf_counter()
     timings_file = args.cache / "accuracy_extraction_seconds.json"
     timings = json.loads(timings_file.read_text()) if args.skip_extraction and timings_file.exists() \
         else {} if args.skip_extraction else run_extractions(args.cache)
@@ -410,8 +408,7 @@ def main() -> None:
         return
     grouped = {(r["backbone"], r["pool"], r["head"]): r for r in rows["main"]}
     write_page(args.out, timings, rows["main"], rows["pools"], rows["views"], rows["views_mlp"], rows["tune"],
-               rows["meta"], rows["resize"], rows["calibration"], rows["random"], grouped, runner,
-               time.perf_counter() - started)
+               rows["meta"], rows["resize"], rows["calibration"], rows["random"], grouped, runner)
     reporter.info(f"written {args.out}")
 
 
