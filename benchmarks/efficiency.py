@@ -52,6 +52,23 @@ def decode_ips(backbone: LoadedBackbone, source: ImageSource, resampler: str = "
     return count / (time.perf_counter() - started)
 
 
+def inprocess_decode_ips(backbone: LoadedBackbone, source: ImageSource, batch: int = 8) -> float:
+    """Images/s of the same read, hash, decode, resize and collate done in this process on one thread:
+    what one loader worker costs without the hand-over to the main process (the reference of the
+    decode guard, measured on the same machine at the same time, so the guard is a ratio)."""
+    dataset = _ImageDataset(source.records, backbone.preprocess)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker (_worker_init)
+    try:
+        started = time.perf_counter()
+        count = 0
+        for start in range(0, len(dataset), batch):
+            count += len(_collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])["items"])
+        return count / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ceiling(bare: float, decode: float, cores: int | None = None) -> float:
     """The best extract / bare-forward ratio possible when decode and forward share the cores perfectly:
     per image the forward takes cores/bare core-seconds (it uses all of them), the decode 1/decode."""

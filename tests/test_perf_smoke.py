@@ -20,10 +20,12 @@ SMOKE_MIN_RATIO = 0.75  # benchmarks/extraction_efficiency.py measures the full 
 # machine (on a CPU whose forward is twice as fast the same decode costs twice the share): the guard is against
 # the ceiling that share leaves, 2 / (2 + bare / decode) on 2 cores. The runs of benchmarks/engines.py reach
 # 0.75-0.95 of it (0.72 on these 200 small photos, where the loader's start-up counts); losing the overlap falls
-# below. The decode itself is guarded apart: one worker did 125 img/s of these photos when the loader sent
-# every image twice, 830-880 now.
+# below. The decode itself is guarded apart, as a ratio to the same decode done in this process at the same
+# time (an absolute rate failed CI on a slower machine: 295 img/s): one loader worker reaches 0.55-0.75 of it
+# here (its start-up counts on 200 images); a collate that hands every image tensor over apart reaches
+# 0.42-0.49, and the loader that sent every image twice did 125 img/s, about 0.2.
 FASTEST_MIN_OF_CEILING = 0.6
-MIN_DECODE_IPS = 300
+MIN_DECODE_OF_INPROCESS = 0.4
 FASTEST = MEASURED_FASTEST["efficientnet_lite0"].value
 
 
@@ -45,12 +47,15 @@ def test_extraction_keeps_up_with_the_bare_forward():
 
 
 def test_extraction_with_the_fastest_engine_reaches_the_decode_ceiling():
-    from efficiency import ceiling, decode_ips
+    from efficiency import ceiling, decode_ips, inprocess_decode_ips
 
     result = _efficiency(FASTEST)
-    decode = max(decode_ips(load_backbone("efficientnet_lite0", weights="random"), open_source(DEMO))
-                 for _ in range(2))
-    assert decode >= MIN_DECODE_IPS, f"one loader worker decodes {decode:.0f} img/s (< {MIN_DECODE_IPS})"
+    backbone, source = load_backbone("efficientnet_lite0", weights="random"), open_source(DEMO)
+    rates = [(decode_ips(backbone, source), inprocess_decode_ips(backbone, source)) for _ in range(2)]
+    decode, inprocess = max(r[0] for r in rates), max(r[1] for r in rates)
+    assert decode >= MIN_DECODE_OF_INPROCESS * inprocess, (
+        f"one loader worker decodes {decode:.0f} img/s, {decode / inprocess:.2f} of the same decode in this "
+        f"process ({inprocess:.0f} img/s; < {MIN_DECODE_OF_INPROCESS}): the hand-over to the main process costs")
     best = ceiling(result.bare_ips, decode)
     assert result.ratio >= FASTEST_MIN_OF_CEILING * best, (
         f"--engine {FASTEST}: extract {result.extract_ips:.1f} img/s vs bare forward {result.bare_ips:.1f} img/s "
