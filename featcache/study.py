@@ -41,7 +41,11 @@ from featcache.progress import Reporter
 from featcache.store.runs import is_reusable
 
 if TYPE_CHECKING:
+    from featcache.data.sources import ImageSource
+    from featcache.evaluation.protocol import Protocol
     from featcache.extraction.ray import RayCluster
+    from featcache.store.entries import CacheEntry
+    from featcache.store.fusion import FusedEntry
 
 # Options that name a file or folder: relative to the study file's folder, checked to exist.
 PATHS = ("data", "test_data", "images")
@@ -250,12 +254,11 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
     by the same code as :func:`featcache.extraction.extract.extract`, and a fit is known to be done
     only once its features exist, because a run is named by the rows it uses."""
     from featcache.backbones.models import load_backbone
-    from featcache.evaluation.features import check_test_classes, label_counts, labeled_features
-    from featcache.evaluation.fitting import test_grouping
-    from featcache.evaluation.runner import run_dir_for
+    from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.extraction.extract import name_entry
     from featcache.extraction.resume import plan
     from featcache.store.entries import CacheEntry
+    from featcache.store.fusion import FusedEntry
 
     train, test = _sources(study)
     protocol = _protocol(study)
@@ -268,42 +271,64 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
         raise StudyError(f"[compare] metric = {metric!r}: the training data has no class {metric[6:]!r}; its classes "
                          f"are {known} (use auroc:<class>)")
     steps = []
+    entries: dict[str, dict] = {}  # backbone -> source name -> complete entry (None: extraction to do)
     for backbone in study.backbones:
         model = load_backbone(backbone, weights=study.weights.get(backbone), pools=study.extract["pools"])
         if models is not None:
             models[backbone] = model
-        entries = {}
+        entries[backbone] = {}
         for source in (s for s in (train, test) if s is not None):
             named = name_entry(source, model, cache_root, plan_only=True, **_extract_settings(study))
             total = len(source.records)
             if named is None:
-                entries[source.name] = None
+                entries[backbone][source.name] = None
                 steps.append(Step("extract", f"extract {backbone} on {source.name}", False,
                                   f"0 of {total} images cached (dataset-norm statistics not computed yet)"))
                 continue
             todo = len(plan(source, named.entry_dir)[0])
-            entries[source.name] = CacheEntry(named.entry_dir) if not todo else None
+            entries[backbone][source.name] = CacheEntry(named.entry_dir) if not todo else None
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
                               f"{total - todo} of {total} images cached: {named.entry_dir}"))
         for pool in _pools(study, backbone, list(model.model.pools)):
-            data = test_data = None
-            if entries[train.name] is not None and (test is None or entries[test.name] is not None):
-                data = labeled_features(train, entries[train.name], pool, label_map, classes, protocol.meta,
-                                        groups=protocol.groups, near_dup_threshold=protocol.near_dup_threshold)
-                if test is not None:
-                    test_data = labeled_features(test, entries[test.name], pool, label_map, classes, protocol.meta,
-                                                 data.meta_spec, groups=test_grouping(protocol), audit=False)
-            for head in study.fit["heads"]:
-                if data is None:
-                    steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", None, "after extraction"))
-                    continue
-                run = run_dir_for(data, entries[train.name], head, pool, protocol, test_data)
-                done = is_reusable(run)
-                steps.append(Step("fit", f"fit {backbone}/{pool}/{head}", done,
-                                  f"finished: {run}" if done else f"to fit: {run}"))
-    # whether fused runs exist is only known once every backbone is extracted
-    steps += [Step("fit", f"fit {'+'.join(study.backbones)}/{'+'.join(pools)}/{head}", None, "fusion")
-              for pools in _fused_pools(study) for head in study.fit["heads"]]
+            steps += _fit_steps(study, f"{backbone}/{pool}", pool, protocol, train, test,
+                                entries[backbone][train.name], test and entries[backbone][test.name])
+
+    def fused(source: ImageSource | None, pools: list[str]) -> FusedEntry | None:
+        """The backbones' entries of ``source`` read as one, once every one is complete."""
+        if source is None or any(entries[b][source.name] is None for b in study.backbones):
+            return None
+        return FusedEntry([(entries[b][source.name], pool) for b, pool in zip(study.backbones, pools, strict=True)])
+
+    for pools in _fused_pools(study):
+        entry = fused(train, pools)
+        steps += _fit_steps(study, f"{'+'.join(study.backbones)}/{'+'.join(pools)}", "+".join(pools), protocol,
+                            train, test, entry, fused(test, pools))
+    return steps
+
+
+def _fit_steps(study: Study, label: str, pool: str | None, protocol: Protocol, train: ImageSource,
+               test: ImageSource | None, entry: CacheEntry | FusedEntry | None,
+               test_entry: CacheEntry | FusedEntry | None) -> list[Step]:
+    """One plan step per head on ``entry``'s ``pool``: done when its run folder is finished; unknown until
+    the features (and the test set's) exist, because a run is named by the rows it uses."""
+    from featcache.evaluation.features import labeled_features
+    from featcache.evaluation.fitting import test_grouping
+    from featcache.evaluation.runner import run_dir_for
+
+    if entry is None or (test is not None and test_entry is None):
+        return [Step("fit", f"fit {label}/{head}", None, "after extraction") for head in study.fit["heads"]]
+    label_map, classes = study.data["label_map"], _classes(study)
+    data = labeled_features(train, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
+                            near_dup_threshold=protocol.near_dup_threshold)
+    test_data = None
+    if test is not None:
+        test_data = labeled_features(test, test_entry, pool, label_map, classes, protocol.meta, data.meta_spec,
+                                     groups=test_grouping(protocol), audit=False)
+    steps = []
+    for head in study.fit["heads"]:
+        run = run_dir_for(data, entry, head, pool, protocol, test_data)
+        done = is_reusable(run)
+        steps.append(Step("fit", f"fit {label}/{head}", done, f"finished: {run}" if done else f"to fit: {run}"))
     return steps
 
 

@@ -126,6 +126,24 @@ def test_a_study_with_color_constancy_runs_as_its_dry_run_planned(small_folder, 
     assert all(step.done for step in again.steps) and again.steps[1].detail == f"finished: {run}"
 
 
+@pytest.mark.slow
+def test_a_fused_study_s_dry_run_knows_its_finished_fused_fits(small_folder, tmp_path):
+    study = {"data": {"train": str(small_folder)},
+             "extract": {"backbones": ["efficientnet_lite0", "squeezenet1_1"], "pools": ["gap"], "engine": "torch"},
+             "fit": {"heads": ["logreg"], "cv": 3, "fuse": True}}
+    cache = tmp_path / "c"
+    before = fc.run_study(study, cache=cache, dry_run=True, quiet=True)
+    assert [step.done for step in before.steps if "+" in step.label] == [None]  # features not there yet
+    result = fc.run_study(study, cache=cache, quiet=True)
+    fused_run = result.runs[-1]  # the fused fits come after each backbone's own
+    assert fused_run.name.startswith("logreg-gap_gap-")
+    again = fc.run_study(study, cache=cache, dry_run=True, quiet=True)
+    assert all(step.done for step in again.steps), [(s.label, s.detail) for s in again.steps if not s.done]
+    [fused_step] = [step for step in again.steps if "+" in step.label]
+    assert fused_step.label == "fit efficientnet_lite0+squeezenet1_1/gap+gap/logreg"
+    assert fused_step.detail == f"finished: {fused_run}"
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The featcache modules ``path`` imports, at module level or inside functions; imports under
     ``if TYPE_CHECKING`` are for annotations only and never run, so they do not count."""
