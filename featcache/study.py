@@ -224,21 +224,21 @@ def _extract_settings(study: Study) -> dict[str, Any]:
     return {name: study.extract[name] for name in ENTRY_SETTINGS}
 
 
-def _extract_together(study: Study, sources: list, models: dict, cache_root: Path, reporter: Reporter, how: dict,
-                      cluster: Any, overall: Any) -> dict[str, tuple]:
+def _extract_together(study: Study, backbones: list[str], sources: list, models: dict, cache_root: Path,
+                      reporter: Reporter, how: dict, cluster: Any, overall: Any) -> dict[str, tuple]:
     """Several backbones on this machine: each source decoded once for all of them
     (:func:`featcache.extraction.multi.extract_many`); ``{backbone: (entry, test entry)}``, empty otherwise."""
     from featcache.extraction.multi import extract_many
 
-    if cluster is not None or len(study.backbones) < 2:
+    if cluster is not None or len(backbones) < 2:
         return {}
-    found: dict[str, list] = {backbone: [None, None] for backbone in study.backbones}
+    found: dict[str, list] = {backbone: [None, None] for backbone in backbones}
     for k, source in enumerate(sources):
         if source is None:
             continue
-        results = extract_many(source, [models[b] for b in study.backbones], cache_root, reporter=reporter, **how,
+        results = extract_many(source, [models[b] for b in backbones], cache_root, reporter=reporter, **how,
                                **_extract_settings(study))
-        for backbone, result in zip(study.backbones, results, strict=True):
+        for backbone, result in zip(backbones, results, strict=True):
             found[backbone][k] = result.entry
             overall.advance(1)
     return {backbone: tuple(pair) for backbone, pair in found.items()}
@@ -248,11 +248,13 @@ def _classes(study: Study) -> str | None:
     return ",".join(study.data["classes"]) if study.data["classes"] else None
 
 
-def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> list[Step]:
+def plan_study(study: Study, cache_root: Path, models: dict | None = None,
+               cached: dict | None = None) -> list[Step]:
     """What the study will do and what the cache already holds. Each backbone is loaded to name its
-    entry (the weights decide the fingerprint), and kept in ``models`` for the run; an entry is named
-    by the same code as :func:`featcache.extraction.extract.extract`, and a fit is known to be done
-    only once its features exist, because a run is named by the rows it uses."""
+    entry (the weights decide the fingerprint), and kept in ``models`` for the run; ``cached`` gets
+    ``{backbone: {source name: its complete entry, or None}}``. An entry is named by the same code as
+    :func:`featcache.extraction.extract.extract`, and a fit is known to be done only once its features
+    exist, because a run is named by the rows it uses."""
     from featcache.backbones.models import load_backbone
     from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.extraction.extract import name_entry
@@ -292,6 +294,8 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None) -> li
         for pool in _pools(study, backbone, list(model.model.pools)):
             steps += _fit_steps(study, f"{backbone}/{pool}", pool, protocol, train, test,
                                 entries[backbone][train.name], test and entries[backbone][test.name])
+    if cached is not None:
+        cached.update(entries)
 
     def fused(source: ImageSource | None, pools: list[str]) -> FusedEntry | None:
         """The backbones' entries of ``source`` read as one, once every one is complete."""
@@ -364,10 +368,16 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
 
     protocol = _protocol(study)
     models: dict = {}
-    steps = plan_study(study, cache_root, models)
+    cached: dict = {}
+    steps = plan_study(study, cache_root, models, cached)
     if dry_run:
         return StudyResult([], None, steps)
     train, test = _sources(study)
+    # a backbone whose entries the plan found complete is only read: no extraction, so no entry lock, and
+    # studies that share finished entries can run side by side (--rehash still goes through extract)
+    ready = {b: (found[train.name], found[test.name] if test is not None else None)
+             for b, found in cached.items()
+             if not study.extract["rehash"] and all(entry is not None for entry in found.values())}
     label_map, classes = study.data["label_map"], _classes(study)
     heads = list(study.fit["heads"])
     runs: list[Path] = []
@@ -376,12 +386,16 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                                                   "rehash")}
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
-        shared = _extract_together(study, [train, test], models, cache_root, reporter, how, cluster, overall)
+        todo = [b for b in study.backbones if b not in ready]
+        shared = _extract_together(study, todo, [train, test], models, cache_root, reporter, how, cluster, overall)
         for backbone in study.backbones:
             # the loaded model already carries the study's weights and poolings (loaded once, by the plan)
             options = dict(cache_root=cache_root, reporter=reporter, cluster=cluster, **how,
                            **_extract_settings(study))
-            if backbone in shared:
+            if backbone in ready:
+                entry, test_entry = ready[backbone]
+                overall.advance(1 if test is None else 2)
+            elif backbone in shared:
                 entry, test_entry = shared[backbone]
             else:
                 entry = extract(train, models[backbone], **options).entry

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,17 @@ def test_a_fused_study_s_dry_run_knows_its_finished_fused_fits(small_folder, tmp
     [fused_step] = [step for step in again.steps if "+" in step.label]
     assert fused_step.label == "fit efficientnet_lite0+squeezenet1_1/gap+gap/logreg"
     assert fused_step.detail == f"finished: {fused_run}"
+    # a finished study only reads its entries: another process writing one of them does not stop it
+    code = ("import sys, time; from pathlib import Path; from featcache.store.entries import EntryLock\n"
+            "with EntryLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(fused_run.parents[1])], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert fc.run_study(study, cache=cache, quiet=True).runs == result.runs
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
