@@ -144,17 +144,19 @@ def _cluster(address: str | None, reporter: Reporter, actors: int | None = None)
 
 
 def _open(data: str, images: str | None, image_col: str | None, label_col: str | None, group_col: str | None,
-          reporter: Reporter) -> ImageSource:
-    """The source, with its notes and where its groups come from said once."""
+          reporter: Reporter, labels_required: bool = True, groups: str = "auto") -> ImageSource:
+    """The source, with its notes and where its groups come from said once (``labels_required=False``:
+    extraction, which needs no labels; ``groups``: the grouping asked for, which a group-column hint serves
+    only when it is ``auto``)."""
     from featcache.data.sources import open_source
 
-    source = open_source(data, images and Path(images), image_col, label_col, group_col)
+    source = open_source(data, images and Path(images), image_col, label_col, group_col, labels_required)
     for note in source.notes[:10]:
         reporter.warn(note)
     if source.group_column:
         n = len({r.group for r in source.records if r.group})
         reporter.info(f"groups: column {source.group_column!r} ({n} groups of {len(source.records)} images)")
-    elif source.suspect_group_columns:
+    elif source.suspect_group_columns and groups == "auto":
         reporter.warn(f"no group column recognised in {source.location}, but "
                       f"{', '.join(map(repr, source.suspect_group_columns))} looks like one (ids shared by "
                       "several images): pass --group-col NAME, or --no-groups if the images are independent")
@@ -192,7 +194,8 @@ def _extract(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult | li
     from featcache.extraction.warm import engine_key, recipe_key, record_recipe, warm_result
 
     reporter = _reporter(o["quiet"], reporter)
-    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter,
+                   labels_required=False)
     root = cache_root(o["cache"])
     if "," in o["backbone"]:
         return _extract_many(source, root, reporter, o)
@@ -277,7 +280,7 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     list of Run
         One per head, in the order of ``heads``.
     """
-    from featcache.evaluation.features import check_test_classes
+    from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.evaluation.fitting import find_entry, fit_many
     from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import find_or_extract_like
@@ -289,6 +292,9 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         raise OptionError("groups near-duplicates contradicts group_col (--group-col); give one")
     if o["groups"] == "none" and o["group_col"]:
         raise OptionError("groups none (--no-groups) contradicts group_col (--group-col); give one")
+    if o["test_align"] != "none" and not o["test_data"]:
+        raise OptionError(f"test_align {o['test_align']} (--test-align) aligns a held-out set's features, and no "
+                          "test_data (--test-data) is given: add the other clinic's images, or drop test_align")
     if o["engine"] == "auto":
         raise OptionError("engine auto names no entry: give the engine the entry was extracted with (torch, "
                           "onnxruntime or openvino; `featcache extract` says which auto took)")
@@ -297,7 +303,8 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         from featcache.net import check_tracking_uri
 
         check_tracking_uri(o["mlflow_uri"], root)
-    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter)
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter,
+                   groups=o["groups"])
     backbones = o["backbone"].split("+") if o["backbone"] else [None]
     if len(set(backbones)) != len(backbones):
         raise OptionError(f"--backbone {o['backbone']}: a backbone is named twice; fuse different backbones (a+b)")
@@ -310,6 +317,14 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
 
         test_source = open_source(o["test_data"], group_col=o["test_group_col"])
         check_test_classes(source, test_source, o["label_map"], ",".join(o["classes"]) if o["classes"] else None)
+        if o["test_align"] != "none":
+            from featcache.evaluation.shift import MIN_ALIGN_IMAGES
+
+            scored = sum(label_counts(test_source, o["label_map"], ",".join(o["classes"] or ())).values())
+            if scored < MIN_ALIGN_IMAGES:  # refused now, not after the whole CV
+                raise OptionError(f"test_align {o['test_align']} (--test-align): {test_source.location} has "
+                                  f"{scored} images to score, too few to estimate their statistics (at "
+                                  f"least {MIN_ALIGN_IMAGES}); give a larger test set, or drop test_align")
         test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
     entry, test_entry = entries[0], test_entries[0] if test_entries else None
     if len(entries) > 1:  # backbone a+b: their features side by side
@@ -760,9 +775,12 @@ def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx
         The file written.
     """
     from featcache.deploy.export import export_run
+    from featcache.deploy.head_graph import NotExportable, refusal
 
     path = run.path if isinstance(run, Run) else Path(run)
-    Run(path)  # refuses what is not a finished run folder
+    why = refusal(Run(path).config)  # Run() refuses what is not a finished run folder
+    if why:  # before any model is loaded or any line says it is exporting
+        raise NotExportable(f"{path}: {why}")
     return export_run(path, Path(out), weights=weights, trust_pickle=options["trust_pickle"],
                       reporter=_reporter(options["quiet"], reporter))
 
@@ -826,8 +844,8 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     """
     import numpy as np
 
-    from featcache.evaluation.dataset_audit import audit_dataset, write_audit
-    from featcache.evaluation.features import labeled_features
+    from featcache.evaluation.dataset_audit import audit_dataset, lone_class_rows, scored_part, write_audit
+    from featcache.evaluation.features import label_counts, labeled_features
     from featcache.reporting.audit_page import write_audit_page
     from featcache.store.fusion import FusedEntry, trained_entry
     from featcache.store.model_files import load_model
@@ -835,22 +853,38 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     o = options
     reporter = _reporter(o["quiet"], reporter)
     selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "pool", "preprocess",
-                                   "engine", "resampler", "views", "resize", "cv", "groups", "cache")}
+                                   "engine", "resampler", "views", "resize", "cv", "groups", "split", "cache")}
     heads = BY_NAME["heads"].checked(heads, "heads=")
-    runs = fit(o["data"], heads=heads, quiet=o["quiet"], reporter=reporter, **selection)
-    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], Reporter(quiet=True))
+    source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter,
+                   groups=o["groups"])
+    # a class too small to cross-validate (one image: often a typo) is what an audit is for: it is listed, and
+    # the models are fit on the other classes
+    counts = label_counts(source, None, ",".join(o["classes"] or ()))
+    lone = {label for label, n in counts.items() if n < o["cv"]} if o["split"] == "cv" else set()
+    classes = [c for c in (o["classes"] or sorted(counts)) if c not in lone]
+    if len(classes) < 2:
+        raise OptionError(f"audit: {len(classes)} class(es) have {o['cv']} or more images; an audit needs two")
+    runs = fit(o["data"], heads=heads, quiet=o["quiet"], reporter=reporter, classes=classes if lone or o["classes"]
+               else None, **selection)
     saved = load_model(runs[0].path)
     entry = trained_entry(runs[0].path, saved)  # the features the heads saw (a fused run: every backbone's)
     data = labeled_features(source, entry, None if isinstance(entry, FusedEntry) else saved["pool"],
-                            groups=o["groups"])
-    first = [run.oof[run.oof["seed"] == 0].set_index("id").loc[data.ids] for run in runs]
+                            classes=",".join(classes), groups=o["groups"])
+    first = [run.oof[run.oof["seed"] == 0].set_index("id") for run in runs]
+    scored = np.isin(data.ids, first[0].index)  # a single split scores its held-out part only
+    data = scored_part(data, scored) if not scored.all() else data
+    first = [f.loc[data.ids] for f in first]
     oof = np.mean([f.filter(like="p_").to_numpy() for f in first], axis=0)  # the same folds for every head
-    found = audit_dataset(data, oof, first[0]["fold"].to_numpy())
+    lone_rows = lone_class_rows([r.id for r in source.records if r.label in lone],
+                                [r.label for r in source.records if r.label in lone], counts, o["cv"])
+    found = audit_dataset(data, oof, first[0]["fold"].to_numpy(), lone_rows)
     folder = Path(out) if out else cache_root(o["cache"]) / f"audit-{source.name}"
     files = write_audit(found, folder)
     files["html"] = write_audit_page(found, source, folder / "audit.html")
-    reporter.result(f"{len(found.label_issues)} suspected label errors, {len(found.duplicates)} duplicate pairs, "
-                    f"{len(found.outliers)} outliers of {found.n_images} images -> {folder}")
+    warning = found.weak_warning()
+    if warning:
+        reporter.warn(warning)
+    reporter.result(f"{found.sentence()} -> {folder}")
     return folder
 
 

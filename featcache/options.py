@@ -295,7 +295,7 @@ OPTIONS: tuple[Option, ...] = (
            key="test"),
     Option("test_group_col", str, None, "Group column of --test-data, if its name differs.", ("fit",), "data"),
     Option("label_map", str, None, "Merge labels: `akiec=malignant,mel=malignant,*=benign`.", ("fit",), "data"),
-    Option("classes", str, None, "Keep only these classes, e.g. `mel,nv`.", ("fit",), "data", multiple=True),
+    Option("classes", str, None, "Keep only these classes, e.g. `mel,nv`.", ("fit", "audit"), "data", multiple=True),
     # --- extraction (the study's [extract] table; fit takes the entry settings to choose an entry) ---
     Option("backbone", str, "efficientnet_lite0", "Registry name (see `featcache backbones`) or timm:<model>; "
            "on extract, `a,b,c` decodes each image once for all of them (an entry each); on fit, the backbone "
@@ -358,7 +358,7 @@ OPTIONS: tuple[Option, ...] = (
            minimum=2),
     Option("split", Split, "cv", "`cv`; `official` to use the source's split column (validation rows are left "
            "out); `random712` for an image-level 70/10/20 split (DermaMNIST's protocol: it ignores lesion "
-           "groups).", ("fit",), "fit"),
+           "groups).", ("fit", "audit"), "fit"),
     Option("seeds", int, 1, "Repeat the CV with this many seeds; scores are averaged over all.", ("fit",), "fit",
            minimum=1),
     Option("class_weight", ClassWeight, "balanced", "Weigh classes equally in training.", ("fit",), "fit"),

@@ -25,17 +25,28 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} {unit}/s" if speed else f"– {unit}/s", style="cyan")
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A console for featcache's output. Piped or logged (not a terminal, not a notebook), it never wraps:
+    a run folder's path stays on one line, whole, for a script or a person to copy."""
+    console = Console(stderr=stderr)
+    if console.is_terminal or console.is_jupyter:
+        return console
+    return Console(stderr=stderr, width=10_000, soft_wrap=True)
+
+
 class Reporter:
     """Where long-running stages report progress, notes and warnings.
 
     Tasks opened while another is open join the same live display (a study's overall bar above the
-    current stage's), since a terminal can show only one live display at a time."""
+    current stage's), since a terminal can show only one live display at a time. A warning is shown once:
+    the same words again (the same shift, met by every head) are not repeated."""
 
     def __init__(self, quiet: bool = False, console: Console | None = None, max_warnings: int = 20):
         self.quiet = quiet
-        self.console = console or Console(stderr=True)
-        self._out = Console()
+        self.console = console or make_console(stderr=True)
+        self._out = make_console()
         self.max_warnings, self._warned = max_warnings, 0
+        self._said: set[str] = set()
         self._live: Progress | None = None
         self._open = 0
 
@@ -48,7 +59,11 @@ class Reporter:
             self.console.print(escape(message), highlight=False)
 
     def warn(self, message: str) -> None:
-        """A problem the user must see: shown also when quiet (quiet drops progress and notes, not warnings)."""
+        """A problem the user must see: shown also when quiet (quiet drops progress and notes, not warnings),
+        once."""
+        if message in self._said:
+            return
+        self._said.add(message)
         self._warned += 1
         if self._warned <= self.max_warnings:
             self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)

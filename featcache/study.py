@@ -160,6 +160,9 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
                          "(the poolings fused; every backbone must have them)")
     if fit["groups"] == "near-duplicates" and data["group_col"]:
         raise StudyError(f"{where}: [fit] groups = 'near-duplicates' contradicts [data] group_col; give one")
+    if fit["test_align"] != "none" and not data["test_data"]:
+        raise StudyError(f"{where}: [fit] test_align = {fit['test_align']!r} aligns a held-out set's features, and "
+                         "[data] has no test: add test = \"other_clinic.csv\", or drop test_align")
     fit_pools = fit["pool"].split("+") if fit["pool"] else []
     if len(fit_pools) > 1 and (not fit["fuse"] or len(fit_pools) != len(backbones)):
         raise StudyError(f"{where}: [fit] pool = {fit['pool']!r}: a pooling per backbone (joined by +) needs "
@@ -258,7 +261,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None,
     from featcache.backbones.models import load_backbone
     from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.extraction.extract import name_entry
-    from featcache.extraction.resume import plan
+    from featcache.extraction.resume import cached_line, plan
     from featcache.store.entries import CacheEntry
     from featcache.store.fusion import FusedEntry
 
@@ -287,10 +290,11 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None,
                 steps.append(Step("extract", f"extract {backbone} on {source.name}", False,
                                   f"0 of {total} images cached (dataset-norm statistics not computed yet)"))
                 continue
-            todo = len(plan(source, named.entry_dir)[0])
+            missing = plan(source, named.entry_dir)[0]
+            todo = len(missing)
             entries[backbone][source.name] = CacheEntry(named.entry_dir) if not todo else None
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
-                              f"{total - todo} of {total} images cached: {named.entry_dir}"))
+                              f"{cached_line(source, named.entry_dir, missing)}: {named.entry_dir}"))
         for pool in _pools(study, backbone, list(model.model.pools)):
             steps += _fit_steps(study, f"{backbone}/{pool}", pool, protocol, train, test,
                                 entries[backbone][train.name], test and entries[backbone][test.name])

@@ -46,8 +46,17 @@ def test_a_semicolon_csv_from_a_spreadsheet_reads_like_a_comma_one(small_folder,
 def test_csv_with_wrong_columns(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("foo,bar\n1,2\n")
-    with pytest.raises(SourceError, match=r"bad.csv: no image column; columns are \['foo', 'bar'\]"):
+    # every missing column is named at once, with the flag that names it
+    with pytest.raises(SourceError, match=r"bad.csv: no image column .*--image-col NAME\); and no label column "
+                                          r".*--label-col NAME\); its columns are foo, bar"):
         open_source(bad)
+    with pytest.raises(SourceError, match=r"no column 'pic' \(--image-col\) and no column 'who' \(--group-col\)"):
+        open_source(bad, image_col="pic", group_col="who")
+    # extraction needs no labels: a CSV of image paths alone is enough
+    (tmp_path / "a.jpg").write_bytes(b"")
+    paths = tmp_path / "paths.csv"
+    paths.write_text("path\na.jpg\n")
+    assert [r.label for r in open_source(paths, labels_required=False).records] == [None]
 
 
 def test_ham10000_metadata_form():

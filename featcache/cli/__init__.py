@@ -16,13 +16,13 @@ from typing import Any
 
 import click
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup, TyperOption
 
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, Option, options_for
+from featcache.progress import make_console
 
 
 class _PeopleErrors(TyperGroup):
@@ -33,7 +33,7 @@ class _PeopleErrors(TyperGroup):
         try:
             return super().invoke(ctx)
         except FeatcacheError as exc:
-            Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            make_console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
 
 
@@ -53,7 +53,22 @@ app = typer.Typer(cls=_PeopleErrors, add_completion=False, no_args_is_help=True,
                        "Example: `featcache extract --backbone efficientnet_lite0 --data images/` "
                        "then `featcache fit --data images/ --backbone efficientnet_lite0 --head all` "
                        "then `featcache compare`.")
-console = Console()
+console = make_console()
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from featcache import __version__
+
+        print(f"featcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print featcache's version and exit.")) -> None:
+    """Cache frozen-backbone image features once (HDF5), then compare light classifier heads with grouped,
+    stratified cross-validation."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,9 +179,7 @@ def fit(**options: Any) -> None:
 def _show(comparison: Any, paths: bool = False) -> None:
     if not comparison.rows:
         raise FeatcacheError("no finished runs match; run `featcache fit` first")
-    table = comparison.table(paths)
-    out = console if console.is_terminal else Console(width=max(console.width, 160))
-    out.print(table)
+    console.print(comparison.table(paths))
 
 
 @command("compare",
@@ -217,11 +230,12 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
          own("onnx", Path | None, typer.Option(None, help="A model written by `featcache export` instead of --run: "
                                                "ONNX Runtime and featcache's image preprocessing only (no cache).")),
          own("inputs", list[str], typer.Argument(..., help="Image files and/or folders (or one CSV/.npz).")),
-         own("out", Path, typer.Option(Path("predictions.csv"), help="Output CSV.")),
+         own("out", Path | None, typer.Option(None, help="Output CSV; it must not exist yet (default: "
+                                              "predictions.csv, or predictions-2.csv … when that exists).")),
          own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")),
          own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)),
          own("image_col", str | None, typer.Option(None, help=BY_NAME["image_col"].help)))
-def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, inputs: list[str], out: Path,
+def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, inputs: list[str], out: Path | None,
             weights: str | None, group_col: str | None, image_col: str | None, **options: Any) -> None:
     """Class probabilities for new images with a saved run (features go through the cache; warns when a
     new image is identical or nearly identical to a training image), or with an exported model (--onnx).
@@ -231,6 +245,12 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
     from featcache import api
     from featcache.evaluation.predict import write_predictions
 
+    if out is None:  # never over an earlier prediction: the next free name
+        out = next(p for k in range(1, 100_000) if not (p := Path("predictions.csv" if k == 1 else
+                                                              f"predictions-{k}.csv")).exists())
+    elif out.exists():
+        raise typer.BadParameter(f"{out} exists (an earlier prediction?); give another --out, or remove it first",
+                                 param_hint="--out")
     if sum(bool(given) for given in (run, study, onnx)) != 1:
         raise typer.BadParameter("give one of --run (a run folder), --study (a finished study file) or --onnx (an "
                                  "exported model)", param_hint="--run")

@@ -196,6 +196,13 @@ def read_csv_source(
 
     upper = {c.upper(): c for c in columns}
     one_hot = [upper[c] for c in ISIC_ONE_HOT if c in upper]
+    # every column asked for that is not there, named at once (not one per try)
+    absent = [f"{wanted!r} ({flag})" for flag, wanted in (("--image-col", image_col), ("--label-col", label_col),
+                                                         ("--group-col", group_col))
+              if wanted and wanted.lower() not in {c.lower() for c in columns}]
+    if absent:
+        raise SourceError(f"{csv_path}: no column {' and no column '.join(absent)}; its columns are "
+                          f"{', '.join(columns)}")
     image_column = _pick(columns, image_col, IMAGE_COLUMNS, "image", csv_path)
     id_column = _pick(columns, None, ID_COLUMNS, "id", csv_path)
     label_column = _pick(columns, label_col, LABEL_COLUMNS, "label", csv_path)
@@ -208,19 +215,18 @@ def read_csv_source(
         kind = "isic-onehot"
     elif id_column and label_column and label_column.lower() == "dx" and group_column:
         kind = "ham10000"
+    missing = []
+    if image_column is None and id_column is None:
+        missing.append(f"no image column (expected one of {', '.join(IMAGE_COLUMNS + ID_COLUMNS)}: pass "
+                       "--image-col NAME)")
+    if label_column is None and kind != "isic-onehot" and labels_required:
+        missing.append(f"no label column (expected one of {', '.join(LABEL_COLUMNS)} or ISIC one-hot columns: "
+                       "pass --label-col NAME)")
+    if missing:
+        raise SourceError(f"{csv_path}: {'; and '.join(missing)}; its columns are {', '.join(columns)}")
     if image_column is None:
-        if id_column is None:
-            raise SourceError(
-                f"{csv_path}: no image column; columns are {columns}. Expected one of "
-                f"{', '.join(IMAGE_COLUMNS + ID_COLUMNS)}, or pass --image-col NAME"
-            )
         image_column = id_column
         stem_index = _index_images(base)  # ids such as ISIC_0024306 name files below --images
-    if label_column is None and kind != "isic-onehot" and labels_required:
-        raise SourceError(
-            f"{csv_path}: no label column; columns are {columns}. Expected one of "
-            f"{', '.join(LABEL_COLUMNS)} or ISIC one-hot columns, or pass --label-col NAME"
-        )
     meta_columns = [c for c in columns if c not in {image_column, id_column, label_column,
                                                     group_column, split_column, *one_hot}]
 
@@ -272,6 +278,7 @@ def read_csv_source(
                        group_column=group_column, suspect_group_columns=suspects)
 
 
+CONTENT_HASH_WORDS = {"md", "sha", "hash", "checksum", "digest", "crc"}
 GROUP_WORDS = {"id", "ids", "patient", "lesion", "case", "subject", "participant", "group", "individual", "mole"}
 
 
@@ -289,6 +296,8 @@ def _suspect_group_columns(records: list[ImageRecord], columns: list[str]) -> li
         if len(filled) < n * 0.5 or len(distinct) == len(filled) or len(distinct) < max(3, n // 20):
             continue
         words = set(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", column).lower()))
+        if words & CONTENT_HASH_WORDS:  # a file checksum: shared only by byte-identical copies, not a patient
+            continue
         numeric = all(is_number(v) for v in filled)
         if words & GROUP_WORDS or (not numeric and len(distinct) > n // 4):
             suspects.append(column)

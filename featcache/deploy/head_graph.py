@@ -27,6 +27,29 @@ class NotExportable(RunError):
     """A run's head, or a part of its run, that has no ONNX form."""
 
 
+# heads refused by name, from a run's config alone (before any model is loaded): why each has no ONNX form
+_UNEXPORTABLE_HEADS = {
+    "knn": "skl2onnx's k-NN converter gives other probabilities for the cosine metric with distance weights "
+           "(measured: off by up to 0.9)",
+    "majority": "a baseline predicts without looking at the image",
+    "stratified": "a baseline predicts without looking at the image",
+    "svm-rbf-exact": "skl2onnx's SVC converter differs from libsvm's calibrated probabilities here; export svm-rbf "
+                     "(the Nystroem SVM) instead",
+}
+
+
+def refusal(config: dict) -> str | None:
+    """Why a run with this ``config.json`` cannot be exported, or None: checked before any work."""
+    head = config.get("head")
+    if head in _UNEXPORTABLE_HEADS:
+        return f"the {head} head does not export to ONNX: {_UNEXPORTABLE_HEADS[head]}"
+    calibrate = (config.get("protocol") or {}).get("calibrate")
+    if calibrate:
+        return (f"--calibrate {calibrate}: the recalibrated head (a CalibratedClassifierCV around a featcache head) "
+                "has no ONNX converter; fit without --calibrate to export")
+    return None
+
+
 def normalised(model: onnx.ModelProto) -> onnx.ModelProto:
     """One IR version and one opset per domain for every piece, so that they can be joined."""
     model.ir_version = IR_VERSION
@@ -88,9 +111,8 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
         pieces.append(_sklearn(head, width, "classifier"))
     else:
         name = type(head).__name__
-        why = {"KNeighborsClassifier": "skl2onnx's k-NN converter gives other probabilities for the cosine "
-               "metric with distance weights (measured: off by up to 0.9)",
-               "DummyClassifier": "a baseline predicts without looking at the image"}.get(name, "no converter")
+        why = {"KNeighborsClassifier": _UNEXPORTABLE_HEADS["knn"],
+               "DummyClassifier": _UNEXPORTABLE_HEADS["majority"]}.get(name, "no converter")
         raise NotExportable(f"the {name} head does not export to ONNX: {why}")
     pieces[0] = _renamed_input(pieces[0], FEATURES)
     links = [(_output(piece), piece_next.graph.input[0].name)

@@ -48,7 +48,7 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
 
     from featcache.data.images import Preprocess
     from featcache.deploy.export import METADATA
-    from featcache.evaluation.conformal import prediction_sets, set_labels
+    from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
     from featcache.evaluation.features import encode_meta
     from featcache.evaluation.predict import images_source
     from featcache.extraction.resume import read_record
@@ -96,7 +96,7 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     conformal = info.get("conformal")
     if conformal:
-        column = f"set_{round(conformal['level'] * 100)}"
+        column = set_column(conformal["level"])
         sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame

@@ -41,17 +41,33 @@ def summary(sets: np.ndarray, y_idx: np.ndarray) -> dict:
             "empty_sets": float((sets.sum(axis=1) == 0).mean())}
 
 
-def cross_conformal(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str) -> dict:
-    """Thresholds from every out-of-fold prediction (for new images), and the out-of-fold coverage and set
-    size, each fold's images judged with the other folds' threshold."""
+def out_of_fold_sets(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str) -> np.ndarray:
+    """Every image's out-of-fold prediction set, judged with the threshold of the other folds' images."""
     n_classes = oof.shape[1]
     sets = np.zeros_like(oof, dtype=bool)
     for fold in np.unique(folds):
         held = folds == fold
         limits = thresholds(oof[~held], y_idx[~held], level, mode, n_classes)
         sets[held] = prediction_sets(oof[held], limits)
-    out = {"level": level, "mode": mode, "thresholds": thresholds(oof, y_idx, level, mode, n_classes).tolist()}
+    return sets
+
+
+def cross_conformal(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str) -> dict:
+    """Thresholds from every out-of-fold prediction (for new images), and the out-of-fold coverage and set
+    size of :func:`out_of_fold_sets`."""
+    sets = out_of_fold_sets(oof, y_idx, folds, level, mode)
+    out = {"level": level, "mode": mode, "thresholds": thresholds(oof, y_idx, level, mode, oof.shape[1]).tolist()}
     return out | summary(sets, y_idx)
+
+
+def set_column(level: float) -> str:
+    """The prediction-set column of every file featcache writes, e.g. ``set_90``."""
+    return f"set_{round(level * 100)}"
+
+
+def uninformative(mean_set_size: float, n_classes: int) -> bool:
+    """Sets that say little: on average within half a class of holding every class."""
+    return n_classes > 1 and mean_set_size >= n_classes - 0.5
 
 
 def set_labels(sets: np.ndarray, classes: list[str]) -> list[str]:

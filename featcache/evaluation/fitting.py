@@ -93,7 +93,8 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     try:
         for head in heads:
             runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
-                                 test, reporter, cluster=cluster))
+                                 test, reporter, cluster=cluster,
+                                 test_name=test_source.name if test_source else None))
             task.advance(1)
             if on_head is not None:
                 on_head()

@@ -113,16 +113,20 @@ def duplicate_groups(n: int, pairs: DuplicatePairs) -> np.ndarray:
     return np.array([f"dup{label}" for label in labels])
 
 
-def held_out_with_duplicate(pairs: DuplicatePairs, folds: list[tuple[np.ndarray, np.ndarray]], n: int) -> int:
-    """How many held-out images (summed over ``folds``) have a duplicate in their training side."""
-    total = 0
+def copied_in_training(pairs: DuplicatePairs, folds: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Per image: whether it is held out in a fold of ``folds`` whose training side holds a duplicate of it."""
+    copied = np.zeros(n, bool)
     for train, test in folds:
         in_train, in_test = np.zeros(n, bool), np.zeros(n, bool)
         in_train[train], in_test[test] = True, True
-        leaking = np.concatenate([pairs.first[in_test[pairs.first] & in_train[pairs.second]],
-                                  pairs.second[in_test[pairs.second] & in_train[pairs.first]]])
-        total += len(np.unique(leaking))
-    return total
+        copied[pairs.first[in_test[pairs.first] & in_train[pairs.second]]] = True
+        copied[pairs.second[in_test[pairs.second] & in_train[pairs.first]]] = True
+    return copied
+
+
+def held_out_with_duplicate(pairs: DuplicatePairs, folds: list[tuple[np.ndarray, np.ndarray]], n: int) -> int:
+    """How many held-out images (summed over ``folds``) have a duplicate in their training side."""
+    return int(copied_in_training(pairs, folds, n).sum())
 
 
 def nearest_known(Z_new: np.ndarray, Z_known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,10 @@ def bootstrap_draws(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n
     pred = proba.argmax(axis=1)
     pairs = np.eye(k * k)[y_idx * k + pred]  # (m, k*k): one-hot of (true, predicted)
     auc_columns = [int(np.argmin(np.bincount(y_idx, minlength=2)))] if k == 2 else list(range(k))
-    draws: dict[str, list[np.ndarray]] = {metric: [] for metric in MAIN_METRICS}
+    # every class's one-vs-rest AUROC too (`compare --metric auroc:<class>` ranks by it): with two classes
+    # both equal the AUROC; with more, they are the columns the macro AUROC averages, so they come free
+    per_class = [f"auroc:{c}" for c in classes]
+    draws: dict[str, list[np.ndarray]] = {metric: [] for metric in (*MAIN_METRICS, *per_class)}
     for start in range(0, n, 100):
         counts = np.stack([np.bincount(rng.integers(0, units, units), minlength=units)
                            for _ in range(min(100, n - start))]).astype(np.int32)
@@ -112,11 +115,12 @@ def bootstrap_draws(y_true: np.ndarray, proba: np.ndarray, classes: list[str], n
         draws["balanced_accuracy"].append(np.where(usable, (recall * present).sum(axis=1) / n_present, np.nan))
         draws["macro_f1"].append(np.where(usable, (f1 * present).sum(axis=1) / n_present, np.nan))
         complete = present.all(axis=1)
-        aucs = np.full(len(counts), np.nan)
+        aucs = np.full((len(auc_columns), len(counts)), np.nan)
         if complete.any():
-            aucs[complete] = np.mean([_weighted_auc(proba[:, c], y_idx == c, counts[complete])
-                                      for c in auc_columns], axis=0)
-        draws["auroc"].append(aucs)
+            aucs[:, complete] = [_weighted_auc(proba[:, c], y_idx == c, counts[complete]) for c in auc_columns]
+        draws["auroc"].append(aucs.mean(axis=0))
+        for c, name in enumerate(per_class):
+            draws[name].append(aucs[0] if k == 2 else aucs[c])
     return {metric: np.concatenate(parts) for metric, parts in draws.items()}
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
 from featcache.errors import RunError
-from featcache.evaluation.conformal import prediction_sets, set_labels
+from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
 from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, align, domain_auroc
@@ -148,7 +148,7 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     conformal = read_metrics(run_dir).get("conformal")
     if conformal:  # each image's prediction set, at the run's coverage
-        column = f"set_{round(conformal['level'] * 100)}"
+        column = set_column(conformal["level"])
         sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame

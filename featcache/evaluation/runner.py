@@ -23,7 +23,14 @@ from featcache.store.runs import is_finished, is_reusable, read_metrics, write_r
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.evaluation.audit import leakage_summary
-from featcache.evaluation.conformal import cross_conformal, prediction_sets
+from featcache.evaluation.conformal import (
+    cross_conformal,
+    out_of_fold_sets,
+    prediction_sets,
+    set_column,
+    set_labels,
+    uninformative,
+)
 from featcache.evaluation.conformal import summary as set_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
 from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
@@ -134,7 +141,7 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 
 
 def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
-                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple]:
+                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple, dict]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
     unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
     audit of its features against the training features."""
@@ -147,27 +154,48 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     proba = plain if protocol.test_align == "none" else predicted(align(test.X, data.X, protocol.test_align))
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
+    sets = {}
     if conformal is not None:
         y_idx = np.searchsorted(data.classes, test.y)
         limits = np.array(conformal["thresholds"])
-        scores["conformal"] = set_summary(prediction_sets(proba, limits), y_idx)
+        sets["test"] = prediction_sets(proba, limits)
+        scores["conformal"] = set_summary(sets["test"], y_idx)
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
         if conformal is not None:
-            scores["unaligned"]["conformal"] = set_summary(prediction_sets(plain, limits), y_idx)
+            sets["test_unaligned"] = prediction_sets(plain, limits)
+            scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
     scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
     warning = shift_warning(scores["shift"], protocol.test_align)
     if warning:
         reporter.warn(warning)
-    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ())
+    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets
+
+
+def _without_copies(data: LabeledFeatures, folds: list, oof: np.ndarray) -> dict | None:
+    """Seed 0's scores on the held-out images that have no identical or near-identical copy on their training
+    side (None when none has one): what an official split, whose parts cannot be regrouped, scores on images
+    it has not in effect seen."""
+    from featcache.evaluation.leakage import copied_in_training
+
+    if data.duplicates is None or not len(data.duplicates):
+        return None
+    copied = copied_in_training(data.duplicates, folds, len(data.y))
+    scored = ~np.isnan(oof).any(axis=1)
+    kept = scored & ~copied
+    if not copied.any() or len(np.unique(data.y[kept])) < 2:
+        return None
+    scores = score_with_ci(data.y[kept], oof[kept], data.classes, None if data.groups is None else data.groups[kept])
+    return {**{k: scores[k] for k in (*MAIN_METRICS, "ci95") if k in scores},
+            "n_images": int(kept.sum()), "n_left_out": int((scored & copied).sum())}
 
 
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
-             jobs: int | None = None, cluster: RayCluster | None = None) -> Path:
+             jobs: int | None = None, cluster: RayCluster | None = None, test_name: str | None = None) -> Path:
     """Cross-validate one head, refit it on all training rows, and write a run directory.
 
     The run is named by the hash of everything that sets its numbers: the head's code version and
@@ -188,7 +216,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
               "grouping": data.grouping,
               # which images were scored: runs whose predictions line up image by image (ensembles)
               "ids_sha256": rows_hash([i] for i in data.ids),
-              "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None}
+              "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None,
+              "test_dataset": test_name if test else None}
     run_dir = run_path(entry.path, head, pool, identity)
     if is_finished(run_dir) and not is_reusable(run_dir) and not force:
         reporter.info(f"{head}: {run_dir} was made by featcache before 0.3 and its model is a pickle: fitting it "
@@ -231,6 +260,13 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         parts.append((data.y[scored], oof_by_seed[seed][scored],
                       None if data.groups is None else data.groups[scored]))
     pooled = score_parts(parts, data.classes)
+    without_copies = _without_copies(data, plans[0][0], oof_by_seed[0])
+    if without_copies:
+        ba = without_copies["balanced_accuracy"]
+        ci = without_copies["ci95"].get("balanced_accuracy", [ba, ba])
+        reporter.info(f"{head}: without the {without_copies['n_left_out']} held-out images that have a copy on "
+                      f"their training side, balanced accuracy {ba:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] on "
+                      f"{without_copies['n_images']} images (with them {pooled['balanced_accuracy']:.3f})")
     conformal = None
     if protocol.conformal is not None:  # seed 0's out-of-fold predictions calibrate the sets
         fold_of = np.full(len(data.y), -1)
@@ -241,15 +277,29 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         y_idx = np.searchsorted(data.classes, data.y)
         conformal = cross_conformal(oof_by_seed[0][scored], y_idx[scored], fold_of[scored], protocol.conformal,
                                     protocol.conformal_mode)
+        oof_sets = np.zeros((len(data.y), len(data.classes)), dtype=bool)
+        oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
+                                            protocol.conformal, protocol.conformal_mode)
+        as_text = set_labels(oof_sets, data.classes)
+        if uninformative(conformal["mean_set_size"], len(data.classes)):
+            reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "
+                          f"of {len(data.classes)} classes on average (out of fold): they say little about an image. "
+                          "A better head or backbone gives smaller sets; a lower --conformal level does too")
+        # in the order write_run meets seed 0's out-of-fold rows
+        sets_written = {"column": set_column(protocol.conformal),
+                        "oof": [as_text[i] for seed, _, _, test_idx in fold_plan if seed == 0 for i in test_idx]}
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
     leak = leakage_summary(data, plans[0][0])
     result = {"config": config, "protocol": protocol.describe(data.grouping, split_counts),
               "grouping": data.grouping, "split_counts": split_counts, "leakage": leak,
-              "n_images": len(data.y), "n_folds": len(plans[0][0]), "seeds": protocol.seeds,
+              "n_images": len(data.y), "n_scored": len(parts[0][0]),  # an official split scores its test part
+              "n_folds": len(plans[0][0]), "seeds": protocol.seeds,
               "folds": _summarise(fold_metrics), "pooled": pooled, "per_fold": fold_metrics,
               "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
     if conformal is not None:
         result["conformal"] = conformal
+    if without_copies:
+        result["without_training_copies"] = without_copies
     if isinstance(final, BudgetedSearch):
         result["best_params"] = final.best_params_
         result["search"] = {"tried": final.cv_results_, "grid_size": final.n_candidates_,
@@ -263,10 +313,13 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                               if hasattr(out[0], "named_steps")]
     test_rows = None
     if test is not None:
-        result["test"], test_rows = _score_test(model, data, test, protocol, reporter, conformal)
+        result["test"], test_rows, test_sets = _score_test(model, data, test, protocol, reporter, conformal)
+        if conformal is not None:
+            sets_written |= {k: set_labels(v, data.classes) for k, v in test_sets.items()}
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
-    write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows)
+    write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows,
+              sets_written if conformal is not None else None)
     return run_dir

@@ -26,10 +26,24 @@ def make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> l
     return [(train.copy(), test.copy()) for train, test in _FOLDS_MEMO[key]]
 
 
+def too_small_classes(counts: dict[str, int], k: int) -> str:
+    """Why ``k``-fold CV cannot run on classes of these ``counts``, naming the classes and what to do."""
+    small = sorted((n, name) for name, n in counts.items() if n < k)
+    listed = ", ".join(f"{name!r} has {n} image{'s' if n != 1 else ''}" for n, name in small)
+    others = [name for name, n in counts.items() if n >= k]
+    if small[0][0] < 2:  # no number of folds helps: a class must be on both sides of a split
+        fix = "a label typo? fix it in the data (`featcache audit` lists such labels)"
+    else:
+        fix = f"use --cv {small[0][0]}"
+    if len(others) >= 2:
+        fix += f", or leave {'it' if len(small) == 1 else 'them'} out with --classes {','.join(others)}"
+    return f"--cv {k}: every class needs at least {k} images, and {listed}; {fix}"
+
+
 def _make_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
-    if smallest < k:
-        raise RunError(f"--cv {k}: the smallest class has only {smallest} images; use --cv {max(2, smallest)}")
+    names, counts = np.unique(y, return_counts=True)
+    if counts.min() < k:
+        raise RunError(too_small_classes(dict(zip(names.tolist(), counts.tolist(), strict=True)), k))
     if groups is not None:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         return list(splitter.split(np.zeros(len(y)), y, groups))

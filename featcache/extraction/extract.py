@@ -41,7 +41,7 @@ from featcache.extraction.lean import CPU_BATCH_SIZE, EXPORTED_ENGINES, default_
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import plan
+from featcache.extraction.resume import cached_line, plan
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.writer import (
     ShardSink,
@@ -169,8 +169,7 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
     if cluster is not None:
         manifest["provenance"]["cluster"] = cluster.describe()
     if skipped:
-        reporter.info(f"{model.spec.name}: {skipped} of {len(source.records)} images already in the cache: "
-                      f"extracting the other {len(todo)}")
+        reporter.info(f"{model.spec.name}: {cached_line(source, entry_dir, todo)}")
     with disk_errors(entry_dir):
         if not (entry_dir / MANIFEST).exists():
             write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})

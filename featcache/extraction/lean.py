@@ -31,7 +31,7 @@ import numpy as np
 from featcache.data.images import Preprocess, apply_view
 from featcache.data.sources import ImageRecord, ImageSource
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import plan, read_item
+from featcache.extraction.resume import cached_line, plan, read_item
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.runtimes import export_intact, exported_forward, run_pipelined
 from featcache.extraction.writer import (
@@ -98,8 +98,7 @@ def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, op
         reporter.info(f"{manifest['backbone']}: {lean['engine']} runs its export compiled before "
                       f"({Path(lean['export']).name}), without PyTorch")
         if skipped:
-            reporter.info(f"{manifest['backbone']}: {skipped} of {len(source.records)} images already in the "
-                          f"cache: extracting the other {len(todo)}")
+            reporter.info(f"{manifest['backbone']}: {cached_line(source, entry_dir, todo)}")
         manifest = {**manifest, "dataset": source.name, "source": str(Path(source.location).resolve()),
                     "source_kind": source.kind,
                     "provenance": {**manifest["provenance"], "host": platform.node(),

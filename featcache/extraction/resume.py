@@ -72,3 +72,25 @@ def plan(source: ImageSource, entry_dir: Path, rehash: bool = False) -> tuple[li
         if not unchanged:
             todo.append(record)
     return todo, len(source.records) - len(todo)
+
+
+def failed_before(source: ImageSource, entry_dir: Path, todo: list[ImageRecord]) -> int:
+    """How many of the records that :func:`plan` does not redo failed when they were extracted (unreadable,
+    not an image): they count as done, but have no features."""
+    if not (entry_dir / MANIFEST).exists():
+        return 0
+    state, redo = CacheEntry(entry_dir).state(), {r.id for r in todo}
+    return sum(1 for r in source.records if r.id not in redo and r.id in state and state[r.id].failed is not None)
+
+
+def cached_line(source: ImageSource, entry_dir: Path, todo: list[ImageRecord]) -> str:
+    """``38 of 40 images cached, 1 failed at extraction (see `featcache verify`), 1 to extract``: what the
+    cache holds for ``source``, the failed images counted apart from the cached ones."""
+    failed = failed_before(source, entry_dir, todo)
+    total = len(source.records)
+    parts = [f"{total - len(todo) - failed} of {total} images cached"]
+    if failed:
+        parts.append(f"{failed} failed at extraction (unreadable or not an image; `featcache verify` lists them)")
+    if todo:
+        parts.append(f"{len(todo)} to extract")
+    return ", ".join(parts)

@@ -34,6 +34,22 @@ class Row:
     config: dict | None = None
     members: tuple[Path, ...] = ()  # an ensemble's runs, best first
     ensemble: str | None = None  # an ensemble's --ensemble spelling (top3, stack)
+    held_out: str = ""  # the held-out side's settings (test set, alignment, prediction sets): see held_out_label
+    conformal: dict | None = None  # with --conformal: metrics.json's out-of-fold coverage and set sizes
+    without_copies: dict | None = None  # scores without held-out images copied in training (metrics.json)
+
+
+def held_out_label(config: dict) -> str:
+    """What tells apart runs fit on the same folds: the test set they were scored on, its alignment and the
+    prediction sets (``test isic2018 (align moments), sets 0.9 class``); empty when a run has none of them."""
+    protocol = config.get("protocol", {})
+    parts = []
+    if config.get("test_ids_sha256"):
+        name = config.get("test_dataset") or f"#{config['test_ids_sha256'][:8]}"
+        parts.append(f"test {name} (align {protocol.get('test_align', 'none')})")
+    if protocol.get("conformal"):
+        parts.append(f"sets {protocol['conformal']:g} {protocol.get('conformal_mode', 'marginal')}")
+    return ", ".join(parts)
 
 
 def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = ()) -> str:
@@ -125,9 +141,17 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
         settings = _entry_settings(entry_of_run(run), entries)
         rows.append(Row(run, config["dataset"], config["backbone"], config["pool"],
                         head_label(config, settings["resize"], _entry_notes(settings)), protocol,
-                        result["n_images"], metrics, result.get("test"), config))
+                        _scored(result), metrics, result.get("test"), config,
+                        held_out=held_out_label(config), conformal=result.get("conformal"),
+                        without_copies=result.get("without_training_copies")))
         engines.append(settings["engine"])
     return _name_engines(rows, engines)
+
+
+def _scored(result: dict) -> int:
+    """How many images a run scored: all under CV, the test part of a single split (runs before n_scored:
+    from its split counts)."""
+    return result.get("n_scored") or (result.get("split_counts") or {}).get("test") or result["n_images"]
 
 
 def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
@@ -156,10 +180,11 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
             continue
         # runs whose test features were aligned differently are not combined: their test predictions differ
         key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"),
-               row.config.get("protocol", {}).get("test_align", "none"))
+               row.held_out)
         groups.setdefault(key, []).append(row)
     out = []
-    for (dataset, protocol, _, _, test_align), members in groups.items():
+    for (dataset, protocol, _, _, held_out), members in groups.items():
+        test_align = members[0].config.get("protocol", {}).get("test_align", "none")
         candidates = sorted(members, key=lambda r: -(r.metrics[metric].get("pooled") or 0.0))
         size = len(candidates) if stacking else int(spec[3:])
         members = candidates[:size]
@@ -220,7 +245,8 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
         label = f"stack of {len(members)}: {names}" if stacking else f"{spec}: {names}"
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
-                       len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec))
+                       len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec,
+                       held_out))
     return out
 
 
@@ -263,19 +289,20 @@ def _test_predictions(members: list[Row], classes: list[str], which: str) -> lis
 
 
 def unique_rows(rows: list[Row]) -> list[Row]:
-    """Each result once: runs that scored the same images under the same protocol with the same
-    numbers (the same fit kept in two cache entries) collapse to the newest; baselines, which do not
-    look at the features, appear once per dataset and protocol, with the backbone shown as '(any)'."""
+    """Each run once: only the same run (the same run id, so the same inputs, kept in two cache entries)
+    collapses, to the newest; baselines, which do not look at the features, appear once per dataset,
+    protocol and held-out setting, with the backbone shown as '(any)'. Runs that share their CV scores but
+    differ on the held-out side (test set, --test-align, --conformal) are different runs and all appear."""
     kept: dict[tuple, Row] = {}
     for row in sorted(rows, key=lambda r: r.run.stat().st_mtime if r.run.exists() else 0, reverse=True):
-        baseline = row.head.split(" (")[0] in BASELINE_HEADS
-        scores = tuple(round((row.metrics.get(m) or {}).get("pooled") or 0.0, 6) for m in MAIN_METRICS)
-        ids = (row.config or {}).get("ids_sha256")
-        key = (row.dataset, row.protocol, row.head, row.n_images, ids, scores) + (
-            () if baseline else (row.backbone, row.pool))
-        if key not in kept:
-            kept[key] = Row(row.run, row.dataset, "(any)", "–", row.head, row.protocol, row.n_images, row.metrics,
-                            row.test, row.config) if baseline else row
+        if row.head.split(" (")[0] in BASELINE_HEADS:
+            scores = tuple(round((row.metrics.get(m) or {}).get("pooled") or 0.0, 6) for m in MAIN_METRICS)
+            key = (row.dataset, row.protocol, row.head, row.n_images, (row.config or {}).get("ids_sha256"),
+                   row.held_out, scores)
+            row = replace(row, backbone="(any)", pool="–")
+        else:
+            key = (row.run.name,)
+        kept.setdefault(key, row)
     return list(kept.values())
 
 
@@ -347,11 +374,22 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
             saved = read_metrics(r.run).get("conformal", {})
             record |= {"conformal_level": conformal, "conformal_coverage": saved.get("coverage"),
                        "conformal_mean_set_size": saved.get("mean_set_size")}
-        record |= {"dataset": r.dataset, "protocol": r.protocol, "run": str(r.run), "backbone": r.backbone,
+        record |= {"dataset": r.dataset, "protocol": r.protocol, "held_out": r.held_out, "run": str(r.run),
+                   "backbone": r.backbone,
                    "pool": r.pool, "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS,
                    "n": r.n_images}
         records.append(record)
     return records
+
+
+def sets_text(sets: dict | None, level_from: dict | None = None) -> str:
+    """Prediction sets as a person reads them: ``0.903 at 0.90, 1.42 classes`` (``level_from``: the
+    out-of-fold record that holds the level, for a test record that does not)."""
+    if not sets:
+        return "–"
+    level = sets.get("level", (level_from or {}).get("level"))
+    target = f" at {level:.2f}" if level else ""
+    return f"{sets['coverage']:.3f}{target}, {sets['mean_set_size']:.2f} classes"
 
 
 def _fmt(entry: dict | None) -> str:
@@ -368,21 +406,39 @@ def _fmt_ci(entry: dict | None) -> str:
     return f"{entry['pooled']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
 
+HELD_OUT = "held-out settings"
+
+
 def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[str], list[list[str]]]:
-    header = ["dataset", "protocol", "backbone", "pool", "head", "n",
+    held_out = any(r.held_out for r in rows)
+    header = ["dataset", "protocol", *([HELD_OUT] if held_out else []), "backbone", "pool", "head", "n",
               f"{metric} pooled [95% CI]", f"{metric} (folds)", *[m for m in MAIN_METRICS if m != metric]]
     has_test = any(r.test for r in rows)
+    has_sets = any(r.conformal for r in rows)
+    has_copies = any(r.without_copies for r in rows)
+    if has_copies:
+        header.append("balanced_accuracy without held-out images copied in training [95% CI]")
+    if has_sets:
+        header.append("prediction sets: coverage, mean size")
     if has_test:
         header += ["test balanced_accuracy [95% CI]", "test auroc", "test unaligned balanced_accuracy",
                    "test shift (domain AUROC)"]
+        if has_sets:
+            header.append("test prediction sets: coverage, mean size")
     if paths:
         header.append("run folder")
     body = []
     for r in rows:
-        line = [r.dataset, r.protocol, r.backbone, r.pool,
+        line = [r.dataset, r.protocol, *([r.held_out or "–"] if held_out else []), r.backbone, r.pool,
                 r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
                 _fmt_ci(r.metrics.get(metric)), _fmt(r.metrics.get(metric)),
                 *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
+        if has_copies:
+            w = r.without_copies or {}
+            line.append(_fmt_ci({"pooled": w.get("balanced_accuracy"), "ci": (w.get("ci95") or {}).get(
+                "balanced_accuracy")}) + (f" (n {w['n_images']})" if w else ""))
+        if has_sets:
+            line.append(sets_text(r.conformal))
         if has_test:
             t = r.test or {}
             ci = t.get("ci95", {}).get("balanced_accuracy")
@@ -391,6 +447,8 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
                      f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–",
                      f"{unaligned['balanced_accuracy']:.3f}" if "balanced_accuracy" in unaligned else "–",
                      f"{shift['domain_auroc']:.2f}" if "domain_auroc" in shift else "–"]
+            if has_sets:
+                line.append(sets_text(t.get("conformal"), r.conformal))
         if paths:
             line.append(str(r.run))
         body.append(line)
@@ -458,7 +516,8 @@ def _shorten(text: str, width: int = 48) -> str:
 def rich_table(rows: list[Row], metric: str, paths: bool = False) -> Table:
     """On screen, columns that hold one value for every row move into the caption."""
     header, body = table_rows(rows, metric, paths)
-    constant = [i for i, name in enumerate(header[:2]) if len({line[i] for line in body}) == 1]
+    described = [i for i, name in enumerate(header) if name in ("dataset", "protocol", HELD_OUT)]
+    constant = [i for i in described if len({line[i] for line in body}) == 1]
     caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
     keep = [i for i in range(len(header)) if i not in constant]
     table = Table(title=f"featcache compare — ranked by {metric} (pooled)", caption=caption or None)

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import CacheError, FeatcacheError
-from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows
+from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows, sets_text
 from featcache.reporting.plots import confusion_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
@@ -106,6 +106,7 @@ th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-al
 th { background: #f3f3f3; } code { font-size: 0.9em; word-break: break-all; } .warn { color: #a33; }
 img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display: flex; flex-wrap: wrap; gap: 1em; }
 .pair img.figure { max-width: 48%; } .muted { color: #777; }
+.wide { overflow-x: auto; } .wide th { white-space: nowrap; overflow-wrap: normal; }
 """
 
 
@@ -122,8 +123,11 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.dataset, row.protocol), []).append(row)
+    runs_listed = [r for r in rows if r.config]
+    ensembles = len(rows) - len(runs_listed)
+    counted = f"{len(runs_listed)} runs" + (f" and {ensembles} ensemble(s) of them" if ensembles else "")
     body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p class='muted'>{len(rows)} runs &middot; made {_dt.datetime.now().isoformat(timespec='seconds')} by "
+            f"<p class='muted'>{counted} &middot; made {_dt.datetime.now().isoformat(timespec='seconds')} by "
             f"featcache {__version__} on {html.escape(platform.node())} ({html.escape(platform.platform())}, "
             f"Python {platform.python_version()})</p>"] + [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
     for (dataset_name, protocol), members in groups.items():
@@ -135,11 +139,16 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                         "sit on both sides of a split, and the scores may be optimistic.</p>")
         body.append(_img(png_base64(forest_png(shown, metric, f"{dataset_name} · {protocol}{more}")),
                          f"leaderboard {dataset_name}"))
+        if any(r.head.split(" (")[0] in BASELINE_HEADS for r in shown):
+            body.append("<p class='muted'>Grey rows are baselines that never look at the image: <em>majority</em> "
+                        "always answers the commonest training class and <em>stratified</em> guesses at the training "
+                        "class rates, so they sit at chance (the dashed line), or below it where a held-out part's "
+                        "commonest class is not the training set's.</p>")
         body.append(_leaderboard_table(shown, metric))
         for row in [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS][:best]:
             body.append(_best_run_section(row, metric))
-    body += ["<h2>Runs</h2>", _runs_table([r for r in rows if r.config]), "<h2>Provenance of the features</h2>",
-             _provenance(rows)]
+    body += ["<h2>Runs</h2>", _runs_table(runs_listed), "<h2>Provenance of the features</h2>",
+             "<div class='wide'>", _provenance(rows), "</div>"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path = Path(path)
@@ -152,15 +161,19 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
 
 
 def _leaderboard_table(rows: list[Row], metric: str) -> str:
-    has_test = any(r.test for r in rows)
-    header = ["#", "backbone / pool / head", f"{metric} [95% CI]", "folds mean ± std", "macro F1", "AUROC"]
+    has_test, has_sets = any(r.test for r in rows), any(r.conformal for r in rows)
+    held_out = any(r.held_out for r in rows)
+    header = ["#", "backbone / pool / head", *(["held-out settings"] if held_out else []), f"{metric} [95% CI]",
+              "folds mean ± std", "macro F1", "AUROC", *(["prediction sets: coverage, mean size"] if has_sets else [])]
     header += ["test balanced accuracy [95% CI]", "test unaligned", "test shift (domain AUROC)"] if has_test else []
+    header += ["test prediction sets"] if has_test and has_sets else []
     lines = []
     for rank, row in enumerate(rows, start=1):
         m = row.metrics.get(metric) or {}
         spread = f"{m['mean']:.3f} ± {m['std']:.3f}" if m.get("n_folds", 2) > 1 and "mean" in m else "(one split)"
-        cells = [str(rank), f"{row.backbone} / {row.pool} / {row.head}", _ci_text(m), spread,
-                 _ci_text(row.metrics.get("macro_f1")), _ci_text(row.metrics.get("auroc"))]
+        cells = [str(rank), f"{row.backbone} / {row.pool} / {row.head}", *([row.held_out or "–"] if held_out else []),
+                 _ci_text(m), spread, _ci_text(row.metrics.get("macro_f1")), _ci_text(row.metrics.get("auroc")),
+                 *([sets_text(row.conformal)] if has_sets else [])]
         if has_test:
             test = row.test or {}
             shift, unaligned = test.get("shift") or {}, test.get("unaligned") or {}
@@ -169,6 +182,7 @@ def _leaderboard_table(rows: list[Row], metric: str) -> str:
                       _ci_text({"pooled": unaligned.get("balanced_accuracy"),
                                 "ci": unaligned.get("ci95", {}).get("balanced_accuracy")}),
                       _ci_text({"pooled": shift.get("domain_auroc"), "ci": shift.get("domain_auroc_ci")})]
+            cells += [sets_text(test.get("conformal"), row.conformal)] if has_sets else []
         lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(lines)}</table>"
 
@@ -177,10 +191,14 @@ def _runs_table(rows: list[Row]) -> str:
     lines = []
     for row in rows:
         result = read_metrics(row.run)
-        warnings = "<br>".join(html.escape(w) for w in _warnings(result)) or "–"
+        found = _warnings(result)
+        warnings = (f"<td class='warn'>{'<br>'.join(html.escape(w) for w in found)}</td>" if found
+                    else "<td class='muted'>none</td>")
+        baseline = row.head.split(" (")[0] in BASELINE_HEADS
+        command = ("<span class='muted'>a baseline: it never looks at the image</span>" if baseline
+                   else f"<code>{html.escape(predict_command(row.run))}</code>")
         lines.append(f"<tr><td>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</td>"
-                     f"<td>{html.escape(result['protocol'])}</td><td class='warn'>{warnings}</td>"
-                     f"<td><code>{html.escape(str(row.run))}</code></td>"
-                     f"<td><code>{html.escape(predict_command(row.run))}</code></td></tr>")
+                     f"<td>{html.escape(result['protocol'])}</td>{warnings}"
+                     f"<td><code>{html.escape(str(row.run))}</code></td><td>{command}</td></tr>")
     return ("<table><tr><th>run</th><th>protocol</th><th>grouping / leakage warnings</th><th>folder</th>"
             f"<th>predict with it</th></tr>{''.join(lines)}</table>")

@@ -51,6 +51,7 @@ class Predictions:
     seeds: np.ndarray
     folds: np.ndarray
     groups: list[str]  # "" where the run had no groups
+    sets: list[str] | None = None  # with --conformal: each row's prediction set, `a|b` (oof: seed 0's rows)
 
     def group_array(self, rows: np.ndarray) -> np.ndarray | None:
         """The groups of the selected rows, or None when the run was not grouped."""
@@ -59,10 +60,15 @@ class Predictions:
 
 
 def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
-              oof_rows: list, test_rows: tuple | None = None) -> None:
-    """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, label, proba) tuples;
+              oof_rows: list, test_rows: tuple | None = None, sets: dict | None = None) -> None:
+    """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, group, label, proba) tuples;
     ``test_rows``: (ids, labels, proba) of the held-out set, or (ids, labels, proba, unaligned proba) when
-    the test features were aligned (``--test-align``). CSVs go through the csv module, so an
+    the test features were aligned (``--test-align``). ``sets`` (with ``--conformal``): ``column`` (e.g.
+    ``set_90``), ``oof`` (one set per seed-0 out-of-fold row, in order, judged as metrics.json's coverage
+    was) and ``test``, ``test_unaligned`` (one per held-out image), each set written as ``a|b``.
+
+    Probabilities are written in full (the shortest text that reads back as the same float), so every
+    score in metrics.json can be recomputed from these files exactly. CSVs go through the csv module, so an
     id holding a comma, a quote or a newline comes back as it was."""
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -75,23 +81,32 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
     write_json_atomic(tmp / CONFIG, config)
     save_model(tmp, model_payload)
     probability_columns = [f"p_{c}" for c in classes]
+    set_column = [sets["column"]] if sets else []
     with open(tmp / OOF, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["seed", "fold", "id", "group", "label", *probability_columns])
+        writer.writerow(["seed", "fold", "id", "group", "label", *probability_columns, *set_column])
+        oof_sets = iter(sets["oof"]) if sets else None
         for seed, fold, image_id, group, label, proba in oof_rows:
-            writer.writerow([seed, fold, image_id, group or "", label, *(f"{v:.6f}" for v in proba)])
+            chosen = [next(oof_sets) if seed == 0 else ""] if oof_sets is not None else []
+            writer.writerow([seed, fold, image_id, group or "", label, *map(_exact, proba), *chosen])
     if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
         ids, labels, *probas = test_rows
-        for name, proba_rows in zip((TEST, TEST_UNALIGNED), probas, strict=False):
+        for name, key, proba_rows in zip((TEST, TEST_UNALIGNED), ("test", "test_unaligned"), probas, strict=False):
+            chosen = sets[key] if sets else [None] * len(ids)
             with open(tmp / name, "w", newline="") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(["id", "label", *probability_columns])
-                for image_id, label, proba in zip(ids, labels, proba_rows, strict=True):
-                    writer.writerow([image_id, label, *(f"{v:.6f}" for v in proba)])
+                writer.writerow(["id", "label", *probability_columns, *set_column])
+                for image_id, label, proba, one in zip(ids, labels, proba_rows, chosen, strict=True):
+                    writer.writerow([image_id, label, *map(_exact, proba), *([one] if sets else [])])
     write_json_atomic(tmp / METRICS, result)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     os.replace(tmp, run_dir)
+
+
+def _exact(value: float) -> str:
+    """A probability as the shortest text that reads back as the same float (6 places lost ties and AUROC)."""
+    return repr(float(value))
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -110,15 +125,18 @@ def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
         reader = csv.reader(handle)
         header = next(reader)
         lines = list(reader)
-    first = 5 if which == "oof" else 2  # seed,fold,id,group,label,p_… or id,label,p_…
+    first = 5 if which == "oof" else 2  # seed,fold,id,group,label,p_… or id,label,p_… (then set_NN)
+    last = first + sum(1 for c in header[first:] if c.startswith("p_"))
+    sets = next((k for k, c in enumerate(header) if c.startswith("set_")), None)
     return Predictions(
         ids=[line[2] if which == "oof" else line[0] for line in lines],
         labels=np.array([line[first - 1] for line in lines]),
-        proba=np.array([[float(v) for v in line[first:]] for line in lines]).reshape(len(lines), -1),
-        classes=[c.removeprefix("p_") for c in header[first:]],
+        proba=np.array([[float(v) for v in line[first:last]] for line in lines]).reshape(len(lines), -1),
+        classes=[c.removeprefix("p_") for c in header[first:last]],
         seeds=np.array([int(line[0]) if which == "oof" else 0 for line in lines], dtype=np.int64),
         folds=np.array([int(line[1]) if which == "oof" else 0 for line in lines], dtype=np.int64),
-        groups=[line[3] if which == "oof" else "" for line in lines])
+        groups=[line[3] if which == "oof" else "" for line in lines],
+        sets=None if sets is None else [line[sets] for line in lines])
 
 
 def has_test_predictions(run_dir: Path, unaligned: bool = False) -> bool:
