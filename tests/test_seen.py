@@ -1,0 +1,264 @@
+"""Issue 33: what people see is what was measured (compare, files, messages, the notebook, the docs)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from typer.testing import CliRunner
+
+import featcache as fc
+from featcache.cli import app
+from featcache.errors import RunError
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.metrics import compute_metrics
+from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.runner import fit_head
+from featcache.options import OptionError
+from featcache.progress import Reporter
+from featcache.reporting.compare import select_rows, table_rows
+from featcache.store.runs import read_metrics, read_predictions
+
+from .conftest import DEMO
+from .fakes import FakeEntry
+
+runner = CliRunner()
+
+
+def _clinic(n: int, seed: int, scale: float = 1.0, offset: float = 0.0, ids: str = "a",
+            classes: tuple[str, ...] = ("mel", "nv")) -> LabeledFeatures:
+    rng = np.random.default_rng(seed)
+    y = np.array(classes)[np.arange(n) % len(classes)]
+    X = rng.normal(size=(n, 8)) + (y == classes[0])[:, None] * 1.2
+    return LabeledFeatures((X * scale + offset).astype(np.float32), y, None, None,
+                           [f"{ids}{k}" for k in range(n)], list(classes))
+
+
+def _fit(cache: Path, head: str = "logreg", test: LabeledFeatures | None = None, data: LabeledFeatures | None = None,
+         **protocol) -> Path:
+    entry = FakeEntry(cache / "clinic_a" / "test-ffffffffffffffff")
+    return fit_head(data or _clinic(120, 0), entry, head, "gap", Protocol(cv=3, **protocol), "clinic_a", test=test,
+                    jobs=1, test_name="clinic_b" if test is not None else None)
+
+
+def test_compare_shows_every_run_that_differs_only_on_the_held_out_side(tmp_path):
+    cache = tmp_path / "cache"
+    other = _clinic(80, 1, scale=2.0, offset=1.0, ids="b")
+    runs = {_fit(cache, test=other, test_align=a) for a in ("none", "moments", "coral")}
+    runs.add(_fit(cache, test=other, conformal=0.9))
+    runs.add(_fit(cache, test=other, conformal=0.9, conformal_mode="class"))
+    runs.add(_fit(cache))
+    assert len(runs) == 6
+    # the same CV scores for all six: before, compare kept one per score and hid the best test run
+    assert len({read_metrics(r)["pooled"]["balanced_accuracy"] for r in runs}) == 1
+    rows = select_rows(cache, "balanced_accuracy")
+    assert {r.run for r in rows} == runs
+    header, body = table_rows(rows, "balanced_accuracy")
+    settings = {line[header.index("held-out settings")] for line in body}
+    assert settings == {"–", "test clinic_b (align coral)", "test clinic_b (align moments)",
+                        "test clinic_b (align none)", "test clinic_b (align none), sets 0.9 class",
+                        "test clinic_b (align none), sets 0.9 marginal"}
+    # the same run kept in two entries (a copied entry) is the only thing that collapses
+    one = next(iter(runs))
+    shutil.copytree(one.parents[1], cache / "clinic_a" / "test-copy")
+    assert len(select_rows(cache, "balanced_accuracy")) == 6
+    page = fc.report(cache=cache, out=tmp_path / "report.html").read_text()
+    assert "6 runs &middot;" in page and page.count("<code>featcache predict --run") == 6
+
+
+def test_per_class_auroc_has_its_pooled_value_and_interval(tmp_path):
+    cache = tmp_path / "cache"
+    _fit(cache, data=_clinic(150, 0, classes=("mel", "nv", "bcc")))
+    rows = select_rows(cache, "auroc:nv")
+    header, body = table_rows(rows, "auroc:nv")
+    cell = body[0][header.index("auroc:nv pooled [95% CI]")]
+    pooled = read_metrics(rows[0].run)["pooled"]
+    assert cell == (f"{pooled['auroc:nv']:.3f} [{pooled['ci95']['auroc:nv'][0]:.3f}, "
+                    f"{pooled['ci95']['auroc:nv'][1]:.3f}]")
+    low, high = pooled["ci95"]["auroc:nv"]
+    assert low < pooled["auroc:nv"] < high
+
+
+def test_every_score_is_recomputable_from_the_files_written(tmp_path):
+    cache = tmp_path / "cache"
+    other = _clinic(80, 1, scale=2.0, offset=1.0, ids="b")
+    # equal to the last bit: six decimals (as written before) changed log-loss and Brier, and tied a saturated
+    # head's probabilities at 0.000000, which changed its AUROC
+    run = _fit(cache, test=other, test_align="moments", conformal=0.9)
+    metrics = read_metrics(run)
+    oof, test = read_predictions(run, "oof"), read_predictions(run, "test")
+    scored = compute_metrics(oof.labels, oof.proba, oof.classes)
+    for name in ("balanced_accuracy", "auroc", "auroc:mel", "log_loss", "brier", "ece"):
+        assert scored[name] == metrics["pooled"][name], name
+    mel = test.classes.index("mel")
+    assert roc_auc_score(test.labels == "mel", test.proba[:, mel]) == metrics["test"]["auroc"]
+    assert balanced_accuracy_score(test.labels, np.array(test.classes)[test.proba.argmax(1)]) == \
+        metrics["test"]["balanced_accuracy"]
+    # the prediction sets are in the files, and their coverage and size are metrics.json's
+    for which, record in ((oof, metrics["conformal"]), (test, metrics["test"]["conformal"]),
+                          (read_predictions(run, "test_unaligned"), metrics["test"]["unaligned"]["conformal"])):
+        sets = [s.split("|") if s else [] for s in which.sets]
+        assert np.mean([label in s for label, s in zip(which.labels, sets, strict=True)]) == record["coverage"]
+        assert np.mean([len(s) for s in sets]) == record["mean_set_size"]
+    with open(run / "test_predictions.csv", newline="") as handle:
+        assert next(csv.reader(handle))[-1] == "set_90"
+
+
+def test_prediction_sets_are_shown_and_uninformative_ones_said(tmp_path):
+    cache = tmp_path / "cache"
+    noise = _clinic(120, 0)
+    noise.X[:] = np.random.default_rng(3).normal(size=noise.X.shape)  # nothing to learn: sets of both classes
+    reporter = Reporter(quiet=True)
+    said = []
+    reporter.warn = said.append
+    run = fit_head(noise, FakeEntry(cache / "clinic_a" / "test-ffffffffffffffff"), "logreg", "gap",
+                   Protocol(cv=3, conformal=0.95), "clinic_a", jobs=1, reporter=reporter)
+    assert any("prediction sets hold" in w and "say little" in w for w in said), said
+    header, body = table_rows(select_rows(cache, "balanced_accuracy"), "balanced_accuracy")
+    saved = read_metrics(run)["conformal"]
+    assert body[0][header.index("prediction sets: coverage, mean size")] == \
+        f"{saved['coverage']:.3f} at 0.95, {saved['mean_set_size']:.2f} classes"
+
+
+def test_a_single_split_shows_the_images_it_scored_and_scores_without_training_copies(tmp_path):
+    from featcache.evaluation.leakage import DuplicatePairs
+
+    data = _clinic(120, 0)
+    data.splits = np.array(["test" if k % 4 < 2 else "train" for k in range(120)])
+    # test image 0 is a copy of training image 2, test image 4 of training image 6
+    data.duplicates = DuplicatePairs(np.array([0, 4]), np.array([2, 6]), np.array([1.0, 0.99], np.float32),
+                                     np.array([True, False]), 0.95, True)
+    run = _fit(tmp_path / "cache", data=data, split="official")
+    rows = select_rows(tmp_path / "cache", "balanced_accuracy")
+    assert rows[0].n_images == 60  # scored, not the 120 rows
+    without = read_metrics(run)["without_training_copies"]
+    assert without["n_images"] == 58 and without["n_left_out"] == 2
+    oof = read_predictions(run)
+    keep = ~np.isin(oof.ids, ["a0", "a4"])
+    assert without["balanced_accuracy"] == balanced_accuracy_score(
+        oof.labels[keep], np.array(oof.classes)[oof.proba[keep].argmax(1)])
+    header, body = table_rows(rows, "balanced_accuracy")
+    assert "(n 58)" in body[0][header.index("balanced_accuracy without held-out images copied in training [95% CI]")]
+
+
+def test_test_align_without_test_data_is_refused_before_any_work(tmp_path):
+    with pytest.raises(OptionError, match="test_align moments .* no test_data"):
+        fc.fit(tmp_path / "nowhere", test_align="moments", cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    out = runner.invoke(app, ["fit", "--data", str(tmp_path), "--test-align", "coral", "--cache", str(tmp_path)])
+    assert out.exit_code == 2 and "--test-data" in out.output
+
+
+def test_a_class_too_small_is_named_with_what_to_do():
+    from featcache.evaluation.splits import make_folds
+
+    y = np.array(["mel"] * 20 + ["nv"] * 20 + ["bcc"] * 10 + ["mell"])
+    with pytest.raises(RunError, match="'mell' has 1 image; a label typo\\? fix it .* --classes bcc,mel,nv"):
+        make_folds(y, None, 5, 0)
+    with pytest.raises(RunError, match="'bcc' has 3 images; use --cv 3, or leave it out with --classes mel,nv"):
+        make_folds(y[:43], None, 5, 0)
+
+
+def test_a_warning_is_said_once_and_a_checksum_column_is_no_group_hint(tmp_path, capsys):
+    from featcache.data.sources import open_source
+
+    reporter = Reporter()
+    for _ in range(3):
+        reporter.warn("domain shift: the same for every head")
+    assert capsys.readouterr().err.count("domain shift") == 1
+    image = next((DEMO / "images" / "nevus").glob("*.jpg"))
+    lines = ["path,label,md5"] + [f"{image},nv,{'ab' if k % 2 else 'cd'}{k // 4}" for k in range(40)]
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    assert open_source(tmp_path / "x.csv").suspect_group_columns == []
+
+
+def test_the_version_and_output_that_is_not_a_terminal_does_not_wrap(tmp_path):
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"featcache {fc.__version__}"
+    cache = tmp_path / "cache"
+    run = _fit(cache)
+    out = runner.invoke(app, ["compare", "--cache", str(cache), "--paths"])
+    assert out.exit_code == 0 and str(run) in out.output, out.output  # the whole path on one line
+
+
+def test_the_cache_line_counts_failed_images_apart(tmp_path):
+    from featcache.data.sources import open_source
+    from featcache.extraction.resume import cached_line, plan
+
+    folder = tmp_path / "f" / "nevus"
+    folder.mkdir(parents=True)
+    for src in sorted((DEMO / "images" / "nevus").glob("*.jpg"))[:3]:
+        shutil.copy(src, folder / src.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    fc.extract(tmp_path / "f", cache=tmp_path / "cache", quiet=True, engine="torch")
+    source = open_source(tmp_path / "f")
+    entry_dir = next((tmp_path / "cache").glob("f/*"))
+    todo = plan(source, entry_dir)[0]
+    assert cached_line(source, entry_dir, todo) == ("3 of 4 images cached, 1 failed at extraction (unreadable or "
+                                                    "not an image; `featcache verify` lists them)")
+
+
+@pytest.fixture
+def demo_run(tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "imgs"
+    for label in ("melanoma", "nevus"):
+        (folder / label).mkdir(parents=True)
+        for src in sorted((DEMO / "images" / label).glob("*.jpg"))[:12]:
+            shutil.copy(src, folder / label / src.name)
+    runs = fc.fit(folder, heads=["logreg", "knn"], cv=2, cache=tmp_path / "cache", quiet=True) \
+        if fc.extract(folder, cache=tmp_path / "cache", quiet=True) else None
+    return folder, runs
+
+
+@pytest.mark.slow
+def test_predict_never_overwrites_and_refusals_come_before_the_work(tmp_path, demo_run, monkeypatch):
+    folder, runs = demo_run
+    monkeypatch.chdir(tmp_path)
+    logreg, knn = (r.path for r in runs)
+    first = runner.invoke(app, ["predict", "--run", str(logreg), str(folder / "nevus")])
+    second = runner.invoke(app, ["predict", "--run", str(logreg), str(folder / "melanoma")])
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    assert "predictions.csv" in first.output and "predictions-2.csv" in second.output
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 13  # the first file is kept
+    again = runner.invoke(app, ["predict", "--run", str(logreg), "--out", "predictions.csv", str(folder)])
+    assert again.exit_code == 2 and "predictions.csv exists" in again.output
+    # a head without an ONNX form is refused before anything says it is exporting
+    out = runner.invoke(app, ["export", str(knn), "--out", str(tmp_path / "m.onnx")])
+    assert out.exit_code == 2 and "knn head does not export" in out.output and "exporting" not in out.output
+    assert not (tmp_path / "m.onnx").exists()
+    # too few test images to align: refused before the CV (no new run folder)
+    before = set((tmp_path / "cache").rglob("metrics.json"))
+    with pytest.raises(OptionError, match="24 images to score, too few"):
+        fc.fit(folder, heads=["mlp"], cv=2, cache=tmp_path / "cache", test_data=folder, test_align="moments",
+               quiet=True)
+    assert set((tmp_path / "cache").rglob("metrics.json")) == before
+
+
+@pytest.mark.slow
+def test_audit_lists_a_lone_class_and_label_conflicts_first(tmp_path):
+    folder = tmp_path / "imgs"
+    lines = ["path,label"]
+    for label in ("melanoma", "nevus"):
+        (folder / label).mkdir(parents=True)
+        for src in sorted((DEMO / "images" / label).glob("*.jpg"))[:12]:
+            shutil.copy(src, folder / label / src.name)
+            lines.append(f"{label}/{src.name},{label}")
+    # a typo (one image of 'nevsu') and a label conflict (a copy of a melanoma labelled nevus)
+    lines[5] = lines[5].replace(",melanoma", ",nevsu")
+    copied = lines[2].split(",")[0]
+    shutil.copy(folder / copied, folder / "nevus" / "copy.jpg")
+    lines.append("nevus/copy.jpg,nevus")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    fc.extract(folder, cache=tmp_path / "cache", quiet=True)
+    out = fc.audit(folder, heads=["logreg"], cv=3, cache=tmp_path / "cache", quiet=True, out=tmp_path / "audit")
+    with open(out / "label_issues.csv", newline="") as handle:
+        issues = list(csv.DictReader(handle))
+    assert [i["reason"].split(":")[0] for i in issues[:3]] == ["label conflict", "label conflict",
+                                                              "class 'nevsu' has only 1 image (fewer than the 3 folds)"]
+    assert {issues[0]["id"], issues[1]["id"]} == {copied, "nevus/copy.jpg"}
+    with open(out / "outliers.csv", newline="") as handle:
+        assert 0 <= float(next(csv.DictReader(handle))["percentile"]) <= 100
