@@ -53,7 +53,7 @@ def main() -> None:
     repeated = [dataclasses.replace(big[i % len(big)], id=f"copy{i // len(big)}/{big[i % len(big)].id}")
                 for i in range(args.images)]
     sources["600x450"] = dataclasses.replace(sources["600x450"], records=repeated)
-    lines = ["## Extraction engines (`--engine`) and the fast resampler (`--resampler torch`)", "",
+    lines = ["## Extraction engines (`--engine`) and the fast resampler (`--resampler torch`) {#engines}", "",
              f"`python benchmarks/{' '.join(['engines.py', *sys.argv[1:]])}`, "
              f"{torch.get_num_threads()} threads, random weights, img/s. Bare forward: each engine alone on "
              "pre-made batches (best of batch 8 and 32). Decode: the loader alone (read, SHA-256, decode, resize; "

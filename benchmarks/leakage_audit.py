@@ -66,7 +66,7 @@ def main() -> None:
     lesion_of = dict(zip([r.id for r in source.records], lesions, strict=True))
     row_lesions = np.array([lesion_of[i] for i in data.ids])
     total = same_lesion_pairs(row_lesions)
-    lines = ["## Leakage audit: same-lesion images found from the features alone", "",
+    lines = ["## Leakage audit: same-lesion images found from the features alone {#leakage-audit}", "",
              f"HAM10000 ({len(data.ids):,} images, {total:,} same-lesion image pairs), EfficientNet-Lite0 `gap` "
              "features, `lesion_id` hidden. A pair counts when the two images are byte-identical or their centred "
              "cosine similarity reaches the threshold (`featcache/leakage.py`). Made by "

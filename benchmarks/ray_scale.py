@@ -116,7 +116,7 @@ def main() -> None:
         "",
         "Checks: " + "; ".join(checks) + ".",
     ]
-    text = "## Ray (`--ray`): overhead and local scaling\n\n" + "\n".join(lines)
+    text = "## Ray (`--ray`): overhead and local scaling {#ray}\n\n" + "\n".join(lines)
     print(text)
     replace_block(REPO / "docs" / "benchmarks.md", "ray", text)
     cluster_shutdown()

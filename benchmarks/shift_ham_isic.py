@@ -48,7 +48,7 @@ def main() -> None:
     estimate = ", ".join(f"{c} {audit['prevalence_estimate'][c]:.2f} ({audit['prevalence_true'][c]:.2f})"
                          for c in audit["prevalence_estimate"])
     text = "\n".join([
-        "## Across clinics: HAM10000 -> ISIC 2018 test, shift audit and test alignment", "",
+        "## Across clinics: HAM10000 -> ISIC 2018 test, shift audit and test alignment {#across-clinics}", "",
         f"Command: `python benchmarks/shift_ham_isic.py --heads {args.heads} --align {args.align}` "
         "(EfficientNet-Lite0 gap, 5-fold lesion-grouped CV on HAM10000, refit on all of it, scored on the "
         "1,512 official test images).", "",

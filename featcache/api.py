@@ -1,6 +1,6 @@
 """featcache's Python API: extract features once, fit heads honestly, compare, report.
 
-Every function takes its options as keywords declared once in :mod:`featcache.options` (the CLI flags
+Every function takes its options as keywords declared once in ``featcache.options`` (the CLI flags
 and the study-file keys come from the same declarations), checks them where they enter, and returns
 typed results. The ``featcache`` command is a thin layer over these functions.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError, RunError
-from featcache.options import BY_NAME, Option, OptionError, options_for
+from featcache.options import BY_NAME, DOOR, Option, OptionError, options_for, python_spelling
 from featcache.progress import Reporter
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ def _annotation(option: Option, command: str) -> str:
     kind = "str" if isinstance(option.kind, type) and issubclass(option.kind, Enum) else _PY_TYPES[option.kind]
     if option.name == "views":
         kind = "int"
+    if option.cli_kind is str and kind != "str":  # a number or a word (ensemble: 3 or "stack")
+        kind = f"{kind} | str"
     if option.multiple:
         kind = f"Sequence[{kind}] | str"
     elif kind == "str" and option.name in ("data", "test_data", "images", "cache", "norm_from"):
@@ -91,6 +93,10 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
                                   annotation=_annotation(o, command))
                 for o in declared]
         made.sort(key=lambda p: positional.index(p.name) if p.name in positional else len(positional))
+        # a CLI alias is a keyword too, with the same meaning (--no-groups: no_groups=True is groups="none")
+        aliases = {o.alias[0][2:].replace("-", "_"): o for o in declared if o.alias}
+        made += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+                 for name in aliases]
         params = [p for p in made + own if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         params += [p for p in made + own if p.kind is inspect.Parameter.KEYWORD_ONLY]
         signature = inspect.Signature(params, return_annotation=inspect.signature(func).return_annotation)
@@ -103,20 +109,40 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
                                   f"{', '.join(signature.parameters)}") from None
             bound.apply_defaults()
             values = dict(bound.arguments)
-            for option in declared:
-                values[option.name] = option.checked(values[option.name], f"{option.name}=", command)
-            return func(**values)
+            try:
+                for name, option in aliases.items():
+                    if _flag_value(values.pop(name), name):
+                        value, given = option.alias[1], values[option.name]
+                        if given not in (None, option.default, value):
+                            raise OptionError(f"{name}=True contradicts {option.name}={given!r}; give one")
+                        values[option.name] = value
+                python = DOOR.get() == "python"
+                for option in declared:
+                    values[option.name] = option.checked(values[option.name], f"{option.name}=" if python else None,
+                                                         command)
+                return func(**values)
+            except FeatcacheError as exc:  # from Python, an error names keywords, not the CLI's flags
+                if DOOR.get() == "python" and exc.args and isinstance(exc.args[0], str):
+                    exc.args = (python_spelling(exc.args[0]), *exc.args[1:])
+                raise
 
         # the made signature is the whole truth (no __wrapped__: tools would show **options instead)
         call.__signature__ = signature  # type: ignore[attr-defined]
         call.__name__, call.__qualname__, call.__module__ = func.__name__, func.__qualname__, func.__module__
-        section = "\n".join(f"{o.name} : {_doc_type(o, command)}\n    {o.help}" for o in declared)
+        section = "\n".join([f"{o.name} : {_doc_type(o, command)}\n    {o.help}" for o in declared]
+                            + [f"{name} : bool, default False\n    {o.alias[2]}" for name, o in aliases.items()])
         doc = inspect.cleandoc(func.__doc__ or "")
         marker = "Parameters\n----------\n"
         call.__doc__ = doc.replace(marker, marker + section + "\n", 1)
         return call
 
     return wrap
+
+
+def _flag_value(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name}={value!r}: expected True or False")
+    return value
 
 
 def _reporter(quiet: bool, reporter: Reporter | None) -> Reporter:
@@ -289,12 +315,12 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     o = options
     reporter = _reporter(o["quiet"], reporter)
     if o["groups"] == "near-duplicates" and o["group_col"]:
-        raise OptionError("groups near-duplicates contradicts group_col (--group-col); give one")
+        raise OptionError("--groups near-duplicates contradicts --group-col; give one")
     if o["groups"] == "none" and o["group_col"]:
-        raise OptionError("groups none (--no-groups) contradicts group_col (--group-col); give one")
+        raise OptionError("--no-groups contradicts --group-col; give one")
     if o["test_align"] != "none" and not o["test_data"]:
-        raise OptionError(f"test_align {o['test_align']} (--test-align) aligns a held-out set's features, and no "
-                          "test_data (--test-data) is given: add the other clinic's images, or drop test_align")
+        raise OptionError(f"--test-align {o['test_align']} aligns a held-out set's features, and no --test-data is "
+                          "given: add the other clinic's images, or drop --test-align")
     if o["engine"] == "auto":
         raise OptionError("engine auto names no entry: give the engine the entry was extracted with (torch, "
                           "onnxruntime or openvino; `featcache extract` says which auto took)")
@@ -322,9 +348,9 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
 
             scored = sum(label_counts(test_source, o["label_map"], ",".join(o["classes"] or ())).values())
             if scored < MIN_ALIGN_IMAGES:  # refused now, not after the whole CV
-                raise OptionError(f"test_align {o['test_align']} (--test-align): {test_source.location} has "
+                raise OptionError(f"--test-align {o['test_align']}: {test_source.location} has "
                                   f"{scored} images to score, too few to estimate their statistics (at "
-                                  f"least {MIN_ALIGN_IMAGES}); give a larger test set, or drop test_align")
+                                  f"least {MIN_ALIGN_IMAGES}); give a larger test set, or drop --test-align")
         test_entries = [find_or_extract_like(root, test_source, e, reporter) for e in entries]
     entry, test_entry = entries[0], test_entries[0] if test_entries else None
     if len(entries) > 1:  # backbone a+b: their features side by side
@@ -354,7 +380,7 @@ def _track(runs: list[Path], root: Path, mlflow: bool, uri: str | None, reporter
 
 @dataclass(frozen=True)
 class Run:
-    """A finished run folder written by :func:`fit`: its scores, its out-of-fold predictions and a
+    """A finished run folder written by ``fit``: its scores, its out-of-fold predictions and a
     model that predicts new images.
 
     Attributes
@@ -452,8 +478,38 @@ class Run:
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
         score = pooled.get("balanced_accuracy")
-        return (f"Run({self.head} on {self.config['backbone']}/{self.config['pool']}, "
-                f"balanced_accuracy {score:.3f}, {self.path})" if score is not None else f"Run({self.path})")
+        ci = pooled.get("ci95", {}).get("balanced_accuracy")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        return (f"Run({self.head} on {self.config['backbone']}/{self.config['pool']}, balanced_accuracy "
+                f"{score:.3f}{interval}, {self.metrics['protocol']}, {self.path})" if score is not None
+                else f"Run({self.path})")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from featcache.reporting.compare import held_out_label, sets_text
+
+        m = self.metrics
+        pooled = m["pooled"]
+        facts = [("model", f"{self.config['backbone']} / {self.config['pool']} / {self.head}"),
+                 ("protocol", m["protocol"]), ("images scored", str(m.get("n_scored", m["n_images"])))]
+        for name in ("balanced_accuracy", "macro_f1", "auroc", "accuracy"):
+            if pooled.get(name) is not None:
+                ci = pooled.get("ci95", {}).get(name)
+                facts.append((name, f"{pooled[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")))
+        if held_out_label(self.config):
+            facts.append(("held-out settings", held_out_label(self.config)))
+        test = m.get("test") or {}
+        if test.get("balanced_accuracy") is not None:
+            ci = test.get("ci95", {}).get("balanced_accuracy")
+            facts.append(("test balanced_accuracy", f"{test['balanced_accuracy']:.3f}"
+                          + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")))
+        if m.get("conformal"):
+            facts.append(("prediction sets", sets_text(m["conformal"])))
+        facts.append(("folder", str(self.path)))
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{html.escape(v)}</td>"
+                       "</tr>" for k, v in facts)
+        return f"<table><caption>featcache run</caption>{rows}</table>"
 
 
 for _name in ("test_align", "align_from", "trust_pickle"):
@@ -464,7 +520,7 @@ def _prediction_options(run: Path, images: str | os.PathLike | Sequence[str | os
                         cache: str | os.PathLike | None, weights: str | None, group_col: str | None,
                         image_col: str | None, test_align: str, align_from: str | os.PathLike | None,
                         trust_pickle: bool) -> tuple[list[str], Path, dict]:
-    """What :meth:`Run.predict` and :meth:`Ensemble.predict` take, checked: the inputs, the cache root (default:
+    """What ``Run.predict`` and ``Ensemble.predict`` take, checked: the inputs, the cache root (default:
     the run's own) and the keywords of the prediction functions."""
     from featcache.store.naming import cache_root_of_run
 
@@ -508,7 +564,7 @@ class Ensemble:
                 image_col: str | None = None,
                 test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
                 quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
-        """Class probabilities for new images: every member predicts them (see :meth:`Run.predict`, whose
+        """Class probabilities for new images: every member predicts them (see ``Run.predict``, whose
         keywords these are), then they are averaged or stacked. Returns a row per image, indexed by id:
         ``predicted``, ``p_<class>`` per class, ``group`` and ``failed``."""
         from featcache.evaluation.predict import predict_ensemble_frame
@@ -529,7 +585,7 @@ def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | No
     Parameters
     ----------
     study : path or dict
-        The study file (TOML), or its content as given to :func:`run_study`.
+        The study file (TOML), or its content as given to ``run_study``.
     cache : path, optional
         The cache root the study ran in (default ./cache, or $FEATCACHE_CACHE).
 
@@ -578,12 +634,12 @@ def _predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """A finished run folder as a :class:`Run` (its ``metrics``, ``oof`` and ``predict``).
+    """A finished run folder as a ``Run`` (its ``metrics``, ``oof`` and ``predict``).
 
     Parameters
     ----------
     path : path
-        A run folder written by :func:`fit` (``featcache compare --paths`` lists them).
+        A run folder written by ``fit`` (``featcache compare --paths`` lists them).
 
     Returns
     -------
@@ -639,7 +695,31 @@ class Comparison:
         yield self.table()
 
     def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–")
+        """The CLI's table in Jupyter: intervals as ``0.511 [0.338, 0.634]``, columns with one value for
+        every row in the caption."""
+        import html
+
+        from featcache.reporting.compare import table_parts
+
+        if not self.rows:
+            return "<p>featcache compare: no finished runs match</p>"
+        header, body, caption = table_parts(self.rows, self.metric)
+        head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
+        lines = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in line) + "</tr>"
+                        for line in body)
+        title = f"featcache compare — ranked by {self.metric} (pooled)" + (f"; {caption}" if caption else "")
+        return f"<table><caption>{html.escape(title)}</caption><tr>{head}</tr>{lines}</table>"
+
+    def __repr__(self) -> str:
+        from featcache.reporting.compare import table_parts
+
+        if not self.rows:
+            return "Comparison(no runs)"
+        header, body, caption = table_parts(self.rows, self.metric)
+        widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
+        return "\n".join([f"featcache compare — ranked by {self.metric} (pooled)" + (f"; {caption}" if caption else ""),
+                          *lines])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -659,7 +739,7 @@ def compare(data: str | os.PathLike | None = None, *, backbone: str | None = Non
     head : str, optional
         Only these heads (a comma list).
     runs : sequence of paths, optional
-        Only these run folders (e.g. the :attr:`Run.path` of what :func:`fit` returned).
+        Only these run folders (e.g. the ``Run.path`` of what ``fit`` returned).
 
     Returns
     -------
@@ -699,8 +779,6 @@ def report(data: str | os.PathLike | None = None, *, out: str | os.PathLike | No
     ----------
     data : path, optional
         Only runs on this source (default: every run in the cache).
-    heads : sequence of str or a comma-separated str, default ('logreg', 'mlp')
-        The heads whose out-of-fold probabilities are averaged.
     out : path, optional
         Where to write the page (default: ``<cache>/report.html``).
     runs : sequence of paths, optional
@@ -761,7 +839,7 @@ def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx
     Parameters
     ----------
     run : path or Run
-        A run folder written by :func:`fit`.
+        A run folder written by ``fit``.
     out : path, default 'model.onnx'
         The file to write.
     weights : str, optional
@@ -788,7 +866,7 @@ def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx
 def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                  group_col: str | None = None, image_col: str | None = None, quiet: bool = True,
                  reporter: Reporter | None = None) -> pd.DataFrame:
-    """Class probabilities for new images from a file written by :func:`export`, with ONNX Runtime and
+    """Class probabilities for new images from a file written by ``export``, with ONNX Runtime and
     featcache's image preprocessing only.
 
     Parameters
@@ -825,7 +903,7 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     near-identical images, and outliers, with a page that shows each suspect.
 
     The out-of-fold probabilities are the mean of ``heads`` fit under the same grouped, stratified
-    cross-validation as :func:`fit` (the runs are kept and reused); suspected label errors are found by
+    cross-validation as ``fit`` (the runs are kept and reused); suspected label errors are found by
     confident learning (cleanlab) on them. Two different heads find more flipped labels than either alone
     (HAM10000, 5 % flipped: 53 % of them in the top 2x with logistic regression, 60 % with it and the MLP).
 
@@ -901,7 +979,7 @@ def run_study(study: str | os.PathLike | dict | Study, *, dry_run: bool = False,
     ----------
     study : path, dict or Study
         A study file (TOML), its content as a dict (paths relative to the working folder), or a
-        checked :class:`~featcache.study.Study`.
+        checked ``Study``.
     dry_run : bool, default False
         Only plan: what would run and what the cache already holds.
     reporter : Reporter, optional

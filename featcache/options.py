@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
@@ -197,10 +198,10 @@ class Option:
         if self.multiple:
             items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
             if not isinstance(items, list | tuple) or not all(isinstance(i, str | Enum) for i in items):
-                raise OptionError(f"{label} = {value!r}: expected a list of names ({self.help})")
+                raise OptionError(f"{_given(label, value, True)}: expected a list of names ({self.help})")
             items = [i.value if isinstance(i, Enum) else i.strip() for i in items]
             if not all(items) or (not items and self.default):
-                raise OptionError(f"{label} = {value!r}: expected a non-empty list of names ({self.help})")
+                raise OptionError(f"{_given(label, value, True)}: expected a non-empty list of names ({self.help})")
             value = tuple(self._one(i, label) for i in items)
         else:
             value = self._one(value, label)
@@ -209,6 +210,8 @@ class Option:
                 value = self.check(value)
             except (ValueError, FeatcacheError) as exc:
                 text = str(exc)
+                if text.startswith(self.cli_flag) and label != self.cli_flag:  # the check spoke in CLI terms
+                    text = python_spelling(text)
                 raise OptionError(text if text.startswith(("--", label)) else f"{label}: {text}") from None
         return value
 
@@ -220,11 +223,11 @@ class Option:
                 raw = str(raw)  # views = 4 in a study or from Python
             valid = [c.value for c in kind]
             if raw not in valid:
-                raise OptionError(f"{label} {value!r}: not a valid value; choose one of {', '.join(valid)}")
+                raise OptionError(f"{_given(label, value, True)}: not a valid value; choose one of {', '.join(valid)}")
             return self.parse(raw) if self.parse else str(raw)
         if kind is bool:
             if not isinstance(value, bool):
-                raise OptionError(f"{label} = {value!r}: expected true or false ({self.help})")
+                raise OptionError(f"{_given(label, value, True)}: expected true or false ({self.help})")
             return value
         if kind is int and isinstance(value, str) and self.check is not None:
             return value  # a spelling that only the check knows (--ensemble top3)
@@ -232,17 +235,61 @@ class Option:
             numeric = (int,) if kind is int else (int, float)
             if isinstance(value, bool) or not isinstance(value, numeric):
                 what = "a whole number" if kind is int else "a number"
-                raise OptionError(f"{label} = {value!r}: expected {what} ({self.help})")
+                raise OptionError(f"{_given(label, value, True)}: expected {what} ({self.help})")
             if self.minimum is not None and value < self.minimum:
-                raise OptionError(f"{label} {value}: must be at least {self.minimum:g}")
+                raise OptionError(f"{_given(label, value)}: must be at least {self.minimum:g}")
             if self.maximum is not None and value > self.maximum:
-                raise OptionError(f"{label} {value}: must be at most {self.maximum:g}")
+                raise OptionError(f"{_given(label, value)}: must be at most {self.maximum:g}")
             return kind(value)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
-            raise OptionError(f"{label} = {value!r}: expected a string ({self.help})")
+            raise OptionError(f"{_given(label, value, True)}: expected a string ({self.help})")
         return value
+
+
+def _given(label: str, value: Any, quoted: bool = False) -> str:
+    """A value as it was given: ``--cv 1`` on the command line, ``cv=1`` in Python, ``[fit] cv = 1`` in a study."""
+    shown = repr(value) if quoted else str(value)
+    if label.endswith("="):
+        return f"{label}{shown}"
+    return f"{label} = {shown}" if label.startswith("[") or "]" in label else f"{label} {shown}"
+
+
+# Which door a call came through: the command line says so (featcache.cli); errors met on a call from Python
+# name keywords (group_col=NAME), not the flags (--group-col NAME) that deeper code writes.
+DOOR: ContextVar[str] = ContextVar("featcache_door", default="python")
+_PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z_|]*|\d[\w.]*|'[^']*'|\S*[/.\d_+:|,]\S*)$")
+
+
+def python_spelling(text: str) -> str:
+    """``text`` with every CLI flag of featcache written as its Python keyword: ``--cv 2`` -> ``cv=2``,
+    ``--group-col NAME`` -> ``group_col=NAME``, ``--no-groups`` -> ``no_groups=True``, ``--tune`` ->
+    ``tune=True``; a flag followed by a word, not a value, becomes the bare keyword (``test_data``)."""
+    spellings: list[tuple[str, Option, Any]] = []
+    for option in OPTIONS:
+        if option.alias:
+            spellings.append((option.alias[0], option, "alias"))
+        if option.kind is bool and option.default:
+            spellings.append((f"--no-{option.cli_flag[2:]}", option, False))
+        spellings.append((option.cli_flag, option, None))
+    spellings.sort(key=lambda item: -len(item[0]))
+    for flag, option, fixed in spellings:
+        def spoken(match: re.Match, option: Option = option, fixed: Any = fixed) -> str:
+            value, tail = re.fullmatch(r"(.*?)([,.:]*)", match.group(1) or "").groups()
+            rest = (f" {value}" if value else "") + tail
+            if fixed == "alias":
+                return f"{option.alias[0][2:].replace('-', '_')}=True{rest}"
+            if fixed is False or option.kind is bool:
+                return f"{option.name}={fixed is not False}{rest}"
+            enum = isinstance(option.kind, type) and issubclass(option.kind, Enum)
+            choices = [c.value for c in option.kind] if enum else []
+            # a value: one of the choices, a placeholder or number, or the word an error is about (`--head knnn:`)
+            if value and (value in choices or _PLACEHOLDER.match(value) or tail.startswith(":")):
+                return f"{option.name}={value!r}{tail}" if value in choices else f"{option.name}={value}{tail}"
+            return option.name + rest
+        text = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])(?:[ =]([^\s;)]+))?", spoken, text)
+    return text
 
 
 def _filters(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -266,7 +313,7 @@ def _heads(value: tuple[str, ...]) -> tuple[str, ...]:
 def _metric(value: str) -> str:
     if value in [m.value for m in Metric] or (value.startswith("auroc:") and len(value) > 6):
         return value
-    raise ValueError(f"{value!r}: choose one of {', '.join(m.value for m in Metric)}, or auroc:<class>")
+    raise ValueError(f"{value!r}: choose one of {', '.join(m.value for m in Metric)}, or `auroc:<class>`")
 
 
 def _ensemble(value: int | str) -> str:
@@ -403,7 +450,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),
     # --- comparing and reporting (the study's [compare] and [report] tables) ---
     Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
-           "auroc:<class> (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
+           "`auroc:<class>` (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
     Option("ensemble", int, None, "Add an ensemble to each comparable group of runs (scored on the same "
            "out-of-fold predictions): N (or topN) soft-votes the N best, chosen for each fold on the other folds; "
            "`stack` fits a logistic regression on all runs' out-of-fold probabilities, nested in their folds. On "

@@ -146,7 +146,7 @@ def test_a_single_split_shows_the_images_it_scored_and_scores_without_training_c
 
 
 def test_test_align_without_test_data_is_refused_before_any_work(tmp_path):
-    with pytest.raises(OptionError, match="test_align moments .* no test_data"):
+    with pytest.raises(OptionError, match="test_align='moments' aligns .* and no test_data is given"):
         fc.fit(tmp_path / "nowhere", test_align="moments", cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     out = runner.invoke(app, ["fit", "--data", str(tmp_path), "--test-align", "coral", "--cache", str(tmp_path)])
@@ -262,3 +262,57 @@ def test_audit_lists_a_lone_class_and_label_conflicts_first(tmp_path):
     assert {issues[0]["id"], issues[1]["id"]} == {copied, "nevus/copy.jpg"}
     with open(out / "outliers.csv", newline="") as handle:
         assert 0 <= float(next(csv.DictReader(handle))["percentile"]) <= 100
+
+
+def test_python_keywords_equal_the_flags_and_errors_name_the_keyword(tmp_path):
+    import inspect
+
+    assert "no_groups" in inspect.signature(fc.fit).parameters and "no_groups : bool" in fc.fit.__doc__
+    with pytest.raises(OptionError, match="no_groups=True contradicts group_col; give one"):
+        fc.fit(tmp_path, no_groups=True, group_col="patient")
+    with pytest.raises(OptionError, match="^heads=knnn: unknown"):
+        fc.fit(tmp_path, heads="knnn")
+    with pytest.raises(OptionError, match="^cv=1: must be at least 2"):
+        fc.fit(tmp_path, cv=1)
+    # the command line still names its flags
+    out = runner.invoke(app, ["fit", "--data", str(tmp_path), "--head", "knnn"])
+    assert out.exit_code == 2 and "--head knnn" in out.output
+
+
+def test_entry_run_and_comparison_show_themselves_as_people_read_them(tmp_path):
+    cache = tmp_path / "cache"
+    run = fc.load_run(_fit(cache))
+    comparison = fc.compare(cache=cache)
+    page = comparison._repr_html_()
+    score = read_metrics(run.path)["pooled"]
+    shown = f"{score['balanced_accuracy']:.3f} [{score['ci95']['balanced_accuracy'][0]:.3f}, " \
+            f"{score['ci95']['balanced_accuracy'][1]:.3f}]"
+    assert shown in page and "ci_low" not in page and "<caption>" in page and "protocol: 3-fold" in page
+    assert shown in repr(comparison) and "Row(" not in repr(comparison)
+    assert shown in run._repr_html_() and shown in repr(run)
+
+
+@pytest.mark.slow
+def test_the_readme_python_quick_start_in_a_notebook_shows_progress_and_no_warnings(tmp_path):
+    import re
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .conftest import REPO, SHARED, shared
+
+    shared("ham70")
+    block = re.search(r"## Quick start: Python\n\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    code = block.group(1).replace("../shared/data", str(SHARED)).replace('cache="c"', f'cache="{tmp_path / "c"}"')
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(line) for line in re.split(r"\n(?=\S)", code.strip())]
+    NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+    outputs = [o for cell in notebook.cells for o in cell.outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)  # progress
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    # no third-party noise (Python warnings, rich's "install ipywidgets"); featcache's own findings, once each
+    assert not re.search(r"\w+Warning\b|warnings\.warn|ipywidgets", text), text
+    own = re.findall(r"warning:\S* (.{40})", text)
+    assert len(own) == len(set(own)), own
+    shown = [o["data"]["text/html"] for o in outputs if "featcache compare" in str(o.get("data", {}).get("text/html"))]
+    assert shown and re.search(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", shown[0]) and "ci_low" not in shown[0]

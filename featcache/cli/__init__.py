@@ -21,7 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup, TyperOption
 
 from featcache.errors import FeatcacheError
-from featcache.options import BY_NAME, Option, options_for
+from featcache.options import BY_NAME, DOOR, Option, options_for
 from featcache.progress import make_console
 
 
@@ -30,6 +30,7 @@ class _PeopleErrors(TyperGroup):
     interrupted extraction), in the installed command and under typer's test runner alike."""
 
     def invoke(self, ctx: click.Context):
+        DOOR.set("cli")  # errors name the flags given here
         try:
             return super().invoke(ctx)
         except FeatcacheError as exc:

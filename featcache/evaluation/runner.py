@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,11 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
 from featcache.evaluation.shift import align, shift_audit, shift_warning
 from featcache.evaluation.splits import split_plan
+
+# loky says this when a fold worker it keeps between heads was stopped by its idle timeout; every task's result
+# came back all the same, so it is noise under fit's output, not a problem the user can act on
+warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given to the executor",
+                        category=UserWarning)
 
 
 def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout | None = None,

@@ -513,16 +513,23 @@ def _shorten(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def rich_table(rows: list[Row], metric: str, paths: bool = False) -> Table:
-    """On screen, columns that hold one value for every row move into the caption."""
+def table_parts(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[str], list[list[str]], str]:
+    """The table as a person reads it (terminal, Jupyter and text alike): columns that hold one value for every
+    row (dataset, protocol, held-out settings) move into the caption."""
     header, body = table_rows(rows, metric, paths)
     described = [i for i, name in enumerate(header) if name in ("dataset", "protocol", HELD_OUT)]
     constant = [i for i in described if len({line[i] for line in body}) == 1]
     caption = "; ".join(f"{header[i]}: {body[0][i]}" for i in constant)
     keep = [i for i in range(len(header)) if i not in constant]
+    return [header[i] for i in keep], [[line[i] for i in keep] for line in body], caption
+
+
+def rich_table(rows: list[Row], metric: str, paths: bool = False) -> Table:
+    """On screen, columns that hold one value for every row move into the caption."""
+    header, body, caption = table_parts(rows, metric, paths)
     table = Table(title=f"featcache compare — ranked by {metric} (pooled)", caption=caption or None)
-    for i in keep:
-        table.add_column(header[i], overflow="fold")
+    for name in header:
+        table.add_column(name, overflow="fold")
     for line in body:
-        table.add_row(*[line[i] for i in keep])
+        table.add_row(*line)
     return table

@@ -310,6 +310,26 @@ class CacheEntry:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    def _facts(self) -> list[tuple[str, str]]:
+        m = self.manifest
+        state = self.state() if self.shard_paths() else {}
+        failed = sum(1 for s in state.values() if s.failed is not None)
+        return [("backbone", m["backbone"]), ("dataset", m["dataset"]),
+                ("images", f"{len(state) - failed}" + (f" ({failed} failed)" if failed else "")
+                 + ("" if m.get("complete", True) else ", incomplete")),
+                ("poolings", ", ".join(f"{p} ({m.get('dims', {}).get(p, '?')})" for p in self.pools)),
+                ("views", str(self.views)), ("fingerprint", self.fingerprint), ("folder", str(self.path))]
+
+    def __repr__(self) -> str:
+        return "Entry(" + ", ".join(f"{k}={v}" for k, v in self._facts()) + ")"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{html.escape(v)}</td>"
+                       "</tr>" for k, v in self._facts())
+        return f"<table><caption>featcache entry</caption>{rows}</table>"
+
     @property
     def pools(self) -> tuple[str, ...]:
         return tuple(self.manifest["pools"])
