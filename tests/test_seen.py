@@ -316,3 +316,13 @@ def test_the_readme_python_quick_start_in_a_notebook_shows_progress_and_no_warni
     assert len(own) == len(set(own)), own
     shown = [o["data"]["text/html"] for o in outputs if "featcache compare" in str(o.get("data", {}).get("text/html"))]
     assert shown and re.search(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", shown[0]) and "ci_low" not in shown[0]
+
+
+def test_predict_onnx_with_test_align_is_refused_before_the_heavy_imports(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom featcache.cli import app\ntry:\n    app(['predict', '--onnx', 'm.onnx', '--test-align', "
+            "'moments', '.'])\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert "exit 2 False" in done.stdout and "--test-align" in done.stderr, done.stdout + done.stderr

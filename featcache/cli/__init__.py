@@ -244,7 +244,6 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
     Example: `featcache predict --run cache/…/runs/logreg-gap-… new_images/`
     """
     from featcache import api
-    from featcache.evaluation.predict import write_predictions
 
     if out is None:  # never over an earlier prediction: the next free name
         out = next(p for k in range(1, 100_000) if not (p := Path("predictions.csv" if k == 1 else
@@ -287,6 +286,8 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
                               group_col=group_col, image_col=image_col, quiet=options["quiet"],
                               test_align=options["test_align"], align_from=options["align_from"],
                               trust_pickle=options["trust_pickle"])
+    from featcache.evaluation.predict import write_predictions  # after every check: it imports the whole stack
+
     _print(f"predictions written to {write_predictions(frame, out)}")
 
 

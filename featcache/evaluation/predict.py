@@ -238,7 +238,8 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
 
 
 def write_predictions(frame: pd.DataFrame, out: Path) -> Path:
-    """``predictions.csv``: a row per image (probabilities to 6 places); an image that failed says
+    """``predictions.csv``: a row per image (probabilities in full: the shortest text that reads back as the same
+    float); an image that failed says
     ``FAILED: <why>`` in the ``predicted`` column."""
     classes = [c for c in frame.columns if c.startswith("p_")]
     sets = [c for c in frame.columns if c.startswith("set_")]
@@ -253,7 +254,7 @@ def write_predictions(frame: pd.DataFrame, out: Path) -> Path:
                                      *[""] * len(sets), "", ""])
                     continue
                 similarity = "" if np.isnan(row["similarity"]) else f"{row['similarity']:.4f}"
-                writer.writerow([image_id, row["group"], row["predicted"], *(f"{row[c]:.6f}" for c in classes),
+                writer.writerow([image_id, row["group"], row["predicted"], *(repr(float(row[c])) for c in classes),
                                  *(row[c] for c in sets), row["near_duplicate_of"], similarity])
     except OSError as exc:
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
