@@ -198,10 +198,11 @@ class Option:
         if self.multiple:
             items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
             if not isinstance(items, list | tuple) or not all(isinstance(i, str | Enum) for i in items):
-                raise OptionError(f"{_given(label, value, True)}: expected a list of names ({self.help})")
+                raise OptionError(f"{_given(label, value, True, ' = ')}: expected a list of names ({self.help})")
             items = [i.value if isinstance(i, Enum) else i.strip() for i in items]
             if not all(items) or (not items and self.default):
-                raise OptionError(f"{_given(label, value, True)}: expected a non-empty list of names ({self.help})")
+                raise OptionError(f"{_given(label, value, True, ' = ')}: expected a non-empty list of names "
+                                  f"({self.help})")
             value = tuple(self._one(i, label) for i in items)
         else:
             value = self._one(value, label)
@@ -227,7 +228,7 @@ class Option:
             return self.parse(raw) if self.parse else str(raw)
         if kind is bool:
             if not isinstance(value, bool):
-                raise OptionError(f"{_given(label, value, True)}: expected true or false ({self.help})")
+                raise OptionError(f"{_given(label, value, True, ' = ')}: expected true or false ({self.help})")
             return value
         if kind is int and isinstance(value, str) and self.check is not None:
             return value  # a spelling that only the check knows (--ensemble top3)
@@ -235,7 +236,7 @@ class Option:
             numeric = (int,) if kind is int else (int, float)
             if isinstance(value, bool) or not isinstance(value, numeric):
                 what = "a whole number" if kind is int else "a number"
-                raise OptionError(f"{_given(label, value, True)}: expected {what} ({self.help})")
+                raise OptionError(f"{_given(label, value, True, ' = ')}: expected {what} ({self.help})")
             if self.minimum is not None and value < self.minimum:
                 raise OptionError(f"{_given(label, value)}: must be at least {self.minimum:g}")
             if self.maximum is not None and value > self.maximum:
@@ -244,16 +245,15 @@ class Option:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
-            raise OptionError(f"{_given(label, value, True)}: expected a string ({self.help})")
+            raise OptionError(f"{_given(label, value, True, ' = ')}: expected a string ({self.help})")
         return value
 
 
-def _given(label: str, value: Any, quoted: bool = False) -> str:
-    """A value as it was given: ``--cv 1`` on the command line, ``cv=1`` in Python, ``[fit] cv = 1`` in a study."""
+def _given(label: str, value: Any, quoted: bool = False, sep: str = " ") -> str:
+    """A value as it was given: ``--cv 1`` on the command line, ``cv=1`` in Python (``label`` ends with ``=``),
+    ``[fit] cv 1`` in a study (``sep``: what stands between the other labels and the value)."""
     shown = repr(value) if quoted else str(value)
-    if label.endswith("="):
-        return f"{label}{shown}"
-    return f"{label} = {shown}" if label.startswith("[") or "]" in label else f"{label} {shown}"
+    return f"{label}{shown}" if label.endswith("=") else f"{label}{sep}{shown}"
 
 
 # Which door a call came through: the command line says so (featcache.cli); errors met on a call from Python

@@ -52,7 +52,7 @@ def test_every_cli_option_of_extract_and_fit_has_its_study_key_and_api_keyword(c
 
 
 def test_an_option_checks_its_values_the_same_way_in_every_door(tmp_path):
-    with pytest.raises(OptionError, match=r"dtype= 'float64': not a valid value; choose one of float16, float32"):
+    with pytest.raises(OptionError, match=r"dtype='float64': not a valid value; choose one of float16, float32"):
         fc.extract(tmp_path, dtype="float64")
     with pytest.raises(OptionError, match=r"unexpected keyword argument 'hedas'"):
         fc.fit(tmp_path, hedas=["logreg"])

@@ -35,8 +35,15 @@ def test_confident_learning_ranks_flipped_labels_first(tmp_path):
     files = write_audit(found, tmp_path / "audit")
     with open(files["label_issues"], newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["id", "given", "suggested", "score"] and rows[0]["id"] == first["id"]
+    assert list(rows[0]) == ["id", "given", "suggested", "score", "reason"] and rows[0]["id"] == first["id"]
     assert len(found.outliers) == 12  # the farthest 1 %
+    # how far the flags can be trusted: the models' own accuracy and cleanlab's estimate beside the count flagged
+    from sklearn.metrics import balanced_accuracy_score
+
+    assert found.model_balanced_accuracy == balanced_accuracy_score(given, np.asarray(classes)[oof.argmax(1)])
+    assert 0.5 * len(flipped) <= found.estimated_wrong <= 2 * len(flipped)
+    assert f"cleanlab estimates {found.estimated_wrong} wrong labels" in found.sentence()
+    assert found.weak_warning() is None and found.outliers[0]["percentile"] >= 99
 
 
 @pytest.mark.slow

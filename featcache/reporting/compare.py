@@ -489,7 +489,8 @@ def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
               0.5 if metric.startswith("auroc") else None)
     colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"
                else "#2b6cb0" for r in rows]
-    return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}", 90) for r in rows],
+    return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}" + (f" · {r.held_out}" if r.held_out else ""),
+                                   110) for r in rows],
                          [r.metrics[metric]["pooled"] for r in rows],
                          [tuple(r.metrics[metric].get("ci") or (r.metrics[metric]["pooled"],) * 2) for r in rows],
                          colours, f"{metric}, pooled out-of-fold, with 95 % bootstrap interval", title, chance)

@@ -89,7 +89,8 @@ def _best_run_section(row: Row, metric: str) -> str:
     first = oof.seeds == oof.seeds.min()
     labels, proba = oof.labels[first], oof.proba[first]
     seeds = "" if len(np.unique(oof.seeds)) == 1 else " (figures: seed 0; numbers: mean over seeds)"
-    parts = [f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</h3>",
+    held_out = f" &middot; {html.escape(row.held_out)}" if row.held_out else ""
+    parts = [f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}{held_out}</h3>",
              f"<p>{html.escape(result['protocol'])} &middot; {metric} {_ci_text(row.metrics.get(metric))}{seeds}</p>",
              _img(png_base64(confusion_figure(pooled["confusion_matrix"], oof.classes)), "confusion matrix"),
              _per_class_table(pooled["per_class"]),
