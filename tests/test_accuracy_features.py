@@ -213,7 +213,7 @@ def test_cli_views_resize_ensemble_and_predict_with_views(small_folder, tmp_path
     runs = sorted((tmp_path / "cache").glob("*/*/runs/logreg-*"))
     assert len(runs) == 2  # plain and temperature-calibrated
     for run in runs:
-        preds = tmp_path / "p.csv"
+        preds = tmp_path / f"p-{run.name}.csv"  # predict refuses to write over an earlier file
         out = runner.invoke(app, ["predict", "--run", str(run), str(small_folder / "nevus"), "--out", str(preds),
                                   "--cache", cache, "--weights", "random", "-q"])
         assert out.exit_code == 0, out.output

@@ -212,7 +212,7 @@ def test_fused_and_metadata_runs_export_from_a_strangers_csv(tmp_path):
         assert inputs == (["image", "image_1"] if "gap_gap" in run.name else ["image", "metadata"])
         for way, flag in (("run", ["--run", str(run), "--cache", cache]), ("onnx", ["--onnx", str(model)])):
             out = runner.invoke(app, ["predict", *flag, str(table), "--image-col", "Bild Pfad",
-                                      "--out", str(tmp_path / f"{way}.csv"), "-q"])
+                                      "--out", str(tmp_path / f"{way}-{run.name}.csv"), "-q"])
             assert out.exit_code == 0, out.output
-        by_run, by_onnx = _rows(tmp_path / "run.csv"), _rows(tmp_path / "onnx.csv")
+        by_run, by_onnx = _rows(tmp_path / f"run-{run.name}.csv"), _rows(tmp_path / f"onnx-{run.name}.csv")
         assert len(by_onnx) == 70 and _max_difference(by_run, by_onnx) < 1e-4

@@ -30,12 +30,14 @@ class _PeopleErrors(TyperGroup):
     interrupted extraction), in the installed command and under typer's test runner alike."""
 
     def invoke(self, ctx: click.Context):
-        DOOR.set("cli")  # errors name the flags given here
+        door = DOOR.set("cli")  # errors name the flags given here (and Python's door again after the command)
         try:
             return super().invoke(ctx)
         except FeatcacheError as exc:
             make_console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(130 if type(exc).__name__ == "ExtractionInterrupted" else 2)
+        finally:
+            DOOR.reset(door)
 
 
 _value_type = TyperOption.display_type_rich
