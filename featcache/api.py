@@ -435,9 +435,10 @@ class Run:
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
                 image_col: str | None = None,
                 test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
-                quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
+                neighbours: int = 5, quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
-        exactly like the training features (through the cache).
+        exactly like the training features (through the cache), with each image's most similar training
+        images.
 
         Parameters
         ----------
@@ -457,6 +458,9 @@ class Run:
             {align_from}
         trust_pickle : bool, default False
             {trust_pickle}
+        neighbours : int, default 5
+            How many of the most similar training images to find for each image, in the run's own feature
+            space (its scaler and PCA; cosine); 0 for none.
         quiet : bool, default True
             No progress display.
         reporter : Reporter, optional
@@ -467,13 +471,18 @@ class Run:
         pandas.DataFrame
             A row per image, indexed by id: ``predicted``, ``p_<class>`` per class,
             ``near_duplicate_of`` and ``similarity`` (a training image it is identical or nearly
-            identical to), ``group``, and ``failed`` (why an image has no prediction).
+            identical to), ``neighbours_agree`` (the share of its similar cases labelled as predicted),
+            ``group``, and ``failed`` (why an image has no prediction). ``.attrs["neighbours"]`` holds the
+            similar cases: a row per image and rank (``id``, ``rank``, ``neighbour``, ``label``, ``group``,
+            ``similarity``, ``agrees``), best first.
         """
         from featcache.evaluation.predict import predict_frame
 
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
+            raise OptionError(f"neighbours={neighbours!r}: give a whole number of similar cases, 0 or more")
         inputs, root, options = _prediction_options(self.path, images, cache, weights, group_col, image_col,
                                                     test_align, align_from, trust_pickle)
-        return predict_frame(self.path, inputs, root, _reporter(quiet, reporter), **options)
+        return predict_frame(self.path, inputs, root, _reporter(quiet, reporter), neighbours=neighbours, **options)
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]

@@ -23,6 +23,7 @@ from typer.core import TyperGroup, TyperOption
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, DOOR, Option, options_for
 from featcache.progress import make_console
+from featcache.store.naming import free_predictions_path, neighbours_path
 
 
 class _PeopleErrors(TyperGroup):
@@ -237,9 +238,13 @@ def report(data: str | None, out: Path | None, **options: Any) -> None:
                                               "predictions.csv, or predictions-2.csv … when that exists).")),
          own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")),
          own("group_col", str | None, typer.Option(None, help=BY_NAME["group_col"].help)),
-         own("image_col", str | None, typer.Option(None, help=BY_NAME["image_col"].help)))
+         own("image_col", str | None, typer.Option(None, help=BY_NAME["image_col"].help)),
+         own("neighbours", int, typer.Option(5, min=0, help="With one --run: each image's most similar training "
+                                             "images, in the run's own feature space, to PREDICTIONS-neighbours.csv "
+                                             "(0: none).")))
 def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, inputs: list[str], out: Path | None,
-            weights: str | None, group_col: str | None, image_col: str | None, **options: Any) -> None:
+            weights: str | None, group_col: str | None, image_col: str | None, neighbours: int,
+            **options: Any) -> None:
     """Class probabilities for new images with a saved run (features go through the cache; warns when a
     new image is identical or nearly identical to a training image), or with an exported model (--onnx).
 
@@ -248,11 +253,12 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
     from featcache import api
 
     if out is None:  # never over an earlier prediction: the next free name
-        out = next(p for k in range(1, 100_000) if not (p := Path("predictions.csv" if k == 1 else
-                                                              f"predictions-{k}.csv")).exists())
-    elif out.exists():
-        raise typer.BadParameter(f"{out} exists (an earlier prediction?); give another --out, or remove it first",
-                                 param_hint="--out")
+        out = free_predictions_path()
+    else:
+        taken = [p for p in (out, neighbours_path(out)) if p.exists()]
+        if taken:
+            raise typer.BadParameter(f"{taken[0]} exists (an earlier prediction?); give another --out, or remove it "
+                                     "first", param_hint="--out")
     if sum(bool(given) for given in (run, study, onnx)) != 1:
         raise typer.BadParameter("give one of --run (a run folder), --study (a finished study file) or --onnx (an "
                                  "exported model)", param_hint="--run")
@@ -284,13 +290,16 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
             model = api.Ensemble(tuple(api.load_run(r) for r in run), options["ensemble"])
         else:
             model = api.load_run(run[0])
+        extra = {"neighbours": neighbours} if isinstance(model, api.Run) else {}
         frame = model.predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
                               group_col=group_col, image_col=image_col, quiet=options["quiet"],
                               test_align=options["test_align"], align_from=options["align_from"],
-                              trust_pickle=options["trust_pickle"])
+                              trust_pickle=options["trust_pickle"], **extra)
     from featcache.evaluation.predict import write_predictions  # after every check: it imports the whole stack
 
-    _print(f"predictions written to {write_predictions(frame, out)}")
+    written = write_predictions(frame, out)
+    _print(f"predictions written to {written[0]}" + (f"; each image's most similar training images to {written[1]}"
+                                                     if len(written) > 1 else ""))
 
 
 @command("export",

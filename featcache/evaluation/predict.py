@@ -14,13 +14,15 @@ from featcache.errors import RunError
 from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
+from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame, nearest, neighbour_rows, run_space
 from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, align, domain_auroc
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, trained_entry
 from featcache.store.model_files import load_model
-from featcache.store.runs import read_metrics
+from featcache.store.naming import neighbours_path
+from featcache.store.runs import read_metrics, read_predictions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,13 +100,41 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
     return found
 
 
+def similar_cases(run_dir: Path, saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
+                  predicted: list[str], transform: Callable | None, k: int, reporter: Reporter) -> list[list] | None:
+    """Rows of :data:`featcache.evaluation.neighbours.COLUMNS`: each image's ``k`` most similar training
+    images in the run's own space (after ``transform``, the --test-align its predictions used); None when
+    ``k`` is 0."""
+    if k <= 0:
+        return None
+    train_ids, labels, groups = saved.get("train_ids") or [], saved.get("train_labels"), saved.get("train_groups")
+    if labels is None:  # a run made before its model kept the training labels: its out-of-fold rows have them
+        oof = read_predictions(run_dir)
+        by_id = {i: (label, group) for i, label, group in zip(oof.ids, oof.labels, oof.groups, strict=True)}
+        kept = [i for i in train_ids if i in by_id]
+        if len(kept) < len(train_ids):
+            reporter.warn(f"this run folder keeps the labels of {len(kept)} of its {len(train_ids)} training images "
+                          "(it predates featcache keeping them all): similar cases are searched among those; fit it "
+                          "again (--force) to search them all")
+        train_ids, labels, groups = kept, [by_id[i][0] for i in kept], [by_id[i][1] for i in kept]
+    if not train_ids:
+        raise RunError(f"{run_dir}: its model names no training images, so it has no similar cases; fit it again")
+    space = run_space(saved["pipeline"], meta=bool(saved["config"].get("meta_spec")))
+    X = entry.read(saved["pool"], ids)
+    found, similarity = nearest(space.transform(train_entry.read(saved["pool"], train_ids)),
+                                space.transform(transform(X) if transform is not None else X), k)
+    return neighbour_rows(ids, predicted, found, similarity, train_ids, list(labels), groups)
+
+
 def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
                   weights: str | None = None, group_col: str | None = None, test_align: str = "none",
                   align_from: str | None = None, trust_pickle: bool = False,
-                  image_col: str | None = None) -> pd.DataFrame:
+                  image_col: str | None = None, neighbours: int = DEFAULT_K) -> pd.DataFrame:
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
-    nearly identical to), ``group``, and ``failed`` (why an image has no prediction, else empty)."""
+    nearly identical to), ``neighbours_agree`` (the share of its ``neighbours`` most similar training images
+    labelled as predicted), ``group``, and ``failed`` (why an image has no prediction, else empty). The similar
+    cases themselves (id, rank, neighbour, label, group, similarity, agrees) are ``frame.attrs["neighbours"]``."""
     import pandas as pd
 
     reporter = reporter or Reporter(quiet=True)
@@ -136,16 +166,23 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
                       f"of this run (first: {image_id} ~ {train_id}, cosine {similarity:.3f}): their predictions "
                       "say little about new data; see the near_duplicate_of column")
     classes = [str(c) for c in saved["pipeline"].classes_]
+    predicted = [classes[int(np.argmax(p))] for p in proba]
+    cases = similar_cases(run_dir, saved, train_entry, entry, ids, predicted, transform, neighbours, reporter)
+    agree = agreement(cases, ids) if cases is not None else [np.nan] * len(ids)
     groups = {r.id: r.group or "" for r in source.records}
     rows = [{"id": image_id, "group": groups[image_id], "predicted": classes[int(np.argmax(p))],
              **{f"p_{c}": float(v) for c, v in zip(classes, p, strict=True)},
-             "near_duplicate_of": dup[0] if dup else "", "similarity": dup[1] if dup else np.nan, "failed": ""}
-            for image_id, p, dup in zip(ids, proba, duplicates, strict=True)]
+             "near_duplicate_of": dup[0] if dup else "", "similarity": dup[1] if dup else np.nan,
+             "neighbours_agree": a, "failed": ""}
+            for image_id, p, dup, a in zip(ids, proba, duplicates, agree, strict=True)]
     rows += [{"id": image_id, "group": groups[image_id], "predicted": "",
-              **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan, "failed": reason}
+              **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan,
+              "neighbours_agree": np.nan, "failed": reason}
              for image_id, reason in failed.items() if image_id in groups]
-    columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "group", "failed"]
+    columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity",
+               "neighbours_agree", "group", "failed"]
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
+    frame.attrs["neighbours"] = as_frame(cases or [])
     conformal = read_metrics(run_dir).get("conformal")
     if conformal:  # each image's prediction set, at the run's coverage
         column = set_column(conformal["level"])
@@ -237,25 +274,32 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
     return lambda X: align(X, train_X, method, domain=domain)
 
 
-def write_predictions(frame: pd.DataFrame, out: Path) -> Path:
+def write_predictions(frame: pd.DataFrame, out: Path) -> list[Path]:
     """``predictions.csv``: a row per image (probabilities in full: the shortest text that reads back as the same
-    float); an image that failed says
-    ``FAILED: <why>`` in the ``predicted`` column."""
+    float; an image that failed says ``FAILED: <why>`` in the ``predicted`` column), and, when the frame has
+    them, its similar cases in :func:`neighbours_path`. Returns the files written."""
     classes = [c for c in frame.columns if c.startswith("p_")]
     sets = [c for c in frame.columns if c.startswith("set_")]
+    extra = [c for c in ("neighbours_agree",) if c in frame.columns]
+    cases = frame.attrs.get("neighbours")
+    written = [out]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["id", "group", "predicted", *classes, *sets, "near_duplicate_of", "similarity"])
+            writer.writerow(["id", "group", "predicted", *classes, *sets, "near_duplicate_of", "similarity", *extra])
             for image_id, row in frame.iterrows():
                 if row["failed"]:
                     writer.writerow([image_id, row["group"], f"FAILED: {row['failed']}", *[""] * len(classes),
-                                     *[""] * len(sets), "", ""])
+                                     *[""] * len(sets), "", "", *[""] * len(extra)])
                     continue
                 similarity = "" if np.isnan(row["similarity"]) else f"{row['similarity']:.4f}"
                 writer.writerow([image_id, row["group"], row["predicted"], *(repr(float(row[c])) for c in classes),
-                                 *(row[c] for c in sets), row["near_duplicate_of"], similarity])
+                                 *(row[c] for c in sets), row["near_duplicate_of"], similarity,
+                                 *(repr(float(row[c])) for c in extra)])
+        if cases is not None and len(cases):
+            written.append(neighbours_path(out))
+            cases.to_csv(written[-1], index=False)
     except OSError as exc:
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
-    return out
+    return written

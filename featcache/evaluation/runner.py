@@ -35,6 +35,8 @@ from featcache.evaluation.conformal import (
 from featcache.evaluation.conformal import summary as set_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
 from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
+from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
+from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
 from featcache.evaluation.shift import align, shift_audit, shift_warning
@@ -147,7 +149,7 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 
 
 def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
-                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple, dict]:
+                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple, dict, list]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
     unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
     audit of its features against the training features."""
@@ -166,6 +168,18 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         limits = np.array(conformal["thresholds"])
         sets["test"] = prediction_sets(proba, limits)
         scores["conformal"] = set_summary(sets["test"], y_idx)
+    # similar cases: each test image's nearest training images in the model's own space (what it was scored on)
+    space = run_space(model, meta=bool(data.meta_spec))
+    shown = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align)
+    index, similarity = nearest(space.transform(data.X), space.transform(shown), DEFAULT_K)
+    predicted = [data.classes[i] for i in proba.argmax(axis=1)]
+    rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
+                          None if data.groups is None else data.groups.tolist())
+    agree = agreement(rows, test.ids)
+    scores["neighbours"] = {"k": int(index.shape[1]), "space": space.description,
+                            "mean_agreement": float(np.mean(agree)),
+                            "agreement_when_right": _mean_where(agree, np.array(predicted) == test.y),
+                            "agreement_when_wrong": _mean_where(agree, np.array(predicted) != test.y)}
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
@@ -177,7 +191,11 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     warning = shift_warning(scores["shift"], protocol.test_align)
     if warning:
         reporter.warn(warning)
-    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets
+    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
+
+
+def _mean_where(values: list[float], where: np.ndarray) -> float | None:
+    return float(np.mean(np.asarray(values)[where])) if where.any() else None
 
 
 def _without_copies(data: LabeledFeatures, folds: list, oof: np.ndarray) -> dict | None:
@@ -317,15 +335,18 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         result["mlp_fits"] = [{"epochs": out[0].named_steps["head"].n_epochs_, "rows": len(task[1])}
                               for out, task in zip(outputs, tasks, strict=True)
                               if hasattr(out[0], "named_steps")]
-    test_rows = None
+    test_rows = neighbours = None
     if test is not None:
-        result["test"], test_rows, test_sets = _score_test(model, data, test, protocol, reporter, conformal)
+        result["test"], test_rows, test_sets, rows = _score_test(model, data, test, protocol, reporter, conformal)
+        neighbours = (NEIGHBOUR_COLUMNS, rows)
         if conformal is not None:
             sets_written |= {k: set_labels(v, data.classes) for k, v in test_sets.items()}
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
+              # and its similar cases: each training image's label and group
+              "train_labels": data.y.tolist(), "train_groups": None if data.groups is None else data.groups.tolist(),
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
     write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows,
-              sets_written if conformal is not None else None)
+              sets_written if conformal is not None else None, neighbours)
     return run_dir

@@ -115,3 +115,19 @@ def study_record_path(cache_root: Path, study_name: str) -> Path:
     """What ``featcache run`` did last for a study: its runs and ensemble (read by ``predict --study``)."""
     return Path(cache_root) / f"study-{study_name}.json"
 
+
+
+def neighbours_path(predictions: Path) -> Path:
+    """Where the similar cases of a ``predictions.csv`` go: ``predictions-neighbours.csv`` beside it."""
+    predictions = Path(predictions)
+    return predictions.with_name(f"{predictions.stem}-neighbours.csv")
+
+
+def free_predictions_path(folder: Path = Path(".")) -> Path:
+    """``predictions.csv`` in ``folder``, or ``predictions-2.csv`` … : the first name whose files (it and its
+    neighbours file) do not exist yet, so no prediction is written over an earlier one."""
+    for k in range(1, 100_000):
+        path = Path(folder) / ("predictions.csv" if k == 1 else f"predictions-{k}.csv")
+        if not path.exists() and not neighbours_path(path).exists():
+            return path
+    raise FileExistsError(f"{folder}: 100,000 prediction files already; pass --out")

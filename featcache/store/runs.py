@@ -28,6 +28,7 @@ CONFIG = "config.json"
 OOF = "oof_predictions.csv"
 TEST = "test_predictions.csv"
 TEST_UNALIGNED = "test_predictions_unaligned.csv"  # with --test-align: the model's as-trained predictions
+TEST_NEIGHBOURS = "test_neighbours.csv"  # each test image's most similar training images (evaluation/neighbours.py)
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -60,12 +61,14 @@ class Predictions:
 
 
 def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
-              oof_rows: list, test_rows: tuple | None = None, sets: dict | None = None) -> None:
+              oof_rows: list, test_rows: tuple | None = None, sets: dict | None = None,
+              neighbours: tuple[list[str], list[list]] | None = None) -> None:
     """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, group, label, proba) tuples;
     ``test_rows``: (ids, labels, proba) of the held-out set, or (ids, labels, proba, unaligned proba) when
     the test features were aligned (``--test-align``). ``sets`` (with ``--conformal``): ``column`` (e.g.
     ``set_90``), ``oof`` (one set per seed-0 out-of-fold row, in order, judged as metrics.json's coverage
     was) and ``test``, ``test_unaligned`` (one per held-out image), each set written as ``a|b``.
+    ``neighbours``: (columns, rows) of each held-out image's most similar training images.
 
     Probabilities are written in full (the shortest text that reads back as the same float), so every
     score in metrics.json can be recomputed from these files exactly. CSVs go through the csv module, so an
@@ -98,6 +101,12 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
                 writer.writerow(["id", "label", *probability_columns, *set_column])
                 for image_id, label, proba, one in zip(ids, labels, proba_rows, chosen, strict=True):
                     writer.writerow([image_id, label, *map(_exact, proba), *([one] if sets else [])])
+    if neighbours is not None:
+        columns, rows = neighbours
+        with open(tmp / TEST_NEIGHBOURS, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows([*row[:5], _exact(row[5]), row[6]] for row in rows)
     write_json_atomic(tmp / METRICS, result)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -142,3 +151,12 @@ def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
 def has_test_predictions(run_dir: Path, unaligned: bool = False) -> bool:
     """Whether the run scored a held-out set (``unaligned``: and kept its predictions before --test-align)."""
     return (Path(run_dir) / (TEST_UNALIGNED if unaligned else TEST)).is_file()
+
+
+def read_neighbours(run_dir: Path) -> list[dict] | None:
+    """The held-out images' most similar training images (``test_neighbours.csv``), or None when absent."""
+    path = Path(run_dir) / TEST_NEIGHBOURS
+    if not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
