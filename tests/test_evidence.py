@@ -103,3 +103,29 @@ def test_predict_gives_similar_cases_from_the_api_and_the_cli(tmp_path, monkeypa
     assert out.exit_code == 0 and "predictions-neighbours.csv" in out.output, out.output
     with open(tmp_path / "predictions-neighbours.csv", newline="") as handle:
         assert [int(r["rank"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
+    # the run's model card goes with its export: beside the file and in its metadata, the same text
+    import onnx
+
+    out = CliRunner().invoke(app, ["export", str(run.path), "--out", str(tmp_path / "m.onnx")])
+    assert out.exit_code == 0 and "m-MODEL_CARD.md" in out.output, out.output
+    card = (run.path / "MODEL_CARD.md").read_text()
+    assert (tmp_path / "m-MODEL_CARD.md").read_text() == card
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).metadata_props}
+    assert props["featcache.model_card"] == card
+
+
+def test_every_run_has_a_model_card_whose_numbers_are_its_metrics(tmp_path):
+    data, test = _clinic(120, 0), _clinic(60, 1, scale=2.0, ids="b")
+    data.groups = np.array([f"p{k // 2}" for k in range(120)])
+    run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
+                   Protocol(cv=3, conformal=0.9), "a", test=test, jobs=1, test_name="clinic_b")
+    card, metrics = (run / "MODEL_CARD.md").read_text(), read_metrics(run)
+    assert card.startswith("---\nlibrary_name: \"featcache\"") and "## Intended use" in card
+    pooled, tested = metrics["pooled"], metrics["test"]
+    ci = pooled["ci95"]["balanced_accuracy"]
+    assert f"| balanced_accuracy | {pooled['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] |" in card
+    assert "### External test set: clinic_b (60 images)" in card
+    assert f"| auroc | {tested['auroc']:.3f}" in card and "### Shift audit" in card
+    assert "120 labelled images in 60 groups" in card and "mel 60, nv 60" in card
+    assert f"coverage {metrics['conformal']['coverage']:.3f}" in card
+    assert "Not assessed across skin types" in card and "## Known limitations" in card

@@ -23,7 +23,7 @@ from typer.core import TyperGroup, TyperOption
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, DOOR, Option, options_for
 from featcache.progress import make_console
-from featcache.store.naming import free_predictions_path, neighbours_path
+from featcache.store.naming import card_beside, free_predictions_path, neighbours_path
 
 
 class _PeopleErrors(TyperGroup):
@@ -315,8 +315,9 @@ def export(run: Path, out: Path, weights: str | None, **options: Any) -> None:
     from featcache import api
 
     path = api.export(run, out=out, weights=weights, **options)
-    _print(f"model written to {path} ({path.stat().st_size / 1e6:.1f} MB); use it with "
-           f"`featcache predict --onnx {path} IMAGES` or docs/deploy.md's script")
+    _print(f"model written to {path} ({path.stat().st_size / 1e6:.1f} MB), its model card to {card_beside(path)} "
+           f"(and in the file's metadata); use it with `featcache predict --onnx {path} IMAGES` or docs/deploy.md's "
+           "script")
 
 
 @command("verify",

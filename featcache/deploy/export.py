@@ -28,7 +28,7 @@ from featcache.errors import RunError
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, trained_entry
-from featcache.store.naming import cache_root_of_run
+from featcache.store.naming import cache_root_of_run, card_beside
 from featcache.store.runs import read_metrics
 
 IMAGE = "image"
@@ -92,6 +92,7 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     try:
         onnx.save(graph, str(tmp))
         os.replace(tmp, out)
+        card_beside(out).write_text(card_of(run_dir, metrics))  # the same card as in the file's metadata
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise RunError(f"cannot write {out} ({exc.strerror or exc}); pass --out with a writable path") from None
@@ -288,6 +289,15 @@ def _metadata(saved: dict, metrics: dict, prepared: list[Preprocess], parts: lis
                                 if k in metrics["test"]}
     plain = {"featcache.classes": ",".join(info["classes"]), "featcache.input_size": str(prepared[0].crop_size),
              "featcache.feature_fingerprint": saved["feature_fingerprint"]}
+    plain["featcache.model_card"] = card_of(run_dir, metrics)
     entries = [onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(info, default=str))]
     entries += [onnx.StringStringEntryProto(key=k, value=v) for k, v in plain.items()]
     return entries
+
+
+def card_of(run_dir: Path, metrics: dict) -> str:
+    """The run's MODEL_CARD.md (made from its metrics.json for a run from before featcache wrote cards)."""
+    from featcache.evaluation.model_card import model_card
+    from featcache.store.runs import read_model_card
+
+    return read_model_card(run_dir) or model_card(metrics)

@@ -35,6 +35,7 @@ from featcache.evaluation.conformal import (
 from featcache.evaluation.conformal import summary as set_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
 from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
+from featcache.evaluation.model_card import model_card
 from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
 from featcache.evaluation.protocol import Protocol
@@ -347,6 +348,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
               # and its similar cases: each training image's label and group
               "train_labels": data.y.tolist(), "train_groups": None if data.groups is None else data.groups.tolist(),
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
+    card = model_card(result, source=entry.manifest.get("source"),
+                      n_groups=None if data.groups is None else len(set(data.groups.tolist())))
     write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows,
-              sets_written if conformal is not None else None, neighbours)
+              sets_written if conformal is not None else None, neighbours, card)
     return run_dir

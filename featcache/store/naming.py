@@ -131,3 +131,9 @@ def free_predictions_path(folder: Path = Path(".")) -> Path:
         if not path.exists() and not neighbours_path(path).exists():
             return path
     raise FileExistsError(f"{folder}: 100,000 prediction files already; pass --out")
+
+
+def card_beside(model_file: Path) -> Path:
+    """Where ``featcache export`` puts the run's model card beside its file: ``model-MODEL_CARD.md``."""
+    model_file = Path(model_file)
+    return model_file.with_name(f"{model_file.stem}-MODEL_CARD.md")

@@ -28,6 +28,7 @@ CONFIG = "config.json"
 OOF = "oof_predictions.csv"
 TEST = "test_predictions.csv"
 TEST_UNALIGNED = "test_predictions_unaligned.csv"  # with --test-align: the model's as-trained predictions
+MODEL_CARD = "MODEL_CARD.md"  # what the run is, its data, scores, subgroups and limits (evaluation/model_card.py)
 TEST_NEIGHBOURS = "test_neighbours.csv"  # each test image's most similar training images (evaluation/neighbours.py)
 
 
@@ -62,13 +63,14 @@ class Predictions:
 
 def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
               oof_rows: list, test_rows: tuple | None = None, sets: dict | None = None,
-              neighbours: tuple[list[str], list[list]] | None = None) -> None:
+              neighbours: tuple[list[str], list[list]] | None = None, card: str | None = None) -> None:
     """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, group, label, proba) tuples;
     ``test_rows``: (ids, labels, proba) of the held-out set, or (ids, labels, proba, unaligned proba) when
     the test features were aligned (``--test-align``). ``sets`` (with ``--conformal``): ``column`` (e.g.
     ``set_90``), ``oof`` (one set per seed-0 out-of-fold row, in order, judged as metrics.json's coverage
     was) and ``test``, ``test_unaligned`` (one per held-out image), each set written as ``a|b``.
-    ``neighbours``: (columns, rows) of each held-out image's most similar training images.
+    ``neighbours``: (columns, rows) of each held-out image's most similar training images; ``card``: the text
+    of ``MODEL_CARD.md``.
 
     Probabilities are written in full (the shortest text that reads back as the same float), so every
     score in metrics.json can be recomputed from these files exactly. CSVs go through the csv module, so an
@@ -107,6 +109,8 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
             writer = csv.writer(handle)
             writer.writerow(columns)
             writer.writerows([*row[:5], _exact(row[5]), row[6]] for row in rows)
+    if card is not None:
+        (tmp / MODEL_CARD).write_text(card)
     write_json_atomic(tmp / METRICS, result)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -160,3 +164,9 @@ def read_neighbours(run_dir: Path) -> list[dict] | None:
         return None
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def read_model_card(run_dir: Path) -> str | None:
+    """The run's ``MODEL_CARD.md``, or None for a run made before featcache wrote one."""
+    path = Path(run_dir) / MODEL_CARD
+    return path.read_text() if path.is_file() else None
