@@ -445,6 +445,10 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.5, maximum=0.999),
     Option("conformal_mode", ConformalMode, "marginal", "`marginal`: the coverage over all images; `class`: the "
            "coverage for every class (rare classes get larger sets).", ("fit",), "fit"),
+    Option("subgroups", str, None, "Also score every run by these metadata columns, e.g. `sex,age,localization` "
+           "(numeric ones in quartile bands): counts, balanced accuracy, per-class sensitivity and AUROC per "
+           "subgroup, with intervals, out of fold and on --test-data; the worst subgroup is flagged when its interval "
+           "lies below the run's score.", ("fit",), "fit", multiple=True),
     Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
            "study's form of --backbone a+b).", (), "fit"),
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),

@@ -129,3 +129,72 @@ def test_every_run_has_a_model_card_whose_numbers_are_its_metrics(tmp_path):
     assert "120 labelled images in 60 groups" in card and "mel 60, nv 60" in card
     assert f"coverage {metrics['conformal']['coverage']:.3f}" in card
     assert "Not assessed across skin types" in card and "## Known limitations" in card
+
+
+def _source(data, name: str, meta: dict[str, list[str]]):
+    from pathlib import Path
+
+    from featcache.data.sources import ImageRecord, ImageSource
+
+    records = [ImageRecord(i, Path(f"/nowhere/{i}.jpg"), str(y), meta={k: v[n] for k, v in meta.items()})
+               for n, (i, y) in enumerate(zip(data.ids, data.y, strict=True))]
+    return ImageSource(name=name, location=Path(f"/nowhere/{name}.csv"), kind="csv", records=records)
+
+
+def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path):
+    from featcache.evaluation.metrics import score_with_ci
+    from featcache.evaluation.subgroups import add_subgroups
+    from featcache.progress import Reporter
+    from featcache.reporting.compare import select_rows, table_rows
+    from featcache.store.runs import read_predictions
+
+    data, test = _clinic(240, 0), _clinic(80, 1, ids="b")
+    site = np.array(["head", "trunk", "leg"] * 80)
+    data.X[site == "leg"] = np.random.default_rng(5).normal(size=(80, 8))  # the model cannot see legs' lesions
+    ages = [str(20 + (k * 7) % 60) for k in range(240)]
+    source = _source(data, "a", {"site": site.tolist(), "Age": ages})
+    tested = _source(test, "b", {"site": ["head", "leg"] * 40, "Age": [str(30 + k % 40) for k in range(80)]})
+    run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
+                   Protocol(cv=3), "a", test=test, jobs=1, test_name="b")
+    said = []
+    reporter = Reporter(quiet=True)
+    reporter.warn = said.append
+    add_subgroups(run, source, tested, ("SITE", "age"), reporter)
+    metrics = read_metrics(run)
+    groups = metrics["subgroups"]
+    assert set(groups) == {"site", "Age"} and set(groups["site"]) == {"head", "leg", "trunk"}
+    oof = read_predictions(run)
+    legs = np.isin(oof.ids, [i for i, s in zip(data.ids, site, strict=True) if s == "leg"])
+    expected = score_with_ci(oof.labels[legs], oof.proba[legs], oof.classes)
+    leg = groups["site"]["leg"]
+    assert leg["n"] == 80 and leg["balanced_accuracy"]["pooled"] == expected["balanced_accuracy"]
+    assert leg["balanced_accuracy"]["ci"] == expected["ci95"]["balanced_accuracy"]
+    assert leg["sensitivity"] == {c: v["recall"] for c, v in expected["per_class"].items()}
+    assert leg["worst"] and leg["below_overall"] and any("site = leg" in w for w in said)
+    bands = metrics["subgroup_bands"]["Age"]
+    assert len(bands) == 5 and all(v.startswith("[") for v in groups["Age"])
+    assert sum(e["n"] for e in groups["Age"].values()) == 240
+    assert set(metrics["test"]["subgroups"]["site"]) == {"head", "leg"}
+    header, body = table_rows(select_rows(tmp_path / "cache", "balanced_accuracy"), "balanced_accuracy")
+    assert body[0][header.index("worst group (balanced_accuracy [95% CI])")].startswith("site=leg (80): ")
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "### site" in card and f"| leg | 80 | {leg['balanced_accuracy']['pooled']:.3f}" in card
+    with pytest.raises(Exception, match="no column 'skin'"):
+        add_subgroups(run, source, None, ("skin",), reporter)
+
+
+@pytest.mark.slow
+def test_fit_subgroups_from_python_on_ham_metadata_and_the_report_shows_them(tmp_path):
+    from .conftest import shared
+
+    csv_path = shared("ham70") / "HAM10000_metadata.csv"
+    fc.extract(csv_path, images=shared("ham70"), cache=tmp_path / "c", quiet=True)
+    run = fc.fit(csv_path, images=shared("ham70"), heads=["logreg"], cv=3, cache=tmp_path / "c", quiet=True,
+                 subgroups=["sex", "age"])[0]
+    sex = run.metrics["subgroups"]["sex"]
+    assert set(sex) >= {"male", "female"} and isinstance(sex["male"]["n"], int)
+    assert 0 <= sex["male"]["balanced_accuracy"]["pooled"] <= 1 and len(sex["male"]["balanced_accuracy"]["ci"]) == 2
+    page = fc.report(cache=tmp_path / "c", out=tmp_path / "r.html").read_text()
+    assert "By subgroup (out of fold)" in page and 'alt="subgroups sex"' in page
+    with pytest.raises(Exception, match="no column 'sexx'"):
+        fc.fit(csv_path, images=shared("ham70"), heads=["logreg"], cache=tmp_path / "c", subgroups=["sexx"])

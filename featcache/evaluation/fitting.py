@@ -15,6 +15,7 @@ from featcache.evaluation.features import LabeledFeatures, check_test_classes, l
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import split_plan
+from featcache.evaluation.subgroups import add_subgroups, checked_columns
 from featcache.extraction.extract import extract
 from featcache.options import Grouping
 from featcache.progress import Reporter
@@ -78,6 +79,8 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     reporter = reporter or Reporter(quiet=True)
     if test_source is not None:
         check_test_classes(source, test_source, label_map, classes)
+    if protocol.subgroups:  # a column that is not there is refused before any fitting
+        checked_columns(source, protocol.subgroups)
     pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
                             near_dup_threshold=protocol.near_dup_threshold)
@@ -95,6 +98,8 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
             runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
                                  test, reporter, cluster=cluster,
                                  test_name=test_source.name if test_source else None))
+            if protocol.subgroups:
+                add_subgroups(runs[-1], source, test_source, protocol.subgroups, reporter)
             task.advance(1)
             if on_head is not None:
                 on_head()

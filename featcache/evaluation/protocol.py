@@ -27,6 +27,8 @@ class Protocol:
     test_align: str = "none"  # Alignment: how held-out features are aligned to the training features
     conformal: float | None = None  # coverage of the prediction sets (None: no sets)
     conformal_mode: str = "marginal"  # ConformalMode
+    # metadata columns the run is also scored by: they read its predictions, so they do not name it (config())
+    subgroups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # the fields keep their names (they name every run); each is checked by its option's declaration
@@ -50,7 +52,8 @@ class Protocol:
                    views=options["use_views"], meta=",".join(options["meta"] or ()),
                    calibrate=options["calibrate"] or "", groups=options["groups"],
                    near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"],
-                   conformal=options["conformal"], conformal_mode=options["conformal_mode"])
+                   conformal=options["conformal"], conformal_mode=options["conformal_mode"],
+                   subgroups=tuple(options.get("subgroups") or ()))
 
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""
@@ -70,6 +73,7 @@ class Protocol:
         """What names a run, with everything else that sets its numbers (see :func:`fit_head`). Fields added
         since runs were first named appear only when set, so a run made before them keeps its name."""
         config = asdict(self)
+        del config["subgroups"]
         for name, unset in (("test_align", "none"), ("conformal", None)):
             if config[name] == unset:
                 del config[name]

@@ -37,6 +37,7 @@ class Row:
     held_out: str = ""  # the held-out side's settings (test set, alignment, prediction sets): see held_out_label
     conformal: dict | None = None  # with --conformal: metrics.json's out-of-fold coverage and set sizes
     without_copies: dict | None = None  # scores without held-out images copied in training (metrics.json)
+    subgroups: dict | None = None  # with --subgroups: metrics.json's scores by subgroup (out of fold)
 
 
 def held_out_label(config: dict) -> str:
@@ -143,7 +144,7 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
                         head_label(config, settings["resize"], _entry_notes(settings)), protocol,
                         _scored(result), metrics, result.get("test"), config,
                         held_out=held_out_label(config), conformal=result.get("conformal"),
-                        without_copies=result.get("without_training_copies")))
+                        without_copies=result.get("without_training_copies"), subgroups=result.get("subgroups")))
         engines.append(settings["engine"])
     return _name_engines(rows, engines)
 
@@ -382,6 +383,21 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
     return records
 
 
+def worst_text(subgroups: dict | None) -> str:
+    """The worst subgroup as a person reads it: ``sex=female (40): 0.612 [0.501, 0.702], below`` ("below": its
+    interval lies wholly under the run's score)."""
+    from featcache.evaluation.subgroups import worst_group
+
+    found = worst_group(subgroups or {})
+    if found is None:
+        return "–"
+    column, value, entry = found
+    ba = entry["balanced_accuracy"]
+    ci = f" [{ba['ci'][0]:.3f}, {ba['ci'][1]:.3f}]" if ba.get("ci") else ""
+    return f"{column}={value} ({entry['n']}): {ba['pooled']:.3f}{ci}" + (", below" if entry.get("below_overall")
+                                                                        else "")
+
+
 def sets_text(sets: dict | None, level_from: dict | None = None) -> str:
     """Prediction sets as a person reads them: ``0.903 at 0.90, 1.42 classes`` (``level_from``: the
     out-of-fold record that holds the level, for a test record that does not)."""
@@ -416,6 +432,9 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
     has_test = any(r.test for r in rows)
     has_sets = any(r.conformal for r in rows)
     has_copies = any(r.without_copies for r in rows)
+    has_groups = any(r.subgroups for r in rows)
+    if has_groups:
+        header.append("worst group (balanced_accuracy [95% CI])")
     if has_copies:
         header.append("balanced_accuracy without held-out images copied in training [95% CI]")
     if has_sets:
@@ -433,6 +452,8 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
                 r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
                 _fmt_ci(r.metrics.get(metric)), _fmt(r.metrics.get(metric)),
                 *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
+        if has_groups:
+            line.append(worst_text(r.subgroups))
         if has_copies:
             w = r.without_copies or {}
             line.append(_fmt_ci({"pooled": w.get("balanced_accuracy"), "ci": (w.get("ci95") or {}).get(

@@ -30,7 +30,8 @@ def png_base64(png: bytes) -> str:
 
 
 def forest_figure(labels: list[str], points: list[float], intervals: list[tuple[float, float]],
-                  colours: list[str], xlabel: str, title: str, chance: float | None = None) -> bytes:
+                  colours: list[str], xlabel: str, title: str, chance: float | None = None,
+                  line_label: str = "chance") -> bytes:
     """Point + interval per row, the first row at the top; the height follows the number of rows and
     the labels are never cut (bbox_inches="tight")."""
     plt = _pyplot()
@@ -42,7 +43,7 @@ def forest_figure(labels: list[str], points: list[float], intervals: list[tuple[
         ax.plot(points[k], y, "o", color=colours[k])
     ax.set_yticks(range(n), list(reversed(labels)), fontsize=8)
     if chance is not None:
-        ax.axvline(chance, color="#aa3333", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        ax.axvline(chance, color="#aa3333", linestyle="--", linewidth=1, label=f"{line_label} ({chance:.2f})")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9, loc="left")

@@ -19,10 +19,17 @@ import numpy as np
 from featcache import __version__
 from featcache.errors import CacheError, FeatcacheError
 from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows, sets_text
-from featcache.reporting.plots import confusion_figure, png_base64, reliability_figure, roc_figure
+from featcache.reporting.plots import confusion_figure, forest_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
 from featcache.store.runs import read_metrics, read_predictions
+
+
+def forest_png_of(labels: list[str], points: list[float], intervals: list, colours: list[str], overall: float,
+                  title: str) -> bytes:
+    """A subgroup forest plot: the run's own score drawn as the reference line."""
+    return forest_figure(labels, points, intervals, colours,
+                         "balanced accuracy, 95 % bootstrap interval", title, overall, "the whole run")
 
 
 def _img(png: str, alt: str) -> str:
@@ -96,7 +103,33 @@ def _best_run_section(row: Row, metric: str) -> str:
              _per_class_table(pooled["per_class"]),
              '<div class="pair">', _img(png_base64(roc_figure(labels, proba, oof.classes)), "ROC curves"),
              _img(png_base64(reliability_figure(labels, proba, oof.classes)), "reliability diagram"), "</div>"]
+    parts += _subgroup_section(result)
     return "\n".join(parts)
+
+
+def _subgroup_section(result: dict) -> list[str]:
+    """A forest plot of balanced accuracy by subgroup (out of fold), one per column, the run's score as the line;
+    the worst subgroup red when its interval lies below it."""
+    subgroups = result.get("subgroups") or {}
+    if not subgroups:
+        return []
+    overall = result["pooled"]["balanced_accuracy"]
+    parts = ["<h4>By subgroup (out of fold)</h4>"]
+    bands = result.get("subgroup_bands") or {}
+    for column, groups in subgroups.items():
+        shown = [(v, e) for v, e in groups.items() if e.get("balanced_accuracy")]
+        if not shown:
+            continue
+        labels = [f"{column} = {v} (n {e['n']})" for v, e in shown]
+        points = [e["balanced_accuracy"]["pooled"] for _, e in shown]
+        intervals = [tuple(e["balanced_accuracy"]["ci"] or (p, p)) for (_, e), p in zip(shown, points, strict=True)]
+        colours = ["#c53030" if e.get("below_overall") else "#2b6cb0" for _, e in shown]
+        banded = f" (quartile bands of {column}: edges {', '.join(f'{b:g}' for b in bands[column])})" \
+            if column in bands else ""
+        parts.append(_img(png_base64(forest_png_of(labels, points, intervals, colours, overall,
+                                                   f"balanced accuracy by {column}{banded}")),
+                          f"subgroups {column}"))
+    return parts
 
 
 STYLE = """

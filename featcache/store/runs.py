@@ -170,3 +170,13 @@ def read_model_card(run_dir: Path) -> str | None:
     """The run's ``MODEL_CARD.md``, or None for a run made before featcache wrote one."""
     path = Path(run_dir) / MODEL_CARD
     return path.read_text() if path.is_file() else None
+
+
+def update_run(run_dir: Path, result: dict, card: str | None = None) -> None:
+    """Rewrite a finished run's metrics.json (and its model card) with what was added to ``result`` after it was
+    written, each file replaced whole (a kill leaves the old file or the new one, never half of either)."""
+    if card is not None:
+        tmp = Path(run_dir) / f".{MODEL_CARD}.tmp-{os.getpid()}"
+        tmp.write_text(card)
+        os.replace(tmp, Path(run_dir) / MODEL_CARD)
+    write_json_atomic(Path(run_dir) / METRICS, result)
