@@ -259,6 +259,10 @@ def _given(label: str, value: Any, quoted: bool = False, sep: str = " ") -> str:
 # Which door a call came through: the command line says so (featcache.cli); errors met on a call from Python
 # name keywords (group_col=NAME), not the flags (--group-col NAME) that deeper code writes.
 DOOR: ContextVar[str] = ContextVar("featcache_door", default="python")
+_SENTENCE_WORDS = {"a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "given", "has", "if", "in",
+                   "is", "it", "needs", "no", "not", "of", "on", "only", "or", "so", "takes", "than", "that", "the",
+                   "then", "to", "was", "when", "where", "which", "with", "without", "instead", "first", "again",
+                   "also", "contradicts", "aligns", "says", "applies", "apply"}
 _PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z_|]*|\d[\w.]*|'[^']*'|\S*[/.\d_+:|,]\S*)$")
 
 
@@ -284,8 +288,12 @@ def python_spelling(text: str) -> str:
                 return f"{option.name}={fixed is not False}{rest}"
             enum = isinstance(option.kind, type) and issubclass(option.kind, Enum)
             choices = [c.value for c in option.kind] if enum else []
-            # a value: one of the choices, a placeholder or number, or the word an error is about (`--head knnn:`)
-            if value and (value in choices or _PLACEHOLDER.match(value) or tail.startswith(":")):
+            # a value: one of the choices, a placeholder or number, the word an error is about (`--head knnn:`), or
+            # for a free-text option any word but the sentence's own (`--classes melanoma`, not `--test-data is`)
+            free = option.kind is str and not choices and value.lower() not in _SENTENCE_WORDS \
+                and not value.startswith(("(", "`", "["))
+            if value and not value.startswith("(") and (value in choices or _PLACEHOLDER.match(value)
+                                                       or tail.startswith(":") or free):
                 return f"{option.name}={value!r}{tail}" if value in choices else f"{option.name}={value}{tail}"
             return option.name + rest
         text = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])(?:[ =]([^\s;)]+))?", spoken, text)

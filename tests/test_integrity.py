@@ -94,7 +94,7 @@ def test_test_images_of_a_class_the_model_never_saw_are_refused_with_the_way_out
     test = _copy(small_folder, tmp_path / "hospital_b")
     (test / "nevus").rename(test / "carcinoma")  # 6 nevus images now of a class the training set lacks
     extract(open_source(small_folder), lite0, cache_root=cache, workers=0, engine="torch")
-    with pytest.raises(RunError, match=r"6 of 12 test images .*carcinoma \(6\).*--classes melanoma"):
+    with pytest.raises(RunError, match=r"6 of 12 test images .*carcinoma \(6\).*classes=melanoma"):
         fc.fit(small_folder, heads=["logreg"], cv=3, cache=cache, engine="torch", test_data=test, quiet=True)
     study = {"data": {"train": str(small_folder), "test": str(test)}, "extract": {"backbones": ["efficientnet_lite0"]},
              "fit": {"heads": ["logreg"], "cv": 3}}

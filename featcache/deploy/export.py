@@ -58,7 +58,7 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     prepared: list[Preprocess] = []
     input_of = []
     for entry, _ in parts:
-        preprocess = _preprocess_of(entry)
+        preprocess = entry.preprocess
         key = [_geometry(p) for p in prepared]
         if _geometry(preprocess) not in key:
             prepared.append(preprocess)
@@ -110,34 +110,17 @@ def _geometry(preprocess: Preprocess) -> str:
     return json.dumps(fields, sort_keys=True, default=list)
 
 
-def _preprocess_of(entry: CacheEntry) -> Preprocess:
-    fields = dict(entry.manifest["fingerprint_inputs"]["preprocess"])
-    for key in ("mean", "std", "filters"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    return Preprocess(**fields)
-
-
 def _backbone_features(entry: CacheEntry, pool: str, cache_root: Path, weights: str | None,
                        k: int) -> onnx.ModelProto:
     """The backbone of ``entry`` as ONNX, from uint8 NCHW ``x`` to the pooling ``pool`` only: the export
     the extraction engines run (checksum checked), rebuilt if missing."""
-    from featcache.backbones.models import load_backbone
     from featcache.extraction.engines import onnx_path
-    from featcache.extraction.extract import weights_of
-    from featcache.store.naming import fingerprint_inputs
+    from featcache.extraction.extract import backbone_of
 
     manifest = entry.manifest
-    inputs = manifest["fingerprint_inputs"]
     if manifest["backbone"] == "scattering" or manifest["backbone"].startswith("scattering"):
         raise NotExportable(f"{manifest['backbone']}: its FFTs do not export to ONNX")
-    model = load_backbone(manifest["backbone"], weights=weights_of(entry, weights), pools=tuple(manifest["pools"]))
-    model.preprocess = _preprocess_of(entry)
-    made = fingerprint_inputs(model, inputs["dtype"], inputs["precision"], entry.views, inputs.get("engine", "torch"))
-    if made["weights_sha256"] != inputs["weights_sha256"]:
-        raise RunError(f"the weights loaded for {manifest['backbone']} (SHA-256 {made['weights_sha256'][:12]}…) "
-                       f"are not the ones {entry.path} was made with ({inputs['weights_sha256'][:12]}…); pass the same "
-                       "--weights file given at extraction")
+    model = backbone_of(entry, weights)
     full = onnx.load(str(onnx_path(model, cache_root)))
     from onnx.utils import Extractor
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from featcache.backbones.models import LoadedBackbone, load_backbone
 from featcache.data.images import Preprocess, views_for
 from featcache.data.sources import ImageRecord, ImageSource
-from featcache.errors import CacheError, FeatcacheError
+from featcache.errors import CacheError, FeatcacheError, RunError
 from featcache.options import Dtype, Engine, Precision
 from featcache.progress import Reporter
 from featcache.store.entries import (
@@ -252,6 +252,21 @@ def weights_of(entry: CacheEntry, weights: str | None = None) -> str | None:
     origin = entry.manifest["provenance"]["weights_origin"]
     return origin.split(" ")[0][5:] if origin.startswith("file:") else (
         "random" if origin.startswith("random") else None)
+
+
+def backbone_of(entry: CacheEntry, weights: str | None = None) -> LoadedBackbone:
+    """The backbone that made ``entry``, with its preprocessing, refused when the weights loaded are not the
+    ones the entry was made with (``weights``: the file given at extraction, if any)."""
+    manifest = entry.manifest
+    inputs = manifest["fingerprint_inputs"]
+    model = load_backbone(manifest["backbone"], weights=weights_of(entry, weights), pools=tuple(manifest["pools"]))
+    model.preprocess = entry.preprocess
+    made = fingerprint_inputs(model, inputs["dtype"], inputs["precision"], entry.views, inputs.get("engine", "torch"))
+    if made["weights_sha256"] != inputs["weights_sha256"]:
+        raise RunError(f"the weights loaded for {manifest['backbone']} (SHA-256 {made['weights_sha256'][:12]}…) "
+                       f"are not the ones {entry.path} was made with ({inputs['weights_sha256'][:12]}…); pass the same "
+                       "--weights file given at extraction")
+    return model
 
 
 def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.PathLike,
