@@ -109,6 +109,15 @@ class Preprocess:
             del fields["resampler"]
         return fields
 
+    @classmethod
+    def from_fields(cls, fields: dict) -> Preprocess:
+        """The preprocessing :meth:`to_dict` wrote (an entry's ``fingerprint_inputs["preprocess"]``)."""
+        fields = dict(fields)
+        for key in ("mean", "std", "filters"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        return cls(**fields)
+
     @property
     def decode_min_side(self) -> int:
         """The smallest side a JPEG draft decode may shrink the image to without losing detail."""

@@ -58,7 +58,7 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     prepared: list[Preprocess] = []
     input_of = []
     for entry, _ in parts:
-        preprocess = entry.preprocess
+        preprocess = Preprocess.from_fields(entry.manifest["fingerprint_inputs"]["preprocess"])
         key = [_geometry(p) for p in prepared]
         if _geometry(preprocess) not in key:
             prepared.append(preprocess)

@@ -260,7 +260,7 @@ def backbone_of(entry: CacheEntry, weights: str | None = None) -> LoadedBackbone
     manifest = entry.manifest
     inputs = manifest["fingerprint_inputs"]
     model = load_backbone(manifest["backbone"], weights=weights_of(entry, weights), pools=tuple(manifest["pools"]))
-    model.preprocess = entry.preprocess
+    model.preprocess = Preprocess.from_fields(entry.manifest["fingerprint_inputs"]["preprocess"])
     made = fingerprint_inputs(model, inputs["dtype"], inputs["precision"], entry.views, inputs.get("engine", "torch"))
     if made["weights_sha256"] != inputs["weights_sha256"]:
         raise RunError(f"the weights loaded for {manifest['backbone']} (SHA-256 {made['weights_sha256'][:12]}…) "

@@ -310,17 +310,6 @@ class CacheEntry:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
-    @property
-    def preprocess(self):  # noqa: ANN201 - featcache.data.images.Preprocess, imported lazily
-        """The preprocessing the entry's images went through (decode, filters, resize, crop, normalisation)."""
-        from featcache.data.images import Preprocess
-
-        fields = dict(self.manifest["fingerprint_inputs"]["preprocess"])
-        for key in ("mean", "std", "filters"):
-            if key in fields:
-                fields[key] = tuple(fields[key])
-        return Preprocess(**fields)
-
     def _facts(self) -> list[tuple[str, str]]:
         m = self.manifest
         state = self.state() if self.shard_paths() else {}
