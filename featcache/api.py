@@ -484,6 +484,45 @@ class Run:
                                                     test_align, align_from, trust_pickle)
         return predict_frame(self.path, inputs, root, _reporter(quiet, reporter), neighbours=neighbours, **options)
 
+    def explain(self, images: str | os.PathLike | Sequence[str | os.PathLike], *, k: int = 5, cls: str | None = None,
+                cache: str | os.PathLike | None = None, weights: str | None = None, quiet: bool = True,
+                reporter: Reporter | None = None) -> list:
+        """For each photo: the prediction, a heatmap of where the evidence for the predicted class (or ``cls``)
+        lies, and its ``k`` most similar training images.
+
+        Parameters
+        ----------
+        images : path or sequence of paths
+            Image files and/or folders (searched recursively).
+        k : int, default 5
+            Similar training cases per image.
+        cls : str, optional
+            The class whose evidence the map shows (default: each image's predicted class).
+        cache : path, optional
+            Cache root for the new images' features (default: the run's own cache).
+        weights : str, optional
+            The same local weights file given at extraction, if any.
+        quiet : bool, default True
+            No progress display.
+        reporter : Reporter, optional
+            Where progress and warnings go.
+
+        Returns
+        -------
+        list of Explanation
+            One per image, in order: ``.predicted``, ``.probabilities``, ``.cls``, ``.heatmap`` (a float array of
+            the photo's own height x width, higher = more evidence for ``.cls``, NaN outside the backbone's
+            crop), ``.method`` (``cam``: the exact class activation map of a linear head on gap features;
+            ``occlusion`` otherwise) and ``.neighbours`` (a DataFrame of ``k`` rows: ``neighbour`` id, ``label``,
+            ``group``, ``similarity``, best first).
+        """
+        from featcache.evaluation.explain import explain_run
+
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise OptionError(f"k={k!r}: give a whole number of similar cases, 0 or more")
+        inputs, root, _ = _prediction_options(self.path, images, cache, weights, None, None, "none", None, False)
+        return explain_run(self.path, inputs, root, k, cls, weights, _reporter(quiet, reporter))
+
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
         score = pooled.get("balanced_accuracy")

@@ -112,6 +112,24 @@ class PooledFeatures(nn.Module):
         return out
 
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The final CNN feature map (n, channels, h, w) whose spatial mean is the ``gap`` pooling: what a class
+        activation map weighs. A ViT or the scattering transform has none (an error says so)."""
+        net, arch = self.net, self.spec.arch
+        if isinstance(net, ScatteringTrunk):
+            raise WeightsUnavailable(f"{self.spec.name}: the scattering transform has no feature map to weigh")
+        if self.is_timm:
+            feats = net.forward_features(x)
+            if feats.ndim != 4:
+                raise WeightsUnavailable(f"{self.spec.name} is a ViT: its tokens are no CNN feature map")
+            return feats
+        if arch.startswith("resnet"):
+            for layer in (net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4):
+                x = layer(x)
+            return x
+        return net.features(x)
+
+
 class ScatteringTrunk(nn.Module):
     """Kymatio's 2-D scattering transform of each colour channel, averaged over space: ``gap`` the
     averaged coefficients, ``log`` their logarithm (the usual scaling before a linear model: orders
