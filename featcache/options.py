@@ -475,7 +475,7 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0),
     # --- the session: where and how a command runs, not what it computes (no study key) ---
     Option("cache", str, None, "Cache root (default ./cache, or $FEATCACHE_CACHE).",
-           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "audit"),
+           ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "audit", "explain"),
            envvar="FEATCACHE_CACHE"),
     Option("ray", str, None, "Run on Ray: `local` starts a cluster on this machine for the run, `auto` joins the "
            "one started here with `ray start --head`, or a cluster address (ray://host:10001). Same store, "
@@ -487,7 +487,7 @@ OPTIONS: tuple[Option, ...] = (
            "sqlite:///runs.db.", ("fit", "run")),
     Option("quiet", bool, False, "Only errors, warnings and the final lines.",
            ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "show", "backbones",
-            "audit", "export"), short="-q"),
+            "audit", "export", "explain"), short="-q"),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 # the extract options that, with the backbone, its weights and poolings, name an entry (the others, such as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,70 @@ def test_fit_subgroups_from_python_on_ham_metadata_and_the_report_shows_them(tmp
     assert "By subgroup (out of fold)" in page and 'alt="subgroups sex"' in page
     with pytest.raises(Exception, match="no column 'sexx'"):
         fc.fit(csv_path, images=shared("ham70"), heads=["logreg"], cache=tmp_path / "c", subgroups=["sexx"])
+
+
+def test_the_class_activation_map_averages_to_the_head_s_decision(lite0, photo):
+    import torch
+
+    from featcache.evaluation.explain import cam, class_probability, method_for, to_photo
+    from featcache.evaluation.heads import make_pipeline
+
+    x = lite0.preprocess.normalize(lite0.preprocess.to_uint8(photo)[None])
+    with torch.inference_mode():
+        gap = lite0.model(x)["gap"].double().numpy()
+        fmap = lite0.model.feature_map(x)
+    np.testing.assert_allclose(fmap.mean(dim=(2, 3)).double().numpy(), gap, rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    X = gap + rng.normal(scale=0.5, size=(90, gap.shape[1]))
+    for classes in (["mel", "nv"], ["bcc", "mel", "nv"]):
+        pipeline = make_pipeline("logreg").fit(X, np.array(classes * (90 // len(classes))))
+        saved = {"pipeline": pipeline, "pool": "gap"}
+        assert method_for(saved) == "cam"
+        decision = pipeline.decision_function(gap)[0]
+        for k, name in enumerate(classes):
+            heat, value = cam(lite0, x, saved, name)
+            expected = (decision if k == 1 else -decision) if len(classes) == 2 else decision[k]
+            assert heat.mean() == pytest.approx(expected, abs=1e-6) and value == pytest.approx(expected, abs=1e-6)
+        assert class_probability(lite0, saved, x, classes[0])[0] == pytest.approx(pipeline.predict_proba(gap)[0, 0])
+    assert method_for({"pipeline": make_pipeline("knn").fit(X, np.array(["a", "b"] * 45)), "pool": "gap"}) == \
+        "occlusion"
+    # on the photo: its own height x width, NaN outside the centre crop the backbone saw
+    width, height = photo.size
+    placed = to_photo(heat, lite0.preprocess, width, height)
+    assert placed.shape == (height, width) and np.isnan(placed).any() and not np.isnan(placed).all()
+    assert not np.isnan(placed[height // 2, width // 2])
+
+
+@pytest.mark.slow
+def test_explain_maps_evidence_and_names_similar_cases_from_the_api_and_the_cli(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from featcache.cli import app
+
+    folder = tmp_path / "imgs"
+    for label in ("melanoma", "nevus"):
+        (folder / label).mkdir(parents=True)
+        for src in sorted((DEMO / "images" / label).glob("*.jpg"))[:12]:
+            shutil.copy(src, folder / label / src.name)
+    fc.extract(folder, cache=tmp_path / "cache", quiet=True)
+    logreg, knn = fc.fit(folder, heads=["logreg", "knn"], cv=3, cache=tmp_path / "cache", quiet=True, no_groups=True)
+    new = [str(p) for p in sorted((DEMO / "images" / "melanoma").glob("*.jpg"))[30:32]]
+    ex = logreg.explain(new, k=4)
+    predicted = logreg.predict(new, neighbours=0)
+    assert [e.predicted for e in ex] == list(predicted.loc[new, "predicted"])
+    with Image.open(new[0]) as photo:
+        assert ex[0].heatmap.shape == (photo.height, photo.width) and ex[0].method == "cam"
+    assert list(ex[0].neighbours.columns[:4]) == ["id", "label", "group", "similarity"] and len(ex[0].neighbours) == 4
+    assert ex[0].neighbours["similarity"].is_monotonic_decreasing
+    other = next(c for c in logreg.classes if c != ex[0].predicted)
+    flipped = logreg.explain(new[:1], k=0, cls=other)[0]
+    assert flipped.cls == other and np.allclose(flipped.heatmap, -ex[0].heatmap, equal_nan=True)  # two classes
+    occluded = knn.explain(new[:1], k=1)[0]
+    assert occluded.method == "occlusion" and np.nanmax(occluded.heatmap) > 0
+    out = CliRunner().invoke(app, ["explain", str(logreg.path), *new, "--out", str(tmp_path / "ex")])
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == sorted(
+        [f"{Path(p).stem}-heatmap.png" for p in new] + ["explanations.csv", "neighbours.csv"])
+    again = CliRunner().invoke(app, ["explain", str(logreg.path), *new, "--out", str(tmp_path / "ex")])
+    assert again.exit_code == 2 and "exists" in again.output

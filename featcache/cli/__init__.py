@@ -302,6 +302,35 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
                                                      if len(written) > 1 else ""))
 
 
+@command("explain",
+         own("run", Path, typer.Argument(..., help="A run directory written by `featcache fit`.")),
+         own("images", list[str], typer.Argument(..., help="Image files and/or folders.")),
+         own("out", Path, typer.Option(..., help="Folder for one IMAGE-heatmap.png per image, explanations.csv and "
+                                       "neighbours.csv (it must not hold an explanations.csv yet).")),
+         own("cls", str | None, typer.Option(None, "--class", help="The class whose evidence to map (default: each "
+                                             "image's predicted class).")),
+         own("neighbours", int, typer.Option(5, min=0, help="Similar training cases per image.")),
+         own("weights", str | None, typer.Option(None, help="The same --weights used at extraction, if any.")))
+def explain(run: Path, images: list[str], out: Path, cls: str | None, neighbours: int, weights: str | None,
+            **options: Any) -> None:
+    """Where in each photo the evidence lies: a heatmap beside the photo (the exact class activation map of a
+    linear head on gap features, occlusion otherwise), with its most similar training cases.
+
+    Example: `featcache explain cache/…/runs/logreg-gap-… new_images/ --out explained/`
+    """
+    from featcache import api
+
+    if (out / "explanations.csv").exists():
+        raise typer.BadParameter(f"{out / 'explanations.csv'} exists (an earlier explanation?); give another --out",
+                                 param_hint="--out")
+    from featcache.evaluation.explain import write_explanations
+
+    found = api.load_run(run).explain(images, k=neighbours, cls=cls, cache=api.cache_root(options["cache"]),
+                                      weights=weights, quiet=options["quiet"])
+    written = write_explanations(found, out)
+    _print(f"{len(found)} heatmaps ({', '.join(sorted({e.method for e in found}))}) in {out}; table: {written}")
+
+
 @command("export",
          own("run", Path, typer.Argument(..., help="A run directory written by `featcache fit`.")),
          own("out", Path, typer.Option(Path("model.onnx"), help="The ONNX file to write.")),

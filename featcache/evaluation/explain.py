@@ -243,3 +243,33 @@ def _own(cases: pd.DataFrame, image_id: str) -> pd.DataFrame:
     mine = cases[cases["id"] == image_id] if len(cases) else cases
     return mine.drop(columns=["id"]).rename(columns={"neighbour": "id"})[
         ["id", "label", "group", "similarity", "rank", "agrees"]].reset_index(drop=True)
+
+
+def write_explanations(found: list[Explanation], out: Path) -> Path:
+    """``out/<image>-heatmap.png`` for each explanation, ``explanations.csv`` (id, predicted, class mapped,
+    method, each class's probability, the PNG) and ``neighbours.csv`` (every image's similar cases)."""
+    import csv
+
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(found[0].probabilities) if found else []
+    taken: set[str] = set()
+    rows = []
+    for e in found:
+        stem = e.path.stem
+        while stem in taken:  # two photos of one name in different folders
+            stem += "_"
+        taken.add(stem)
+        png = overlay_png(e.path, e.heatmap, out / f"{stem}-heatmap.png")
+        rows.append([e.id, e.predicted, e.cls, e.method, *(repr(e.probabilities[c]) for c in classes), png.name])
+    table = out / "explanations.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "predicted", "class_mapped", "method", *[f"p_{c}" for c in classes], "heatmap_png"])
+        writer.writerows(rows)
+    frames = [e.neighbours.assign(image=e.id) for e in found if e.neighbours is not None and len(e.neighbours)]
+    if frames:
+        pd.concat(frames)[["image", "rank", "id", "label", "group", "similarity", "agrees"]].rename(
+            columns={"id": "neighbour"}).to_csv(out / "neighbours.csv", index=False)
+    return table
