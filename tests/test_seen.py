@@ -326,3 +326,11 @@ def test_predict_onnx_with_test_align_is_refused_before_the_heavy_imports(tmp_pa
             "'moments', '.'])\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert "exit 2 False" in done.stdout and "--test-align" in done.stderr, done.stdout + done.stderr
+
+
+def test_the_mlp_fits_a_set_too_small_for_a_stratified_early_stopping_split():
+    from featcache.evaluation.heads import TorchMLPClassifier
+
+    X = np.random.default_rng(0).normal(size=(17, 20))
+    y = np.array(list("abcdefg") * 3)[:17]  # 7 classes, 17 rows: a 10 % split holds 2 (it raised from sklearn)
+    assert TorchMLPClassifier().fit(X, y).predict_proba(X).shape == (17, 7)

@@ -185,12 +185,18 @@ def _mlp(in_features: int, hidden: int, n_classes: int, dropout: float):
 
 def _validation_split(target: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
                       stratified: bool) -> tuple[np.ndarray, np.ndarray]:
+    classes = len(np.unique(target))
+
+    def room(n: int) -> bool:  # a stratified split needs every class on both sides (it failed on 17 rows of 7)
+        held = int(np.ceil(fraction * n))
+        return held >= classes and n - held >= classes
+
     if groups is None:
         return train_test_split(np.arange(len(target)), test_size=fraction, random_state=seed,
-                                stratify=target if stratified else None)
+                                stratify=target if stratified and room(len(target)) else None)
     names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     label_of_group = target[first]
-    stratify = label_of_group if np.bincount(label_of_group).min() >= 2 else None
+    stratify = label_of_group if np.bincount(label_of_group).min() >= 2 and room(len(names)) else None
     _, val_groups = train_test_split(np.arange(len(names)), test_size=fraction, random_state=seed,
                                      stratify=stratify)
     is_val = np.isin(inverse, val_groups)
