@@ -849,7 +849,8 @@ def report(data: str | os.PathLike | None = None, *, out: str | os.PathLike | No
         dataset = source_name(str(data))
     return write_report(Path(out) if out else root / "report.html", runs=None if runs is None else list(runs),
                         cache_root=root, dataset=dataset, title=title, metric=options["metric"],
-                        top=options["top"], best=options["best"], ensemble=options["ensemble"])
+                        top=options["top"], best=options["best"], ensemble=options["ensemble"],
+                        gallery=options["gallery"], max_mb=options["max_mb"])
 
 
 @takes_options("demo")

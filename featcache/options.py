@@ -473,6 +473,11 @@ OPTIONS: tuple[Option, ...] = (
            minimum=1),
     Option("best", int, 3, "Best runs shown with confusion matrix, ROC and reliability.", ("report",), "report",
            minimum=0),
+    Option("gallery", int, 1, "Leading runs per protocol shown with a gallery: their most confident errors and most "
+           "uncertain images, each with its heatmap and similar training cases (0: none).", ("report",), "report",
+           minimum=0),
+    Option("max_mb", float, 5.0, "The page's size limit in MB: the gallery stops before it (and says so).",
+           ("report",), "report", minimum=0.5),
     # --- the session: where and how a command runs, not what it computes (no study key) ---
     Option("cache", str, None, "Cache root (default ./cache, or $FEATCACHE_CACHE).",
            ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "audit", "explain"),

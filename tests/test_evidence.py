@@ -266,3 +266,27 @@ def test_explain_maps_evidence_and_names_similar_cases_from_the_api_and_the_cli(
         [f"{Path(p).stem}-heatmap.png" for p in new] + ["explanations.csv", "neighbours.csv"])
     again = CliRunner().invoke(app, ["explain", str(logreg.path), *new, "--out", str(tmp_path / "ex")])
     assert again.exit_code == 2 and "exists" in again.output
+
+
+@pytest.mark.slow
+def test_the_report_shows_a_gallery_of_errors_with_heatmaps_and_similar_cases_within_its_size(tmp_path):
+    def folder(name: str, start: int, count: int) -> Path:
+        root = tmp_path / name
+        for label in ("melanoma", "nevus"):
+            (root / label).mkdir(parents=True)
+            for src in sorted((DEMO / "images" / label).glob("*.jpg"))[start:start + count]:
+                shutil.copy(src, root / label / src.name)
+        return root
+
+    train, test = folder("train", 0, 15), folder("clinic_b", 40, 16)
+    fc.extract(train, cache=tmp_path / "c", quiet=True)
+    fc.fit(train, heads=["logreg"], cv=3, cache=tmp_path / "c", quiet=True, no_groups=True, test_data=test)
+    page = fc.report(cache=tmp_path / "c", out=tmp_path / "r.html").read_text()
+    gallery = page[page.index("<h4>Gallery</h4>"):]
+    assert "<h4>Out of fold</h4>" in gallery and "<h4>Test set (clinic_b)</h4>" in gallery
+    assert gallery.count("class='case'") >= 8 and "evidence for" in gallery and "(cam)" in gallery
+    assert len(page.encode()) <= 5_000_000
+    small = fc.report(cache=tmp_path / "c", out=tmp_path / "small.html", max_mb=0.5).read_text()
+    assert "The gallery stops here" in small and len(small.encode()) < len(page.encode())
+    none = fc.report(cache=tmp_path / "c", out=tmp_path / "none.html", gallery=0).read_text()
+    assert "<h4>Gallery</h4>" not in none

@@ -153,7 +153,8 @@ def scored_part(data: LabeledFeatures, keep: np.ndarray) -> LabeledFeatures:
                    groups=None if data.groups is None else data.groups[rows],
                    splits=None if data.splits is None else data.splits[rows],
                    meta=None if data.meta is None else data.meta[rows],
-                   sha256=[data.sha256[i] for i in rows] if data.sha256 else [], duplicates=pairs)
+                   sha256=[data.sha256[i] for i in rows] if data.sha256 else [], duplicates=pairs,
+                   paths=[data.paths[i] for i in rows] if data.paths else [])
 
 
 def audit_dataset(data: LabeledFeatures, oof: np.ndarray, folds: np.ndarray, lone: list[dict] | None = None

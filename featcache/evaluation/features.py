@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class LabeledFeatures:
     # how the groups were found: {"grouped": bool, "by": text, "mode": Grouping value, "column": name}
     grouping: dict = field(default_factory=lambda: {"grouped": False, "by": "no groups", "mode": "none"})
     duplicates: DuplicatePairs | None = None  # the leakage audit of these rows
+    paths: list[str] = field(default_factory=list)  # each row's image file (for heatmaps and galleries)
 
     def identity(self) -> str:
         """Hash of every value of these rows that sets a run's numbers: ids, image SHA-256s,
@@ -192,7 +194,7 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     if columns:
         meta_values, spec = encode_meta([r for r, _ in rows], columns, meta_spec, str(source.location))
     return LabeledFeatures(X, y, group_values, splits, ids, class_names, notes, meta_values, spec, sha256,
-                           grouping, duplicates)
+                           grouping, duplicates, [str(Path(r.path).resolve()) for r, _ in rows])
 
 
 def _threshold(entry: CacheEntry, pool: str, given: float | None) -> tuple[float, bool]:

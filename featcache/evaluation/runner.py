@@ -347,6 +347,9 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
               # and its similar cases: each training image's label and group
               "train_labels": data.y.tolist(), "train_groups": None if data.groups is None else data.groups.tolist(),
+              # and the report's gallery: where each training (and test) image is
+              "train_paths": data.paths,
+              "test_paths": dict(zip(test.ids, test.paths, strict=True)) if test and test.paths else None,
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
     card = model_card(result, source=entry.manifest.get("source"),
                       n_groups=None if data.groups is None else len(set(data.groups.tolist())))

@@ -140,13 +140,16 @@ th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-al
 th { background: #f3f3f3; } code { font-size: 0.9em; word-break: break-all; } .warn { color: #a33; }
 img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display: flex; flex-wrap: wrap; gap: 1em; }
 .pair img.figure { max-width: 48%; } .muted { color: #777; }
+.case { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; margin: 0.4em 0; }
+.case figure { margin: 0; max-width: 130px; font-size: 0.75em; } img.thumb { display: block; max-height: 120px; }
 .wide { overflow-x: auto; } .wide th { white-space: nowrap; overflow-wrap: normal; }
 """
 
 
 def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | None = None,
                  dataset: str | None = None, title: str = "featcache report", metric: str = "balanced_accuracy",
-                 top: int = 20, best: int = 3, ensemble: str | int | None = None) -> Path:
+                 top: int = 20, best: int = 3, ensemble: str | int | None = None, gallery: int = 1,
+                 max_mb: float = 5.0) -> Path:
     """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
     ``cache_root``. Returns the path."""
     roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]
@@ -179,8 +182,18 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                         "class rates, so they sit at chance (the dashed line), or below it where a held-out part's "
                         "commonest class is not the training set's.</p>")
         body.append(_leaderboard_table(shown, metric))
-        for row in [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS][:best]:
-            body.append(_best_run_section(row, metric))
+        leading = [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS]
+        for k, row in enumerate(leading[:max(best, gallery)]):
+            if k < best:
+                body.append(_best_run_section(row, metric))
+            if k < gallery:
+                from featcache.reporting.gallery import gallery_section
+
+                left = int(max_mb * 1e6) - sum(len(part) for part in body) - 200_000  # room for the rest
+                if k >= best:
+                    body.append(f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / "
+                                f"{html.escape(row.head)}</h3>")
+                body.append(gallery_section(row.run, max(left, 0))[0])
     body += ["<h2>Runs</h2>", _runs_table(runs_listed), "<h2>Provenance of the features</h2>",
              "<div class='wide'>", _provenance(rows), "</div>"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
