@@ -139,6 +139,13 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
     return wrap
 
 
+def _similar_cases(value: Any, name: str) -> int:
+    """A count of similar cases, checked where it enters."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionError(f"{name}={value!r}: give a whole number of similar cases, 0 or more")
+    return value
+
+
 def _flag_value(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise OptionError(f"{name}={value!r}: expected True or False")
@@ -478,8 +485,7 @@ class Run:
         """
         from featcache.evaluation.predict import predict_frame
 
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
-            raise OptionError(f"neighbours={neighbours!r}: give a whole number of similar cases, 0 or more")
+        _similar_cases(neighbours, "neighbours")
         inputs, root, options = _prediction_options(self.path, images, cache, weights, group_col, image_col,
                                                     test_align, align_from, trust_pickle)
         return predict_frame(self.path, inputs, root, _reporter(quiet, reporter), neighbours=neighbours, **options)
@@ -518,8 +524,7 @@ class Run:
         """
         from featcache.evaluation.explain import explain_run
 
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise OptionError(f"k={k!r}: give a whole number of similar cases, 0 or more")
+        _similar_cases(k, "k")
         inputs, root, _ = _prediction_options(self.path, images, cache, weights, None, None, "none", None, False)
         return explain_run(self.path, inputs, root, k, cls, weights, _reporter(quiet, reporter))
 
