@@ -64,8 +64,11 @@ def gallery_section(run_dir: Path, budget_bytes: int) -> tuple[str, int]:
     from featcache.store.model_files import load_model
     from featcache.store.runs import has_test_predictions, read_metrics, read_neighbours, read_predictions
 
-    saved = load_model(run_dir)
-    entry = trained_entry(run_dir, saved)
+    try:
+        saved = load_model(run_dir)
+        entry = trained_entry(run_dir, saved)
+    except FeatcacheError as exc:  # a run folder copied without its entry
+        return (f"<p class='muted'>No gallery: {html.escape(str(exc))}</p>", 0)
     if isinstance(entry, FusedEntry) or saved["config"].get("meta_spec"):
         return ("<p class='muted'>No gallery: heatmaps take a run of one backbone without --meta.</p>", 0)
     if not saved.get("train_paths"):
