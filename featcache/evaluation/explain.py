@@ -6,9 +6,9 @@ Two methods, each named with every map it makes:
   ``w . (mean_hw F - mu) / sigma + b``, linear in the final feature map ``F``; so the map
   ``sum_j w_j / sigma_j F_j(h, w) + (b - sum_j w_j mu_j / sigma_j)`` has that decision as its spatial mean, to the
   last rounding (tested): the class activation map of Zhou et al. (2016), through the run's own scaler.
-- ``occlusion`` (any backbone, pooling and head): a grey square (the mean colour, zero after normalisation) is
-  slid over the backbone's input in a 7 x 7 grid of half-overlapping squares; a pixel's evidence is how much
-  the class's probability falls when the squares over it are covered, averaged over them.
+- ``occlusion`` (any backbone, pooling and head): a square of the blurred photo is slid over the backbone's
+  input in a 7 x 7 grid of half-overlapping squares; a pixel's evidence is how much the class's probability
+  falls when the squares over it are covered, averaged over them.
 
 The map is computed on the backbone's own input (its crop, after the entry's filters) and placed back on the
 photo: an array of the photo's own height x width, NaN where the backbone never looked (outside its centre crop).
@@ -110,18 +110,29 @@ def class_probability(model: LoadedBackbone, saved: dict, batch: torch.Tensor, c
     return pipeline.predict_proba(X)[:, classes.index(cls)]
 
 
+def blurred(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its detail removed (a Gaussian of a twentieth of its side): what covers a region. A grey square
+    would add edges the photo never had, and the network reacts to those wherever they are."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    sigma = max(x.shape[-1] / 20, 1.0)
+    return gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+
+
 def occlusion(model: LoadedBackbone, x: torch.Tensor, saved: dict, cls: str) -> np.ndarray:
-    """Per pixel of the input: the mean fall of ``cls``'s probability over the occluding squares covering it."""
+    """Per pixel of the input: the mean fall of ``cls``'s probability over the occluding squares covering it
+    (each square replaced by the blurred photo)."""
     import torch
 
     size = x.shape[-1]
+    cover = blurred(x)
     square = int(np.ceil(2 * size / (GRID + 1)))
     starts = np.linspace(0, size - square, GRID).round().astype(int)
     batch, boxes = [], []
     for top in starts:
         for left in starts:
             covered = x.clone()
-            covered[:, :, top:top + square, left:left + square] = 0.0  # the mean colour
+            covered[:, :, top:top + square, left:left + square] = cover[:, :, top:top + square, left:left + square]
             batch.append(covered)
             boxes.append((top, left))
     base = class_probability(model, saved, x, cls)[0]
