@@ -202,7 +202,8 @@ def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
                               "--cache", cache])
     assert out.exit_code == 0, out.output
     lines = preds.read_text().splitlines()
-    assert lines[0] == "id,group,predicted,p_melanoma,p_nevus,near_duplicate_of,similarity" and len(lines) == 7
+    header = "id,group,predicted,p_melanoma,p_nevus,near_duplicate_of,similarity,neighbours_agree"
+    assert lines[0] == header and len(lines) == 7
     # these are the training images themselves: every one is named as an exact duplicate
     with open(preds, newline="") as handle:
         rows = list(csv.DictReader(handle))
