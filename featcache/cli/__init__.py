@@ -298,6 +298,8 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
     from featcache.evaluation.predict import write_predictions  # after every check: it imports the whole stack
 
     written = write_predictions(frame, out)
+    if neighbours and "neighbours_agree" not in frame.columns:  # said, not skipped in silence
+        _print("no similar cases: they are searched for one --run (not an ensemble or an --onnx model)")
     _print(f"predictions written to {written[0]}" + (f"; each image's most similar training images to {written[1]}"
                                                      if len(written) > 1 else ""))
 
