@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--heads", default="logreg,svm-linear")
     args = parser.parse_args()
     import featcache as fc
+    from featcache.evaluation.subgroups import in_reading_order
 
     started = time.perf_counter()
     fc.extract(HAM, group_col="lesion_id", cache=args.cache, quiet=True)
@@ -48,7 +49,7 @@ def main() -> None:
                   "| column | subgroup | images | balanced accuracy [95% CI] | AUROC [95% CI] | |",
                   "|---|---|---|---|---|---|"]
         for column, groups in metrics["subgroups"].items():
-            for value, entry in groups.items():
+            for value, entry in in_reading_order(groups):
                 below = "**worst, below the run**" if entry.get("below_overall") else "worst"
                 mark = below if entry.get("worst") else ""
                 lines.append(f"| {column} | {value} | {entry['n']} | {_ci(entry.get('balanced_accuracy'))} | "

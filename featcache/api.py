@@ -188,7 +188,8 @@ def _open(data: str, images: str | None, image_col: str | None, label_col: str |
         reporter.warn(note)
     if source.group_column:
         n = len({r.group for r in source.records if r.group})
-        reporter.info(f"groups: column {source.group_column!r} ({n} groups of {len(source.records)} images)")
+        reporter.info(f"groups: column {source.group_column!r} ({n} groups of {len(source.records)} images)",
+                      once=True)
     elif source.suspect_group_columns and groups == "auto":
         reporter.warn(f"no group column recognised in {source.location}, but "
                       f"{', '.join(map(repr, source.suspect_group_columns))} looks like one (ids shared by "
@@ -346,9 +347,10 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
                           o["resampler"], reporter) for name, pool in zip(backbones, pools, strict=True)]
     test_source = test_entries = None
     if o["test_data"]:
-        from featcache.data.sources import open_source
+        from featcache.data.sources import open_test_source
 
-        test_source = open_source(o["test_data"], group_col=o["test_group_col"])
+        test_source = open_test_source(o["test_data"], image_col=o["image_col"], label_col=o["label_col"],
+                                       group_col=o["test_group_col"])
         check_test_classes(source, test_source, o["label_map"], ",".join(o["classes"]) if o["classes"] else None)
         if o["test_align"] != "none":
             from featcache.evaluation.shift import MIN_ALIGN_IMAGES

@@ -54,7 +54,13 @@ class Reporter:
         """A final line (what a command made, where it is): on standard output, also when quiet."""
         self._out.print(escape(message), highlight=False, soft_wrap=True)
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, once: bool = False) -> None:
+        """A note on standard error, unless quiet; ``once``: not again when the same words were said (what a
+        source is, met by every stage that reads it)."""
+        if once:
+            if message in self._said:
+                return
+            self._said.add(message)
         if not self.quiet:
             self.console.print(escape(message), highlight=False)
 

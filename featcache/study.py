@@ -207,12 +207,13 @@ class StudyResult:
 
 
 def _sources(study: Study):
-    from featcache.data.sources import open_source
+    from featcache.data.sources import open_source, open_test_source
 
     data = study.data
     images = Path(data["images"]) if data["images"] else None
     train = open_source(data["data"], images, data["image_col"], data["label_col"], data["group_col"])
-    test = open_source(data["test_data"], group_col=data["test_group_col"]) if data["test_data"] else None
+    test = (open_test_source(data["test_data"], image_col=data["image_col"], label_col=data["label_col"],
+                             group_col=data["test_group_col"]) if data["test_data"] else None)
     return train, test
 
 

@@ -144,7 +144,7 @@ def _source(data, name: str, meta: dict[str, list[str]]):
 
 def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path):
     from featcache.evaluation.metrics import score_with_ci
-    from featcache.evaluation.subgroups import add_subgroups
+    from featcache.evaluation.subgroups import add_subgroups, in_reading_order
     from featcache.progress import Reporter
     from featcache.reporting.compare import select_rows, table_rows
     from featcache.store.runs import read_predictions
@@ -152,7 +152,7 @@ def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path
     data, test = _clinic(240, 0), _clinic(80, 1, ids="b")
     site = np.array(["head", "trunk", "leg"] * 80)
     data.X[site == "leg"] = np.random.default_rng(5).normal(size=(80, 8))  # the model cannot see legs' lesions
-    ages = [str(20 + (k * 7) % 60) for k in range(240)]
+    ages = [str(5 + (k * 7) % 90) for k in range(240)]
     source = _source(data, "a", {"site": site.tolist(), "Age": ages})
     tested = _source(test, "b", {"site": ["head", "leg"] * 40, "Age": [str(30 + k % 40) for k in range(80)]})
     run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
@@ -174,12 +174,15 @@ def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path
     assert leg["worst"] and leg["below_overall"] and any("site = leg" in w for w in said)
     bands = metrics["subgroup_bands"]["Age"]
     assert len(bands) == 5 and all(v.startswith("[") for v in groups["Age"])
+    lows = [float(v[1:].split(",")[0]) for v, _ in in_reading_order(groups["Age"])]
+    assert lows == sorted(lows)  # bands in the order of their ages, not of their spelling ([26.75, …) before [5, …))
     assert sum(e["n"] for e in groups["Age"].values()) == 240
     assert set(metrics["test"]["subgroups"]["site"]) == {"head", "leg"}
     header, body = table_rows(select_rows(tmp_path / "cache", "balanced_accuracy"), "balanced_accuracy")
     assert body[0][header.index("worst group (balanced_accuracy [95% CI])")].startswith("site=leg (80): ")
     card = (run / "MODEL_CARD.md").read_text()
     assert "### site" in card and f"| leg | 80 | {leg['balanced_accuracy']['pooled']:.3f}" in card
+    assert card.index("| [5, ") < card.index("| [26.75, ")  # the card lists age bands in the order of their ages
     with pytest.raises(Exception, match="no column 'skin'"):
         add_subgroups(run, source, None, ("skin",), reporter)
 
@@ -214,15 +217,21 @@ def test_the_class_activation_map_averages_to_the_head_s_decision(lite0, photo):
     np.testing.assert_allclose(fmap.mean(dim=(2, 3)).double().numpy(), gap, rtol=1e-5, atol=1e-6)
     rng = np.random.default_rng(0)
     X = gap + rng.normal(scale=0.5, size=(90, gap.shape[1]))
-    for classes in (["mel", "nv"], ["bcc", "mel", "nv"]):
-        pipeline = make_pipeline("logreg").fit(X, np.array(classes * (90 // len(classes))))
+    for head, classes in [(h, c) for h in ("logreg", "svm-linear") for c in (["mel", "nv"], ["bcc", "mel", "nv"])]:
+        pipeline = make_pipeline(head).fit(X, np.array(classes * (90 // len(classes))))
         saved = {"pipeline": pipeline, "pool": "gap"}
         assert method_for(saved) == "cam"
-        decision = pipeline.decision_function(gap)[0]
+        if head == "logreg":
+            decision, tolerance = pipeline.decision_function(gap)[0], 1e-6
+        else:  # the linear SVM decides by the mean of its calibration folds' linear SVMs (fit in float32)
+            scaled = pipeline[:-1].transform(gap).astype(np.float32)
+            members = pipeline[-1].model_.calibrated_classifiers_
+            decision, tolerance = np.mean([m.estimator.decision_function(scaled)[0] for m in members], axis=0), 1e-4
         for k, name in enumerate(classes):
             heat, value = cam(lite0, x, saved, name)
             expected = (decision if k == 1 else -decision) if len(classes) == 2 else decision[k]
-            assert heat.mean() == pytest.approx(expected, abs=1e-6) and value == pytest.approx(expected, abs=1e-6)
+            assert heat.mean() == pytest.approx(expected, abs=tolerance)
+            assert value == pytest.approx(expected, abs=tolerance)
         assert class_probability(lite0, saved, x, classes[0])[0] == pytest.approx(pipeline.predict_proba(gap)[0, 0])
     assert method_for({"pipeline": make_pipeline("knn").fit(X, np.array(["a", "b"] * 45)), "pool": "gap"}) == \
         "occlusion"

@@ -170,10 +170,32 @@ def test_a_warning_is_said_once_and_a_checksum_column_is_no_group_hint(tmp_path,
     for _ in range(3):
         reporter.warn("domain shift: the same for every head")
     assert capsys.readouterr().err.count("domain shift") == 1
+    for _ in range(2):  # what a source is, met by the audit and by the fit it runs
+        reporter.info("groups: column 'lesion' (3 groups of 9 images)", once=True)
+    assert capsys.readouterr().err.count("groups: column") == 1
     image = next((DEMO / "images" / "nevus").glob("*.jpg"))
     lines = ["path,label,md5"] + [f"{image},nv,{'ab' if k % 2 else 'cd'}{k // 4}" for k in range(40)]
     (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
     assert open_source(tmp_path / "x.csv").suspect_group_columns == []
+
+
+def test_columns_are_found_past_stray_spaces_and_a_test_csv_shares_the_training_column_names(tmp_path):
+    from featcache.data.sources import open_source, open_test_source
+
+    images = sorted((DEMO / "images" / "nevus").glob("*.jpg"))[:4]
+    image = images[0]
+    header = "Bild Pfad;Befund ;Läsion-Nr\n"
+    (tmp_path / "train.csv").write_text(header + "".join(f"{p};Nävus;L{k}\n" for k, p in enumerate(images)))
+    (tmp_path / "test.csv").write_text("Bild Pfad;Befund \n" + f"{image};Nävus\n")
+    (tmp_path / "other.csv").write_text("path,label\n" + f"{image},Nävus\n")
+    train = open_source(tmp_path / "train.csv", image_col="bild pfad", label_col="befund", group_col="läsion-nr")
+    assert [r.label for r in train.records] == ["Nävus"] * 4 and train.group_column == "Läsion-Nr"
+    test = open_test_source(tmp_path / "test.csv", image_col="bild pfad", label_col="befund")
+    assert [r.label for r in test.records] == ["Nävus"]
+    other = open_test_source(tmp_path / "other.csv", image_col="bild pfad", label_col="befund")
+    assert [r.label for r in other.records] == ["Nävus"]  # its own columns, recognised as for any CSV
+    with pytest.raises(Exception, match="no column 'bild pfad'"):
+        open_source(tmp_path / "other.csv", image_col="bild pfad")
 
 
 def test_the_version_and_output_that_is_not_a_terminal_does_not_wrap(tmp_path):
@@ -260,6 +282,7 @@ def test_audit_lists_a_lone_class_and_label_conflicts_first(tmp_path):
     assert [i["reason"].split(":")[0] for i in issues[:3]] == ["label conflict", "label conflict",
                                                               "class 'nevsu' has only 1 image (fewer than the 3 folds)"]
     assert {issues[0]["id"], issues[1]["id"]} == {copied, "nevus/copy.jpg"}
+    assert issues[2]["suggested"] == "nevus" and "a typo of 'nevus'?" in issues[2]["reason"]
     with open(out / "outliers.csv", newline="") as handle:
         assert 0 <= float(next(csv.DictReader(handle))["percentile"]) <= 100
 

@@ -119,6 +119,33 @@ def open_source(
     )
 
 
+def open_test_source(
+    test_data: str | os.PathLike,
+    *,
+    image_col: str | None = None,
+    label_col: str | None = None,
+    group_col: str | None = None,
+) -> ImageSource:
+    """Open a held-out set. The training data's ``image_col`` and ``label_col`` apply to it where its CSV has
+    columns of those names (a second export of the same spreadsheet); where it has not, its own columns are
+    recognised as for any CSV. ``group_col``: its own group column (``--test-group-col``)."""
+    path = Path(test_data).expanduser()
+    manifest = path / "labels.csv" if path.is_dir() else path
+    columns: set[str] = set()
+    if manifest.is_file() and manifest.suffix.lower() == ".csv":
+        try:
+            with open(manifest, newline="", encoding="utf-8-sig") as handle:
+                header = handle.readline()
+            columns = {column_key(c) for c in next(csv.reader([header], delimiter=_delimiter(header)), [])}
+        except (OSError, UnicodeDecodeError):
+            pass  # open_source says what is wrong with the file
+
+    def shared(column: str | None) -> str | None:
+        return column if column and column_key(column) in columns else None
+
+    return open_source(path, image_col=shared(image_col), label_col=shared(label_col), group_col=group_col)
+
+
 def read_image_folder(root: Path) -> ImageSource:
     """ImageFolder layout: ``root/<class>/<image>``; the id is the path relative to ``root``."""
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -139,14 +166,20 @@ def read_image_folder(root: Path) -> ImageSource:
     return ImageSource(name=source_name(root), location=root, kind="folder", records=records)
 
 
+def column_key(name: str) -> str:
+    """How a column is looked up: any case, and blind to the stray spaces spreadsheet exports leave in
+    headers (``'Befund '`` is ``--label-col befund``)."""
+    return name.strip().casefold()
+
+
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
           csv_path: Path) -> str | None:
-    lower = {c.lower(): c for c in columns}
+    lower = {column_key(c): c for c in columns}
     if wanted:
         if wanted in columns:
             return wanted
-        if wanted.lower() in lower:
-            return lower[wanted.lower()]
+        if column_key(wanted) in lower:
+            return lower[column_key(wanted)]
         raise SourceError(f"{csv_path}: no column {wanted!r} for the {what}; columns are {', '.join(columns)}")
     for candidate in candidates:
         if candidate in lower:
@@ -199,7 +232,7 @@ def read_csv_source(
     # every column asked for that is not there, named at once (not one per try)
     absent = [f"{wanted!r} ({flag})" for flag, wanted in (("--image-col", image_col), ("--label-col", label_col),
                                                          ("--group-col", group_col))
-              if wanted and wanted.lower() not in {c.lower() for c in columns}]
+              if wanted and column_key(wanted) not in {column_key(c) for c in columns}]
     if absent:
         raise SourceError(f"{csv_path}: no column {' and no column '.join(absent)}; its columns are "
                           f"{', '.join(columns)}")

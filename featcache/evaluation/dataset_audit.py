@@ -104,11 +104,20 @@ def label_conflicts(data: LabeledFeatures) -> list[dict]:
 
 
 def lone_class_rows(ids: list[str], labels: list[str], counts: dict[str, int], cv: int) -> list[dict]:
-    """Images of classes with fewer than ``cv`` images (one image of a class is often a label typo)."""
-    return [{"id": i, "given": label, "suggested": "", "score": "",
-             "reason": f"class {label!r} has only {counts[label]} image{'s' if counts[label] != 1 else ''} (fewer "
-                       f"than the {cv} folds): a typo? it was left out of the audit's models"}
-            for i, label in zip(ids, labels, strict=True) if counts[label] < cv]
+    """Images of classes with fewer than ``cv`` images (one image of a class is often a label typo); the
+    suggested label is the class of enough images whose name is closest to it, when one is close."""
+    import difflib
+
+    full = [c for c, n in counts.items() if n >= cv]
+
+    def row(image_id: str, label: str) -> dict:
+        close = difflib.get_close_matches(label, full, n=1, cutoff=0.6)
+        typo = f"a typo of {close[0]!r}?" if close else "a typo?"
+        return {"id": image_id, "given": label, "suggested": close[0] if close else "", "score": "",
+                "reason": f"class {label!r} has only {counts[label]} image{'s' if counts[label] != 1 else ''} (fewer "
+                          f"than the {cv} folds): {typo} it was left out of the audit's models"}
+
+    return [row(i, label) for i, label in zip(ids, labels, strict=True) if counts[label] < cv]
 
 
 def outliers(data: LabeledFeatures, folds: np.ndarray) -> list[dict]:

@@ -2,10 +2,13 @@
 
 Two methods, each named with every map it makes:
 
-- ``cam`` (exact): a run of gap-pooled CNN features under logistic regression. Its decision for a class is
+- ``cam`` (exact): a run of gap-pooled CNN features under a linear head (logistic regression, or the linear
+  SVM, whose decision is the mean of its calibration folds' linear decisions). Its decision for a class is
   ``w . (mean_hw F - mu) / sigma + b``, linear in the final feature map ``F``; so the map
   ``sum_j w_j / sigma_j F_j(h, w) + (b - sum_j w_j mu_j / sigma_j)`` has that decision as its spatial mean, to the
-  last rounding (tested): the class activation map of Zhou et al. (2016), through the run's own scaler.
+  last rounding (tested): the class activation map of Zhou et al. (2016), through the run's own scaler. (The
+  linear SVM's probability is a calibrated sigmoid of each fold's decision, so it rises with the mapped decision
+  but is not a function of it alone.)
 - ``occlusion`` (any backbone, pooling and head): a square of the blurred photo is slid over the backbone's
   input in a 7 x 7 grid of half-overlapping squares; a pixel's evidence is how much the class's probability
   falls when the squares over it are covered, averaged over them.
@@ -57,8 +60,7 @@ def method_for(saved: dict) -> str:
     if hasattr(pipeline, "estimator_"):
         pipeline = pipeline.estimator_
     steps = [step for _, step in pipeline.steps[:-1] if step != "passthrough"]
-    head = pipeline.steps[-1][1]
-    linear = type(head).__name__ == "LogisticRegression"
+    linear = linear_decision(pipeline.steps[-1][1]) is not None
     only_scaler = all(type(step).__name__ == "StandardScaler" for step in steps)
     return "cam" if saved["pool"] == "gap" and linear and only_scaler else "occlusion"
 
@@ -68,18 +70,30 @@ def _head_pipeline(saved: dict):  # noqa: ANN202 - the sklearn pipeline of one v
     return pipeline.estimator_ if hasattr(pipeline, "estimator_") else pipeline
 
 
+def linear_decision(head) -> tuple[np.ndarray, np.ndarray] | None:  # noqa: ANN001 - any fitted head
+    """``(coef, intercept)`` of a head whose decision is linear in its input: logistic regression's own, and the
+    linear SVM's averaged over its calibration folds' models (its decision is their mean); None for any other."""
+    if type(head).__name__ == "LogisticRegression":
+        return head.coef_, head.intercept_
+    if type(head).__name__ == "SVMHead" and head.kernel == "linear":
+        members = [member.estimator for member in head.model_.calibrated_classifiers_]
+        return (np.mean([m.coef_ for m in members], axis=0), np.mean([m.intercept_ for m in members], axis=0))
+    return None
+
+
 def class_weights(saved: dict, cls: str) -> tuple[np.ndarray, float]:
     """The run's decision for ``cls`` as ``(v, c)`` with decision = ``v . gap + c``: the head's weights through
-    the scaler (a two-class logistic regression's one decision, negated for the first class)."""
+    the scaler (a two-class head's one decision, negated for the first class)."""
     pipeline = _head_pipeline(saved)
     head = pipeline.steps[-1][1]
     classes = [str(c) for c in head.classes_]
     k = classes.index(cls)
-    if head.coef_.shape[0] == 1:
+    coef, intercept = linear_decision(head)
+    if coef.shape[0] == 1:
         sign = 1.0 if k == 1 else -1.0
-        w, b = sign * head.coef_[0], sign * float(head.intercept_[0])
+        w, b = sign * coef[0].astype(np.float64), sign * float(intercept[0])
     else:
-        w, b = head.coef_[k], float(head.intercept_[k])
+        w, b = coef[k].astype(np.float64), float(intercept[k])
     scaler = next((step for _, step in pipeline.steps[:-1] if step != "passthrough"), None)
     if scaler is None:
         return w.astype(np.float64), b

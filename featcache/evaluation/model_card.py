@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from featcache.evaluation.subgroups import in_reading_order
+
 SKIN_TONE_WORDS = ("fitzpatrick", "skin_type", "skintype", "skin_tone", "skintone", "ita", "monk")
 
 
@@ -96,7 +98,7 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
     if subgroups:
         for column, groups in subgroups.items():
             lines += [f"### {column}", "", "| subgroup | images | balanced_accuracy [95% CI] |", "|---|---|---|"]
-            for value, scores in groups.items():
+            for value, scores in in_reading_order(groups):
                 ba = scores.get("balanced_accuracy") or {}
                 lines.append(f"| {value} | {scores.get('n', '–')} | {_ci(ba.get('pooled'), ba.get('ci'))} |")
             lines.append("")

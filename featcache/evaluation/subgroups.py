@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.sources import ImageSource, is_number
+from featcache.data.sources import ImageSource, column_key, is_number
 from featcache.errors import RunError
 from featcache.evaluation.metrics import score_with_ci
 from featcache.progress import Reporter
@@ -31,13 +31,13 @@ MIN_IMAGES = 2  # a subgroup needs two images to be scored at all (and two class
 def checked_columns(source: ImageSource, columns: tuple[str, ...] | list[str]) -> list[str]:
     """The source's own spelling of each subgroup column (any case), or a :class:`RunError` naming every
     column that is not there, and what there is."""
-    known = {c.lower(): c for r in source.records[:1] for c in r.meta}
-    missing = [c for c in columns if c.lower() not in known]
+    known = {column_key(c): c for r in source.records[:1] for c in r.meta}
+    missing = [c for c in columns if column_key(c) not in known]
     if missing:
         listed = ", ".join(sorted(known.values())) or "none (only a CSV manifest has metadata columns)"
         raise RunError(f"--subgroups {','.join(columns)}: {source.location} has no column "
                        f"{' and no column '.join(map(repr, missing))}; its metadata columns are {listed}")
-    return [known[c.lower()] for c in columns]
+    return [known[column_key(c)] for c in columns]
 
 
 def band_labels(values: list[str], edges: list[float] | None = None) -> tuple[list[str], list[float] | None]:
@@ -63,6 +63,22 @@ def band_labels(values: list[str], edges: list[float] | None = None) -> tuple[li
     return [band(v) for v in filled], edges
 
 
+def reading_order(value: str) -> tuple:
+    """Subgroups as a reader expects them: numbers and bands by their value (``[5, 45)`` before ``[45, 50)``,
+    Fitzpatrick ``2`` before ``10``), then names alphabetically, ``(missing)`` last."""
+    text = str(value)
+    number = text[1:].split(",")[0] if text.startswith("[") else text
+    if is_number(number):
+        return (0, float(number), text)
+    return (1 + (text == MISSING), 0.0, text)
+
+
+def in_reading_order(groups: dict) -> list[tuple[str, dict]]:
+    """A column's ``{value: scores}`` as ``(value, scores)`` pairs in :func:`reading_order` (metrics.json keeps
+    its keys sorted as text, where ``[5, 45)`` would follow ``[45, 50)``)."""
+    return sorted(groups.items(), key=lambda item: reading_order(item[0]))
+
+
 def subgroup_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str], groups: np.ndarray | None,
                     subgroup: list[str]) -> dict:
     """``{value: {"n", "balanced_accuracy": {"pooled", "ci"}, "auroc": {...}, "sensitivity": {class: x},
@@ -71,7 +87,7 @@ def subgroup_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str], g
     subgroup = np.asarray(subgroup, dtype=object)
     overall = score_with_ci(labels, proba, classes, groups)
     out: dict = {}
-    for value in sorted(set(subgroup.tolist()), key=lambda v: (v == MISSING, v)):
+    for value in sorted(set(subgroup.tolist())):
         rows = subgroup == value
         entry: dict = {"n": int(rows.sum())}
         if rows.sum() >= MIN_IMAGES:
@@ -128,7 +144,7 @@ def add_subgroups(run_dir: Path, source: ImageSource, test_source: ImageSource |
         result["subgroups"][column] = subgroup_scores(labels, proba, oof.classes, groups, names)
         if edges is not None:
             bands[column] = edges
-        if test is not None and column.lower() in {c.lower() for r in test_source.records[:1] for c in r.meta}:
+        if test is not None and column_key(column) in {column_key(c) for r in test_source.records[:1] for c in r.meta}:
             test_column = checked_columns(test_source, [column])[0]
             test_names, _ = band_labels(values_of(test_source, test_column, test.ids), edges)
             result["test"]["subgroups"][column] = subgroup_scores(test.labels, test.proba, test.classes, None,

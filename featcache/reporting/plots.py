@@ -44,7 +44,7 @@ def forest_figure(labels: list[str], points: list[float], intervals: list[tuple[
     ax.set_yticks(range(n), list(reversed(labels)), fontsize=8)
     if chance is not None:
         ax.axvline(chance, color="#aa3333", linestyle="--", linewidth=1, label=f"{line_label} ({chance:.2f})")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9, loc="left")
     ax.grid(axis="x", alpha=0.3)
@@ -65,7 +65,7 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]) -> str:
     counts = np.asarray(matrix, dtype=float)
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2.2 + 0.45 * len(classes)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
     for ax, values, title, fmt in ((axes[0], counts, "counts", "{:.0f}"),
                                    (axes[1], normalised, "row-normalised (recall on the diagonal)", "{:.2f}")):
         ax.imshow(values, cmap="Blues")
@@ -74,11 +74,11 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]) -> str:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title, fontsize=9)
-        top = values.max() or 1
+        low, span = values.min(), (values.max() - values.min()) or 1
         for i in range(len(classes)):
-            for j in range(len(classes)):
+            for j in range(len(classes)):  # white on the dark half of the colour scale, which runs min to max
                 ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if values[i, j] > top / 2 else "black")
+                        color="white" if (values[i, j] - low) / span > 0.5 else "black")
     return _png(fig)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import CacheError, FeatcacheError
+from featcache.evaluation.subgroups import in_reading_order
 from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows, sets_text
 from featcache.reporting.plots import confusion_figure, forest_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
@@ -117,7 +118,7 @@ def _subgroup_section(result: dict) -> list[str]:
     parts = ["<h4>By subgroup (out of fold)</h4>"]
     bands = result.get("subgroup_bands") or {}
     for column, groups in subgroups.items():
-        shown = [(v, e) for v, e in groups.items() if e.get("balanced_accuracy")]
+        shown = [(v, e) for v, e in in_reading_order(groups) if e.get("balanced_accuracy")]
         if not shown:
             continue
         labels = [f"{column} = {v} (n {e['n']})" for v, e in shown]
