@@ -318,6 +318,13 @@ def _heads(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(parse_heads(",".join(value)))
 
 
+def _template(value: str) -> str:
+    if value.count("{}") != 1:
+        raise ValueError(f"{value!r}: write the prompt with one {{}} where the class name goes, e.g. "
+                         "'a dermoscopy image of {}'")
+    return value
+
+
 def _metric(value: str) -> str:
     if value in [m.value for m in Metric] or (value.startswith("auroc:") and len(value) > 6):
         return value
@@ -383,15 +390,17 @@ OPTIONS: tuple[Option, ...] = (
            "backbone, often 1.2-3x PyTorch; on CUDA torch), torch, or its ONNX export on onnxruntime or "
            "openvino. Part of the entry's fingerprint; on fit, the entry made with it (default: the newest).",
            _DATA, "extract", selects=True),
-    Option("resampler", Resampler, "pil", "What resizes the images: pil (the backbone's own eval transform, bit "
+    Option("resampler", Resampler, None, "What resizes the images: pil (timm's and torchvision's eval transform, bit "
            "for bit) or torch (PyTorch's uint8 resize of the decoded JPEG: 1.3-2.4x faster decoding, pixels "
-           "within 3 levels; its own entry).", _DATA, "extract", selects=True),
+           "within 3 levels; its own entry). Default: the backbone's own (pil; torch for transformers models, "
+           "whose image processors resize so).", _DATA, "extract", selects=True),
     Option("views", ViewCount, 1, "Views per image stored (mirrors and quarter turns of the input; heads train "
            "on all and average over them); on fit, the entry with this many (default: the newest).", _DATA,
            "extract", parse=int, selects=True),
-    Option("resize", ResizeMode, "crop", "crop (the backbone's resize + centre crop), full (whole image squeezed "
-           "to a square) or pad (whole image padded to a square); on fit, the entry made so.", _DATA, "extract",
-           selects=True),
+    Option("resize", ResizeMode, None, "crop (the backbone's resize + centre crop), full (whole image squeezed "
+           "to a square) or pad (whole image padded to a square); on fit, the entry made so. Default: the "
+           "backbone's own (crop; full for a model whose processor squashes, as SigLIP's and DINOv3's do).", _DATA,
+           "extract", selects=True),
     Option("rehash", bool, False, "Compare every image's content with what was extracted, also where its size "
            "and modification time are unchanged (a file rewritten in place can keep both; `verify` finds such "
            "files), and re-extract those that changed.", ("extract",), "extract"),
@@ -457,6 +466,12 @@ OPTIONS: tuple[Option, ...] = (
            "(numeric ones in quartile bands): counts, balanced accuracy, per-class sensitivity and AUROC per "
            "subgroup, with intervals, out of fold and on --test-data; the worst subgroup is flagged when its interval "
            "lies below the run's score.", ("fit",), "fit", multiple=True),
+    Option("prompt_template", str, "a skin image of {}", "The zero-shot head's prompt per class, `{}` standing "
+           "for the class name, e.g. `a dermoscopy image of {}` (HAM10000/ISIC codes such as mel or bcc are written "
+           "out: melanoma, basal cell carcinoma).", ("fit",), "fit", check=_template),
+    Option("prompts", str, None, "A JSON file of the zero-shot head's prompts per class, e.g. `{\"mel\": [\"a "
+           "dermoscopy image of melanoma\", \"a melanoma\"]}` (a class's prompts are averaged); classes it does "
+           "not name get --prompt-template.", ("fit",), "fit"),
     Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
            "study's form of --backbone a+b).", (), "fit"),
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),

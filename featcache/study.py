@@ -51,6 +51,20 @@ if TYPE_CHECKING:
 PATHS = ("data", "test_data", "images")
 
 
+def _study_relative(backbone: str, base: Path) -> str:
+    """``hf:<folder>`` / ``open_clip:<folder>`` with a relative folder, made relative to the study file (a hub id,
+    ``org/name``, stays one unless a folder of that name is beside the study)."""
+    from featcache.backbones.registry import HUB_PREFIXES
+
+    for prefix in HUB_PREFIXES.values():
+        if backbone.startswith(prefix):
+            raw = backbone[len(prefix):]
+            target = Path(raw).expanduser()
+            if not target.is_absolute() and (raw.startswith(".") or (base / target).is_dir()):
+                return prefix + str((base / target).resolve())
+    return backbone
+
+
 class StudyError(FeatcacheError):
     """The study file cannot be run as written; the message names the key."""
 
@@ -138,6 +152,13 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
                 raise StudyError(f"{where}: [data] {BY_NAME[key].study_key} = {data[key]!r}: no such file or "
                                  f"folder ({path})")
             data[key] = str(path)
+    if fit.get("prompts"):
+        path = (base / fit["prompts"]).expanduser()
+        if not path.is_file():
+            raise StudyError(f"{where}: [fit] prompts = {fit['prompts']!r}: no such file ({path})")
+        fit["prompts"] = str(path)
+    # a model folder (hf:./models/monet, open_clip:./dermlip) is relative to the study file, like its data
+    extract["backbone"] = [_study_relative(b, base) for b in extract["backbone"]]
     backbones = extract.pop("backbone")
     if len(set(backbones)) != len(backbones):
         raise StudyError(f"{where}: [extract] backbones names a backbone twice: {', '.join(backbones)}")

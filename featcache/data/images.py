@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 RESIZE_MODES = tuple(m.value for m in ResizeMode)
 RESAMPLERS = tuple(r.value for r in Resampler)
+CROP_CORNERS = ("round", "floor")
 _EXIF_ORIENTATION = 0x0112
 # The dihedral group of the square, in the order --views K takes them: 2 = the identity and a
 # mirror, 4 = both mirrors and the half turn (every view keeps the image's own axes), 8 = all.
@@ -67,6 +68,9 @@ class Preprocess:
     # --resampler: "pil" (timm's eval transform, bit for bit) or "torch" (PyTorch's uint8 SIMD resize of
     # a tensor decoded straight from the JPEG: 1.7 ms less per 600x450 photo, pixels within 3 levels)
     resampler: str = "pil"
+    # where a centre crop's corner falls when the margin is odd: "round" (half to even, torchvision's and so
+    # timm's and open_clip's) or "floor" (Hugging Face transformers' image processors): one pixel apart
+    crop_corner: str = "round"
 
     def __post_init__(self) -> None:
         from featcache.data.preprocessing import checked_filters
@@ -75,6 +79,8 @@ class Preprocess:
             raise ValueError(f"--resize {self.resize_mode}: choose one of {', '.join(RESIZE_MODES)}")
         if self.resampler not in RESAMPLERS:
             raise ValueError(f"--resampler {self.resampler}: choose one of {', '.join(RESAMPLERS)}")
+        if self.crop_corner not in CROP_CORNERS:
+            raise ValueError(f"crop_corner {self.crop_corner!r}: one of {', '.join(CROP_CORNERS)}")
         object.__setattr__(self, "filters", checked_filters(self.filters))
 
     @classmethod
@@ -107,6 +113,8 @@ class Preprocess:
             fields["filters"] = list(fields["filters"])
         if fields["resampler"] == "pil":  # and for --resampler
             del fields["resampler"]
+        if fields["crop_corner"] == "round":  # and for the transformers backbones' crop
+            del fields["crop_corner"]
         return fields
 
     @classmethod
@@ -175,7 +183,7 @@ class Preprocess:
         new_long = int(self.resize_size * long / short)
         image = _resized(image, (self.resize_size, new_long) if width <= height else (new_long, self.resize_size),
                          resample)
-        return _chw(_center_crop(image, self.crop_size))
+        return _chw(_center_crop(image, self.crop_size, self.crop_corner))
 
     def _resize_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """``to_uint8``'s geometry on a 3 x H x W uint8 tensor, by PyTorch's antialiased uint8 resize."""
@@ -191,7 +199,17 @@ class Preprocess:
         if self.resize_mode in ("full", "pad"):
             return TF2.resize(image, [self.crop_size, self.crop_size], interpolation=interpolation, antialias=True)
         image = TF2.resize(image, self.resize_size, interpolation=interpolation, antialias=True)
-        return TF2.center_crop(image, [self.crop_size, self.crop_size])  # the batch's stack copies it
+        if self.crop_corner == "round":
+            return TF2.center_crop(image, [self.crop_size, self.crop_size])  # the batch's stack copies it
+        side = self.crop_size
+        height, width = image.shape[-2:]
+        if side > height or side > width:  # padded as torchvision pads, then cropped at the floored corner
+            image = TF2.pad(image, [(side - width) // 2 if side > width else 0, (side - height) // 2 if side > height
+                                    else 0, (side - width + 1) // 2 if side > width else 0,
+                                    (side - height + 1) // 2 if side > height else 0], fill=0)
+            height, width = image.shape[-2:]
+        top, left = crop_corner(height, side, self.crop_corner), crop_corner(width, side, self.crop_corner)
+        return image[..., top:top + side, left:left + side]
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 NxCxHxW -> float32 normalised, exactly as ToTensor() + Normalize() compute it."""
@@ -212,9 +230,16 @@ def _resized(image: Image.Image, size: tuple[int, int], resample: Image.Resampli
     return image if image.size == size else image.resize(size, resample)
 
 
-def _center_crop(image: Image.Image, side: int) -> Image.Image:
+def crop_corner(length: int, side: int, rule: str = "round") -> int:
+    """Where a centre crop of ``side`` starts along an axis of ``length``: the margin halved, rounded half to
+    even (``round``: torchvision) or truncated (``floor``: transformers' image processors)."""
+    half = (length - side) / 2.0
+    return int(round(half)) if rule == "round" else int(half)
+
+
+def _center_crop(image: Image.Image, side: int, rule: str = "round") -> Image.Image:
     """torchvision's ``center_crop`` of a PIL image to side x side: black padding first where the image is
-    smaller, then the crop whose corner is rounded half to even."""
+    smaller, then the crop whose corner is placed by ``rule`` (:func:`crop_corner`)."""
     width, height = image.size
     if side > width or side > height:
         padded = Image.new(image.mode, (max(side, width), max(side, height)))
@@ -222,7 +247,7 @@ def _center_crop(image: Image.Image, side: int) -> Image.Image:
         image, (width, height) = padded, padded.size
         if (width, height) == (side, side):
             return image
-    top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
+    top, left = crop_corner(height, side, rule), crop_corner(width, side, rule)
     return image.crop((left, top, left + side, top + side))
 
 

@@ -380,3 +380,22 @@ def read_npz_source(npz_path: Path) -> ImageSource:
         raise SourceError(f"{npz_path}: no <split>_images arrays (found {sorted(keys)}); "
                           "expected train_images/train_labels, val_*, test_*")
     return ImageSource(name=source_name(npz_path), location=npz_path, kind="npz", records=records)
+
+
+MISSING_VALUE = "(missing)"  # a metadata cell left empty, as a subgroup of its own
+
+
+def reading_order(value: str) -> tuple:
+    """Subgroups as a reader expects them: numbers and bands by their value (``[5, 45)`` before ``[45, 50)``,
+    Fitzpatrick ``2`` before ``10``), then names alphabetically, ``(missing)`` last."""
+    text = str(value)
+    number = text[1:].split(",")[0] if text.startswith("[") else text
+    if is_number(number):
+        return (0, float(number), text)
+    return (1 + (text == MISSING_VALUE), 0.0, text)
+
+
+def in_reading_order(groups: dict) -> list[tuple[str, dict]]:
+    """A column's ``{value: scores}`` as ``(value, scores)`` pairs in :func:`reading_order` (metrics.json keeps
+    its keys sorted as text, where ``[5, 45)`` would follow ``[45, 50)``)."""
+    return sorted(groups.items(), key=lambda item: reading_order(item[0]))

@@ -40,6 +40,17 @@ _UNEXPORTABLE_HEADS = {
 
 def refusal(config: dict) -> str | None:
     """Why a run with this ``config.json`` cannot be exported, or None: checked before any work."""
+    from featcache.backbones.registry import get_spec
+    from featcache.errors import WeightsUnavailable
+
+    for name in str(config.get("backbone") or "").split("+"):
+        try:
+            why = get_spec(name).torch_only if name else ""
+        except WeightsUnavailable:  # a folder backbone moved away: the export would fail later, say it now
+            why = "its model folder is not where the run was made"
+        if why:
+            return (f"its backbone {name} runs on PyTorch only ({why}), so the run cannot become one ONNX graph; "
+                    "predict with `featcache predict --run RUN`")
     head = config.get("head")
     if head in _UNEXPORTABLE_HEADS:
         return f"the {head} head does not export to ONNX: {_UNEXPORTABLE_HEADS[head]}"

@@ -164,6 +164,8 @@ def to_photo(heat: np.ndarray, preprocess: Preprocess, width: int, height: int) 
     NaN where the crop does not reach."""
     from PIL import Image
 
+    from featcache.data.images import crop_corner
+
     crop = preprocess.crop_size
     on_crop = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((crop, crop), Image.BILINEAR))
     if preprocess.resize_mode == "full":
@@ -178,7 +180,7 @@ def to_photo(heat: np.ndarray, preprocess: Preprocess, width: int, height: int) 
     new_w, new_h = (preprocess.resize_size, int(preprocess.resize_size * height / width)) if width <= height else \
         (int(preprocess.resize_size * width / height), preprocess.resize_size)
     canvas = np.full((new_h, new_w), np.nan)
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    top, left = crop_corner(new_h, crop, preprocess.crop_corner), crop_corner(new_w, crop, preprocess.crop_corner)
     rows, cols = slice(max(top, 0), top + crop), slice(max(left, 0), left + crop)
     canvas[rows, cols] = on_crop[max(-top, 0):max(-top, 0) + canvas[rows, cols].shape[0],
                                  max(-left, 0):max(-left, 0) + canvas[rows, cols].shape[1]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,10 +13,12 @@ from featcache.data.sources import ImageSource, open_source
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
+from featcache.evaluation.heads import ZERO_SHOT
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import split_plan
 from featcache.evaluation.subgroups import add_subgroups, checked_columns
+from featcache.evaluation.zero_shot import zero_shot_text
 from featcache.extraction.extract import extract
 from featcache.options import Grouping
 from featcache.progress import Reporter
@@ -81,6 +84,9 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
         checked_columns(source, protocol.subgroups)
+    if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work
+        raise RunError(f"--head zero-shot reads the image embedding as it is: fit it without "
+                       f"{'--pca' if protocol.pca else '--meta'} (in a run of its own)")
     pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
                             near_dup_threshold=protocol.near_dup_threshold)
@@ -91,11 +97,14 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     report_protocol(data, protocol, reporter)
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)
+    zero_shot = replace(protocol, zero_shot=zero_shot_text(entry, pool, list(data.classes), protocol.prompt_template,
+                                                           protocol.prompts, reporter)) if ZERO_SHOT in heads else None
     runs = []
     task = reporter.task(f"fit {len(heads)} head(s) on {len(data.y)} images", total=len(heads), unit="head")
     try:
         for head in heads:
-            runs.append(fit_head(data, entry, head, pool, protocol, source.name, label_desc, force,
+            runs.append(fit_head(data, entry, head, pool, zero_shot if head == ZERO_SHOT else protocol, source.name,
+                                 label_desc, force,
                                  test, reporter, cluster=cluster,
                                  test_name=test_source.name if test_source else None))
             if protocol.subgroups:

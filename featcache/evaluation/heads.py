@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -32,7 +33,10 @@ from featcache.store.model_files import side_files
 HEADS_VERSION = 2
 BASELINES = ("majority", "stratified")
 HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
-EXTRA_HEADS = ("svm-rbf-exact",)  # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows
+# not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows; the zero-shot head needs a CLIP-like
+# backbone (a text tower) and its image embedding
+EXTRA_HEADS = ("svm-rbf-exact", "zero-shot")
+ZERO_SHOT = "zero-shot"
 FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
 CALIBRATIONS = ("sigmoid", "isotonic", "temperature")
 
@@ -47,6 +51,63 @@ GRIDS: dict[str, dict[str, list]] = {
     "xgboost": {"head__max_depth": [3, 2, 5], "head__learning_rate": [0.4, 0.1]},
     "mlp": {"head__hidden": [256, 512], "head__dropout": [0.3, 0.5], "head__lr": [2e-3, 5e-4]},
 }
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroShotText:
+    """The zero-shot head's classes in text: each class's prompts and their embedding by the backbone's text
+    tower (the mean of the prompts' unit embeddings, made unit length again), and the model's logit scale."""
+
+    classes: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+    embeddings: np.ndarray  # (classes, dim)
+    logit_scale: float
+
+    def identity(self) -> dict:
+        """What names a zero-shot run: the prompts and a hash of what the text tower made of them."""
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.embeddings, dtype=np.float32).tobytes()).hexdigest()
+        return {"prompts": {c: list(p) for c, p in zip(self.classes, self.prompts, strict=True)},
+                "text_sha256": digest, "logit_scale": round(self.logit_scale, 6)}
+
+
+class ZeroShotHead(ClassifierMixin, BaseEstimator):
+    """Classes from their names alone, no training: the cosine between an image's embedding and each class's
+    prompt embedding, times the model's logit scale, through a softmax (a SigLIP model's bias is the same for
+    every class, so it changes no probability). ``fit`` only checks that every class has text; the scores are
+    the baseline a probe trained on the same features must beat."""
+
+    def __init__(self, text_embeddings: np.ndarray | None = None, class_names: tuple[str, ...] | None = None,
+                 logit_scale: float = 100.0):
+        self.text_embeddings, self.class_names, self.logit_scale = text_embeddings, class_names, logit_scale
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ZeroShotHead:
+        if self.text_embeddings is None or self.class_names is None:
+            raise RunError("the zero-shot head has no class prompts: fit it through featcache's fit, which reads "
+                           "them with the backbone's text tower")
+        names = [str(c) for c in self.class_names]
+        unknown = sorted(set(map(str, np.unique(y))) - set(names))
+        if unknown:
+            raise RunError(f"zero-shot: no prompt for class {', '.join(map(repr, unknown))}")
+        if np.shape(X)[1] != np.shape(self.text_embeddings)[1]:
+            raise RunError(f"zero-shot: the image features have {np.shape(X)[1]} dimensions and the text embeddings "
+                           f"{np.shape(self.text_embeddings)[1]}: fit it on the backbone's `embed` pooling")
+        order = np.argsort(names, kind="stable")
+        self.classes_ = np.array(names, dtype=object)[order]
+        self.weights_ = np.asarray(self.text_embeddings, dtype=np.float64)[order]
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        logits = self.logit_scale * unit @ self.weights_.T
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
 class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
@@ -474,6 +535,8 @@ def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: 
         return XGBHead(class_weight=cw, seed=seed)
     if name == "mlp":
         return TorchMLPClassifier(class_weight=cw, seed=seed)
+    if name == ZERO_SHOT:
+        return ZeroShotHead()
     if name == "majority":
         return DummyClassifier(strategy="most_frequent")
     if name == "stratified":
@@ -498,14 +561,24 @@ def parse_heads(spec: str) -> list[str]:
 
 def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
                   seed: int = 0, standardize: bool = True, image_dim: int | None = None,
-                  meta_numeric: int = 0, meta_categorical: int = 0, calibrate: str = "") -> Pipeline:
+                  meta_numeric: int = 0, meta_categorical: int = 0, calibrate: str = "",
+                  zero_shot: ZeroShotText | None = None) -> Pipeline:
     """Scaling (fit on training rows only), optional PCA, then the head.
+
+    The zero-shot head reads the image embedding as it is (its geometry is what it compares with text), so its
+    pipeline is the head alone, built from ``zero_shot``.
 
     With tabular metadata the rows are ``image_dim`` image features, then ``meta_numeric`` numeric
     columns, then ``meta_categorical`` integer-coded categories (NaN = missing). Missing values
     are imputed (median / most frequent), numbers scaled and categories one-hot encoded, all
     inside the pipeline, so that they too are learned from training rows only.
     """
+    if head == ZERO_SHOT:
+        text = zero_shot
+        found = ZeroShotHead() if text is None else ZeroShotHead(text.embeddings, text.classes, text.logit_scale)
+        if calibrate:
+            found = CalibratedHead(found, calibrate, class_weight if class_weight != "none" else None, seed)
+        return Pipeline([("head", found)])
     image_step = StandardScaler() if standardize else "passthrough"
     if meta_numeric or meta_categorical:
         if image_dim is None:

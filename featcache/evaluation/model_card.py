@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from featcache.evaluation.subgroups import in_reading_order
+from featcache.data.sources import in_reading_order
 
 SKIN_TONE_WORDS = ("fitzpatrick", "skin_type", "skintype", "skin_tone", "skintone", "ita", "monk")
 
@@ -35,6 +35,20 @@ def _metrics_table(block: dict) -> list[str]:
     return rows
 
 
+def _head_lines(config: dict) -> list[str]:
+    """What the model is: a trained head on frozen features, or zero-shot from the class prompts."""
+    text = config.get("zero_shot")
+    if config["head"] == "zero-shot" and text:
+        prompts = "; ".join(f"{c}: " + " | ".join(f"\"{p}\"" for p in ps) for c, ps in text["prompts"].items())
+        return [f"- A frozen {config['backbone']} backbone, zero-shot: each image goes to the class whose prompts' "
+                "text embedding is closest to its image embedding (softmax of the cosines times the model's logit "
+                f"scale, {text['logit_scale']:g}). Nothing was learnt from the training images: they only score it.",
+                f"- Prompts: {prompts}."]
+    return [f"- A frozen {config['backbone']} backbone (pooling `{config['pool']}`, its features cached by featcache) "
+            f"and a light `{config['head']}` head inside a pipeline whose standardisation was fit on training rows "
+            "only."]
+
+
 def model_card(result: dict, source: str | None = None, n_groups: int | None = None) -> str:
     """The card of a run from its ``metrics.json`` content (``result``); ``source``: where its training images
     came from; ``n_groups``: how many groups (patients, lesions) they form."""
@@ -55,9 +69,7 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
     lines = ["---", *[f"{k}: {json.dumps(v)}" for k, v in front.items()], "---", "",
              f"# Model card: {config['head']} on {config['backbone']} / {config['pool']} features", "",
              "## Model details", "",
-             f"- A frozen {config['backbone']} backbone (pooling `{config['pool']}`, its features cached by featcache) "
-             f"and a light `{config['head']}` head inside a pipeline whose standardisation was fit on training rows "
-             "only.",
+             *_head_lines(config),
              f"- Classes: {', '.join(classes)}.",
              f"- Made by featcache {result.get('featcache', '?')}; feature fingerprint "
              f"`{config['feature_fingerprint']}` (backbone, weights SHA-256, preprocessing and engine).", "",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from featcache.options import BY_NAME
+
+if TYPE_CHECKING:
+    from featcache.evaluation.heads import ZeroShotText
 
 
 @dataclass
@@ -29,6 +33,11 @@ class Protocol:
     conformal_mode: str = "marginal"  # ConformalMode
     # metadata columns the run is also scored by: they read its predictions, so they do not name it (config())
     subgroups: tuple[str, ...] = ()
+    # the zero-shot head's prompts (--prompt-template, --prompts) and, once the backbone has read them, their text
+    # embeddings: they name a zero-shot run through its identity (runner.run_identity), not every run's config()
+    prompt_template: str = "a skin image of {}"
+    prompts: str | None = None
+    zero_shot: ZeroShotText | None = None
 
     def __post_init__(self) -> None:
         # the fields keep their names (they name every run); each is checked by its option's declaration
@@ -53,7 +62,9 @@ class Protocol:
                    calibrate=options["calibrate"] or "", groups=options["groups"],
                    near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"],
                    conformal=options["conformal"], conformal_mode=options["conformal_mode"],
-                   subgroups=tuple(options.get("subgroups") or ()))
+                   subgroups=tuple(options.get("subgroups") or ()),
+                   prompt_template=options.get("prompt_template") or cls.prompt_template,
+                   prompts=options.get("prompts"))
 
     def describe(self, grouping: dict, split_counts: dict | None = None) -> str:
         """The protocol line shown with every score; an ungrouped CV says so in capitals."""
@@ -72,8 +83,9 @@ class Protocol:
     def config(self) -> dict:
         """What names a run, with everything else that sets its numbers (see :func:`fit_head`). Fields added
         since runs were first named appear only when set, so a run made before them keeps its name."""
-        config = asdict(self)
-        del config["subgroups"]
+        config = asdict(replace(self, zero_shot=None))
+        for name in ("subgroups", "prompt_template", "prompts", "zero_shot"):
+            del config[name]
         for name, unset in (("test_align", "none"), ("conformal", None)):
             if config[name] == unset:
                 del config[name]

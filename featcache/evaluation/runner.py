@@ -14,7 +14,15 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from featcache import __version__
 from featcache.errors import RunError
-from featcache.evaluation.heads import GRIDS, HEADS_VERSION, ViewEnsemble, XGBHead, calibrated_grid, make_pipeline
+from featcache.evaluation.heads import (
+    GRIDS,
+    HEADS_VERSION,
+    ZERO_SHOT,
+    ViewEnsemble,
+    XGBHead,
+    calibrated_grid,
+    make_pipeline,
+)
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
@@ -54,7 +62,8 @@ def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout
     """The whole model for one fit: pipeline, view handling, and the tuning search around them."""
     layout = layout or Layout(0)
     model = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize,
-                          layout.image_dim, layout.meta_numeric, layout.meta_categorical, protocol.calibrate)
+                          layout.image_dim, layout.meta_numeric, layout.meta_categorical, protocol.calibrate,
+                          protocol.zero_shot if head == ZERO_SHOT else None)
     grid = calibrated_grid(GRIDS.get(head, {}), model.named_steps["head"])
     prefix = ""
     if layout.views:
@@ -127,7 +136,8 @@ def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str,
             "classes": data.classes, "feature_fingerprint": entry.fingerprint,
             "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
             "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
-            "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec}
+            "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec,
+            **({"zero_shot": protocol.zero_shot.identity()} if head == ZERO_SHOT and protocol.zero_shot else {})}
 
 
 def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.sources import ImageSource, column_key, is_number
+from featcache.data.sources import MISSING_VALUE, ImageSource, column_key, is_number
 from featcache.errors import RunError
 from featcache.evaluation.metrics import score_with_ci
 from featcache.progress import Reporter
 
-MISSING = "(missing)"
+MISSING = MISSING_VALUE
 MIN_IMAGES = 2  # a subgroup needs two images to be scored at all (and two classes for balanced accuracy)
 
 
@@ -61,22 +61,6 @@ def band_labels(values: list[str], edges: list[float] | None = None) -> tuple[li
         return f"[{edges[k]:g}, {edges[k + 1]:g}{close}"
 
     return [band(v) for v in filled], edges
-
-
-def reading_order(value: str) -> tuple:
-    """Subgroups as a reader expects them: numbers and bands by their value (``[5, 45)`` before ``[45, 50)``,
-    Fitzpatrick ``2`` before ``10``), then names alphabetically, ``(missing)`` last."""
-    text = str(value)
-    number = text[1:].split(",")[0] if text.startswith("[") else text
-    if is_number(number):
-        return (0, float(number), text)
-    return (1 + (text == MISSING), 0.0, text)
-
-
-def in_reading_order(groups: dict) -> list[tuple[str, dict]]:
-    """A column's ``{value: scores}`` as ``(value, scores)`` pairs in :func:`reading_order` (metrics.json keeps
-    its keys sorted as text, where ``[5, 45)`` would follow ``[45, 50)``)."""
-    return sorted(groups.items(), key=lambda item: reading_order(item[0]))
 
 
 def subgroup_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str], groups: np.ndarray | None,

@@ -43,9 +43,9 @@ __all__ = ["StreamedForward", "run_pipelined"]  # the engines' streams, for the 
 def resolve_engine(engine: str | Engine, model: LoadedBackbone, device: torch.device) -> str:
     """The concrete engine for ``engine`` (``auto`` picks the measured fastest on the CPU, PyTorch on CUDA)."""
     engine = Engine(engine)
-    if model.spec.scattering and engine not in (Engine.torch, Engine.auto):
-        raise FeatcacheError(f"--engine {engine.value}: {model.spec.name} runs on PyTorch only (its FFTs do "
-                             "not export to ONNX); use --engine torch")
+    if model.spec.torch_only and engine not in (Engine.torch, Engine.auto):
+        raise FeatcacheError(f"--engine {engine.value}: {model.spec.name} runs on PyTorch only "
+                             f"({model.spec.torch_only}); use --engine torch")
     if engine == Engine.auto:
         engine = Engine.torch if device.type != "cpu" else MEASURED_FASTEST.get(model.spec.name, Engine.torch)
         if not engine_installed(engine):
@@ -70,6 +70,8 @@ def auto_note(model: LoadedBackbone, device: torch.device, resolved: str) -> tup
     fastest = MEASURED_FASTEST.get(model.spec.name)
     if device.type != "cpu":
         return f"--engine auto: torch for {model.spec.name} on {device.type}", False
+    if model.spec.torch_only:
+        return f"--engine auto: torch for {model.spec.name} ({model.spec.torch_only})", False
     if fastest is None:
         return f"--engine auto: torch for {model.spec.name} (no other engine measured faster for it yet)", False
     if resolved != fastest.value:

@@ -75,12 +75,12 @@ def extract(
     jpeg_draft: bool = True,
     input_size: int | None = None,
     views: int = 1,
-    resize: str = "crop",
+    resize: str | None = None,
     break_lock: bool = False,
     reporter: Reporter | None = None,
     engine: str = "auto",
     preprocess: tuple[str, ...] | str = (),
-    resampler: str = "pil",
+    resampler: str | None = None,
     norm_from: str | dict | None = None,
     cluster: RayCluster | None = None,
     rehash: bool = False,
@@ -89,11 +89,12 @@ def extract(
 
     ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.data.images.VIEWS`: flips and quarter turns
     of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
-    ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image).
+    ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image); None: the
+    backbone's own.
     ``engine``: ``auto`` (the engine measured fastest for the backbone on the CPU, PyTorch on CUDA),
     ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`featcache.extraction.engines`).
-    ``resampler``: ``pil`` (the backbone's eval transform, bit for bit) or ``torch`` (faster, its own
-    fingerprint; :class:`featcache.data.images.Preprocess`).
+    ``resampler``: ``pil`` (timm's and torchvision's eval transform, bit for bit) or ``torch`` (faster, its own
+    fingerprint; :class:`featcache.data.images.Preprocess`); None: the backbone's own.
     ``preprocess``: image filters before the backbone's transform (:mod:`featcache.data.preprocessing`).
     ``norm_from``: with ``dataset-norm``, the dataset (cache name, folder or CSV) whose statistics
     normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
@@ -176,18 +177,19 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
     return todo, skipped, manifest
 
 
-def configure_preprocess(model: LoadedBackbone, resize: str = "crop", jpeg_draft: bool = True,
+def configure_preprocess(model: LoadedBackbone, resize: str | None = None, jpeg_draft: bool = True,
                          input_size: int | None = None, filters: tuple[str, ...] | str = (),
-                         resampler: str = "pil") -> None:
+                         resampler: str | None = None) -> None:
     """Apply --resize, --no-jpeg-draft, --input-size, --preprocess and --resampler to the backbone's own
-    preprocessing."""
+    preprocessing (``resize`` and ``resampler`` None: the backbone's own)."""
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
     if filters:
         changes["filters"] = filters
-    resampler = str(getattr(resampler, "value", resampler))
-    if resampler != model.preprocess.resampler:
+    resampler = None if resampler is None else str(getattr(resampler, "value", resampler))
+    if resampler is not None and resampler != model.preprocess.resampler:
         changes["resampler"] = resampler
-    if resize != model.preprocess.resize_mode:
+    resize = None if resize is None else str(getattr(resize, "value", resize))
+    if resize is not None and resize != model.preprocess.resize_mode:
         changes["resize_mode"] = resize
     if input_size and input_size != model.preprocess.crop_size:  # keep the resize/crop ratio at the new size
         ratio = model.preprocess.resize_size / model.preprocess.crop_size
@@ -212,9 +214,10 @@ class NamedEntry:
 
 
 def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, dtype: str = "float16",
-               precision: str = "auto", device: torch.device | str = "auto", views: int = 1, resize: str = "crop",
-               jpeg_draft: bool = True, input_size: int | None = None, preprocess: tuple[str, ...] | str = (),
-               resampler: str = "pil", norm_from: str | dict | None = None, engine: str = "auto",
+               precision: str = "auto", device: torch.device | str = "auto", views: int = 1,
+               resize: str | None = None, jpeg_draft: bool = True, input_size: int | None = None,
+               preprocess: tuple[str, ...] | str = (), resampler: str | None = None,
+               norm_from: str | dict | None = None, engine: str = "auto",
                workers: int | None = None, reporter: Reporter | None = None, cluster: RayCluster | None = None,
                plan_only: bool = False) -> NamedEntry | None:
     """Apply the extraction settings to ``model``'s preprocessing and name the entry they make: the one

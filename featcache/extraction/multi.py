@@ -64,9 +64,10 @@ def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
                  cache_root: str | os.PathLike | None = None, *, pools: tuple[str, ...] | None = None,
                  dtype: str = "float16", weights: str | None = None, batch_size: int | None = None,
                  workers: int | None = None, shard_size: int = 1024, device: str = "auto", precision: str = "auto",
-                 jpeg_draft: bool = True, input_size: int | None = None, views: int = 1, resize: str = "crop",
+                 jpeg_draft: bool = True, input_size: int | None = None, views: int = 1, resize: str | None = None,
                  break_lock: bool = False, reporter: Reporter | None = None, engine: str = "auto",
-                 preprocess: tuple[str, ...] | str = (), resampler: str = "pil", norm_from: str | dict | None = None,
+                 preprocess: tuple[str, ...] | str = (), resampler: str | None = None,
+                 norm_from: str | dict | None = None,
                  rehash: bool = False) -> list[ExtractResult]:
     """Extract ``source`` with every backbone of ``backbones`` from one decode of each image; one
     :class:`ExtractResult` per backbone, in order. The options mean what they mean for

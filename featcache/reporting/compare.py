@@ -18,6 +18,13 @@ from featcache.store.naming import METRICS, cache_root_of_run, entry_of_run, fin
 from featcache.store.runs import has_test_predictions, read_metrics, read_predictions
 
 BASELINE_HEADS = ("majority", "stratified")
+ZERO_SHOT_HEAD = "zero-shot"  # looks at the image but learns nothing: the baseline a trained probe must beat
+
+
+def head_note(head: str) -> str:
+    """What a head's row says beside its name: a baseline that never looks at the image, or zero-shot."""
+    name = head.split(" (")[0]
+    return " (baseline)" if name in BASELINE_HEADS else " (no training: the baseline)" if name == ZERO_SHOT_HEAD else ""
 
 
 @dataclass
@@ -449,7 +456,7 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
     body = []
     for r in rows:
         line = [r.dataset, r.protocol, *([r.held_out or "–"] if held_out else []), r.backbone, r.pool,
-                r.head + (" (baseline)" if r.head.split(" (")[0] in BASELINE_HEADS else ""), str(r.n_images),
+                r.head + head_note(r.head), str(r.n_images),
                 _fmt_ci(r.metrics.get(metric)), _fmt(r.metrics.get(metric)),
                 *[_fmt(r.metrics.get(m)) for m in MAIN_METRICS if m != metric]]
         if has_groups:
@@ -501,7 +508,7 @@ def _write_outputs(rows: list[Row], metric: str, out_dir: Path) -> dict[str, Pat
 
 def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
     """The leaderboard as a forest plot: pooled score and 95 % interval per run, best first,
-    baselines grey, ensembles orange, a chance line where chance is known."""
+    baselines grey, ensembles orange, zero-shot purple, a chance line where chance is known."""
     from featcache.reporting.plots import forest_figure
 
     rows = [r for r in rows if (r.metrics.get(metric) or {}).get("pooled") is not None]
@@ -509,7 +516,7 @@ def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
     chance = (1 / classes if metric == "balanced_accuracy" and classes else
               0.5 if metric.startswith("auroc") else None)
     colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"
-               else "#2b6cb0" for r in rows]
+               else "#7b4fa0" if r.head.split(" (")[0] == ZERO_SHOT_HEAD else "#2b6cb0" for r in rows]
     return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}" + (f" · {r.held_out}" if r.held_out else ""),
                                    110) for r in rows],
                          [r.metrics[metric]["pooled"] for r in rows],

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
+from featcache.data.sources import in_reading_order
 from featcache.errors import CacheError, FeatcacheError
-from featcache.evaluation.subgroups import in_reading_order
-from featcache.reporting.compare import BASELINE_HEADS, Row, forest_png, select_rows, sets_text
+from featcache.reporting.compare import BASELINE_HEADS, ZERO_SHOT_HEAD, Row, forest_png, select_rows, sets_text
 from featcache.reporting.plots import confusion_figure, forest_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
@@ -182,6 +182,11 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                         "always answers the commonest training class and <em>stratified</em> guesses at the training "
                         "class rates, so they sit at chance (the dashed line), or below it where a held-out part's "
                         "commonest class is not the training set's.</p>")
+        if any(r.head.split(" (")[0] == ZERO_SHOT_HEAD for r in shown):
+            body.append("<p class='muted'>Purple rows are <em>zero-shot</em>: the backbone's text tower reads each "
+                        "class's prompts and an image goes to the class whose prompts its embedding is closest to. "
+                        "Nothing is learnt from the images, so it is the baseline a probe trained on the same features "
+                        "must beat (its run's model card lists the prompts).</p>")
         body.append(_leaderboard_table(shown, metric))
         leading = [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS]
         for k, row in enumerate(leading[:max(best, gallery)]):

@@ -42,6 +42,7 @@ TRUSTED_TYPES = (
     "featcache.evaluation.heads.TorchMLPClassifier",
     "featcache.evaluation.heads.ViewEnsemble",
     "featcache.evaluation.heads.XGBHead",
+    "featcache.evaluation.heads.ZeroShotHead",
     "sklearn.calibration.CalibratedClassifierCV",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",

@@ -15,6 +15,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,8 +61,17 @@ def fused_fingerprint(parts: list[tuple[str, str]]) -> str:
     return stable_hash([[entry_fingerprint, pool] for entry_fingerprint, pool in parts], 16)
 
 
+def safe_name(name: str) -> str:
+    """A backbone's name as a file or folder name: one read from a folder by that folder's own name
+    (``hf:/data/models/monet`` -> ``hf-monet``), every character a file name cannot hold as ``-``."""
+    prefix, colon, rest = name.partition(":")
+    if colon and Path(rest).is_absolute():
+        name = f"{prefix}:{Path(rest).name}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-")
+
+
 def entry_path(cache_root: Path, dataset: str, backbone: str, fp: str) -> Path:
-    return Path(cache_root) / dataset / f"{backbone.replace(':', '-')}-{fp}"
+    return Path(cache_root) / dataset / f"{safe_name(backbone)}-{fp}"
 
 
 def run_id(identity: dict) -> str:
@@ -103,7 +113,7 @@ def warm_recipe_path(cache_root: Path, key: str) -> Path:
 
 def engine_export_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
     """A backbone's ONNX export, named by the hash of everything it was exported from."""
-    return Path(cache_root) / ".engines" / f"{backbone.replace(':', '-')}-{stable_hash(inputs, 16)}.onnx"
+    return Path(cache_root) / ".engines" / f"{safe_name(backbone)}-{stable_hash(inputs, 16)}.onnx"
 
 
 def study_report_path(cache_root: Path, study_name: str) -> Path:
