@@ -316,6 +316,15 @@ def hub_spec(library: str, target: str) -> BackboneSpec:
                         hub=hub, local=local)
 
 
+def canonical_name(name: str) -> str:
+    """The name an entry records for a backbone: a model folder by its absolute path (``hf:./monet`` is
+    ``hf:/home/me/monet``), every other name as given."""
+    for library, prefix in HUB_PREFIXES.items():
+        if name.startswith(prefix):
+            return hub_spec(library, name[len(prefix):]).name
+    return name
+
+
 def weight_folders(spec: BackboneSpec) -> tuple[str, ...]:
     """The folder names looked for in $FEATCACHE_WEIGHTS_DIR: a named backbone's name, then the hub id's last
     part, then the hub id with ``--`` for ``/`` (as the Hugging Face cache names its folders)."""

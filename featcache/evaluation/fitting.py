@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from featcache.backbones.registry import canonical_name
 from featcache.data.sources import ImageSource, open_source
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
@@ -48,6 +49,7 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool
             raise RunError(f"{source.location} has features of {len(extracted)} backbones in {cache_root} "
                            f"({', '.join(extracted)}); say which with --backbone (a+b fuses them)")
         backbone = extracted[0] if extracted else "efficientnet_lite0"
+    backbone = canonical_name(backbone)  # hf:./monet was recorded as its folder's absolute path
     wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler}
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone

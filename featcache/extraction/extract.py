@@ -167,6 +167,8 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
     }
     if named.norm:
         manifest["dataset_norm"] = named.norm
+    if named.own:
+        manifest["backbone_preprocess"] = named.own
     if cluster is not None:
         manifest["provenance"]["cluster"] = cluster.describe()
     if skipped:
@@ -211,6 +213,9 @@ class NamedEntry:
     engine: str  # the concrete engine (auto resolved)
     precision: str  # the concrete precision (fp32 off CUDA)
     norm: dict | None  # with dataset-norm: where the statistics came from
+    # the backbone's own resize and resampler where they are not crop and pil (a transformers model's): compare
+    # labels an entry by what was asked beyond them, not by the model's own preprocessing
+    own: dict | None = None
 
 
 def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, dtype: str = "float16",
@@ -237,6 +242,7 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
                       "in fp32 (and the entry is named so)")
     # on a cluster the actors run the model on their own device; the driver's copy names the entry
     precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
+    own = {"resize": model.preprocess.resize_mode, "resampler": model.preprocess.resampler}
     configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
     if plan_only and not dataset_norm_known(model, source, cache_root, norm_from):
         return None
@@ -244,7 +250,8 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
     engine = _resolved_engine(engine, model, dev, reporter if not plan_only else None)
     inputs = fingerprint_inputs(model, dtype, precision, views, engine)
     fp = fingerprint(inputs)
-    return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm)
+    return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm,
+                      own if own != {"resize": "crop", "resampler": "pil"} else None)
 
 
 def weights_of(entry: CacheEntry, weights: str | None = None) -> str | None:

@@ -60,13 +60,14 @@ def held_out_label(config: dict) -> str:
     return ", ".join(parts)
 
 
-def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = ()) -> str:
+def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = (), own_resize: str = "crop") -> str:
     """The head's name with every setting that makes it a different model than the default
-    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config;
-    ``entry_notes``: the entry's other non-default settings, e.g. its filters or resampler)."""
+    (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config, and
+    ``own_resize`` the backbone's own; ``entry_notes``: the entry's other non-default settings, e.g. its filters
+    or resampler)."""
     protocol = config.get("protocol", {})
     variants = [*entry_notes] + [label for label, on in (
-        (f"resize {resize}", resize != "crop"),
+        (f"resize {resize}", resize != own_resize),
         ("raw features", protocol.get("standardize") is False),
         (f"PCA {protocol.get('pca')}", bool(protocol.get("pca"))),
         ("tuned", bool(protocol.get("tune"))),
@@ -88,13 +89,16 @@ def _entry_settings(entry_dir: Path, known: dict[Path, dict]) -> dict:
         try:
             known[entry_dir] = CacheEntry(entry_dir).settings
         except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
-            known[entry_dir] = {"views": 1, "resize": "crop", "filters": (), "resampler": "pil", "engine": "torch"}
+            known[entry_dir] = {"views": 1, "resize": "crop", "filters": (), "resampler": "pil", "engine": "torch",
+                                "own": {"resize": "crop", "resampler": "pil"}}
     return known[entry_dir]
 
 
 def _entry_notes(settings: dict) -> tuple[str, ...]:
+    own = settings.get("own", {})
     return tuple(note for note, on in ((f"--preprocess {','.join(settings['filters'])}", bool(settings["filters"])),
-                                       ("resampler torch", settings["resampler"] == "torch")) if on)
+                                       (f"resampler {settings['resampler']}",
+                                        settings["resampler"] != own.get("resampler", "pil"))) if on)
 
 
 def _name_engines(rows: list[Row], engines: list[str]) -> list[Row]:
@@ -148,7 +152,8 @@ def collect_runs(cache_root: Path, dataset: str | None = None, backbone: str | N
         protocol = result["protocol"] + (f" [{config['labels']}]" if config.get("labels") else "")
         settings = _entry_settings(entry_of_run(run), entries)
         rows.append(Row(run, config["dataset"], config["backbone"], config["pool"],
-                        head_label(config, settings["resize"], _entry_notes(settings)), protocol,
+                        head_label(config, settings["resize"], _entry_notes(settings), settings["own"]["resize"]),
+                        protocol,
                         _scored(result), metrics, result.get("test"), config,
                         held_out=held_out_label(config), conformal=result.get("conformal"),
                         without_copies=result.get("without_training_copies"), subgroups=result.get("subgroups")))

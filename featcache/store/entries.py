@@ -364,7 +364,8 @@ class CacheEntry:
         """The extraction settings that set this entry's features apart from another entry of the same
         backbone and images (what ``fit`` selects by and ``compare`` labels by)."""
         return {"views": self.views, "resize": self.resize_mode, "filters": self.filters,
-                "engine": self.engine, "resampler": self.resampler}
+                "engine": self.engine, "resampler": self.resampler,
+                "own": {"resize": "crop", "resampler": "pil", **self.manifest.get("backbone_preprocess", {})}}
 
     def shard_paths(self) -> list[Path]:
         return sorted(self.path.glob(SHARD_GLOB))
