@@ -481,9 +481,11 @@ class Run:
             A row per image, indexed by id: ``predicted``, ``p_<class>`` per class,
             ``near_duplicate_of`` and ``similarity`` (a training image it is identical or nearly
             identical to), ``neighbours_agree`` (the share of its similar cases labelled as predicted),
-            ``group``, and ``failed`` (why an image has no prediction). ``.attrs["neighbours"]`` holds the
-            similar cases: a row per image and rank (``id``, ``rank``, ``neighbour``, ``label``, ``group``,
-            ``similarity``, ``agrees``), best first.
+            ``ood_score``, ``ood_percentile`` and ``ood`` (how far it lies from the training images; flagged
+            above the 95th percentile of held-out training images, so about 5 % of images like the training
+            ones are flagged too), ``group``, and ``failed`` (why an image has no prediction).
+            ``.attrs["neighbours"]`` holds the similar cases: a row per image and rank (``id``, ``rank``,
+            ``neighbour``, ``label``, ``group``, ``similarity``, ``agrees``), best first.
         """
         from featcache.evaluation.predict import predict_frame
 

@@ -98,6 +98,20 @@ def test_no_warning_when_the_test_set_is_like_the_training_set():
 
 
 @pytest.mark.slow
+def test_each_image_s_ood_percentile_says_how_many_held_out_training_images_lie_closer():
+    from featcache.evaluation.shift import ood_per_image
+
+    train = _clinic(600, 0).X
+    alike, elsewhere = _clinic(400, 1).X, _clinic(400, 2, scale=1.5, offset=2.5).X
+    _, percentile = ood_per_image(train, alike)
+    # images like the training ones: about 5 % above the 95th percentile of held-out training images
+    assert 0.01 <= np.mean(percentile > 95) <= 0.12 and 35 < np.median(percentile) < 65
+    scores, far = ood_per_image(train, elsewhere)
+    assert np.mean(far > 95) > 0.8 and scores.shape == (400,)
+    views = np.stack([train, train * 1.01], axis=1)  # (images, views, dim): one score per image
+    assert ood_per_image(views, np.stack([alike, alike], axis=1))[0].shape == (400,)
+
+
 def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     import shutil
 
@@ -127,6 +141,10 @@ def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     out = CliRunner().invoke(app, ["predict", "--run", str(run.path), *few, "--cache", str(cache), "--out",
                                    str(tmp_path / "sets.csv")])
     assert out.exit_code == 0 and "set_90" in (tmp_path / "sets.csv").read_text().splitlines()[0]
+    # each image's distance from the training images, and the flag whose meaning the column names say
+    header = (tmp_path / "sets.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["ood_score", "ood_percentile", "ood"]
+    assert plain["ood_percentile"].between(0, 100).all() and (plain["ood"] == (plain["ood_percentile"] > 95)).all()
     # the statistics came from the training images themselves: aligning to them changes nothing
     np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
     # a fused run aligns too: every backbone's features, each with its pooling, side by side

@@ -15,7 +15,15 @@ from featcache.evaluation.conformal import prediction_sets, set_column, set_labe
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame, nearest, neighbour_rows, run_space
-from featcache.evaluation.shift import DOMAIN_WARN_AUROC, MIN_ALIGN_IMAGES, align, domain_auroc
+from featcache.evaluation.shift import (
+    DOMAIN_WARN_AUROC,
+    MIN_ALIGN_IMAGES,
+    OOD_QUANTILE,
+    OOD_WARN_FRACTION,
+    align,
+    domain_auroc,
+    ood_per_image,
+)
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
@@ -133,7 +141,10 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
     nearly identical to), ``neighbours_agree`` (the share of its ``neighbours`` most similar training images
-    labelled as predicted), ``group``, and ``failed`` (why an image has no prediction, else empty). The similar
+    labelled as predicted), ``ood_score`` and ``ood_percentile`` (how far it lies from the training images, and
+    the share of held-out training images that lie closer) with ``ood`` (True above the 95th percentile: about
+    5 % of images like the training ones are flagged too), ``group``, and ``failed`` (why an image has no
+    prediction, else empty). The similar
     cases themselves (id, rank, neighbour, label, group, similarity, agrees) are ``frame.attrs["neighbours"]``."""
     import pandas as pd
 
@@ -167,20 +178,23 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
                       "say little about new data; see the near_duplicate_of column")
     classes = [str(c) for c in saved["pipeline"].classes_]
     predicted = [classes[int(np.argmax(p))] for p in proba]
+    ood, percentile = out_of_distribution(saved, train_entry, entry, ids, reporter)
     cases = similar_cases(run_dir, saved, train_entry, entry, ids, predicted, transform, neighbours, reporter)
     agree = agreement(cases, ids) if cases is not None else [np.nan] * len(ids)
     groups = {r.id: r.group or "" for r in source.records}
     rows = [{"id": image_id, "group": groups[image_id], "predicted": classes[int(np.argmax(p))],
              **{f"p_{c}": float(v) for c, v in zip(classes, p, strict=True)},
              "near_duplicate_of": dup[0] if dup else "", "similarity": dup[1] if dup else np.nan,
-             "neighbours_agree": a, "failed": ""}
-            for image_id, p, dup, a in zip(ids, proba, duplicates, agree, strict=True)]
+             "neighbours_agree": a, "ood_score": o, "ood_percentile": q, "ood": bool(q > OOD_PERCENTILE),
+             "failed": ""}
+            for image_id, p, dup, a, o, q in zip(ids, proba, duplicates, agree, ood, percentile, strict=True)]
     rows += [{"id": image_id, "group": groups[image_id], "predicted": "",
               **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan,
-              "neighbours_agree": np.nan, "failed": reason}
+              "neighbours_agree": np.nan, "ood_score": np.nan, "ood_percentile": np.nan, "ood": False,
+              "failed": reason}
              for image_id, reason in failed.items() if image_id in groups]
     columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity",
-               "neighbours_agree", "group", "failed"]
+               "neighbours_agree", "ood_score", "ood_percentile", "ood", "group", "failed"]
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     frame.attrs["neighbours"] = as_frame(cases or [])
     conformal = read_metrics(run_dir).get("conformal")
@@ -189,6 +203,28 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
         sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame
+
+
+OOD_PERCENTILE = 100 * OOD_QUANTILE  # flagged: farther from the training images than 95 % of held-out ones are
+
+
+def out_of_distribution(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
+                        reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's OOD score against the run's training images (on the features as extracted, before any
+    --test-align: alignment would hide the very difference measured) and its percentile among held-out training
+    images' scores; NaN for a run that does not record its training images. Says so when far more images are
+    flagged than the 5 % an image like the training images would be."""
+    train_ids = saved.get("train_ids")
+    if not train_ids or not ids:
+        return np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+    scores, percentile = ood_per_image(train_entry.read(saved["pool"], train_ids), entry.read(saved["pool"], ids))
+    flagged = float(np.mean(percentile > OOD_PERCENTILE))
+    if len(ids) >= 20 and flagged >= OOD_WARN_FRACTION:
+        reporter.warn(f"{flagged:.0%} of these images lie farther from the run's training images than 95 % of "
+                      "held-out training images do (the ood column; about 5 % would for images like the training "
+                      "ones): their probabilities are less trustworthy, and the set may come from another clinic, "
+                      "device or modality")
+    return scores, percentile
 
 
 def predict_ensemble_frame(run_dirs: list[Path], spec: str, inputs: list[str], cache_root: Path,
@@ -274,13 +310,21 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
     return lambda X: align(X, train_X, method, domain=domain)
 
 
+def _cell(value: object) -> str:
+    """A number in full (the shortest text that reads back as the same float), a flag as true/false, NaN empty."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    value = float(value)
+    return "" if np.isnan(value) else repr(value)
+
+
 def write_predictions(frame: pd.DataFrame, out: Path) -> list[Path]:
     """``predictions.csv``: a row per image (probabilities in full: the shortest text that reads back as the same
     float; an image that failed says ``FAILED: <why>`` in the ``predicted`` column), and, when the frame has
     them, its similar cases in :func:`neighbours_path`. Returns the files written."""
     classes = [c for c in frame.columns if c.startswith("p_")]
     sets = [c for c in frame.columns if c.startswith("set_")]
-    extra = [c for c in ("neighbours_agree",) if c in frame.columns]
+    extra = [c for c in ("neighbours_agree", "ood_score", "ood_percentile", "ood") if c in frame.columns]
     cases = frame.attrs.get("neighbours")
     written = [out]
     try:
@@ -296,7 +340,7 @@ def write_predictions(frame: pd.DataFrame, out: Path) -> list[Path]:
                 similarity = "" if np.isnan(row["similarity"]) else f"{row['similarity']:.4f}"
                 writer.writerow([image_id, row["group"], row["predicted"], *(repr(float(row[c])) for c in classes),
                                  *(row[c] for c in sets), row["near_duplicate_of"], similarity,
-                                 *(repr(float(row[c])) for c in extra)])
+                                 *(_cell(row[c]) for c in extra)])
         if cases is not None and len(cases):
             written.append(neighbours_path(out))
             cases.to_csv(written[-1], index=False)

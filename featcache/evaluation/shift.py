@@ -110,15 +110,30 @@ def ood_scores(reference: np.ndarray, X: np.ndarray, k: int = 5) -> np.ndarray:
     return np.sqrt(nearest).mean(axis=1)
 
 
-def ood_threshold(train: np.ndarray, seed: int = 0) -> float:
-    """The OOD score that held-out training images exceed in 5 % of cases: each training fold scored
-    against the others (the threshold an unshifted test set would be held to)."""
+def heldout_ood_scores(train: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The OOD scores of held-out training images, sorted: each of 5 folds of (a sample of) ``train`` scored
+    against the other four. What an image like the training images scores."""
     rng = np.random.default_rng(seed)
     X = _sample(_rows(train), SAMPLE, rng)
     folds = np.arange(len(X)) % 5
     rng.shuffle(folds)
-    scores = np.concatenate([ood_scores(X[folds != f], X[folds == f]) for f in range(5)])
-    return float(np.quantile(scores, OOD_QUANTILE))
+    return np.sort(np.concatenate([ood_scores(X[folds != f], X[folds == f]) for f in range(5)]))
+
+
+def ood_threshold(train: np.ndarray, seed: int = 0) -> float:
+    """The OOD score that held-out training images exceed in 5 % of cases (the threshold an unshifted test set
+    would be held to)."""
+    return float(np.quantile(heldout_ood_scores(train, seed), OOD_QUANTILE))
+
+
+def ood_per_image(train: np.ndarray, new: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each new image's OOD score (:func:`ood_scores` against the training images, one row per image: the mean
+    of its views) and its percentile among held-out training images' scores: 97 means farther from the training
+    images than 97 % of held-out training images are."""
+    train_images, new_images = (X.mean(axis=1) if X.ndim == 3 else X for X in (train, new))
+    heldout = heldout_ood_scores(train_images, seed)
+    scores = ood_scores(_sample(train_images, SAMPLE, np.random.default_rng(seed)), new_images)
+    return scores, 100.0 * np.searchsorted(heldout, scores, side="right") / len(heldout)
 
 
 def em_prevalence(proba: np.ndarray, train_prior: np.ndarray, steps: int = 200, tol: float = 1e-8) -> np.ndarray:
