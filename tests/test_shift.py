@@ -44,6 +44,21 @@ def test_alignment_maps_the_moments_and_refuses_a_batch_too_small():
         align(test[:10], train, "moments")
 
 
+def test_coral_shrinks_a_covariance_a_small_batch_cannot_estimate_towards_moments():
+    from featcache.evaluation.shift import coral_shrinkage
+
+    rng = np.random.default_rng(0)
+    mixing = np.eye(200) + 0.5 * rng.normal(size=(200, 200)) / np.sqrt(200)
+    train = rng.normal(size=(3000, 200)) @ mixing
+    small = rng.normal(size=(40, 200)) @ mixing * 2.0 + 1.0  # 40 images, 200 dimensions: a singular covariance
+    assert coral_shrinkage(small) > 0.9 and coral_shrinkage(train) < 0.5
+    coral, moments = align(small, train, "coral"), align(small, train, "moments")
+    fixed = align(small, train, "coral", shrinkage=0.1)  # the old fixed shrinkage whitens with noise
+    assert np.abs(coral - moments).mean() < 0.5 * np.abs(fixed - moments).mean()
+    assert Protocol(test_align="coral").config()["coral_shrinkage"] == "ledoit-wolf"
+    assert "coral_shrinkage" not in Protocol(test_align="moments").config()
+
+
 def test_the_domain_classifier_tells_clinics_apart_only_when_they_differ():
     same, _ = domain_auroc(_clinic(400, 0).X, _clinic(400, 1).X)
     shifted, interval = domain_auroc(_clinic(400, 0).X, _clinic(400, 1, scale=2.0, offset=3.0).X)

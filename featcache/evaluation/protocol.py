@@ -89,6 +89,8 @@ class Protocol:
         for name, unset in (("test_align", "none"), ("conformal", None)):
             if config[name] == unset:
                 del config[name]
+        if config.get("test_align") == "coral":  # its covariances are shrunk by Ledoit-Wolf since featcache 0.4:
+            config["coral_shrinkage"] = "ledoit-wolf"  # a run made with the fixed 0.1 is not this one
         if "conformal" not in config:
             del config["conformal_mode"]
         return config

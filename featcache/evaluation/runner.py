@@ -48,7 +48,7 @@ from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
-from featcache.evaluation.shift import align, shift_audit, shift_warning
+from featcache.evaluation.shift import CORAL_NEAR_MOMENTS, align, coral_shrinkage, shift_audit, shift_warning
 from featcache.evaluation.splits import split_plan
 
 # loky says this when a fold worker it keeps between heads was stopped by its idle timeout; every task's result
@@ -170,7 +170,8 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
 
     plain = predicted(test.X)
-    proba = plain if protocol.test_align == "none" else predicted(align(test.X, data.X, protocol.test_align))
+    aligned = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align)
+    proba = plain if protocol.test_align == "none" else predicted(aligned)
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
     sets = {}
@@ -181,8 +182,7 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         scores["conformal"] = set_summary(sets["test"], y_idx)
     # similar cases: each test image's nearest training images in the model's own space (what it was scored on)
     space = run_space(model, meta=bool(data.meta_spec))
-    shown = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align)
-    index, similarity = nearest(space.transform(data.X), space.transform(shown), DEFAULT_K)
+    index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
     predicted = [data.classes[i] for i in proba.argmax(axis=1)]
     rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
                           None if data.groups is None else data.groups.tolist())
@@ -198,6 +198,12 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
             sets["test_unaligned"] = prediction_sets(plain, limits)
             scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
+    if protocol.test_align == "coral":  # how far each side's covariance was shrunk, and what that means
+        shrunk = scores["coral_shrinkage"] = {"test": coral_shrinkage(test.X), "train": coral_shrinkage(data.X)}
+        if shrunk["test"] >= CORAL_NEAR_MOMENTS:
+            reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
+                          f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk['test']:.2f} of the way "
+                          "to its diagonal (Ledoit-Wolf): coral is close to moments here")
     scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
     warning = shift_warning(scores["shift"], protocol.test_align)
     if warning:

@@ -28,6 +28,7 @@ MIN_ALIGN_IMAGES = 30  # below this a batch's statistics are too noisy to align 
 DOMAIN_WARN_AUROC = 0.8  # a domain classifier this good: the test images look different to the features
 OOD_QUANTILE = 0.95  # so about 5 % of unshifted test images lie beyond the threshold
 OOD_WARN_FRACTION = 0.2  # four times the share an unshifted test set would have beyond the threshold
+CORAL_NEAR_MOMENTS = 0.9  # a side shrunk this far: coral is all but moments, and the run says so
 SAMPLE = 2000  # rows per side for the domain classifier and the OOD reference (enough; bounded cost)
 
 
@@ -42,11 +43,16 @@ def _sample(X: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 # --- alignment ----------------------------------------------------------------------------------
 
-def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float = 0.1,
+def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | None = None,
           domain: np.ndarray | None = None) -> np.ndarray:
     """``test`` features mapped onto ``train``'s statistics (``method``: none, moments or coral); the
     shape, views included, is kept. The test side's statistics are ``domain``'s (other images of the same
-    clinic) when given, else ``test``'s own. Aligning a set to itself changes nothing."""
+    clinic) when given, else ``test``'s own. Aligning a set to itself changes nothing.
+
+    ``coral``'s covariances are shrunk towards their diagonal by ``shrinkage``, or by each side's Ledoit-Wolf
+    estimate when None (:func:`coral_shrinkage`): a batch of fewer images than dimensions cannot estimate its
+    covariance, and a fixed small shrinkage then whitened the test features with noise
+    (docs/results.md, `coral-guard`); the estimate goes to 1, coral to moments, as the batch gets smaller."""
     if method == "none":
         return test
     method = BY_NAME["test_align"].checked(method)  # the one check of the option's values
@@ -61,10 +67,24 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float = 0
         sd_s, sd_r = src.std(axis=0), ref.std(axis=0)
         out = (rows - mu_s) / np.where(sd_s > 0, sd_s, 1.0) * sd_r + mu_r
     else:
-        whiten = _matrix_power(_shrunk_cov(src - mu_s, shrinkage), -0.5)
-        colour = _matrix_power(_shrunk_cov(ref - mu_r, shrinkage), 0.5)
+        alpha_s, alpha_r = (shrinkage, shrinkage) if shrinkage is not None else (
+            coral_shrinkage(src), coral_shrinkage(ref))
+        whiten = _matrix_power(_shrunk_cov(src - mu_s, alpha_s), -0.5)
+        colour = _matrix_power(_shrunk_cov(ref - mu_r, alpha_r), 0.5)
         out = (rows - mu_s) @ whiten @ colour + mu_r
     return out.reshape(test.shape).astype(test.dtype)
+
+
+def coral_shrinkage(rows: np.ndarray) -> float:
+    """How far coral shrinks a side's covariance towards its diagonal: the Ledoit-Wolf estimate (Ledoit & Wolf
+    2004; scikit-learn's) on the standardised rows, where shrinking towards the identity is shrinking the
+    covariance towards its diagonal. Near 0 for many images in few dimensions, near 1 for few in many."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    rows = _rows(rows).astype(np.float64)
+    spread = rows.std(axis=0)
+    standard = (rows - rows.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    return float(ledoit_wolf_shrinkage(standard, assume_centered=True))
 
 
 def _shrunk_cov(centred: np.ndarray, shrinkage: float) -> np.ndarray:
