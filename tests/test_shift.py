@@ -127,6 +127,35 @@ def test_each_image_s_ood_percentile_says_how_many_held_out_training_images_lie_
     assert ood_per_image(views, np.stack([alike, alike], axis=1))[0].shape == (400,)
 
 
+def test_bbse_estimates_a_label_shift_that_em_gets_wrong_and_a_degenerate_estimate_is_flagged():
+    from featcache.evaluation.shift import bbse_prevalence, prevalence_estimates
+
+    rng = np.random.default_rng(0)
+    prior = np.array([0.5, 0.5])
+
+    def predictions(y: np.ndarray, overconfident: float) -> np.ndarray:
+        score = rng.normal(size=len(y)) + (2 * y - 1)
+        p1 = 1 / (1 + np.exp(-overconfident * score))
+        return np.c_[1 - p1, p1]
+
+    heldout_y = (rng.random(4000) < 0.5).astype(int)
+    heldout = predictions(heldout_y, 2.0)
+    test_y = (rng.random(3000) < 0.2).astype(int)  # 20 % positive at the other hospital
+    # the shift also made the model overconfident: EM, which trusts calibration, runs away; BBSE does not
+    test = predictions(test_y, 12.0)
+    bbse = bbse_prevalence(test, heldout, heldout_y, prior)
+    assert bbse[1] == pytest.approx(0.2, abs=0.04)
+    assert abs(em_prevalence(test, prior)[1] - 0.2) > 2 * abs(bbse[1] - 0.2)
+    found = prevalence_estimates(test, prior, ["a", "b"], (heldout, np.array(["a", "b"])[heldout_y]))
+    low, high = found["prevalence_bbse_ci"]["b"]
+    assert low < 0.2 < high and found["prevalence_bbse"]["b"] == pytest.approx(bbse[1])
+    calibrated = prevalence_estimates(predictions(test_y, 2.0), prior, ["a", "b"],
+                                      (heldout, np.array(["a", "b"])[heldout_y]))
+    assert calibrated["prevalence_degenerate"] is None
+    runaway = prevalence_estimates(np.c_[np.full(50, 0.01), np.full(50, 0.99)], prior, ["a", "b"])
+    assert "degenerate" in runaway["prevalence_degenerate"]
+
+
 def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     import shutil
 

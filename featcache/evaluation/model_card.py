@@ -35,6 +35,25 @@ def _metrics_table(block: dict) -> list[str]:
     return rows
 
 
+def _prevalence_lines(shift: dict) -> list[str]:
+    """The test set's class prevalence estimated without its labels (EM, BBSE) beside the training one."""
+    if "prevalence_estimate_ci" not in shift:
+        return []
+    lines = ["- Class prevalence of the test set, estimated without its labels"
+             + (f" (from the --test-align {shift['prevalence_from']} probabilities)"
+                if shift.get("prevalence_from", "none") != "none" else "") + ":", "",
+             "| class | training | EM [95% CI] | BBSE [95% CI] |" + (" true |" if "prevalence_true" in shift else ""),
+             "|---|---|---|---|" + ("---|" if "prevalence_true" in shift else "")]
+    for c, train in shift["prevalence_train"].items():
+        em, bbse = shift["prevalence_estimate"], shift.get("prevalence_bbse") or {}
+        lines.append(f"| {c} | {train:.3f} | {_ci(em[c], shift['prevalence_estimate_ci'][c])} | "
+                     f"{_ci(bbse.get(c), (shift.get('prevalence_bbse_ci') or {}).get(c))} |"
+                     + (f" {shift['prevalence_true'][c]:.3f} |" if "prevalence_true" in shift else ""))
+    if shift.get("prevalence_degenerate"):
+        lines += ["", f"- Not to be trusted: {shift['prevalence_degenerate']}."]
+    return ["", *lines]
+
+
 def _head_lines(config: dict) -> list[str]:
     """What the model is: a trained head on frozen features, or zero-shot from the class prompts."""
     text = config.get("zero_shot")
@@ -105,7 +124,7 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
                       f"images' with AUROC {_ci(shift.get('domain_auroc'), [low, high] if low is not None else None)} "
                       "(0.5: no shift)" + (f"; {shift['ood_fraction']:.0%} of test images lie beyond the distance 5 % "
                                            "of held-out training images reach." if "ood_fraction" in shift else "."),
-                      ""]
+                      *_prevalence_lines(shift), ""]
     lines += ["## Subgroups", ""]
     if subgroups:
         for column, groups in subgroups.items():

@@ -160,10 +160,12 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 
 
 def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
-                reporter: Reporter, conformal: dict | None = None) -> tuple[dict, tuple, dict, list]:
+                reporter: Reporter, conformal: dict | None = None,
+                heldout: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, tuple, dict, list]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
     unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
-    audit of its features against the training features."""
+    audit of its features against the training features (``heldout``: the out-of-fold probabilities and labels,
+    for the label-shift estimate that needs a confusion matrix)."""
     groups = test.groups
 
     def predicted(X: np.ndarray) -> np.ndarray:
@@ -204,10 +206,14 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
             reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
                           f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk['test']:.2f} of the way "
                           "to its diagonal (Ledoit-Wolf): coral is close to moments here")
-    scores["shift"] = shift_audit(data.X, test.X, plain, data.classes, data.y, test.y)
+    scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout,
+                                  protocol.test_align)
     warning = shift_warning(scores["shift"], protocol.test_align)
     if warning:
         reporter.warn(warning)
+    if scores["shift"]["prevalence_degenerate"]:
+        reporter.warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
+                      "and BBSE's estimates with their intervals)")
     return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
 
 
@@ -354,7 +360,9 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                               if hasattr(out[0], "named_steps")]
     test_rows = neighbours = None
     if test is not None:
-        result["test"], test_rows, test_sets, rows = _score_test(model, data, test, protocol, reporter, conformal)
+        scored = ~np.isnan(oof_by_seed[0]).any(axis=1)
+        result["test"], test_rows, test_sets, rows = _score_test(model, data, test, protocol, reporter, conformal,
+                                                                 (oof_by_seed[0][scored], data.y[scored]))
         neighbours = (NEIGHBOUR_COLUMNS, rows)
         if conformal is not None:
             sets_written |= {k: set_labels(v, data.classes) for k, v in test_sets.items()}

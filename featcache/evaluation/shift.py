@@ -171,9 +171,75 @@ def em_prevalence(proba: np.ndarray, train_prior: np.ndarray, steps: int = 200, 
     return current
 
 
+def bbse_prevalence(proba: np.ndarray, heldout_proba: np.ndarray, heldout_labels: np.ndarray,
+                    prior: np.ndarray) -> np.ndarray:
+    """The class prevalence of a test set by black-box shift estimation (Lipton et al. 2018): the model's
+    confusion matrix on held-out training images, ``C[i, j] = P(predicted i, true j)``, and the test set's
+    predicted-class shares ``m`` give the weights ``w`` of ``C w = m``; the prevalence is ``w * prior``
+    (clipped at 0, summing to 1). It needs no calibrated probabilities, only a confusion matrix that can be
+    inverted."""
+    k = len(prior)
+    predicted = heldout_proba.argmax(axis=1)
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (predicted, heldout_labels), 1.0)
+    confusion /= max(len(heldout_labels), 1)
+    shares = np.bincount(proba.argmax(axis=1), minlength=k) / max(len(proba), 1)
+    weights = np.linalg.lstsq(confusion, shares, rcond=None)[0]
+    estimate = np.clip(weights * prior, 0.0, None)
+    return estimate / estimate.sum() if estimate.sum() > 0 else prior.copy()
+
+
+def prevalence_estimates(proba: np.ndarray, prior: np.ndarray, classes: list[str],
+                         heldout: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0,
+                         draws: int = 200) -> dict:
+    """The test set's class prevalence without its labels, by EM and (with the model's out-of-fold
+    ``heldout`` probabilities and labels) BBSE, each with a 95 % interval from resampling the test images;
+    ``prevalence_degenerate`` says why an estimate should not be trusted (None when nothing is wrong)."""
+    rng = np.random.default_rng(seed)
+    label_index = None if heldout is None else np.searchsorted(classes, heldout[1])
+    methods = {"estimate": lambda p: em_prevalence(p, prior)}
+    if heldout is not None:
+        methods["bbse"] = lambda p: bbse_prevalence(p, heldout[0], label_index, prior)
+    out: dict = {}
+    picks = [rng.integers(0, len(proba), len(proba)) for _ in range(draws)]
+    for name, estimate in methods.items():
+        value = estimate(proba)
+        boots = np.array([estimate(proba[pick]) for pick in picks])
+        low, high = np.percentile(boots, [2.5, 97.5], axis=0)
+        key = "prevalence_estimate" if name == "estimate" else "prevalence_bbse"
+        out[key] = dict(zip(classes, value.tolist(), strict=True))
+        out[key + "_ci"] = {c: [float(a), float(b)] for c, a, b in zip(classes, low, high, strict=True)}
+    out["prevalence_degenerate"] = _degenerate(out, classes)
+    return out
+
+
+def _degenerate(found: dict, classes: list[str]) -> str | None:
+    """Why the EM estimate is not to be trusted: one class takes (almost) everything, its interval spans half the
+    range, or BBSE disagrees with it by more than 0.2 on a class. EM trusts the probabilities' calibration, which
+    a shift breaks; BBSE trusts only the held-out confusion matrix."""
+    em, ci = found["prevalence_estimate"], found["prevalence_estimate_ci"]
+    top = max(classes, key=lambda c: em[c])
+    if em[top] >= 0.98:
+        return (f"EM gives {top} {em[top]:.3f} of the test set: a degenerate estimate (the probabilities it trusts "
+                "are miscalibrated here)")
+    wide = [c for c in classes if ci[c][1] - ci[c][0] > 0.5]
+    if wide:
+        return f"EM's interval for {wide[0]} spans {ci[wide[0]][0]:.2f} to {ci[wide[0]][1]:.2f}: too wide to use"
+    bbse = found.get("prevalence_bbse")
+    if bbse:
+        apart = max(classes, key=lambda c: abs(em[c] - bbse[c]))
+        if abs(em[apart] - bbse[apart]) > 0.2:
+            return (f"EM ({em[apart]:.2f}) and BBSE ({bbse[apart]:.2f}) disagree on {apart} by more than 0.2: "
+                    "read neither as the test set's prevalence")
+    return None
+
+
 def shift_audit(train: np.ndarray, test: np.ndarray, proba: np.ndarray, classes: list[str],
-                train_labels: np.ndarray, test_labels: np.ndarray | None = None) -> dict:
-    """Everything :mod:`featcache.evaluation.shift` measures, for ``metrics.json["test"]["shift"]``."""
+                train_labels: np.ndarray, test_labels: np.ndarray | None = None,
+                heldout: tuple[np.ndarray, np.ndarray] | None = None, aligned_with: str = "none") -> dict:
+    """Everything :mod:`featcache.evaluation.shift` measures, for ``metrics.json["test"]["shift"]``. ``proba``:
+    the test probabilities the run reports (after its --test-align, ``aligned_with``), from which the
+    prevalence is estimated; ``heldout``: the model's out-of-fold probabilities and labels, for BBSE."""
     auroc, interval = domain_auroc(train, test)
     # one row per image (the mean over its views), for the reference, the threshold and the test alike
     train_images, test_images = (X.mean(axis=1) if X.ndim == 3 else X for X in (train, test))
@@ -181,11 +247,10 @@ def shift_audit(train: np.ndarray, test: np.ndarray, proba: np.ndarray, classes:
     reference = _sample(train_images, SAMPLE, np.random.default_rng(0))
     per_image = ood_scores(reference, test_images)
     prior = np.array([np.mean(train_labels == c) for c in classes])
-    estimate = em_prevalence(proba, prior)
     out = {"domain_auroc": auroc, "domain_auroc_ci": interval, "ood_threshold": threshold,
            "ood_fraction": float(np.mean(per_image > threshold)),
            "prevalence_train": dict(zip(classes, prior.tolist(), strict=True)),
-           "prevalence_estimate": dict(zip(classes, estimate.tolist(), strict=True))}
+           **prevalence_estimates(proba, prior, classes, heldout), "prevalence_from": aligned_with}
     if test_labels is not None:
         out["prevalence_true"] = {c: float(np.mean(test_labels == c)) for c in classes}
     return out
