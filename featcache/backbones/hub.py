@@ -184,17 +184,21 @@ def model_folder(spec: BackboneSpec, weights: str | None) -> ModelFolder:
 def quiet_libraries() -> Iterator[None]:
     """The libraries' progress bars and notes (transformers' weight-loading bar, open_clip's log lines) are
     not featcache's output: silenced while a model is loaded."""
-    from transformers.utils import logging as hf_logging
-
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # open_clip alone: only its log lines to quiet
+        hf_logging = None
     root, level = logging.getLogger(), logging.getLogger().level
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    previous = hf_logging.get_verbosity() if hf_logging else None
+    if hf_logging:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     root.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        hf_logging.set_verbosity(previous)
+        if hf_logging:
+            hf_logging.set_verbosity(previous)
         root.setLevel(level)
 
 
