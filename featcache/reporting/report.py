@@ -189,16 +189,25 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                         "must beat (its run's model card lists the prompts).</p>")
         body.append(_leaderboard_table(shown, metric))
         leading = [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS]
-        for k, row in enumerate(leading[:max(best, gallery)]):
-            if k < best:
+        # heatmaps need one backbone and no metadata columns: a fused or --meta leader gives its gallery to the
+        # best run that can have one, and the page says so
+        galleried = [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:gallery]
+        def among(row: Row, rows: list[Row]) -> bool:
+            return any(row is other for other in rows)
+
+        for row in [*leading[:best], *[r for r in galleried if not among(r, leading[:best])]]:
+            if among(row, leading[:best]):
                 body.append(_best_run_section(row, metric))
-            if k < gallery:
+            else:
+                body.append(f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</h3>")
+            if among(row, galleried):
                 from featcache.reporting.gallery import gallery_section
 
+                if row is galleried[0] and leading and row is not leading[0]:
+                    body.append("<p class='muted'>The leading run reads several backbones' features or metadata "
+                                "columns, so a heatmap cannot show what drove it; the gallery is that of the best run "
+                                "of one backbone.</p>")
                 left = int(max_mb * 1e6) - sum(len(part) for part in body) - 200_000  # room for the rest
-                if k >= best:
-                    body.append(f"<h3>{html.escape(row.backbone)} / {html.escape(row.pool)} / "
-                                f"{html.escape(row.head)}</h3>")
                 body.append(gallery_section(row.run, max(left, 0))[0])
     body += ["<h2>Runs</h2>", _runs_table(runs_listed), "<h2>Provenance of the features</h2>",
              "<div class='wide'>", _provenance(rows), "</div>"]
