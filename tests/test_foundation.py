@@ -166,6 +166,11 @@ def test_a_changed_weights_file_makes_a_new_entry_and_a_wrong_checksum_is_refuse
     second = fc.extract(images, backbone=f"hf:{models['dinov2']}", weights=str(copy), cache=tmp_path / "c",
                         quiet=True)
     assert second.fingerprint != first.fingerprint and second.path != first.path
+    from featcache.extraction.extract import backbone_of
+
+    # predict and explain load an entry's backbone again: from the folder given at extraction, checked
+    assert backbone_of(CacheEntry(second.path)).weights_sha256 == second.manifest["fingerprint_inputs"][
+        "weights_sha256"]
     (copy / "SHA256SUMS").write_text(f"{'0' * 64}  model.safetensors\n")
     with pytest.raises(Exception, match="does not match SHA256SUMS"):
         fc.extract(images, backbone=f"hf:{copy}", cache=tmp_path / "c", quiet=True)

@@ -255,13 +255,13 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
 
 
 def weights_of(entry: CacheEntry, weights: str | None = None) -> str | None:
-    """The ``--weights`` that made ``entry``: ``weights`` when given, else the file or ``random`` its
-    manifest recorded, else None (the backbone's own pretrained weights)."""
+    """The ``--weights`` that made ``entry``: ``weights`` when given, else the file (or a foundation model's
+    folder) or ``random`` its manifest recorded, else None (the backbone's own pretrained weights)."""
     if weights is not None:
         return weights
     origin = entry.manifest["provenance"]["weights_origin"]
-    return origin.split(" ")[0][5:] if origin.startswith("file:") else (
-        "random" if origin.startswith("random") else None)
+    kind, _, where = origin.split(" ")[0].partition(":")
+    return where if kind in ("file", "dir") else "random" if origin.startswith("random") else None
 
 
 def backbone_of(entry: CacheEntry, weights: str | None = None) -> LoadedBackbone:
