@@ -96,8 +96,8 @@ def main() -> None:
     lines = []
     for run in runs:
         lines += run_table(run, f"{run.head} on efficientnet_lite0 / gap")
-    best_note = (f" The best model of docs/best-ham.toml is scored by `--best` ({best_seconds:.0f} s in this run of the "
-                 "script; from an empty cache its extraction of four backbones x 4 views adds about 45 min on 2 "
+    best_note = (f" The best model of docs/best-ham.toml is scored by `--best` ({best_seconds:.0f} s in this run of "
+                 "the script; from an empty cache its extraction of four backbones x 4 views adds about 45 min on 2 "
                  "cores), through that study with only its fused linear SVM and `subgroups` added to `[fit]`."
                  if best_lines else
                  " The best model of docs/best-ham.toml is scored the same way by `--best`.")
