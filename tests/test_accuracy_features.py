@@ -126,6 +126,9 @@ def test_metadata_is_coded_imputed_and_used():
     assert np.isnan(encode_meta(unseen, ["age", "site"], spec)[0][0, 1])  # unknown category -> missing
     with pytest.raises(Exception, match="no column 'sex'"):
         encode_meta(records, ["sex"], source_name="here.csv")
+    # a column found as --label-col finds one: any case, past a spreadsheet's stray spaces
+    spaced = [ImageRecord(r.id, None, meta={"Age ": r.meta["age"], "SITE": r.meta["site"]}) for r in records]
+    np.testing.assert_array_equal(encode_meta(spaced, ["site", "age"])[0], meta)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.sources import ImageSource, is_number
+from featcache.data.sources import ImageSource, column_key, is_number
 from featcache.errors import RunError
 from featcache.evaluation.leakage import (
     DuplicatePairs,
@@ -100,14 +100,16 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
     come first. ``spec`` (from training data) fixes the categories, so test data is coded alike;
     a category unseen in training becomes missing."""
     names = [c["name"] for c in spec] if spec is not None else columns
-    missing = [name for name in names if name not in records[0].meta]
+    present = {column_key(c): c for c in records[0].meta}
+    missing = [name for name in names if column_key(name) not in present]
     if missing:
         raise RunError(f"--meta {missing[0]}: {source_name} has no column {missing[0]!r}; it has "
                        f"{', '.join(records[0].meta) or 'no extra columns'}")
+    actual = {name: present[column_key(name)] for name in names}  # any case, past stray spaces, as --label-col
     if spec is None:
         spec = []
         for name in columns:
-            filled = [v for v in (r.meta.get(name, "").strip() for r in records) if v]
+            filled = [v for v in (r.meta.get(actual[name], "").strip() for r in records) if v]
             if all(is_number(v) for v in filled):
                 spec.append({"name": name, "kind": "numeric"})
             else:
@@ -117,7 +119,7 @@ def encode_meta(records: list, columns: list[str], spec: list[dict] | None = Non
     for j, column in enumerate(spec):
         codes = {c: float(i) for i, c in enumerate(column.get("categories", []))}
         for i, record in enumerate(records):
-            value = record.meta.get(column["name"], "").strip()
+            value = record.meta.get(actual[column["name"]], "").strip()
             if value:
                 out[i, j] = float(value) if column["kind"] == "numeric" else codes.get(value, np.nan)
     return out, spec
