@@ -332,8 +332,13 @@ def _load_hub_backbone(spec: BackboneSpec, weights: str | None, pools: tuple[str
     spec = replace(spec, poolings=trunk.offered, default_pools=(trunk.default,), zero_shot=trunk.has_text)
     weights_sha = W.state_dict_sha256(trunk.state_dict())
     model = PooledFeatures(spec, trunk, tuple(pools) if pools else (trunk.default,)).to(device)
-    with torch.inference_mode():
-        probe = model(torch.zeros(1, 3, preprocess.crop_size, preprocess.crop_size, device=device))
+    try:
+        with torch.inference_mode():
+            probe = model(torch.zeros(1, 3, preprocess.crop_size, preprocess.crop_size, device=device))
+    except Exception as exc:  # noqa: BLE001 - e.g. a model that wants patch masks (SigLIP 2 NaFlex), said as one line
+        raise WeightsUnavailable(f"{spec.name}: its forward on a {preprocess.crop_size} px square image failed "
+                                 f"({type(exc).__name__}: {str(exc)[:160]}); featcache reads models that take a batch "
+                                 "of square images (pixel_values) alone") from None
     return LoadedBackbone(spec, model, preprocess, weights_sha, folder.origin, {p: int(v.shape[1])
                                                                                 for p, v in probe.items()})
 
