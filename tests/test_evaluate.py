@@ -202,10 +202,12 @@ def test_cli_extract_fit_compare_predict_end_to_end(small_folder, tmp_path):
                               "--cache", cache])
     assert out.exit_code == 0, out.output
     lines = preds.read_text().splitlines()
-    header = "id,group,predicted,p_melanoma,p_nevus,near_duplicate_of,similarity,neighbours_agree"
+    header = ("id,group,predicted,p_melanoma,p_nevus,near_duplicate_of,similarity,neighbours_agree,ood_score,"
+              "ood_percentile,ood")
     assert lines[0] == header and len(lines) == 7
     # these are the training images themselves: every one is named as an exact duplicate
     with open(preds, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert all(r["near_duplicate_of"].startswith("nevus/") and r["similarity"] == "1.0000" for r in rows)
+    assert all(r["ood"] in ("true", "false") and 0 <= float(r["ood_percentile"]) <= 100 for r in rows)
     assert "identical or nearly identical to a training image" in out.output
