@@ -462,6 +462,10 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.5, maximum=0.999),
     Option("conformal_mode", ConformalMode, "marginal", "`marginal`: the coverage over all images; `class`: the "
            "coverage for every class (rare classes get larger sets).", ("fit",), "fit"),
+    Option("conformal_by", str, None, "Calibrate the prediction sets within each value of this metadata column "
+           "(clinic, site, device: Mondrian conformal), so that every group keeps the coverage, not only all of them "
+           "together; an image takes its group's threshold (one of a group never seen, the overall one, said).",
+           ("fit",), "fit"),
     Option("subgroups", str, None, "Also score every run by these metadata columns, e.g. `sex,age,localization` "
            "(numeric ones in quartile bands): counts, balanced accuracy, per-class sensitivity and AUROC per "
            "subgroup, with intervals, out of fold and on --test-data; the worst subgroup is flagged when its interval "

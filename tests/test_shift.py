@@ -228,3 +228,68 @@ def test_fit_with_conformal_sets_reports_their_coverage_out_of_fold_and_on_the_t
     assert 0.8 <= metrics["test"]["conformal"]["coverage"] <= 1.0  # aligned: the promise holds again
     assert metrics["test"]["unaligned"]["conformal"]["coverage"] < metrics["test"]["conformal"]["coverage"]
     assert metrics["config"]["protocol"]["conformal"] == 0.9
+
+
+def test_sets_calibrated_by_group_keep_the_coverage_in_each_group(tmp_path):
+    from featcache.evaluation.conformal import by_group, cross_conformal, group_limits
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    y = rng.integers(0, 3, n)
+    site = np.where(np.arange(n) % 4 == 0, "dermoscope-b", "dermoscope-a")  # a quarter from a blurrier device
+    sharpness = np.where(site == "dermoscope-a", 2.0, 0.6)
+    logits = rng.normal(size=(n, 3)) + np.eye(3)[y] * sharpness[:, None]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    folds = np.arange(n) % 5
+    marginal = cross_conformal(proba, y, folds, 0.9, "marginal")
+    found, sets = by_group(proba, y, folds, 0.9, "marginal", site, "device")
+    covered = sets[np.arange(n), y]
+    b = site == "dermoscope-b"
+    from featcache.evaluation.conformal import out_of_fold_sets
+
+    plain = out_of_fold_sets(proba, y, folds, 0.9, "marginal")[np.arange(n), y]
+    assert plain[b].mean() < 0.85  # one threshold for all under-covers the blurry device
+    assert 0.87 <= covered[b].mean() <= 0.93 and 0.87 <= covered[~b].mean() <= 0.93
+    assert found["by"]["groups"]["dermoscope-b"]["n"] == int(b.sum()) and found["thresholds"] == marginal["thresholds"]
+    limits, unseen = group_limits(found, ["dermoscope-b", "dermoscope-a", "phone"])
+    assert unseen == 1 and limits.shape == (3, 3)
+    np.testing.assert_array_equal(limits[2], marginal["thresholds"])
+    # through fit: the column's values calibrate the sets and name the run; the test set reports each group
+    train, test = _clinic(600, 0), _clinic(300, 1, ids="b")
+    train.strata = np.array(["x", "y", "z"] * 200, dtype=object)
+    test.strata = np.array(["x", "y", "w"] * 100, dtype=object)
+    protocol = Protocol(cv=5, conformal=0.9, conformal_by="device")
+    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=test)
+    metrics = read_metrics(run)
+    assert set(metrics["conformal"]["by"]["groups"]) == {"x", "y", "z"}
+    assert metrics["test"]["conformal"]["by"]["overall_threshold_images"] == 100
+    assert metrics["config"]["protocol"]["conformal_by"] == "device"
+    assert "conformal_by" not in Protocol(conformal=0.9).config()
+
+
+def test_fit_and_predict_calibrate_sets_by_a_column_of_the_csv(tmp_path, capfd):
+    import featcache as fc
+
+    from .conftest import DEMO
+
+    rows = ["bild;befund;Gerät "]
+    for label in ("melanoma", "nevus"):
+        for k, src in enumerate(sorted((DEMO / "images" / label).glob("*.jpg"))[:30]):
+            rows.append(f"{src};{label};{'A' if k % 3 else 'B'}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "clinic_b.csv").write_text("\n".join(r.rsplit(";", 1)[0] for r in rows[:1] + rows[1::4]) + "\n")
+    cache = tmp_path / "c"
+    fc.extract(tmp_path / "train.csv", image_col="bild", cache=cache, quiet=True)
+    run = fc.fit(tmp_path / "train.csv", image_col="bild", label_col="befund", heads=["logreg"], cv=3, cache=cache,
+                 no_groups=True, conformal=0.8, conformal_by="gerät", test_data=tmp_path / "clinic_b.csv")[0]
+    assert "clinic_b.csv has no such column" in capfd.readouterr().err
+    by = run.metrics["conformal"]["by"]
+    assert by["column"] == "Gerät " and {g: v["n"] for g, v in by["groups"].items()} == {"A": 40, "B": 20}
+    assert run.metrics["config"]["protocol"]["conformal_by"] == "Gerät "
+    frame = run.predict([str(tmp_path / "train.csv")], image_col="bild", cache=cache)
+    limits = {g: v["thresholds"][0] for g, v in by["groups"].items()}
+    column = {r.split(";")[0]: r.split(";")[2] for r in rows[1:]}
+    for image_id, row in frame.iterrows():  # each image's set at its own device's threshold
+        expected = {c for c in ("melanoma", "nevus") if 1 - row[f"p_{c}"] <= limits[column[image_id]]}
+        assert set(filter(None, row["set_80"].split("|"))) == expected
+    assert "sets 0.8 marginal by Gerät" in fc.compare(cache=cache).rows[0].held_out

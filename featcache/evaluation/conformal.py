@@ -31,8 +31,10 @@ def thresholds(proba: np.ndarray, y_idx: np.ndarray, level: float, mode: str, n_
 
 
 def prediction_sets(proba: np.ndarray, limits: np.ndarray) -> np.ndarray:
-    """Boolean (images, classes): class c is in an image's set when 1 - p_c <= the threshold of c."""
-    return (1.0 - proba) <= limits[None, :]
+    """Boolean (images, classes): class c is in an image's set when 1 - p_c <= the threshold of c (``limits``:
+    one per class, or one row per image: each image its group's, with ``--conformal-by``)."""
+    limits = np.asarray(limits, dtype=float)
+    return (1.0 - proba) <= (limits if limits.ndim == 2 else limits[None, :])
 
 
 def summary(sets: np.ndarray, y_idx: np.ndarray) -> dict:
@@ -73,3 +75,49 @@ def uninformative(mean_set_size: float, n_classes: int) -> bool:
 def set_labels(sets: np.ndarray, classes: list[str]) -> list[str]:
     """Each image's set as ``a|b`` (empty when no class is plausible enough)."""
     return ["|".join(c for c, keep in zip(classes, row, strict=True) if keep) for row in sets]
+
+
+# --- Mondrian: calibrated within each group of a column (--conformal-by) --------------------------------------
+
+def by_group_sets(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str,
+                  strata: np.ndarray) -> np.ndarray:
+    """Every image's out-of-fold set, judged with the threshold of the other folds' images of its own group."""
+    sets = np.zeros_like(oof, dtype=bool)
+    for value in np.unique(strata):
+        mine = strata == value
+        sets[mine] = out_of_fold_sets(oof[mine], y_idx[mine], folds[mine], level, mode)
+    return sets
+
+
+def by_group(oof: np.ndarray, y_idx: np.ndarray, folds: np.ndarray, level: float, mode: str, strata: np.ndarray,
+             column: str) -> tuple[dict, np.ndarray]:
+    """Mondrian cross-conformal (Vovk et al. 2005): thresholds within each value of ``strata`` (a clinic, a site,
+    a device), so that every group keeps the coverage, not only all of them together. Returns the calibration
+    (overall thresholds for images of a group not seen here, each group's thresholds, images, out-of-fold
+    coverage and set size) and the out-of-fold sets."""
+    n_classes = oof.shape[1]
+    sets = by_group_sets(oof, y_idx, folds, level, mode, strata)
+    groups = {}
+    for value in np.unique(strata):
+        mine = strata == value
+        limits = thresholds(oof[mine], y_idx[mine], level, mode, n_classes)
+        groups[str(value)] = {"thresholds": [float(t) for t in limits], "n": int(mine.sum()),
+                              **summary(sets[mine], y_idx[mine])}
+    out = {"level": level, "mode": mode, "thresholds": thresholds(oof, y_idx, level, mode, n_classes).tolist(),
+           "by": {"column": column, "groups": groups}}
+    return out | summary(sets, y_idx), sets
+
+
+def group_limits(conformal: dict, strata: list[str] | np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Each image's thresholds (one row per image) from its group's calibration; an image of a group the
+    calibration never saw, or without a value, takes the overall thresholds. Returns them and how many did."""
+    overall = np.array(conformal["thresholds"], dtype=float)
+    by = conformal.get("by")
+    if by is None or strata is None:
+        return overall, 0
+    rows, unseen = [], 0
+    for value in strata:
+        found = by["groups"].get(str(value))
+        unseen += found is None
+        rows.append(found["thresholds"] if found else overall)
+    return np.array(rows, dtype=float).reshape(len(rows), len(overall)), unseen

@@ -37,6 +37,7 @@ class LabeledFeatures:
     grouping: dict = field(default_factory=lambda: {"grouped": False, "by": "no groups", "mode": "none"})
     duplicates: DuplicatePairs | None = None  # the leakage audit of these rows
     paths: list[str] = field(default_factory=list)  # each row's image file (for heatmaps and galleries)
+    strata: np.ndarray | None = None  # each row's value of --conformal-by's column (its sets' calibration group)
 
     def identity(self) -> str:
         """Hash of every value of these rows that sets a run's numbers: ids, image SHA-256s,
@@ -48,7 +49,10 @@ class LabeledFeatures:
         meta = self.meta.tolist() if self.meta is not None else [None] * n
         # rows built without a cache entry (the Python API) are named by their exact feature bytes
         images = self.sha256 or [bytes_hash(self.X)] * n
-        return rows_hash(zip(self.ids, images, self.y.tolist(), list(groups), list(splits), meta, strict=True))
+        columns = [self.ids, images, self.y.tolist(), list(groups), list(splits), meta]
+        if self.strata is not None:  # only then: runs made before --conformal-by keep their names
+            columns.append(self.strata.tolist())
+        return rows_hash(zip(*columns, strict=True))
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:

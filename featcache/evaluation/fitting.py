@@ -9,8 +9,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from featcache.backbones.registry import canonical_name
-from featcache.data.sources import ImageSource, open_source
+from featcache.data.sources import ImageSource, column_key, open_source
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
@@ -18,7 +20,7 @@ from featcache.evaluation.heads import ZERO_SHOT
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import split_plan
-from featcache.evaluation.subgroups import add_subgroups, checked_columns
+from featcache.evaluation.subgroups import add_subgroups, checked_columns, values_of
 from featcache.evaluation.zero_shot import zero_shot_text
 from featcache.extraction.extract import extract
 from featcache.options import Grouping
@@ -86,6 +88,12 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
         checked_columns(source, protocol.subgroups)
+    if protocol.conformal_by:
+        if protocol.conformal is None:
+            raise RunError(f"--conformal-by {protocol.conformal_by} calibrates prediction sets by group: give the "
+                           "coverage with --conformal (e.g. 0.9)")
+        by = checked_columns(source, [protocol.conformal_by])[0]
+        protocol = replace(protocol, conformal_by=by)  # the column as the data spells it names the run
     if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work
         raise RunError(f"--head zero-shot reads the image embedding as it is: fit it without "
                        f"{'--pca' if protocol.pca else '--meta'} (in a run of its own)")
@@ -96,6 +104,16 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         reporter.info(note)
     test = labeled_features(test_source, test_entry, pool, label_map, classes, protocol.meta,
                             data.meta_spec, groups=test_grouping(protocol), audit=False) if test_source else None
+    if protocol.conformal_by:  # each image's calibration group; a test set without the column takes the overall one
+        data.strata = np.array(values_of(source, by, data.ids), dtype=object)
+        tested = test_source is not None and any(column_key(c) == column_key(by) for r in test_source.records[:1]
+                                                 for c in r.meta)
+        if test is not None and tested:
+            column = checked_columns(test_source, [by])[0]
+            test.strata = np.array(values_of(test_source, column, test.ids), dtype=object)
+        elif test is not None:
+            reporter.warn(f"--conformal-by {by}: {test_source.location} has no such column, so its images' sets "
+                          "use the threshold calibrated on all training images")
     report_protocol(data, protocol, reporter)
     label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
                                        f"classes {classes}" if classes else "") if x)

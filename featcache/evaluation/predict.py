@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, open_source, slug
+from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, column_key, open_source, slug
 from featcache.errors import RunError
-from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
+from featcache.evaluation.conformal import group_limits, prediction_sets, set_column, set_labels
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame, nearest, neighbour_rows, run_space
@@ -198,11 +198,32 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     frame.attrs["neighbours"] = as_frame(cases or [])
     conformal = read_metrics(run_dir).get("conformal")
-    if conformal:  # each image's prediction set, at the run's coverage
+    if conformal:  # each image's prediction set, at the run's coverage (--conformal-by: its group's)
         column = set_column(conformal["level"])
-        sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
+        limits, unseen = group_limits(conformal, _strata(conformal, source, ids, reporter))
+        if unseen and len(np.shape(limits)) == 2:
+            reporter.warn(f"{unseen} of {len(ids)} images belong to no {conformal['by']['column']} group the run was "
+                          "calibrated on: their sets use the threshold calibrated on all training images")
+        sets = set_labels(prediction_sets(proba, limits), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame
+
+
+def _strata(conformal: dict, source: ImageSource, ids: list[str], reporter: Reporter) -> list[str] | None:
+    """Each image's value of the column a run's sets were calibrated by (--conformal-by), from the CSV it was
+    given in; None (the overall threshold for all, said) when the images come without that column."""
+    by = conformal.get("by")
+    if not by:
+        return None
+    found = {column_key(c): c for r in source.records[:1] for c in r.meta}
+    column = found.get(column_key(by["column"]))
+    if column is None:
+        reporter.warn(f"this run's prediction sets are calibrated within each {by['column']!r}; these images come "
+                      f"without that column (predict from a CSV that has it), so their sets use the threshold "
+                      "calibrated on all training images")
+        return None
+    values = {r.id: r.meta.get(column, "") for r in source.records}
+    return [values[i] for i in ids]
 
 
 OOD_PERCENTILE = 100 * OOD_QUANTILE  # flagged: farther from the training images than 95 % of held-out ones are

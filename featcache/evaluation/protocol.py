@@ -31,6 +31,7 @@ class Protocol:
     test_align: str = "none"  # Alignment: how held-out features are aligned to the training features
     conformal: float | None = None  # coverage of the prediction sets (None: no sets)
     conformal_mode: str = "marginal"  # ConformalMode
+    conformal_by: str | None = None  # a metadata column: the sets calibrated within each of its values (Mondrian)
     # metadata columns the run is also scored by: they read its predictions, so they do not name it (config())
     subgroups: tuple[str, ...] = ()
     # the zero-shot head's prompts (--prompt-template, --prompts) and, once the backbone has read them, their text
@@ -62,7 +63,7 @@ class Protocol:
                    calibrate=options["calibrate"] or "", groups=options["groups"],
                    near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"],
                    conformal=options["conformal"], conformal_mode=options["conformal_mode"],
-                   subgroups=tuple(options.get("subgroups") or ()),
+                   conformal_by=options.get("conformal_by"), subgroups=tuple(options.get("subgroups") or ()),
                    prompt_template=options.get("prompt_template") or cls.prompt_template,
                    prompts=options.get("prompts"))
 
@@ -86,7 +87,7 @@ class Protocol:
         config = asdict(replace(self, zero_shot=None))
         for name in ("subgroups", "prompt_template", "prompts", "zero_shot"):
             del config[name]
-        for name, unset in (("test_align", "none"), ("conformal", None)):
+        for name, unset in (("test_align", "none"), ("conformal", None), ("conformal_by", None)):
             if config[name] == unset:
                 del config[name]
         if config.get("test_align") == "coral":  # its covariances are shrunk by Ledoit-Wolf since featcache 0.4:

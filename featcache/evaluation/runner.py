@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.evaluation.audit import leakage_summary
 from featcache.evaluation.conformal import (
+    by_group,
     cross_conformal,
+    group_limits,
     out_of_fold_sets,
     prediction_sets,
     set_column,
@@ -179,9 +181,15 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     sets = {}
     if conformal is not None:
         y_idx = np.searchsorted(data.classes, test.y)
-        limits = np.array(conformal["thresholds"])
+        limits, unseen = group_limits(conformal, test.strata)  # --conformal-by: each image its group's threshold
         sets["test"] = prediction_sets(proba, limits)
         scores["conformal"] = set_summary(sets["test"], y_idx)
+        if conformal.get("by"):
+            scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
+            if unseen:
+                reporter.warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images "
+                              "belong to groups the training images do not have (or to none): their sets use the "
+                              "threshold calibrated on all training images")
     # similar cases: each test image's nearest training images in the model's own space (what it was scored on)
     space = run_space(model, meta=bool(data.meta_spec))
     index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
@@ -215,6 +223,16 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         reporter.warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
                       "and BBSE's estimates with their intervals)")
     return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
+
+
+def _coverage_by_group(sets: np.ndarray, y_idx: np.ndarray, strata: np.ndarray | None, unseen: int) -> dict:
+    """Coverage and set size of the test images of each group (what --conformal-by promises), and how many
+    images took the overall threshold."""
+    if strata is None:
+        return {"groups": {}, "overall_threshold_images": int(len(y_idx))}
+    groups = {str(v): {"n": int((strata == v).sum()), **set_summary(sets[strata == v], y_idx[strata == v])}
+              for v in np.unique(strata)}
+    return {"groups": groups, "overall_threshold_images": unseen}
 
 
 def _mean_where(values: list[float], where: np.ndarray) -> float | None:
@@ -322,11 +340,16 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                 fold_of[test_idx] = fold
         scored = fold_of >= 0
         y_idx = np.searchsorted(data.classes, data.y)
-        conformal = cross_conformal(oof_by_seed[0][scored], y_idx[scored], fold_of[scored], protocol.conformal,
-                                    protocol.conformal_mode)
         oof_sets = np.zeros((len(data.y), len(data.classes)), dtype=bool)
-        oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
-                                            protocol.conformal, protocol.conformal_mode)
+        if data.strata is not None:  # --conformal-by: calibrated within each group of the column
+            conformal, oof_sets[scored] = by_group(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
+                                                   protocol.conformal, protocol.conformal_mode, data.strata[scored],
+                                                   protocol.conformal_by)
+        else:
+            conformal = cross_conformal(oof_by_seed[0][scored], y_idx[scored], fold_of[scored], protocol.conformal,
+                                        protocol.conformal_mode)
+            oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
+                                                protocol.conformal, protocol.conformal_mode)
         as_text = set_labels(oof_sets, data.classes)
         if uninformative(conformal["mean_set_size"], len(data.classes)):
             reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "

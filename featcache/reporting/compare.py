@@ -56,7 +56,8 @@ def held_out_label(config: dict) -> str:
         name = config.get("test_dataset") or f"#{config['test_ids_sha256'][:8]}"
         parts.append(f"test {name} (align {protocol.get('test_align', 'none')})")
     if protocol.get("conformal"):
-        parts.append(f"sets {protocol['conformal']:g} {protocol.get('conformal_mode', 'marginal')}")
+        by = f" by {protocol['conformal_by']}" if protocol.get("conformal_by") else ""
+        parts.append(f"sets {protocol['conformal']:g} {protocol.get('conformal_mode', 'marginal')}{by}")
     return ", ".join(parts)
 
 
