@@ -351,6 +351,8 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
 
         test_source = open_test_source(o["test_data"], image_col=o["image_col"], label_col=o["label_col"],
                                        group_col=o["test_group_col"])
+        for note in test_source.notes[:10]:
+            reporter.warn(note)
         check_test_classes(source, test_source, o["label_map"], ",".join(o["classes"]) if o["classes"] else None)
         if o["test_align"] != "none":
             from featcache.evaluation.shift import MIN_ALIGN_IMAGES

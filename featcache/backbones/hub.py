@@ -189,7 +189,7 @@ def quiet_libraries() -> Iterator[None]:
     except ImportError:  # open_clip alone: only its log lines to quiet
         hf_logging = None
     root, level = logging.getLogger(), logging.getLogger().level
-    previous = hf_logging.get_verbosity() if hf_logging else None
+    previous = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) if hf_logging else None
     if hf_logging:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -197,8 +197,10 @@ def quiet_libraries() -> Iterator[None]:
     try:
         yield
     finally:
-        if hf_logging:
-            hf_logging.set_verbosity(previous)
+        if hf_logging:  # the libraries as they were: a notebook user's own transformers calls keep their bars
+            hf_logging.set_verbosity(previous[0])
+            if previous[1]:
+                hf_logging.enable_progress_bar()
         root.setLevel(level)
 
 

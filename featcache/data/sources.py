@@ -143,7 +143,12 @@ def open_test_source(
     def shared(column: str | None) -> str | None:
         return column if column and column_key(column) in columns else None
 
-    return open_source(path, image_col=shared(image_col), label_col=shared(label_col), group_col=group_col)
+    source = open_source(path, image_col=shared(image_col), label_col=shared(label_col), group_col=group_col)
+    for flag, column in (("--image-col", image_col), ("--label-col", label_col)):
+        if column and shared(column) is None:  # said: the user named a column this file does not have
+            source.notes.append(f"{path} has no column {column!r} ({flag} of the training data): its own "
+                                "column was recognised as for any CSV")
+    return source
 
 
 def read_image_folder(root: Path) -> ImageSource:

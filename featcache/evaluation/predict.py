@@ -21,6 +21,7 @@ from featcache.evaluation.shift import (
     OOD_QUANTILE,
     OOD_WARN_FRACTION,
     align,
+    coral_shrinkage,
     domain_auroc,
     ood_per_image,
 )
@@ -327,8 +328,12 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
                                  for part, part_pool in train_entry.parts]).read()
         else:
             domain = extract_like(same_clinic, train_entry, cache_root, weights, reporter).entry.read(pool)
-    align(batch_X if domain is None else domain, train_X, method)  # too few images: refused here, before work
-    return lambda X: align(X, train_X, method, domain=domain)
+    # coral's shrinkages estimated once for every call (the check, the predictions, then the similar cases)
+    source_X = batch_X if domain is None else domain
+    enough = len(source_X.reshape(-1, source_X.shape[-1])) >= MIN_ALIGN_IMAGES  # else refused by align, below
+    shrunk = (coral_shrinkage(source_X), coral_shrinkage(train_X)) if method == "coral" and enough else None
+    align(source_X, train_X, method, shrunk)  # too few images: refused here, before any work
+    return lambda X: align(X, train_X, method, shrunk, domain=domain)
 
 
 def _cell(value: object) -> str:

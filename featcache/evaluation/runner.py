@@ -174,7 +174,9 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
 
     plain = predicted(test.X)
-    aligned = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align)
+    # coral's shrinkage of each side, estimated once: for the alignment and for metrics.json
+    shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if protocol.test_align == "coral" else None
+    aligned = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align, shrunk)
     proba = plain if protocol.test_align == "none" else predicted(aligned)
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
@@ -209,10 +211,10 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
             scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
     if protocol.test_align == "coral":  # how far each side's covariance was shrunk, and what that means
-        shrunk = scores["coral_shrinkage"] = {"test": coral_shrinkage(test.X), "train": coral_shrinkage(data.X)}
-        if shrunk["test"] >= CORAL_NEAR_MOMENTS:
+        scores["coral_shrinkage"] = {"test": shrunk[0], "train": shrunk[1]}
+        if shrunk[0] >= CORAL_NEAR_MOMENTS:
             reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
-                          f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk['test']:.2f} of the way "
+                          f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
                           "to its diagonal (Ledoit-Wolf): coral is close to moments here")
     scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout,
                                   protocol.test_align)

@@ -43,16 +43,17 @@ def _sample(X: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 # --- alignment ----------------------------------------------------------------------------------
 
-def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | None = None,
+def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | tuple[float, float] | None = None,
           domain: np.ndarray | None = None) -> np.ndarray:
     """``test`` features mapped onto ``train``'s statistics (``method``: none, moments or coral); the
     shape, views included, is kept. The test side's statistics are ``domain``'s (other images of the same
     clinic) when given, else ``test``'s own. Aligning a set to itself changes nothing.
 
-    ``coral``'s covariances are shrunk towards their diagonal by ``shrinkage``, or by each side's Ledoit-Wolf
-    estimate when None (:func:`coral_shrinkage`): a batch of fewer images than dimensions cannot estimate its
-    covariance, and a fixed small shrinkage then whitened the test features with noise
-    (docs/results.md, `coral-guard`); the estimate goes to 1, coral to moments, as the batch gets smaller."""
+    ``coral``'s covariances are shrunk towards their diagonal by ``shrinkage`` (one for both sides, or the test
+    side's and the training side's), or by each side's Ledoit-Wolf estimate when None (:func:`coral_shrinkage`):
+    a batch of fewer images than dimensions cannot estimate its covariance, and a fixed small shrinkage then
+    whitened the test features with noise (docs/results.md, `coral-guard`); the estimate goes towards 1, coral
+    towards moments, as the batch gets smaller."""
     if method == "none":
         return test
     method = BY_NAME["test_align"].checked(method)  # the one check of the option's values
@@ -67,8 +68,8 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | N
         sd_s, sd_r = src.std(axis=0), ref.std(axis=0)
         out = (rows - mu_s) / np.where(sd_s > 0, sd_s, 1.0) * sd_r + mu_r
     else:
-        alpha_s, alpha_r = (shrinkage, shrinkage) if shrinkage is not None else (
-            coral_shrinkage(src), coral_shrinkage(ref))
+        alpha_s, alpha_r = ((coral_shrinkage(src), coral_shrinkage(ref)) if shrinkage is None else
+                            shrinkage if isinstance(shrinkage, tuple) else (shrinkage, shrinkage))
         whiten = _matrix_power(_shrunk_cov(src - mu_s, alpha_s), -0.5)
         colour = _matrix_power(_shrunk_cov(ref - mu_r, alpha_r), 0.5)
         out = (rows - mu_s) @ whiten @ colour + mu_r
