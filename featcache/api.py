@@ -463,7 +463,7 @@ class Run:
             Group column, when ``images`` is a CSV.
         image_col : str, optional
             Image column, when ``images`` is a CSV whose column is not one featcache finds by itself.
-        test_align : {'none', 'moments', 'coral'}, default 'none'
+        test_align : {'none', 'moments', 'coral', 'auto'}, default 'none'
             {test_align}
         align_from : path, optional
             {align_from}

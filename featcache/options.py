@@ -50,6 +50,7 @@ class Alignment(StrEnum):
     none = "none"
     moments = "moments"
     coral = "coral"
+    auto = "auto"
 
 
 class ConformalMode(StrEnum):
@@ -448,8 +449,9 @@ OPTIONS: tuple[Option, ...] = (
            "near-duplicates (default: calibrated per backbone on HAM10000).", ("fit",), "fit", minimum=0.0,
            maximum=1.0),
     Option("test_align", Alignment, "none", "Align the test features to the training features' statistics, "
-           "from the test batch itself, without labels: `moments` (each dimension's mean and std) or `coral` (also "
-           "the covariance, shrunk). For another clinic's images; the unaligned scores are kept beside.",
+           "from the test batch itself, without labels: `moments` (each dimension's mean and std), `coral` (also "
+           "the covariance, shrunk), or `auto` (moments or none, chosen per batch from label-free evidence, which "
+           "metrics.json records). For another clinic's images; the unaligned scores are kept beside.",
            ("fit", "predict"), "fit"),
     Option("align_from", str, None, "With --test-align on predict: a source of images from the same clinic whose "
            "features give the statistics (for batches too small to estimate them).", ("predict",)),

@@ -200,6 +200,20 @@ def test_predict_aligns_a_batch_or_refuses_one_too_small_to_align(tmp_path):
     np.testing.assert_allclose(aligned.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy(), atol=1e-4)
     batch = fused.predict(sorted(folder.rglob("*.jpg")), test_align="moments", cache=cache)
     assert batch["failed"].eq("").all() and np.allclose(batch.filter(like="p_").sum(axis=1), 1.0)
+    # auto: the batch's choice and why, and the probabilities of the alignment it chose
+    auto = fused.predict(sorted(folder.rglob("*.jpg")), test_align="auto", cache=cache)
+    choice = auto.attrs["test_align_choice"]
+    assert choice["chosen"] in ("none", "moments") and choice["reason"]
+    chosen = batch if choice["chosen"] == "moments" else fused.predict(sorted(folder.rglob("*.jpg")), cache=cache)
+    np.testing.assert_allclose(auto.filter(like="p_").to_numpy(), chosen.filter(like="p_").to_numpy())
+    out = CliRunner().invoke(app, ["predict", "--run", str(fused.path), str(folder), "--test-align", "auto",
+                                   "--cache", str(cache), "--out", str(tmp_path / "auto.csv")])
+    assert out.exit_code == 0 and f"--test-align auto chose {choice['chosen']}" in " ".join(out.output.split())
+    # a fused run finds its parts in its own cache after the cache has moved (it recorded where they were)
+    moved = tmp_path / "moved"
+    shutil.move(cache, moved)
+    again = fc.Run(moved / fused.path.relative_to(cache)).predict(few, cache=moved)
+    np.testing.assert_allclose(again.filter(like="p_").to_numpy(), plain.filter(like="p_").to_numpy())
 
 
 # --- conformal prediction sets ------------------------------------------------------------------
@@ -293,3 +307,64 @@ def test_fit_and_predict_calibrate_sets_by_a_column_of_the_csv(tmp_path, capfd):
         expected = {c for c in ("melanoma", "nevus") if 1 - row[f"p_{c}"] <= limits[column[image_id]]}
         assert set(filter(None, row["set_80"].split("|"))) == expected
     assert "sets 0.8 marginal by Gerät" in fc.compare(cache=cache).rows[0].held_out
+
+
+# --- --test-align auto --------------------------------------------------------------------------
+
+def _copies(data: LabeledFeatures, keep: np.ndarray, offset: float = 0.0) -> LabeledFeatures:
+    """Some of ``data``'s images again, as another clinic's camera would give them (``offset``: added to one
+    feature, a device's shift of its statistics)."""
+    X = data.X[keep].copy()
+    X[:, 0] += offset
+    return LabeledFeatures(X, data.y[keep], None, None, [f"copy{k}" for k in range(int(keep.sum()))], data.classes)
+
+
+def test_auto_aligns_a_device_shift_and_leaves_a_change_of_class_mix_alone():
+    from featcache.evaluation.shift import AUTO_MIN_CLOSER, choose_alignment, nearest_similarity
+
+    train = _clinic(300, 0)
+    everything = np.ones(300, dtype=bool)
+    device = choose_alignment(train.X, _copies(train, everything, offset=40.0).X)
+    assert device.method == "moments" and device.evidence["closer"] >= AUTO_MIN_CLOSER
+    assert device.evidence["nearest_similarity"]["moments"] > 0.99  # aligned, they are the training images again
+    # the same images, mostly of one class: aligning their statistics would move them away from themselves
+    mostly_mel = everything & ((train.y == "mel") | (np.arange(300) % 10 == 1))
+    label_shift = choose_alignment(train.X, _copies(train, mostly_mel).X)
+    assert label_shift.method == "none" and label_shift.evidence["closer"] < 0
+    assert "not what sets them apart" in label_shift.reason
+    same = choose_alignment(train.X, train.X)
+    assert same.method == "none" and same.evidence["closer"] == pytest.approx(0.0, abs=1e-9)
+    # every number of the record can be recomputed from the features
+    assert device.record()["nearest_similarity"]["none"] == nearest_similarity(train.X, _copies(train, everything,
+                                                                                                   offset=40.0).X)
+    few = choose_alignment(train.X, train.X[:10])
+    assert few.method == "none" and "too few" in few.reason
+
+
+def test_fit_with_auto_records_its_choice_and_scores_what_it_chose(tmp_path, capfd):
+    train = _clinic(300, 0)
+    everything = np.ones(300, dtype=bool)
+    for name, test, expected in (("device", _copies(train, everything, offset=40.0), "moments"),
+                                 ("mix", _copies(train, (train.y == "mel") | (np.arange(300) % 10 == 1)), "none")):
+        auto = read_metrics(fit_head(train, FakeEntry(tmp_path / f"{name}-auto"), "logreg", "gap",
+                                     Protocol(cv=3, test_align="auto"), "toy", test=test, reporter=Reporter()))
+        said = " ".join(capfd.readouterr().err.split())
+        choice = auto["test"]["test_align_choice"]
+        assert choice["chosen"] == expected and f"--test-align auto chose {expected}" in said
+        assert auto["test"]["test_align"] == "auto" and auto["config"]["protocol"]["test_align"] == "auto"
+        fixed = read_metrics(fit_head(train, FakeEntry(tmp_path / f"{name}-{expected}"), "logreg", "gap",
+                                      Protocol(cv=3, test_align=expected), "toy", test=test))
+        # the test score is the chosen alignment's, and the unaligned one is kept beside it
+        assert auto["test"]["balanced_accuracy"] == pytest.approx(fixed["test"]["balanced_accuracy"])
+        assert auto["test"]["unaligned"]["balanced_accuracy"] == pytest.approx(
+            (fixed["test"].get("unaligned") or fixed["test"])["balanced_accuracy"])
+        assert auto["test"]["shift"]["prevalence_from"] == expected
+
+
+def test_compare_and_the_report_say_what_auto_chose():
+    from featcache.reporting.compare import alignment_note
+
+    assert alignment_note({"test_align": "auto", "test_align_choice": {"chosen": "moments", "reason": "r"}}) == \
+        "auto: moments"
+    assert alignment_note({"test_align": "moments"}) == "moments"
+    assert alignment_note({"balanced_accuracy": 0.5}) == "" and alignment_note(None) == ""

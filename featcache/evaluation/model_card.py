@@ -117,6 +117,9 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
         lines += [f"### External test set: {config.get('test_dataset') or 'held-out data'} ({test['n_images']} images"
                   + (f", features aligned with --test-align {test['test_align']}" if test.get("test_align") else "")
                   + ")", "", *_metrics_table(test), ""]
+        choice = test.get("test_align_choice")
+        if choice:
+            lines += [f"--test-align auto chose **{choice['chosen']}**: {choice['reason']}.", ""]
         shift = test.get("shift") or {}
         if shift:
             low, high = shift.get("domain_auroc_ci", [None, None])

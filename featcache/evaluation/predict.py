@@ -20,7 +20,9 @@ from featcache.evaluation.shift import (
     MIN_ALIGN_IMAGES,
     OOD_QUANTILE,
     OOD_WARN_FRACTION,
+    AlignmentChoice,
     align,
+    choose_alignment,
     coral_shrinkage,
     domain_auroc,
     ood_per_image,
@@ -167,8 +169,8 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
         first, reason = next(iter(failed.items()))
         raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted (first: {first}: "
                        f"{reason}); check that they are images featcache reads (JPEG, PNG, …)")
-    transform = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter, test_align,
-                                 align_from)
+    transform, choice = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter, test_align,
+                                         align_from)
     proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location), transform)
     duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
@@ -198,6 +200,8 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
                "neighbours_agree", "ood_score", "ood_percentile", "ood", "group", "failed"]
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     frame.attrs["neighbours"] = as_frame(cases or [])
+    if choice is not None:  # what --test-align auto chose for this batch, and why
+        frame.attrs["test_align_choice"] = choice.record()
     conformal = read_metrics(run_dir).get("conformal")
     if conformal:  # each image's prediction set, at the run's coverage (--conformal-by: its group's)
         column = set_column(conformal["level"])
@@ -295,31 +299,33 @@ def predict_ensemble_frame(run_dirs: list[Path], spec: str, inputs: list[str], c
 
 
 def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str], cache_root: Path,
-                     weights: str | None, reporter: Reporter, method: str, align_from: str | None
-                     ) -> Callable[[np.ndarray], np.ndarray] | None:
+                     weights: str | None, reporter: Reporter, method: str, align_from: str | None,
+                     ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, AlignmentChoice | None]:
     """The shift audit of the new images against the training images (a warning when clear), and with
     ``--test-align`` the function that aligns their features (statistics of the batch itself, or of
-    ``align_from``, images of the same clinic)."""
+    ``align_from``, images of the same clinic); with ``auto``, also what it chose and why."""
     pool, train_ids = saved["pool"], saved.get("train_ids")
     if not train_ids:
         if method != "none":
             raise RunError(f"--test-align {method}: this run does not record its training images (made before "
                            "featcache 0.2); fit it again to align")
-        return None
+        return None, None
     train_X = train_entry.read(pool, train_ids)
     batch_X = entry.read(pool, ids)
     if len(ids) >= MIN_ALIGN_IMAGES:
         auroc, interval = domain_auroc(train_X, batch_X)
         if auroc >= DOMAIN_WARN_AUROC:
-            advice = ("try --test-align moments" if method == "none" else
-                      f"they are predicted with --test-align {method}, which corrects their features' statistics")
+            advice = ("try --test-align auto (or moments)" if method == "none" else
+                      f"they are predicted with --test-align {method}, which corrects their features' statistics"
+                      + (" where the evidence says it helps" if method == "auto" else ""))
             reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
                           f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
                           f"not fit them: {advice}")
     if method == "none":
         if align_from:
-            raise RunError("--align-from gives the statistics for --test-align: pass --test-align moments or coral")
-        return None
+            raise RunError("--align-from gives the statistics for --test-align: pass --test-align auto, moments or "
+                           "coral")
+        return None, None
     domain = None
     if align_from:
         same_clinic = images_source([align_from])
@@ -328,12 +334,19 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
                                  for part, part_pool in train_entry.parts]).read()
         else:
             domain = extract_like(same_clinic, train_entry, cache_root, weights, reporter).entry.read(pool)
+    choice = None
+    if method == "auto":
+        choice = choose_alignment(train_X, batch_X, domain=domain)
+        reporter.info(f"--test-align auto chose {choice.method}: {choice.reason}")
+        method = choice.method
+        if method == "none":
+            return None, choice
     # coral's shrinkages estimated once for every call (the check, the predictions, then the similar cases)
     source_X = batch_X if domain is None else domain
     enough = len(source_X.reshape(-1, source_X.shape[-1])) >= MIN_ALIGN_IMAGES  # else refused by align, below
     shrunk = (coral_shrinkage(source_X), coral_shrinkage(train_X)) if method == "coral" and enough else None
     align(source_X, train_X, method, shrunk)  # too few images: refused here, before any work
-    return lambda X: align(X, train_X, method, shrunk, domain=domain)
+    return (lambda X: align(X, train_X, method, shrunk, domain=domain)), choice
 
 
 def _cell(value: object) -> str:

@@ -50,7 +50,14 @@ from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
-from featcache.evaluation.shift import CORAL_NEAR_MOMENTS, align, coral_shrinkage, shift_audit, shift_warning
+from featcache.evaluation.shift import (
+    CORAL_NEAR_MOMENTS,
+    align,
+    choose_alignment,
+    coral_shrinkage,
+    shift_audit,
+    shift_warning,
+)
 from featcache.evaluation.splits import split_plan
 
 # loky says this when a fold worker it keeps between heads was stopped by its idle timeout; every task's result
@@ -174,10 +181,15 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
 
     plain = predicted(test.X)
+    method, choice = protocol.test_align, None
+    if method == "auto":  # moments or none, from evidence without the test labels (recorded in metrics.json)
+        choice = choose_alignment(data.X, test.X)
+        method = choice.method
+        reporter.info(f"--test-align auto chose {method}: {choice.reason}", once=True)
     # coral's shrinkage of each side, estimated once: for the alignment and for metrics.json
-    shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if protocol.test_align == "coral" else None
-    aligned = test.X if protocol.test_align == "none" else align(test.X, data.X, protocol.test_align, shrunk)
-    proba = plain if protocol.test_align == "none" else predicted(aligned)
+    shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if method == "coral" else None
+    aligned = test.X if method == "none" else align(test.X, data.X, method, shrunk)
+    proba = plain if method == "none" else predicted(aligned)
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
     sets = {}
@@ -210,15 +222,16 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
             sets["test_unaligned"] = prediction_sets(plain, limits)
             scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
-    if protocol.test_align == "coral":  # how far each side's covariance was shrunk, and what that means
+        if choice is not None:
+            scores["test_align_choice"] = choice.record()
+    if method == "coral":  # how far each side's covariance was shrunk, and what that means
         scores["coral_shrinkage"] = {"test": shrunk[0], "train": shrunk[1]}
         if shrunk[0] >= CORAL_NEAR_MOMENTS:
             reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
                           f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
                           "to its diagonal (Ledoit-Wolf): coral is close to moments here")
-    scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout,
-                                  protocol.test_align)
-    warning = shift_warning(scores["shift"], protocol.test_align)
+    scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout, method)
+    warning = shift_warning(scores["shift"], method, choice)
     if warning:
         reporter.warn(warning)
     if scores["shift"]["prevalence_degenerate"]:
@@ -291,8 +304,9 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                       "again, without pickles")
     elif is_finished(run_dir) and not force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
-        shift = (read_metrics(run_dir).get("test") or {}).get("shift")
-        warning = shift_warning(shift, protocol.test_align) if shift else None
+        tested = read_metrics(run_dir).get("test") or {}
+        shift, choice = tested.get("shift"), tested.get("test_align_choice")
+        warning = shift_warning(shift, choice["chosen"] if choice else protocol.test_align, choice) if shift else None
         if warning:  # a reused run says what it said when it was made
             reporter.warn(warning)
         return run_dir

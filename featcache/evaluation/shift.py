@@ -14,6 +14,8 @@ deviation, ``coral`` also the covariance (shrunk towards its diagonal; Sun et al
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
@@ -30,6 +32,9 @@ OOD_QUANTILE = 0.95  # so about 5 % of unshifted test images lie beyond the thre
 OOD_WARN_FRACTION = 0.2  # four times the share an unshifted test set would have beyond the threshold
 CORAL_NEAR_MOMENTS = 0.9  # a side shrunk this far: coral is all but moments, and the run says so
 SAMPLE = 2000  # rows per side for the domain classifier and the OOD reference (enough; bounded cost)
+# --test-align auto (docs/results.md, `align-auto`): moments is chosen only when it brings the test images this much
+# closer to their nearest training image (mean cosine, standardised features)
+AUTO_MIN_CLOSER = 0.03
 
 
 def _rows(X: np.ndarray) -> np.ndarray:
@@ -57,6 +62,8 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | t
     if method == "none":
         return test
     method = BY_NAME["test_align"].checked(method)  # the one check of the option's values
+    if method == "auto":  # a caller's bug: auto is a choice between methods, made before aligning
+        raise ValueError("align(): resolve --test-align auto with choose_alignment() first")
     rows = _rows(test).astype(np.float64)
     src, ref = (rows if domain is None else _rows(domain).astype(np.float64)), _rows(train).astype(np.float64)
     if len(src) < MIN_ALIGN_IMAGES:
@@ -74,6 +81,66 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | t
         colour = _matrix_power(_shrunk_cov(ref - mu_r, alpha_r), 0.5)
         out = (rows - mu_s) @ whiten @ colour + mu_r
     return out.reshape(test.shape).astype(test.dtype)
+
+
+@dataclass(frozen=True)
+class AlignmentChoice:
+    """What ``--test-align auto`` chose for a test batch, why (one sentence) and the numbers behind it (for
+    metrics.json: each is recomputable from the run's features and out-of-fold predictions)."""
+
+    method: str
+    reason: str
+    evidence: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"chosen": self.method, "reason": self.reason, **self.evidence}
+
+
+def nearest_similarity(train: np.ndarray, test: np.ndarray, seed: int = 0) -> float:
+    """The mean cosine similarity of each test image to its nearest training image, on the features standardised
+    by the training side's mean and spread (an image: the mean of its views; at most :data:`SAMPLE` training
+    images, drawn with ``seed``)."""
+    train_images, test_images = (X.mean(axis=1) if X.ndim == 3 else X for X in (train, test))
+    reference = _sample(train_images, SAMPLE, np.random.default_rng(seed)).astype(np.float64)
+    mean, spread = reference.mean(axis=0), reference.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+
+    def unit(X: np.ndarray) -> np.ndarray:
+        Z = (X.astype(np.float64) - mean) / spread
+        return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+
+    return float(np.mean((unit(test_images) @ unit(reference).T).max(axis=1)))
+
+
+def choose_alignment(train: np.ndarray, test: np.ndarray, *, domain: np.ndarray | None = None) -> AlignmentChoice:
+    """``--test-align auto``: ``moments`` or ``none`` for this test batch, from evidence without its labels.
+
+    ``moments`` is chosen when it brings the test images at least :data:`AUTO_MIN_CLOSER` closer to their nearest
+    training image (:func:`nearest_similarity`, before and after): a shift of the features' statistics that the
+    alignment removes, as a scanner's or a clinic's is. Otherwise ``none``: the images differ in what they show
+    (another body site, another class mix), not in how they were taken, and aligning their statistics would move
+    the classes. Measured on HAM10000 -> ISIC 2018, HAM10000 -> ISIC UDA-1 and HAM10000's torso -> its other sites
+    (docs/results.md, `align-auto`), with its misses. Not told apart: a device shift together with a large change
+    in the class mix (moments then loses, and auto may choose it). ``coral`` is never chosen: on the 15 runs of
+    docs/best-ham.toml it lost to moments on every one. ``domain``: other images of the test batch's clinic,
+    whose statistics align it (``--align-from``); the closeness is then measured on them."""
+    source = test if domain is None else domain
+    if len(_rows(source)) < MIN_ALIGN_IMAGES:
+        return AlignmentChoice("none", f"{len(_rows(source))} feature rows are too few to estimate their "
+                               f"statistics (at least {MIN_ALIGN_IMAGES}), so nothing was aligned",
+                               {"test_rows": int(len(_rows(source)))})
+    before, after = nearest_similarity(train, source), nearest_similarity(train, align(source, train, "moments"))
+    closer = after - before
+    evidence = {"nearest_similarity": {"none": before, "moments": after}, "closer": closer,
+                "min_closer": AUTO_MIN_CLOSER}
+    if closer < AUTO_MIN_CLOSER:
+        return AlignmentChoice("none", f"moments would bring the test images only {closer:+.3f} closer to their "
+                               f"nearest training image (mean cosine, {before:.3f} to {after:.3f}; it must be "
+                               f"{AUTO_MIN_CLOSER:.2f}): their features' statistics are not what sets them apart",
+                               evidence)
+    return AlignmentChoice("moments", f"moments brings the test images {closer:+.3f} closer to their nearest "
+                           f"training image (mean cosine, {before:.3f} to {after:.3f}; at least {AUTO_MIN_CLOSER:.2f})",
+                           evidence)
 
 
 def coral_shrinkage(rows: np.ndarray) -> float:
@@ -257,16 +324,23 @@ def shift_audit(train: np.ndarray, test: np.ndarray, proba: np.ndarray, classes:
     return out
 
 
-def shift_warning(shift: dict, aligned_with: str = "none") -> str | None:
+def shift_warning(shift: dict, aligned_with: str = "none", choice: AlignmentChoice | dict | None = None
+                  ) -> str | None:
     """One line when the shift is clear: what was measured, what it means, what to try (``aligned_with``: the
-    run's --test-align, whose scores already correct the features' statistics)."""
+    alignment the run's scores used, which already corrects the features' statistics; ``choice``: what
+    ``--test-align auto`` chose and why, as made or as metrics.json records it)."""
     if shift["domain_auroc"] < DOMAIN_WARN_AUROC and shift["ood_fraction"] < OOD_WARN_FRACTION:
         return None
     low, high = shift["domain_auroc_ci"]
-    advice = ("try --test-align moments, and read the test scores as those of another clinic"
-              if aligned_with == "none" else
-              f"the test scores are after --test-align {aligned_with} (metrics.json keeps the unaligned ones under "
-              "test.unaligned); read them as those of another clinic")
+    if choice is not None:
+        reason = choice.reason if isinstance(choice, AlignmentChoice) else choice["reason"]
+        advice = (f"--test-align auto chose {aligned_with}, because {reason}; read the test scores as those of "
+                  "another clinic")
+    elif aligned_with == "none":
+        advice = "try --test-align auto (or moments), and read the test scores as those of another clinic"
+    else:
+        advice = (f"the test scores are after --test-align {aligned_with} (metrics.json keeps the unaligned ones "
+                  "under test.unaligned); read them as those of another clinic")
     return (f"domain shift: a classifier tells the test images' features from the training images' (AUROC "
             f"{shift['domain_auroc']:.2f} [{low:.2f}, {high:.2f}]) and {shift['ood_fraction']:.0%} of test images "
             f"lie beyond the distance that 5 % of held-out training images reach; the model's threshold may no "

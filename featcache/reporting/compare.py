@@ -61,6 +61,15 @@ def held_out_label(config: dict) -> str:
     return ", ".join(parts)
 
 
+def alignment_note(test: dict | None) -> str:
+    """What a test score's features were aligned with: empty when unaligned, ``moments``, or what
+    ``--test-align auto`` chose (``auto: none``, ``auto: moments``), as metrics.json records it."""
+    if not test or not test.get("test_align"):
+        return ""
+    choice = test.get("test_align_choice")
+    return f"auto: {choice['chosen']}" if choice else str(test["test_align"])
+
+
 def head_label(config: dict, resize: str = "crop", entry_notes: tuple[str, ...] = (), own_resize: str = "crop") -> str:
     """The head's name with every setting that makes it a different model than the default
     (``resize``: the entry's --resize, which lives in the entry's manifest, not the run's config, and
@@ -382,6 +391,7 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
             record["test_balanced_accuracy"] = r.test.get("balanced_accuracy")
             record["test_auroc"] = r.test.get("auroc")
             record["test_unaligned_balanced_accuracy"] = (r.test.get("unaligned") or {}).get("balanced_accuracy")
+            record["test_aligned_with"] = alignment_note(r.test) or "none"
             record["test_domain_auroc"] = (r.test.get("shift") or {}).get("domain_auroc")
         conformal = (r.config or {}).get("protocol", {}).get("conformal")
         if conformal:
@@ -477,7 +487,8 @@ def table_rows(rows: list[Row], metric: str, paths: bool = False) -> tuple[list[
             t = r.test or {}
             ci = t.get("ci95", {}).get("balanced_accuracy")
             shift, unaligned = t.get("shift") or {}, t.get("unaligned") or {}
-            line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if t and ci else "–",
+            note = f" ({alignment_note(t)})" if alignment_note(t) else ""
+            line += [f"{t['balanced_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{note}" if t and ci else "–",
                      f"{t['auroc']:.3f}" if t.get("auroc") is not None else "–",
                      f"{unaligned['balanced_accuracy']:.3f}" if "balanced_accuracy" in unaligned else "–",
                      f"{shift['domain_auroc']:.2f}" if "domain_auroc" in shift else "–"]

@@ -19,7 +19,15 @@ import numpy as np
 from featcache import __version__
 from featcache.data.sources import in_reading_order
 from featcache.errors import CacheError, FeatcacheError
-from featcache.reporting.compare import BASELINE_HEADS, ZERO_SHOT_HEAD, Row, forest_png, select_rows, sets_text
+from featcache.reporting.compare import (
+    BASELINE_HEADS,
+    ZERO_SHOT_HEAD,
+    Row,
+    alignment_note,
+    forest_png,
+    select_rows,
+    sets_text,
+)
 from featcache.reporting.plots import confusion_figure, forest_figure, png_base64, reliability_figure, roc_figure
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
@@ -59,6 +67,9 @@ def _warnings(result: dict) -> list[str]:
     message, serious = leakage_message(result.get("leakage") or {}, grouping)
     if serious:
         found.append(message)
+    choice = (result.get("test") or {}).get("test_align_choice")
+    if choice:  # not a warning, but what a reader of the test score must know: how its features were treated
+        found.append(f"--test-align auto chose {choice['chosen']}: {choice['reason']}")
     return found
 
 
@@ -239,8 +250,9 @@ def _leaderboard_table(rows: list[Row], metric: str) -> str:
         if has_test:
             test = row.test or {}
             shift, unaligned = test.get("shift") or {}, test.get("unaligned") or {}
+            note = f" ({alignment_note(test)})" if alignment_note(test) else ""
             cells += [_ci_text({"pooled": test.get("balanced_accuracy"),
-                                "ci": test.get("ci95", {}).get("balanced_accuracy")}),
+                                "ci": test.get("ci95", {}).get("balanced_accuracy")}) + note,
                       _ci_text({"pooled": unaligned.get("balanced_accuracy"),
                                 "ci": unaligned.get("ci95", {}).get("balanced_accuracy")}),
                       _ci_text({"pooled": shift.get("domain_auroc"), "ci": shift.get("domain_auroc_ci")})]

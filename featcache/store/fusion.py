@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import RunError
+from featcache.errors import CacheError, RunError
 from featcache.store.entries import CacheEntry, ImageState
-from featcache.store.naming import entry_of_run, fused_fingerprint
+from featcache.store.naming import cache_root_of_run, entry_of_run, fused_fingerprint
 
 
 @dataclass
@@ -73,16 +73,26 @@ class FusedEntry:
         return np.concatenate([entry.read(part_pool, ids, dtype) for entry, part_pool in self.parts], axis=-1)
 
 
-def fused_from_manifest(parts: list[dict]) -> FusedEntry:
-    """A fused entry again from what a saved run recorded (``manifest()["parts"]``)."""
-    return FusedEntry([(CacheEntry(part["entry"]), part["pool"]) for part in parts])
+def fused_from_manifest(parts: list[dict], cache_root: Path) -> FusedEntry:
+    """A fused entry again from what a saved run recorded (``manifest()["parts"]``): each part's entry is found
+    by its dataset and entry folder names in the run's own ``cache_root`` (the path recorded may be relative to
+    where the fit ran, or the cache may have moved), and must still hold the features of the fingerprint recorded."""
+    found = []
+    for part in parts:
+        recorded = Path(part["entry"])
+        entry = CacheEntry(cache_root / recorded.parent.name / recorded.name)
+        if part.get("fingerprint") and entry.fingerprint != part["fingerprint"]:
+            raise CacheError(f"{entry.path}: holds features {entry.fingerprint}, but this fused run was fit on "
+                             f"{part['fingerprint']}; fit the run again")
+        found.append((entry, part["pool"]))
+    return FusedEntry(found)
 
 
 def trained_entry(run_dir: Path, saved: dict) -> CacheEntry | FusedEntry:
     """The features a saved run (``saved``: its model file's payload) was fit on: the entry it was written
     into, or for a fused run every backbone's entry and pooling it read."""
     if saved.get("fusion"):
-        return fused_from_manifest(saved["fusion"])
+        return fused_from_manifest(saved["fusion"], cache_root_of_run(Path(run_dir).resolve()))
     return CacheEntry(entry_of_run(Path(run_dir).resolve()))
 
 
