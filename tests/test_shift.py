@@ -11,7 +11,7 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.shift import align, domain_auroc, em_prevalence, shift_warning
 from featcache.progress import Reporter
-from featcache.store.runs import read_metrics, read_predictions
+from featcache.store.runs import read_metrics, read_model_card, read_predictions
 
 from .fakes import FakeEntry
 
@@ -79,7 +79,7 @@ def test_fit_on_another_clinic_warns_audits_and_moments_alignment_recovers_it(tm
     plain = read_metrics(fit_head(train, FakeEntry(tmp_path / "p"), "logreg", "gap", Protocol(cv=3), "toy",
                                   test=test, reporter=Reporter()))
     warning = capfd.readouterr().err
-    assert "domain shift:" in warning and "--test-align moments" in warning
+    assert "domain shift:" in warning and "try --test-align auto (or moments)" in " ".join(warning.split())
     shift = plain["test"]["shift"]
     assert shift["domain_auroc"] > 0.95 and shift["ood_fraction"] > 0.5
     assert set(shift["prevalence_estimate"]) == {"mel", "nv"} and shift["prevalence_true"]["mel"] == 0.5
@@ -346,11 +346,13 @@ def test_fit_with_auto_records_its_choice_and_scores_what_it_chose(tmp_path, cap
     everything = np.ones(300, dtype=bool)
     for name, test, expected in (("device", _copies(train, everything, offset=40.0), "moments"),
                                  ("mix", _copies(train, (train.y == "mel") | (np.arange(300) % 10 == 1)), "none")):
-        auto = read_metrics(fit_head(train, FakeEntry(tmp_path / f"{name}-auto"), "logreg", "gap",
-                                     Protocol(cv=3, test_align="auto"), "toy", test=test, reporter=Reporter()))
+        run = fit_head(train, FakeEntry(tmp_path / f"{name}-auto"), "logreg", "gap",
+                       Protocol(cv=3, test_align="auto"), "toy", test=test, reporter=Reporter())
+        auto = read_metrics(run)
         said = " ".join(capfd.readouterr().err.split())
         choice = auto["test"]["test_align_choice"]
         assert choice["chosen"] == expected and f"--test-align auto chose {expected}" in said
+        assert f"--test-align auto chose **{expected}**: {choice['reason']}" in read_model_card(run)
         assert auto["test"]["test_align"] == "auto" and auto["config"]["protocol"]["test_align"] == "auto"
         fixed = read_metrics(fit_head(train, FakeEntry(tmp_path / f"{name}-{expected}"), "logreg", "gap",
                                       Protocol(cv=3, test_align=expected), "toy", test=test))
