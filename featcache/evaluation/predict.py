@@ -312,20 +312,8 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
         return None, None
     train_X = train_entry.read(pool, train_ids)
     batch_X = entry.read(pool, ids)
-    if len(ids) >= MIN_ALIGN_IMAGES:
-        auroc, interval = domain_auroc(train_X, batch_X)
-        if auroc >= DOMAIN_WARN_AUROC:
-            advice = ("try --test-align auto (or moments)" if method == "none" else
-                      f"they are predicted with --test-align {method}, which corrects their features' statistics"
-                      + (" where the evidence says it helps" if method == "auto" else ""))
-            reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
-                          f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
-                          f"not fit them: {advice}")
-    if method == "none":
-        if align_from:
-            raise RunError("--align-from gives the statistics for --test-align: pass --test-align auto, moments or "
-                           "coral")
-        return None, None
+    if method == "none" and align_from:
+        raise RunError("--align-from gives the statistics for --test-align: pass --test-align auto, moments or coral")
     domain = None
     if align_from:
         same_clinic = images_source([align_from])
@@ -334,13 +322,24 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
                                  for part, part_pool in train_entry.parts]).read()
         else:
             domain = extract_like(same_clinic, train_entry, cache_root, weights, reporter).entry.read(pool)
-    choice = None
-    if method == "auto":
-        choice = choose_alignment(train_X, batch_X, domain=domain)
-        reporter.info(f"--test-align auto chose {choice.method}: {choice.reason}")
+    choice = choose_alignment(train_X, batch_X, domain=domain) if method == "auto" else None
+    shifted = False
+    if len(ids) >= MIN_ALIGN_IMAGES:
+        auroc, interval = domain_auroc(train_X, batch_X)
+        if auroc >= DOMAIN_WARN_AUROC:
+            shifted = True
+            advice = ("try --test-align auto (or moments)" if method == "none" else
+                      f"--test-align auto chose {choice.method}, because {choice.reason}" if choice else
+                      f"they are predicted with --test-align {method}, which corrects their features' statistics")
+            reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
+                          f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
+                          f"not fit them: {advice}")
+    if choice is not None:
+        if not shifted:  # the warning above said it already
+            reporter.info(f"--test-align auto chose {choice.method}: {choice.reason}")
         method = choice.method
-        if method == "none":
-            return None, choice
+    if method == "none":
+        return None, choice
     # coral's shrinkages estimated once for every call (the check, the predictions, then the similar cases)
     source_X = batch_X if domain is None else domain
     enough = len(source_X.reshape(-1, source_X.shape[-1])) >= MIN_ALIGN_IMAGES  # else refused by align, below
