@@ -67,9 +67,6 @@ def _warnings(result: dict) -> list[str]:
     message, serious = leakage_message(result.get("leakage") or {}, grouping)
     if serious:
         found.append(message)
-    choice = (result.get("test") or {}).get("test_align_choice")
-    if choice:  # not a warning, but what a reader of the test score must know: how its features were treated
-        found.append(f"--test-align auto chose {choice['chosen']}: {choice['reason']}")
     return found
 
 
@@ -266,13 +263,17 @@ def _runs_table(rows: list[Row]) -> str:
     for row in rows:
         result = read_metrics(row.run)
         found = _warnings(result)
-        warnings = (f"<td class='warn'>{'<br>'.join(html.escape(w) for w in found)}</td>" if found
-                    else "<td class='muted'>none</td>")
+        choice = (result.get("test") or {}).get("test_align_choice")
+        # not a warning, but what a reader of the test score must know: how its features were treated
+        note = (f"<br><span class='muted'>--test-align auto chose {html.escape(choice['chosen'])}: "
+                f"{html.escape(choice['reason'])}</span>" if choice else "")
+        warnings = (f"<td><span class='warn'>{'<br>'.join(html.escape(w) for w in found)}</span>{note}</td>"
+                    if found else f"<td><span class='muted'>none</span>{note}</td>")
         baseline = row.head.split(" (")[0] in BASELINE_HEADS
         command = ("<span class='muted'>a baseline: it never looks at the image</span>" if baseline
                    else f"<code>{html.escape(predict_command(row.run))}</code>")
         lines.append(f"<tr><td>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</td>"
                      f"<td>{html.escape(result['protocol'])}</td>{warnings}"
                      f"<td><code>{html.escape(str(row.run))}</code></td><td>{command}</td></tr>")
-    return ("<table><tr><th>run</th><th>protocol</th><th>grouping / leakage warnings</th><th>folder</th>"
-            f"<th>predict with it</th></tr>{''.join(lines)}</table>")
+    return ("<table><tr><th>run</th><th>protocol</th><th>grouping / leakage warnings; test alignment</th>"
+            f"<th>folder</th><th>predict with it</th></tr>{''.join(lines)}</table>")
