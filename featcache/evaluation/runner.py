@@ -185,7 +185,6 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     if method == "auto":  # moments or none, from evidence without the test labels (recorded in metrics.json)
         choice = choose_alignment(data.X, test.X)
         method = choice.method
-        reporter.info(f"--test-align auto chose {method}: {choice.reason}", once=True)
     # coral's shrinkage of each side, estimated once: for the alignment and for metrics.json
     shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if method == "coral" else None
     aligned = test.X if method == "none" else align(test.X, data.X, method, shrunk)
@@ -232,8 +231,10 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
                           "to its diagonal (Ledoit-Wolf): coral is close to moments here")
     scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout, method)
     warning = shift_warning(scores["shift"], method, choice)
-    if warning:
+    if warning:  # with auto, it says what was chosen and why
         reporter.warn(warning)
+    elif choice is not None:
+        reporter.info(f"--test-align auto chose {method}: {choice.reason}", once=True)
     if scores["shift"]["prevalence_degenerate"]:
         reporter.warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
                       "and BBSE's estimates with their intervals)")

@@ -86,7 +86,7 @@ def align(test: np.ndarray, train: np.ndarray, method: str, shrinkage: float | t
 @dataclass(frozen=True)
 class AlignmentChoice:
     """What ``--test-align auto`` chose for a test batch, why (one sentence) and the numbers behind it (for
-    metrics.json: each is recomputable from the run's features and out-of-fold predictions)."""
+    metrics.json: each is recomputable from the training and test features, :func:`nearest_similarity`)."""
 
     method: str
     reason: str
