@@ -29,15 +29,19 @@ ISIC_TEST = REPO.parent / "shared" / "data" / "isic2018_task3_test_224" / "label
 STUDY = REPO / "docs" / "best-ham.toml"
 
 
-def test_scores(run: fc.Run, method: str, labels: dict[str, str]) -> tuple[float, list[float]]:
-    """Balanced accuracy (and its bootstrap interval) of ``run`` on the test images aligned by ``method``."""
-    frame = run.predict(str(ISIC_TEST), test_align=method)
+def frame_scores(run: fc.Run, frame, labels: dict[str, str]) -> tuple[float, list[float]]:  # noqa: ANN001
+    """Balanced accuracy (and its bootstrap interval) of ``run``'s predict ``frame`` against ``labels``."""
     frame = frame[frame["failed"].fillna("") == ""]  # an image that could not be read has no prediction
     columns = [f"p_{c}" for c in run.classes]
     y = np.array([labels[i] for i in frame.index])
     keep = np.isin(y, run.classes)
     scores = score_with_ci(y[keep], frame[columns].to_numpy()[keep], run.classes)
     return scores["balanced_accuracy"], scores["ci95"]["balanced_accuracy"]
+
+
+def test_scores(run: fc.Run, method: str, labels: dict[str, str]) -> tuple[float, list[float]]:
+    """Balanced accuracy (and its bootstrap interval) of ``run`` on the test images aligned by ``method``."""
+    return frame_scores(run, run.predict(str(ISIC_TEST), test_align=method), labels)
 
 
 def main() -> None:

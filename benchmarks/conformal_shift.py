@@ -28,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import featcache as fc
-from featcache.evaluation.conformal import prediction_sets
+from featcache.evaluation.conformal import prediction_sets, summary
 from featcache.evaluation.predict import images_source
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
@@ -66,10 +66,6 @@ def density_ratio(train: np.ndarray, test: np.ndarray, model) -> tuple[np.ndarra
     return w_cal, w[len(train):], float(roc_auc_score(side, p)), float(w_cal.sum() ** 2 / (w_cal ** 2).sum())
 
 
-def coverage(sets: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    return float(sets[np.arange(len(y)), y].mean()), float(sets.sum(axis=1).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=str(REPO / "cache"))
@@ -91,10 +87,10 @@ def main() -> None:
     y_cal, y_test = np.searchsorted(oof.classes, oof.labels), np.searchsorted(oof.classes, test.labels)
     scores = 1.0 - oof.proba[np.arange(len(y_cal)), y_cal]
     saved = load_model(run.path)
-    train_X = trained_entry(run.path, saved).read(saved["pool"], oof.ids)
-    test_entry = extract_like(images_source([str(ISIC_TEST)]), trained_entry(run.path, saved), args.cache, None,
-                              Reporter(quiet=True)).entry
-    test_X = test_entry.read(saved["pool"], test.ids)
+    train_entry = trained_entry(run.path, saved)
+    train_X = train_entry.read(saved["pool"], oof.ids)
+    test_X = extract_like(images_source([str(ISIC_TEST)]), train_entry, args.cache, None,
+                          Reporter(quiet=True)).entry.read(saved["pool"], test.ids)
     train_X, test_X = (X.mean(axis=1) if X.ndim == 3 else X for X in (train_X, test_X))
     classifiers = {
         "features (standardised, logistic regression)": (train_X, test_X, make_pipeline(
@@ -107,9 +103,9 @@ def main() -> None:
     for name, (a, b, model) in classifiers.items():
         w_cal, w_test, auroc, ess = density_ratio(a, b, model)
         limits = weighted_limits(scores, w_cal, w_test, args.level)
-        covered, size = coverage(prediction_sets(test.proba, limits[:, None]), y_test)
+        held = summary(prediction_sets(test.proba, limits[:, None]), y_test)
         rows.append(f"| shift-weighted, ratio from {name} (unaligned) | {auroc:.2f} | {ess:.0f} of {len(w_cal)} | "
-                    f"{covered:.3f} | {size:.2f} |")
+                    f"{held['coverage']:.3f} | {held['mean_set_size']:.2f} |")
     best = []
     for path in fc.run_study(STUDY, cache=args.cache).runs:
         r = fc.Run(path)

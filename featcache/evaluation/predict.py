@@ -335,8 +335,9 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
                           f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
                           f"not fit them: {advice}")
     if choice is not None:
-        if not shifted:  # the warning above said it already
-            reporter.info(f"--test-align auto chose {choice.method}: {choice.reason}")
+        if not shifted:  # the warning above said it already; too few images to decide is a warning of its own
+            (reporter.info if choice.decided else reporter.warn)(f"--test-align auto chose {choice.method}: "
+                                                                 f"{choice.reason}")
         method = choice.method
     if method == "none":
         return None, choice

@@ -91,6 +91,7 @@ class AlignmentChoice:
     method: str
     reason: str
     evidence: dict = field(default_factory=dict)
+    decided: bool = True  # False: too few images to decide, so nothing was aligned (a warning, not a note)
 
     def record(self) -> dict:
         return {"chosen": self.method, "reason": self.reason, **self.evidence}
@@ -125,10 +126,11 @@ def choose_alignment(train: np.ndarray, test: np.ndarray, *, domain: np.ndarray 
     docs/best-ham.toml it lost to moments on every one. ``domain``: other images of the test batch's clinic,
     whose statistics align it (``--align-from``); the closeness is then measured on them."""
     source = test if domain is None else domain
-    if len(_rows(source)) < MIN_ALIGN_IMAGES:
-        return AlignmentChoice("none", f"{len(_rows(source))} feature rows are too few to estimate their "
-                               f"statistics (at least {MIN_ALIGN_IMAGES}), so nothing was aligned",
-                               {"test_rows": int(len(_rows(source)))})
+    rows = len(_rows(source))
+    if rows < MIN_ALIGN_IMAGES:
+        return AlignmentChoice("none", f"{rows} feature rows are too few to estimate their statistics (at least "
+                               f"{MIN_ALIGN_IMAGES}), so nothing was aligned; predict a larger batch, or pass "
+                               "--align-from with images of the same clinic", {"test_rows": rows}, decided=False)
     before, after = nearest_similarity(train, source), nearest_similarity(train, align(source, train, "moments"))
     closer = after - before
     evidence = {"nearest_similarity": {"none": before, "moments": after}, "closer": closer,
