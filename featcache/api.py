@@ -329,6 +329,9 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     if o["test_align"] != "none" and not o["test_data"]:
         raise OptionError(f"--test-align {o['test_align']} aligns a held-out set's features, and no --test-data is "
                           "given: add the other clinic's images, or drop --test-align")
+    if o["precision"] == "auto":
+        raise OptionError("precision auto names no entry: give the precision the entry was extracted with (fp32 on "
+                          "the CPU, bf16 or fp16 on CUDA, int8)")
     if o["engine"] == "auto":
         raise OptionError("engine auto names no entry: give the engine the entry was extracted with (torch, "
                           "onnxruntime or openvino; `featcache extract` says which auto took)")
@@ -344,7 +347,8 @@ def fit(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
         raise OptionError(f"--backbone {o['backbone']}: a backbone is named twice; fuse different backbones (a+b)")
     pools = fused_pools(o["pool"], backbones)
     entries = [find_entry(root, source, name, pool, o["views"], o["resize"], o["preprocess"], o["engine"],
-                          o["resampler"], reporter) for name, pool in zip(backbones, pools, strict=True)]
+                          o["resampler"], reporter, precision=o["precision"])
+               for name, pool in zip(backbones, pools, strict=True)]
     test_source = test_entries = None
     if o["test_data"]:
         from featcache.data.sources import open_test_source

@@ -87,12 +87,13 @@ class Dtype(StrEnum):
 
 
 class Precision(StrEnum):
-    """CUDA autocast precision (CPUs always compute in fp32)."""
+    """CUDA autocast precision (CPUs compute in fp32), or int8: the CPU engine quantized after training."""
 
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 class Engine(StrEnum):
@@ -374,8 +375,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_size", int, None, "Default 8 on CPU, 128 on CUDA.", ("extract",), "extract", minimum=1),
     Option("workers", int, None, "Decoding worker processes.", ("extract",), "extract", minimum=0),
     Option("device", str, "auto", "auto, cpu, cuda or cuda:N.", ("extract",), "extract", check=_device),
-    Option("precision", Precision, "auto", "CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32. CPUs "
-           "always compute in fp32.", ("extract",), "extract"),
+    Option("precision", Precision, "auto", "CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32; CPUs "
+           "compute in fp32. int8 (CPU, OpenVINO): the backbone quantized by NNCF, calibrated on 300 of the "
+           "dataset's images (about 1.8x faster on Lite0, features within 0.99 cosine of fp32; its own entry). "
+           "On fit, the entry made with it (default: the newest).", _DATA, "extract", selects=True),
     Option("jpeg_draft", bool, True, "Let the JPEG decoder scale down by a power of two when the image is "
            "far larger than the input (--no-jpeg-draft: decode at full size).", ("extract",), "extract"),
     Option("input_size", int, None, "Crop size in pixels instead of the backbone's own.", ("extract",), "extract",

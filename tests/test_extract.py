@@ -123,18 +123,20 @@ def test_second_writer_is_refused_with_the_holder(tmp_path):
         pass
 
 
-def _extract_cmd(data: Path, cache: Path) -> list[str]:
+def _extract_cmd(data: Path, cache: Path, precision: str = "auto") -> list[str]:
     return [sys.executable, "-m", "featcache.cli", "extract", "--data", str(data), "--cache", str(cache),
-            "--backbone", "efficientnet_lite0", "--shard-size", "8", "--batch-size", "4", "--workers", "1", "-q"]
+            "--backbone", "efficientnet_lite0", "--shard-size", "8", "--batch-size", "4", "--workers", "1", "-q",
+            "--precision", precision]
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_features(tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "int8"])
+def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_features(tmp_path, precision):
     data = shared("ham70")
     reference = tmp_path / "reference"
-    subprocess.run(_extract_cmd(data, reference), check=True, timeout=600)
+    subprocess.run(_extract_cmd(data, reference, precision), check=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(data, killed))
+    proc = subprocess.Popen(_extract_cmd(data, killed, precision))
     deadline = time.time() + 300
     while time.time() < deadline and len(list(killed.glob("*/*/shard-*.h5"))) < 3:
         time.sleep(0.05)
@@ -144,7 +146,8 @@ def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_features(tmp_path):
     assert 3 <= committed < 9, "the kill should land part-way"
     (entry_dir,) = list(killed.glob("*/*/"))
     done_before = len(CacheEntry(entry_dir).ids)
-    rerun = subprocess.run(_extract_cmd(data, killed), check=True, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_extract_cmd(data, killed, precision), check=True, capture_output=True, text=True,
+                           timeout=600)
     assert f"{70 - done_before} extracted" in rerun.stdout.replace("\n", " ")
     assert not list(entry_dir.glob(".*.tmp-*")), "no temporary file survives"
     a, b = CacheEntry(entry_dir), CacheEntry(next(reference.glob("*/*/")))

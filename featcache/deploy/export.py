@@ -48,6 +48,11 @@ def export_run(run_dir: Path, out: Path, *, weights: str | None = None, trust_pi
     metrics = read_metrics(run_dir)
     trained = trained_entry(run_dir, saved)
     parts = list(trained.parts) if isinstance(trained, FusedEntry) else [(trained, saved["pool"])]
+    quantized = [e.manifest["backbone"] for e, _ in parts if e.manifest["fingerprint_inputs"]["precision"] == "int8"]
+    if quantized:  # the graph would compute fp32 features, not the quantized ones the head was trained on
+        raise RunError(f"{run_dir.name} was trained on int8 features of {', '.join(quantized)} (the backbone quantized "
+                       "for OpenVINO), and the ONNX hand-over holds the fp32 backbone, whose features differ: fit the "
+                       "head on an fp32 entry (--precision fp32) for the hand-over, or use `featcache predict --run`")
     cache_root = cache_root_of_run(run_dir)
     pipeline = saved["pipeline"]
     views, test_views = parts[0][0].views, "all"

@@ -39,9 +39,9 @@ DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool: str | None,
                views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = (),
                engine: str | None = None, resampler: str | None = None,
-               reporter: Reporter | None = None) -> CacheEntry:
+               reporter: Reporter | None = None, precision: str | None = None) -> CacheEntry:
     """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize``,
-    ``engine``, ``resampler`` if given) made with exactly the --preprocess ``filters`` asked for (none by
+    ``engine``, ``resampler``, ``precision`` if given) made with exactly the --preprocess ``filters`` asked for (none by
     default: a filtered entry is never taken for an unfiltered one). When several entries match,
     ``reporter`` is told which was taken and how the others differ."""
     if backbone is None:  # the backbone the data was extracted with, when there is exactly one
@@ -52,7 +52,7 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool
                            f"({', '.join(extracted)}); say which with --backbone (a+b fuses them)")
         backbone = extracted[0] if extracted else "efficientnet_lite0"
     backbone = canonical_name(backbone)  # hf:./monet was recorded as its folder's absolute path
-    wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler}
+    wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler, "precision": precision}
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
                and (pool is None or pool in e.pools) and e.filters == tuple(filters)

@@ -31,6 +31,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision an entry is named by: autocast's on CUDA, fp32 on the CPU, or int8 (the quantized
+    engine, refused off the CPU where it enters)."""
+    if precision == "int8":
+        return precision
     if device.type != "cuda":
         return "fp32"
     if precision == "auto":

@@ -148,9 +148,10 @@ def _notice(message: str) -> None:
     Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forward:
+def make_forward(engine: str, model: LoadedBackbone, cache_root: Path, *, export: Path | None = None) -> Forward:
     """A function from a batch of uint8 NCHW images (the loader's output) to ``{pooling: features}``
-    on the chosen engine; PyTorch normalises in Python, the exported engines inside their graph."""
+    on the chosen engine; PyTorch normalises in Python, the exported engines inside their graph.
+    ``export``: the model file an exported engine runs instead of the backbone's ONNX export (int8)."""
     if engine == Engine.torch.value:
         layout = torch.channels_last if model.spec.is_cnn else torch.contiguous_format
 
@@ -159,7 +160,7 @@ def make_forward(engine: str, model: LoadedBackbone, cache_root: Path) -> Forwar
 
         return run_torch
     pools = tuple(model.model.pools)
-    arrays = exported_forward(engine, onnx_path(model, cache_root), pools, torch.get_num_threads())
+    arrays = exported_forward(engine, export or onnx_path(model, cache_root), pools, torch.get_num_threads())
 
     def run_exported(x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p: torch.from_numpy(v) for p, v in arrays(x.numpy()).items()}

@@ -84,6 +84,7 @@ def extract(
     norm_from: str | dict | None = None,
     cluster: RayCluster | None = None,
     rehash: bool = False,
+    calibration: dict | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
@@ -100,6 +101,8 @@ def extract(
     normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
     with ``mean``, ``std``, ``dataset``, ``images``); default: this dataset's own.
     ``cluster``: run on Ray (:mod:`featcache.extraction.ray`); the features and the entry are the local path's.
+    ``calibration``: with ``precision="int8"``, another entry's calibration to run the quantized model of
+    (:func:`extract_like`); default: this dataset's (:mod:`featcache.extraction.quantize`).
     """
     reporter = reporter or Reporter(quiet=True)
     dev = resolve_device(device) if cluster is None else cluster.device(device)
@@ -110,7 +113,7 @@ def extract(
     named = name_entry(source, model, root, dtype=dtype, precision=precision, device=dev, views=views,
                        resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
                        resampler=resampler, norm_from=norm_from, engine=engine, workers=workers,
-                       reporter=reporter, cluster=cluster)
+                       reporter=reporter, cluster=cluster, calibration=calibration)
     entry_dir, engine, precision = named.entry_dir, named.engine, named.precision
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
@@ -121,13 +124,24 @@ def extract(
         start = time.perf_counter()
         with disk_errors(entry_dir):
             todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
+            export = _int8_export(named, model, root, source, reporter) if todo else None
             extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                             shard_size, manifest, view_names, reporter, engine, root, cluster)
+                             shard_size, manifest, view_names, reporter, engine, root, cluster, export=export)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         seconds = time.perf_counter() - start
     result = ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
-    result.lean = _lean_info(model, engine, dev, cluster, root)
+    result.lean = _lean_info(model, engine, dev, cluster, root) if precision != Precision.int8.value else None
     return result
+
+
+def _int8_export(named: NamedEntry, model: LoadedBackbone, cache_root: Path, source: ImageSource,
+                 reporter: Reporter) -> Path | None:
+    """With int8, the quantized model the forward runs (quantized now when not cached); else None."""
+    if named.precision != Precision.int8.value:
+        return None
+    from featcache.extraction.quantize import ensure_int8
+
+    return ensure_int8(model, cache_root, named.inputs["calibration"], source, reporter)
 
 
 def _lean_info(model: LoadedBackbone, engine: str, dev: torch.device, cluster: RayCluster | None,
@@ -224,12 +238,13 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
                preprocess: tuple[str, ...] | str = (), resampler: str | None = None,
                norm_from: str | dict | None = None, engine: str = "auto",
                workers: int | None = None, reporter: Reporter | None = None, cluster: RayCluster | None = None,
-               plan_only: bool = False) -> NamedEntry | None:
+               plan_only: bool = False, calibration: dict | None = None) -> NamedEntry | None:
     """Apply the extraction settings to ``model``'s preprocessing and name the entry they make: the one
     computation of an entry's name, shared by :func:`extract` and a study's dry-run plan.
 
     ``plan_only``: say nothing and compute nothing; None when the name cannot be known yet (dataset-norm
-    statistics not computed)."""
+    statistics not computed). ``calibration``: with int8, the calibration of the entry whose quantized model
+    these features must come from (a held-out set's); default: this dataset's own images."""
     dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
     if dtype not in DTYPES:
         raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -237,7 +252,10 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
         raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     reporter = reporter or Reporter(quiet=True)
     dev = resolve_device(device) if isinstance(device, str) else device
-    if precision not in ("auto", "fp32") and dev.type != "cuda" and not plan_only:
+    int8 = precision == Precision.int8.value
+    if int8:
+        engine = _int8_engine(engine, model, dev, cluster)
+    elif precision not in ("auto", "fp32") and dev.type != "cuda" and not plan_only:
         reporter.warn(f"--precision {precision} applies on CUDA only; on {dev.type} features are computed "
                       "in fp32 (and the entry is named so)")
     # on a cluster the actors run the model on their own device; the driver's copy names the entry
@@ -248,7 +266,11 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
         return None
     norm = _apply_dataset_norm(model, source, cache_root, norm_from, workers, reporter)
     engine = _resolved_engine(engine, model, dev, reporter if not plan_only else None)
-    inputs = fingerprint_inputs(model, dtype, precision, views, engine)
+    if int8 and calibration is None:
+        from featcache.extraction.quantize import calibration_identity
+
+        calibration = calibration_identity(source, model)
+    inputs = fingerprint_inputs(model, dtype, precision, views, engine, calibration if int8 else None)
     fp = fingerprint(inputs)
     return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm,
                       own if own != {"resize": "crop", "resampler": "pil"} else None)
@@ -299,7 +321,10 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
                    views=entry.views, resize=entry.resize_mode, reporter=reporter,
                    engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())),
                    norm_from=norm_from, resampler=preprocess.get("resampler", "pil"),
-                   input_size=preprocess["crop_size"])
+                   input_size=preprocess["crop_size"],
+                   # int8: the training entry's quantized model, not one calibrated on these images
+                   **({"precision": Precision.int8.value, "calibration": inputs["calibration"]}
+                      if "calibration" in inputs else {}))
 
 
 def _checked_views(views: int) -> tuple[str, ...]:
@@ -322,6 +347,25 @@ def _read_only_result(source: ImageSource, entry_dir: Path) -> ExtractResult:
         f"{entry_dir} is read-only; it already holds every image, so nothing was written"])
 
 
+def _int8_engine(engine: str | Engine, model: LoadedBackbone, dev: torch.device, cluster: RayCluster | None) -> str:
+    """The engine an int8 extraction runs on (OpenVINO on this machine's CPU), or why it cannot run."""
+    from featcache.extraction.quantize import INT8_ENGINE, quantizer_version
+
+    engine = str(getattr(engine, "value", engine))
+    if dev.type != "cpu" or cluster is not None:
+        where = "a Ray cluster" if cluster is not None else str(dev)
+        raise FeatcacheError(f"--precision int8 runs the quantized backbone on this machine's CPU, not on {where}: "
+                             "add --device cpu (and drop --ray), or use bf16/fp16 on CUDA")
+    if model.spec.torch_only:
+        raise FeatcacheError(f"--precision int8 quantizes the ONNX export, and {model.spec.name} runs on PyTorch "
+                             f"only ({model.spec.torch_only}); use --precision fp32")
+    if engine not in ("auto", INT8_ENGINE):
+        raise FeatcacheError(f"--precision int8 runs on --engine {INT8_ENGINE} (NNCF quantizes for OpenVINO), not "
+                             f"{engine}; drop --engine or give --engine {INT8_ENGINE}")
+    quantizer_version()  # refused now when NNCF is missing, before any work
+    return INT8_ENGINE
+
+
 def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, reporter: Reporter | None) -> str:
     from featcache.extraction.engines import auto_note, resolve_engine
 
@@ -338,14 +382,15 @@ def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, repo
 def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
          precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
          manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str,
-         cache_root: Path | None = None, cluster: RayCluster | None = None) -> int:
+         cache_root: Path | None = None, cluster: RayCluster | None = None, *, export: Path | None = None) -> int:
     if not todo:
         return 0
     cache_root = cache_root or cache_root_of_entry(entry_dir)
     if cluster is not None:  # decoded by Ray Data tasks, run by a pool of backbone actors
         batches = cluster.extract_batches(todo, model, view_names, engine, cache_root, batch_size, dev, precision)
     else:
-        batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root)
+        batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root,
+                                 export=export)
     sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
     extracted = 0
     task = reporter.task(f"extract {model.spec.name}", total=len(todo))
@@ -367,12 +412,13 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
 
 def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
                    batch_size: int | None, workers: int | None, view_names: tuple[str, ...], engine: str,
-                   cache_root: Path) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
+                   cache_root: Path, *,
+                   export: Path | None = None) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
     """(items, features) per batch: decoded by DataLoader workers, run here. ``features[pool]`` has one
-    row per item that decoded, in order."""
+    row per item that decoded, in order. ``export``: the model file the engine runs (int8), else its export."""
     from featcache.extraction.engines import make_forward, run_pipelined
 
-    forward = make_forward(engine, model, cache_root)
+    forward = make_forward(engine, model, cache_root, export=export)
     if workers is None:
         workers = default_workers()
     cuda = dev.type == "cuda"

@@ -25,7 +25,14 @@ from featcache.data.images import Preprocess, load_for_each
 from featcache.data.sources import ImageRecord, ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.device import resolve_device
-from featcache.extraction.extract import NamedEntry, _checked_views, _read_only_result, begin_entry, name_entry
+from featcache.extraction.extract import (
+    NamedEntry,
+    _checked_views,
+    _int8_export,
+    _read_only_result,
+    begin_entry,
+    name_entry,
+)
 from featcache.extraction.loader import _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.result import ExtractResult
 from featcache.extraction.reuse import reuse_known_images
@@ -154,7 +161,9 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
                         prefetch_factor=2 if workers else None)
     groups = iter(loader)  # the decode workers fork now, before the engines start their thread pools
-    forwards = [make_forward(job.named.engine, job.model, cache_root) if needs[k] else None  # done: no engine
+    forwards = [make_forward(job.named.engine, job.model, cache_root,
+                             export=_int8_export(job.named, job.model, cache_root, source, reporter))
+                if needs[k] else None  # done: no engine
                 for k, job in enumerate(jobs)]
     sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, shard_size) for job in jobs]
     extracted = [0] * len(jobs)

@@ -108,7 +108,8 @@ def _entry_notes(settings: dict) -> tuple[str, ...]:
     own = settings.get("own", {})
     return tuple(note for note, on in ((f"--preprocess {','.join(settings['filters'])}", bool(settings["filters"])),
                                        (f"resampler {settings['resampler']}",
-                                        settings["resampler"] != own.get("resampler", "pil"))) if on)
+                                        settings["resampler"] != own.get("resampler", "pil")),
+                                       ("int8", settings.get("precision") == "int8")) if on)
 
 
 def _name_engines(rows: list[Row], engines: list[str]) -> list[Row]:

@@ -365,6 +365,7 @@ class CacheEntry:
         backbone and images (what ``fit`` selects by and ``compare`` labels by)."""
         return {"views": self.views, "resize": self.resize_mode, "filters": self.filters,
                 "engine": self.engine, "resampler": self.resampler,
+                "precision": self.manifest["fingerprint_inputs"].get("precision", "fp32"),
                 "own": {"resize": "crop", "resampler": "pil", **self.manifest.get("backbone_preprocess", {})}}
 
     def shard_paths(self) -> list[Path]:

@@ -8,6 +8,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/runs/<head>-<pool>-<run id>/   a run
     <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
     <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
+    <cache root>/.engines/<backbone>-<key>.int8.xml (.bin)          that export quantized (--precision int8)
     <cache root>/.warm/<recipe>.json                                 the entry an extract recipe named last
     <cache root>/report-<study>.html, study-<study>.json             a study's report and its runs
 """
@@ -39,7 +40,7 @@ def default_cache_root() -> Path:
 
 
 def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1,
-                       engine: str = "torch") -> dict:
+                       engine: str = "torch", calibration: dict | None = None) -> dict:
     """Everything that sets an entry's feature values (the image files are named per image, by SHA-256)."""
     inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
               "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
@@ -48,6 +49,8 @@ def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, vie
         inputs["views"] = views
     if engine != "torch":  # likewise: PyTorch entries keep their names
         inputs["engine"] = engine
+    if calibration is not None:  # int8: the images and quantizer that set the quantized weights
+        inputs["calibration"] = calibration
     return inputs
 
 
@@ -114,6 +117,11 @@ def warm_recipe_path(cache_root: Path, key: str) -> Path:
 def engine_export_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
     """A backbone's ONNX export, named by the hash of everything it was exported from."""
     return Path(cache_root) / ".engines" / f"{safe_name(backbone)}-{stable_hash(inputs, 16)}.onnx"
+
+
+def engine_int8_path(cache_root: Path, backbone: str, inputs: dict) -> Path:
+    """A backbone's export quantized to int8, named by the hash of the export, calibration and quantizer."""
+    return Path(cache_root) / ".engines" / f"{safe_name(backbone)}-{stable_hash(inputs, 16)}.int8.xml"
 
 
 def study_report_path(cache_root: Path, study_name: str) -> Path:
