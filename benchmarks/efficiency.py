@@ -81,16 +81,17 @@ def _memory_format(backbone: LoadedBackbone) -> torch.memory_format:
 
 
 def bare_forward_ips(backbone: LoadedBackbone, batch_size: int, n_images: int, engine: str = "torch",
-                     cache_root: str | Path | None = None) -> float:
+                     cache_root: str | Path | None = None, export: Path | None = None) -> float:
     """Images/s of the backbone alone on pre-made uint8 batches: no decode, no hashing, no I/O.
 
     Exactly the forward ``extract`` runs on the CPU (same engine, layout, batch size and threads, the
-    normalisation included); another engine than torch runs the ONNX export made once under ``cache_root``.
+    normalisation included); another engine than torch runs the ONNX export made once under ``cache_root``,
+    or ``export`` (the int8 model).
     """
     size = backbone.preprocess.crop_size
     if engine == "torch":
         backbone.model.to(memory_format=_memory_format(backbone))
-    forward = make_forward(engine, backbone, Path(cache_root or tempfile.gettempdir()))
+    forward = make_forward(engine, backbone, Path(cache_root or tempfile.gettempdir()), export=export)
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # what the loader hands over
 
     def run(_: int) -> None:

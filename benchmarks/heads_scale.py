@@ -1,0 +1,141 @@
+"""Heads at scale: fit time and peak memory of every head on synthetic features of 10k to 1M rows.
+
+Each (head, rows) cell runs in a fresh process: synthetic features (d = 1,280, 7 classes with HAM10000's
+class shares, Gaussian clusters; groups of two rows, as lesions photographed twice), then exactly the
+cross-validation ``fit`` runs on them (featcache.evaluation.runner: lesion-grouped stratified 5-fold, the
+standardizing pipeline, the folds and the final refit on joblib workers, 2 cores). Time: the folds and
+the refit, without start-up or making the data. Peak memory: the largest resident memory of the process
+and its workers together, sampled every 0.2 s (shared pages counted in each process: an upper bound),
+including the features themselves (4 bytes x 1,280 x rows: 5.1 GB at 1M). A cell over ``--budget``
+seconds is stopped and reported as such.
+
+Writes the block `heads-scale` of docs/benchmarks.md.
+
+Run: python benchmarks/heads_scale.py [--rows 10000,100000,1000000] [--heads logreg,...] [--budget 1800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS = ("logreg", "svm-linear", "knn", "mlp", "svm-rbf", "xgboost")  # fast, then all's extras
+SHARES = np.array([6705, 1113, 1099, 514, 327, 142, 115]) / 10015  # HAM10000's classes
+
+
+def synthetic(rows: int, dim: int = 1280, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of ``rows`` images in 7 overlapping Gaussian classes, and groups of two rows."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(len(SHARES), size=rows, p=SHARES)
+    centres = rng.standard_normal((len(SHARES), dim)).astype(np.float32) * 0.08
+    X = np.empty((rows, dim), dtype=np.float32)
+    for start in range(0, rows, 65536):  # in chunks: no float64 copy of the whole
+        stop = min(rows, start + 65536)
+        X[start:stop] = rng.standard_normal((stop - start, dim), dtype=np.float32) + centres[y[start:stop]]
+    groups = np.arange(rows) // 2
+    y = y[groups * 2]  # both rows of a group share its label
+    return X, y.astype(str), groups.astype(str)
+
+
+def cell(head: str, rows: int) -> dict:
+    """One head's CV on ``rows`` synthetic rows, in this process (the worker side of main)."""
+    from featcache.evaluation.features import LabeledFeatures
+    from featcache.evaluation.protocol import Protocol
+    from featcache.evaluation.runner import _run_tasks
+    from featcache.evaluation.splits import make_folds
+
+    X, y, groups = synthetic(rows)
+    data = LabeledFeatures(X, y, groups, None, [str(i) for i in range(rows)], sorted(set(y)))
+    protocol = Protocol()
+    started = time.perf_counter()
+    folds = make_folds(y, groups, protocol.cv, 0)
+    fold_seconds = time.perf_counter() - started
+    tasks = [(0, train, test) for train, test in folds] + [(0, np.arange(rows), None)]
+    results = _run_tasks(head, protocol, data, X, tasks, None)
+    seconds = time.perf_counter() - started
+    oof = np.empty(rows, dtype=object)
+    classes = sorted(set(y))
+    for (_, _, test), (_, proba) in zip(tasks, results, strict=False):
+        if test is not None:
+            oof[test] = np.array(classes)[proba.argmax(1)]
+    recall = [np.mean(oof[y == c] == c) for c in classes]
+    return {"seconds": seconds, "fold_seconds": fold_seconds, "balanced_accuracy": float(np.mean(recall))}
+
+
+def measured(head: str, rows: int, budget: float) -> dict:
+    """:func:`cell` in a fresh process, its peak memory (with its workers) sampled meanwhile."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, "--cell", head, str(rows)], stdout=subprocess.PIPE, text=True)
+    parent, peak, started = psutil.Process(proc.pid), 0, time.perf_counter()
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        if time.perf_counter() - started > budget:
+            for p in [*parent.children(recursive=True), parent]:
+                p.kill()
+            proc.wait()
+            return {"head": head, "rows": rows, "stopped": budget, "peak_gb": peak / 1e9}
+        time.sleep(0.2)
+    out = proc.stdout.read().strip().splitlines()
+    if proc.returncode != 0 or not out:
+        return {"head": head, "rows": rows, "failed": proc.returncode, "peak_gb": peak / 1e9}
+    return {"head": head, "rows": rows, **json.loads(out[-1]), "peak_gb": peak / 1e9}
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--cell":
+        print(json.dumps(cell(sys.argv[2], int(sys.argv[3]))))
+        return
+    from docs_blocks import replace_block
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="10000,100000,1000000")
+    parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--budget", type=float, default=1800.0, help="seconds per cell")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    sizes = [int(r) for r in args.rows.split(",")]
+    rows = []
+    for head in args.heads.split(","):
+        for n in sizes:
+            rows.append(measured(head, n, args.budget))
+            print(rows[-1], flush=True)
+            if "seconds" not in rows[-1]:
+                break  # a larger size would not finish either
+    lines = ["## Heads at scale {#heads-scale}", "",
+             f"`python benchmarks/heads_scale.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+             + ": synthetic features (d = 1,280, 7 classes in HAM10000's shares, groups of two rows), "
+             "lesion-grouped stratified 5-fold CV and the final refit exactly as `fit` runs them, 2 cores; "
+             "time without start-up; peak = the resident memory of the process and its fold workers together "
+             "(an upper bound: shared pages count in each), the features included.", "",
+             "| head | rows | fit time (s) | of it: making the folds | peak memory (GB) | balanced accuracy | "
+             "time ratio to the size before | n log n would give |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in enumerate(rows):
+        before = rows[k - 1] if k and rows[k - 1]["head"] == r["head"] and "seconds" in rows[k - 1] else None
+        if "seconds" not in r:
+            what = f"stopped after {r['stopped']:.0f} s" if "stopped" in r else f"failed (exit {r['failed']})"
+            lines.append(f"| {r['head']} | {r['rows']:,} | {what} | | {r['peak_gb']:.1f} | | | |")
+            continue
+        growth = expected = ""
+        if before:
+            growth = f"{r['seconds'] / before['seconds']:.1f}x"
+            expected = f"{r['rows'] * np.log(r['rows']) / (before['rows'] * np.log(before['rows'])):.1f}x"
+        lines.append(f"| {r['head']} | {r['rows']:,} | {r['seconds']:.1f} | {r['fold_seconds']:.1f} | "
+                     f"{r['peak_gb']:.1f} | {r['balanced_accuracy']:.3f} | {growth} | {expected} |")
+    replace_block(args.out, "heads-scale", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
