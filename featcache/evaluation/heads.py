@@ -31,6 +31,10 @@ from featcache.store.model_files import side_files
 # Part of every run's name: bump it whenever a change to this module changes any head's numbers
 # (a default, a solver, a seed), so that no run made by the old code is served as the new one's.
 HEADS_VERSION = 2
+# k-NN compares every held-out row with every training row, so its time grows with the square of the rows
+# (benchmarks/heads_scale.py: 4.9 s at 10k rows, 255 s at 100k). Past this many training rows it is
+# trained on a stratified, seeded sample of them: about 2 minutes per fold at 1M rows on 2 cores.
+KNN_MAX_TRAIN = 50_000
 BASELINES = ("majority", "stratified")
 HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
 # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows; the zero-shot head needs a CLIP-like
@@ -543,6 +547,22 @@ def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: 
         return DummyClassifier(strategy="stratified", random_state=seed)
     raise RunError(f"--head {name}: unknown; choose from {', '.join(HEADS + EXTRA_HEADS + BASELINES)}, "
                    "fast or all")
+
+
+def training_sample(head: str, train: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """The training rows ``head`` is fitted on: all of ``train``, or for k-NN past :data:`KNN_MAX_TRAIN`
+    rows a sample of that many with each class's share kept (every class at least once), seeded."""
+    if head != "knn" or len(train) <= KNN_MAX_TRAIN:
+        return train
+    rng = np.random.default_rng(seed)
+    labels = y[train]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * KNN_MAX_TRAIN / len(train)).astype(int))
+    for k in np.argsort(-(counts * KNN_MAX_TRAIN / len(train) - quota))[:max(0, KNN_MAX_TRAIN - quota.sum())]:
+        quota[k] += 1  # the rows left by rounding down, to the classes closest to their next row
+    picked = [rng.choice(train[labels == c], size=min(q, n), replace=False)
+              for c, q, n in zip(classes, quota, counts, strict=True)]
+    return np.sort(np.concatenate(picked))
 
 
 def parse_heads(spec: str) -> list[str]:

@@ -11,17 +11,21 @@ from typing import TYPE_CHECKING
 import joblib
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 
 from featcache import __version__
 from featcache.errors import RunError
 from featcache.evaluation.heads import (
     GRIDS,
     HEADS_VERSION,
+    KNN_MAX_TRAIN,
     ZERO_SHOT,
     ViewEnsemble,
     XGBHead,
     calibrated_grid,
     make_pipeline,
+    training_sample,
 )
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
@@ -66,6 +70,15 @@ warnings.filterwarnings("ignore", message="A worker stopped while some jobs were
                         category=UserWarning)
 
 
+# Features larger than this are cross-validated one fold at a time on all cores instead of a fold per core:
+# each fold holds a copy of its training rows and their standardized copy (1.6x the features), so folds
+# side by side would need that once per core.
+PARALLEL_FOLDS_MAX_BYTES = 1 << 30
+# Training rows larger than this are standardized in place with statistics gathered in chunks
+# (_fit_standardized_in_place); smaller ones go through the pipeline's own fit, as always.
+CHUNKED_SCALING_MIN_BYTES = 1 << 28
+
+
 def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout | None = None,
                     groups_for_inner: bool = False):
     """The whole model for one fit: pipeline, view handling, and the tuning search around them."""
@@ -93,6 +106,19 @@ def _fit(estimator, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None):
     return estimator.fit(X, y)
 
 
+def _fit_standardized_in_place(pipeline: Pipeline, rows: np.ndarray, y: np.ndarray) -> None:
+    """Fit ``pipeline`` (a scaler first) on ``rows``, the caller's own copy, holding no other copy of them:
+    the scaler's statistics gathered chunk by chunk (``fit`` computes the variance through a float64
+    temporary twice the rows' size: 8 GB at 800k x 1,280), the rows standardized in place, then the
+    remaining steps fitted on them. The fitted pipeline is the one ``fit`` makes, its statistics equal to
+    float32 rounding."""
+    scaler = pipeline.steps[0][1]
+    for start in range(0, len(rows), 65536):
+        scaler.partial_fit(rows[start:start + 65536])
+    scaler.transform(rows, copy=False)
+    Pipeline(pipeline.steps[1:]).fit(rows, y)  # fits the same step objects: ``pipeline`` is fitted
+
+
 def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: np.ndarray,
               groups: np.ndarray | None, train: np.ndarray, test_idx: np.ndarray | None, seed: int, threads: int):
     """One fold (or the final refit when ``test_idx`` is None) in a worker with ``threads`` threads."""
@@ -107,7 +133,14 @@ def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: n
         for step in est.get_params().values():  # XGBoost's OpenMP pool is not one threadpoolctl reaches
             if isinstance(step, XGBHead):
                 step.set_params(n_jobs=threads)
-        _fit(est, X[train], y[train], None if groups is None else groups[train])
+        train = training_sample(head, train, y, seed)
+        rows = X[train]  # this task's own copy
+        if isinstance(est, Pipeline) and isinstance(est.steps[0][1], StandardScaler) \
+                and rows.nbytes > CHUNKED_SCALING_MIN_BYTES:
+            _fit_standardized_in_place(est, rows, y[train])
+        else:
+            _fit(est, rows, y[train], None if groups is None else groups[train])
+        del rows
         proba = None if test_idx is None else est.predict_proba(X[test_idx])
     return est, proba
 
@@ -124,6 +157,8 @@ def _run_tasks(head: str, protocol: Protocol, data: LabeledFeatures, X: np.ndarr
         calls = [(head, protocol, Layout.of(data), train, test_idx, seed, 1) for seed, train, test_idx in tasks]
         return cluster.run_tasks(_fit_shared, (X, data.y, data.groups), calls)
     cores = os.cpu_count() or 1
+    if X.nbytes > PARALLEL_FOLDS_MAX_BYTES and jobs is None:
+        jobs = 1  # each fold worker copies its training rows and their standardized copy: one at a time
     jobs = max(1, min(jobs or cores, len(tasks)))
     threads = max(1, cores // jobs)
     layout = Layout.of(data)
@@ -293,6 +328,12 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     identity = run_identity(data, entry, head, pool, protocol, test)
+    if len(training_sample(head, np.arange(len(data.y)), data.y, 0)) < len(data.y):  # the final fit's rows
+        identity["training_sample"] = KNN_MAX_TRAIN  # names the run: its numbers come from samples
+        reporter.warn(f"{head}: every held-out image is compared with every training image, a cost that grows with "
+                      f"the square of the rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training "
+                      f"rows (here up to {len(data.y):,}) is trained on a stratified sample of {KNN_MAX_TRAIN:,} "
+                      "of them (seeded; recorded in the run as training_sample)")
     config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
               "grouping": data.grouping,
               # which images were scored: runs whose predictions line up image by image (ensembles)
