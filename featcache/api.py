@@ -995,7 +995,8 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     o = options
     reporter = _reporter(o["quiet"], reporter)
     selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "pool", "preprocess",
-                                   "engine", "resampler", "views", "resize", "cv", "groups", "split", "cache")}
+                                   "engine", "resampler", "precision", "views", "resize", "cv", "groups", "split",
+                                   "cache")}
     heads = BY_NAME["heads"].checked(heads, "heads=")
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter,
                    groups=o["groups"])
