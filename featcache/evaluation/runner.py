@@ -71,8 +71,8 @@ warnings.filterwarnings("ignore", message="A worker stopped while some jobs were
 
 
 # Features larger than this are cross-validated one fold at a time on all cores instead of a fold per core:
-# each fold holds a copy of its training rows and their standardized copy (1.6x the features), so folds
-# side by side would need that once per core.
+# each fold holds a copy of its training rows (0.8x the features, more while it predicts), so folds side by
+# side would need that once per core.
 PARALLEL_FOLDS_MAX_BYTES = 1 << 30
 # Training rows larger than this are standardized in place with statistics gathered in chunks
 # (_fit_standardized_in_place); smaller ones go through the pipeline's own fit, as always.
@@ -328,7 +328,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     identity = run_identity(data, entry, head, pool, protocol, test)
-    if len(training_sample(head, np.arange(len(data.y)), data.y, 0)) < len(data.y):  # the final fit's rows
+    if head == "knn" and len(data.y) > KNN_MAX_TRAIN:  # the final fit's rows are sampled (training_sample)
         identity["training_sample"] = KNN_MAX_TRAIN  # names the run: its numbers come from samples
         reporter.warn(f"{head}: every held-out image is compared with every training image, a cost that grows with "
                       f"the square of the rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training "
