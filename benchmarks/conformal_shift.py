@@ -4,9 +4,10 @@
 
 HAM10000 (5-fold lesion-grouped cross-conformal, EfficientNet-Lite0 gap, logistic regression: the run of the
 `conformal` block) scored on the 1,512 official ISIC 2018 test images, fit with `--test-align none`, `moments` and
-`auto`. Beside featcache's sets, shift-weighted conformal (Tibshirani et al. 2019: each calibration image weighted
-by the estimated density ratio test/train, each test image its own weighted quantile) with the ratio from three
-domain classifiers: on the features, on their first 8 principal components, and on the model's log-probabilities.
+`auto`, and with `--conformal-shift weighted` (unaligned and after moments). Beside them, exploratory
+shift-weighted conformal (Tibshirani et al. 2019: each calibration image weighted by the estimated density ratio
+test/train, each test image its own weighted quantile) with the ratio from three domain classifiers: on the
+features, on their first 8 principal components (featcache's choice), and on the model's log-probabilities.
 Then the 15 best-ham runs (`docs/best-ham.toml`, fit with `conformal = 0.9` and `test_align = "moments"`): their
 recorded test coverage unaligned and aligned. Writes the `conformal-shift` block of docs/results.md.
 """
@@ -28,7 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import featcache as fc
-from featcache.evaluation.conformal import prediction_sets, summary
+from featcache.evaluation.conformal import prediction_sets, summary, weighted_quantiles
 from featcache.evaluation.predict import images_source
 from featcache.extraction.extract import extract_like
 from featcache.progress import Reporter
@@ -38,19 +39,6 @@ from featcache.store.runs import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"
-
-
-def weighted_limits(scores: np.ndarray, w_cal: np.ndarray, w_test: np.ndarray, level: float) -> np.ndarray:
-    """Each test image's threshold: the ``level`` quantile of the calibration scores weighted by ``w_cal``, with
-    the test image's own weight at +inf (Tibshirani et al. 2019, eq. 8); inf when the calibration weight cannot
-    reach the level."""
-    order = np.argsort(scores)
-    ranked, cumulative = scores[order], np.cumsum(w_cal[order])
-    out = np.empty(len(w_test))
-    for j, weight in enumerate(w_test):
-        k = np.searchsorted(cumulative / (cumulative[-1] + weight), level)
-        out[j] = ranked[k] if k < len(ranked) else np.inf
-    return out
 
 
 def density_ratio(train: np.ndarray, test: np.ndarray, model) -> tuple[np.ndarray, np.ndarray, float, float]:  # noqa: ANN001
@@ -73,16 +61,22 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     rows = []
-    runs = {align: fc.fit(HAM, backbone="efficientnet_lite0", heads=["logreg"], group_col="lesion_id",
-                          test_data=ISIC_TEST, conformal=args.level, test_align=align, cache=args.cache,
-                          quiet=True)[0]
-            for align in ("none", "moments", "auto")}
-    for align, run in runs.items():
+    runs = {(align, shift): fc.fit(HAM, backbone="efficientnet_lite0", heads=["logreg"], group_col="lesion_id",
+                                   test_data=ISIC_TEST, conformal=args.level, test_align=align, conformal_shift=shift,
+                                   cache=args.cache, quiet=True)[0]
+            for align, shift in (("none", "none"), ("moments", "none"), ("auto", "none"), ("none", "weighted"),
+                                 ("moments", "weighted"))}
+    for (align, _shift), run in runs.items():
         held = run.metrics["test"]["conformal"]
         chosen = (run.metrics["test"].get("test_align_choice") or {}).get("chosen")
-        rows.append(f"| featcache's sets, --test-align {align}{f' (chose {chosen})' if chosen else ''} | – | – | "
+        weights = held.get("weights")
+        domain = (f"{weights['domain_auroc']:.2f} | {weights['effective_calibration_images']:.0f} of "
+                  f"{weights['calibration_images']}" if weights else "– | –")
+        rows.append(f"| featcache's sets, --test-align {align}{f' (chose {chosen})' if chosen else ''}"
+                    f"{' --conformal-shift weighted' if weights else ''} | {domain} | "
                     f"{held['coverage']:.3f} | {held['mean_set_size']:.2f} |")
-    run = runs["none"]
+    rows.append("| *exploratory: the same out-of-fold scores, unaligned test probabilities* | | | | |")
+    run = runs[("none", "none")]
     oof, test = read_predictions(run.path), read_predictions(run.path, "test")
     y_cal, y_test = np.searchsorted(oof.classes, oof.labels), np.searchsorted(oof.classes, test.labels)
     scores = 1.0 - oof.proba[np.arange(len(y_cal)), y_cal]
@@ -102,7 +96,7 @@ def main() -> None:
     }
     for name, (a, b, model) in classifiers.items():
         w_cal, w_test, auroc, ess = density_ratio(a, b, model)
-        limits = weighted_limits(scores, w_cal, w_test, args.level)
+        limits = weighted_quantiles(scores, w_cal, w_test, args.level)
         held = summary(prediction_sets(test.proba, limits[:, None]), y_test)
         rows.append(f"| shift-weighted, ratio from {name} (unaligned) | {auroc:.2f} | {ess:.0f} of {len(w_cal)} | "
                     f"{held['coverage']:.3f} | {held['mean_set_size']:.2f} |")
@@ -116,9 +110,11 @@ def main() -> None:
              f"Command: `python benchmarks/conformal_shift.py --level {args.level}`. Target (issue 36): test coverage "
              f"within 0.88-0.92 at {args.level:.2f} (marginal sets).", "",
              "EfficientNet-Lite0 gap, logistic regression, cross-conformal on 5-fold lesion-grouped CV of HAM10000; "
-             "the 1,512 ISIC 2018 test images. Shift-weighted rows: the same out-of-fold scores and unaligned test "
-             "probabilities, each calibration image weighted by the cross-fitted density ratio of a domain "
-             "classifier (Tibshirani et al. 2019); effective sample size = (sum w)^2 / sum w^2.", "",
+             "the 1,512 ISIC 2018 test images. `--conformal-shift weighted`: each calibration image weighted by the "
+             "cross-fitted density ratio of a domain classifier (standardize, 8 principal components, logistic "
+             "regression) on the features the head saw, after --test-align (Tibshirani et al. 2019); effective "
+             "calibration images = (sum w)^2 / sum w^2. Exploratory rows: the same, unaligned, with three domain "
+             "classifiers.", "",
              "| sets | domain AUROC | effective calibration images | test coverage | mean set size |",
              "|---|---|---|---|---|", *rows, "",
              "The 15 best-ham runs (4 views, best poolings, fused), recorded test coverage (mean set size):", "",

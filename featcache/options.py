@@ -60,6 +60,14 @@ class ConformalMode(StrEnum):
     class_ = "class"
 
 
+class ConformalShift(StrEnum):
+    """Prediction sets for a test set from elsewhere: calibrated as for the training images, or weighted by how
+    much each training image resembles the test images."""
+
+    none = "none"
+    weighted = "weighted"
+
+
 class Grouping(StrEnum):
     """Which images must stay on one side of a split: ``auto`` = the source's group column when it
     has one (else ungrouped, said loudly); ``none`` = ungrouped on purpose; ``near-duplicates`` =
@@ -468,6 +476,11 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.5, maximum=0.999),
     Option("conformal_mode", ConformalMode, "marginal", "`marginal`: the coverage over all images; `class`: the "
            "coverage for every class (rare classes get larger sets).", ("fit",), "fit"),
+    Option("conformal_shift", ConformalShift, "none", "`weighted`: the --test-data sets calibrated for a test set "
+           "from elsewhere (shift-weighted conformal, Tibshirani et al. 2019): each training image's score weighted "
+           "by how much it resembles the test images (a domain classifier on 8 principal components of the features "
+           "the head sees, after --test-align), each test image its own threshold; predict weighs against its batch. "
+           "metrics.json keeps the weights' effective sample and the unweighted sets beside.", ("fit",), "fit"),
     Option("conformal_by", str, None, "Calibrate the prediction sets within each value of this metadata column "
            "(clinic, site, device: Mondrian conformal), so that every group keeps the coverage, not only all of them "
            "together; an image takes its group's threshold (one of a group never seen, the overall one, said).",

@@ -370,3 +370,122 @@ def test_compare_and_the_report_say_what_auto_chose():
         "auto: moments"
     assert alignment_note({"test_align": "moments"}) == "moments"
     assert alignment_note({"balanced_accuracy": 0.5}) == "" and alignment_note(None) == ""
+
+
+# --- --conformal-shift weighted ----------------------------------------------------------------------------------
+
+def test_weighted_quantiles_with_equal_weights_are_the_conformal_quantile():
+    from featcache.evaluation.conformal import quantile, weighted_quantiles
+
+    rng = np.random.default_rng(0)
+    for n in (1, 9, 10, 99, 100, 101):
+        scores = rng.random(n)
+        for level in (0.5, 0.8, 0.9, 0.95):
+            found = weighted_quantiles(scores, np.ones(n), np.ones(3), level)
+            assert np.all(found == quantile(scores, level)), (n, level)
+
+
+def test_shift_weighted_sets_keep_the_coverage_on_a_clinic_with_harder_images():
+    from featcache.evaluation.conformal import domain_weights, prediction_sets, summary, thresholds, weighted_limits
+
+    def images(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features whose first dimension sets how hard an image is: the higher, the flatter its probabilities."""
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(n, 6))
+        X[:, 0] += shift
+        y = rng.integers(0, 3, n)
+        sharpness = 3.0 / (1.0 + np.exp(1.5 * X[:, 0]))
+        logits = rng.normal(size=(n, 3)) + np.eye(3)[y] * sharpness[:, None] * 2
+        return X.astype(np.float32), y, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    cal_X, cal_y, cal_p = images(4000, 0.0, 0)
+    test_X, test_y, test_p = images(2000, 1.5, 1)
+    plain = summary(prediction_sets(test_p, thresholds(cal_p, cal_y, 0.9, "marginal", 3)), test_y)
+    weights = domain_weights(cal_X, test_X)
+    weighted = summary(prediction_sets(test_p, weighted_limits(cal_p, cal_y, weights, 0.9, "marginal")), test_y)
+    assert plain["coverage"] < 0.86  # one threshold, set where images are easier, under-covers the harder clinic
+    assert 0.87 <= weighted["coverage"] <= 0.94, weighted
+    assert weights.auroc > 0.8 and 50 < weights.effective_calibration_images < 4000
+    by_class = summary(prediction_sets(test_p, weighted_limits(cal_p, cal_y, weights, 0.9, "class")), test_y)
+    assert by_class["coverage"] >= 0.87
+    # the same images on both sides: weights of about one, and the plain sets again
+    same = domain_weights(cal_X, cal_X[:1000])
+    assert same.auroc < 0.6 and same.effective_calibration_images > 3000
+
+
+def test_fit_weighs_the_test_set_s_sets_and_records_what_recomputes_them(tmp_path, capfd):
+    from featcache.evaluation.conformal import domain_weights, prediction_sets, weighted_limits
+    from featcache.evaluation.shift import align
+
+    train, test = _clinic(600, 0), _clinic(300, 1, scale=2.0, offset=3.0, ids="b")
+    protocol = Protocol(cv=5, conformal=0.9, test_align="moments", conformal_shift="weighted")
+    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=test)
+    metrics = read_metrics(run)
+    held = metrics["test"]["conformal"]
+    assert held["weights"]["calibration_images"] == 600 and held["weights"]["test_images"] == 300
+    assert 0.8 <= held["coverage"] <= 1.0 and "coverage" in held["unweighted"]
+    assert metrics["config"]["protocol"]["conformal_shift"] == "weighted"
+    assert metrics["conformal"]["shift"] == "weighted"
+    assert "conformal_shift" not in Protocol(conformal=0.9).config()  # runs made before it keep their names
+    # every set written is recomputable from the files: out-of-fold scores, features, the recorded recipe
+    oof, written = read_predictions(run), read_predictions(run, "test")
+    order = [oof.ids.index(i) for i in train.ids]
+    by_id, test_by_id = np.argsort(train.ids), np.argsort(test.ids)  # the domain classifier sees the ids in order
+    found = domain_weights(train.X[by_id], align(test.X, train.X, "moments")[test_by_id])
+    weights = type(found)(found.calibration[np.argsort(by_id)], found.test[np.argsort(test_by_id)], found.auroc)
+    assert weights.effective_calibration_images == pytest.approx(held["weights"]["effective_calibration_images"])
+    limits = weighted_limits(oof.proba[order], np.searchsorted(train.classes, train.y), weights, 0.9, "marginal")
+    sets = prediction_sets(written.proba, limits)
+    assert written.sets == ["|".join(c for c, k in zip(train.classes, row, strict=True) if k) for row in sets]
+    # a test set that resembles few training images is said
+    far = _clinic(300, 2, scale=1.0, offset=40.0, ids="c")
+    fit_head(train, FakeEntry(tmp_path), "logreg", "gap", replace_align(protocol, "none"), "toy", test=far,
+             reporter=Reporter())
+    assert "--conformal-shift weighted: the test images resemble few training images" in capfd.readouterr().err
+
+
+def replace_align(protocol: Protocol, method: str) -> Protocol:
+    from dataclasses import replace
+
+    return replace(protocol, test_align=method)
+
+
+def test_fit_and_predict_weigh_sets_for_another_clinic_or_refuse_what_cannot_be_weighed(tmp_path, capfd):
+    import featcache as fc
+    from featcache.errors import FeatcacheError
+
+    from .conftest import DEMO
+
+    rows = {"train": ["bild,befund"], "clinic_b": ["bild,befund"]}
+    for label in ("melanoma", "nevus"):
+        for k, src in enumerate(sorted((DEMO / "images" / label).glob("*.jpg"))[:50]):
+            rows["train" if k < 30 else "clinic_b"].append(f"{src},{label}")
+    for name, lines in rows.items():
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "c"
+    common = {"image_col": "bild", "label_col": "befund", "heads": ["logreg"], "cv": 3, "cache": cache,
+              "no_groups": True, "quiet": True}
+    fc.extract(tmp_path / "train.csv", image_col="bild", cache=cache, quiet=True)
+    for wrong, said in (({"conformal_shift": "weighted", "test_data": tmp_path / "clinic_b.csv"}, "their coverage"),
+                        ({"conformal": 0.8, "conformal_shift": "weighted"}, "no test_data is given"),
+                        ({"conformal": 0.8, "conformal_shift": "weighted", "conformal_by": "befund",
+                          "test_data": tmp_path / "clinic_b.csv"}, "give one"),
+                        ({"conformal": 0.8, "conformal_shift": "weigthed"}, "weigthed")):
+        with pytest.raises(FeatcacheError, match=said):
+            fc.fit(tmp_path / "train.csv", **common, **wrong)
+    run = fc.fit(tmp_path / "train.csv", **common, conformal=0.8, conformal_shift="weighted",
+                 test_data=tmp_path / "clinic_b.csv")[0]
+    assert run.metrics["test"]["conformal"]["weights"]["test_images"] == 40
+    assert "shift-weighted" in fc.compare(cache=cache).rows[0].held_out
+    frame = run.predict([str(tmp_path / "clinic_b.csv")], image_col="bild", cache=cache)
+    record = frame.attrs["conformal_weights"]
+    assert record["method"] == "weighted" and record["test_images"] == 40
+    test = read_predictions(run.path, "test")  # the batch is the test set: the same weights, the same sets
+    assert [frame.loc[i, "set_80"] for i in test.ids] == test.sets
+    capfd.readouterr()
+    few = run.predict(sorted((DEMO / "images" / "nevus").glob("*.jpg"))[40:50], cache=cache, quiet=False)
+    assert "too few to weigh them" in capfd.readouterr().err and few.attrs["conformal_weights"]["method"] == "none"
+    limit = run.metrics["conformal"]["thresholds"][0]
+    assert all(set(filter(None, row["set_80"].split("|"))) == {c for c in ("melanoma", "nevus")
+                                                              if 1 - row[f"p_{c}"] <= limit}
+               for _, row in few.iterrows())

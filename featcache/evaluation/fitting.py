@@ -88,11 +88,22 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
         checked_columns(source, protocol.subgroups)
+    if protocol.conformal_shift == "weighted":  # refused before any work: it weighs a test set's sets
+        if protocol.conformal is None:
+            raise RunError("--conformal-shift weighted weighs prediction sets: give their coverage with --conformal "
+                           "(e.g. 0.9)")
+        if test_source is None:
+            raise RunError("--conformal-shift weighted calibrates the sets of a test set from elsewhere, and no "
+                           "--test-data is given: add the other clinic's images, or drop --conformal-shift")
+        if protocol.conformal_by:
+            raise RunError(f"--conformal-shift weighted and --conformal-by {protocol.conformal_by} are two ways to "
+                           "calibrate for another clinic: give one (--conformal-by when the clinic is a column of "
+                           "the training data, --conformal-shift weighted when it is not)")
     if protocol.conformal_by:
         if protocol.conformal is None:
             raise RunError(f"--conformal-by {protocol.conformal_by} calibrates prediction sets by group: give the "
                            "coverage with --conformal (e.g. 0.9)")
-        by = checked_columns(source, [protocol.conformal_by])[0]
+        by = checked_columns(source, [protocol.conformal_by], "--conformal-by")[0]
         protocol = replace(protocol, conformal_by=by)  # the column as the data spells it names the run
     if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work
         raise RunError(f"--head zero-shot reads the image embedding as it is: fit it without "
@@ -109,7 +120,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         tested = test_source is not None and any(column_key(c) == column_key(by) for r in test_source.records[:1]
                                                  for c in r.meta)
         if test is not None and tested:
-            column = checked_columns(test_source, [by])[0]
+            column = checked_columns(test_source, [by], "--conformal-by")[0]
             test.strata = np.array(values_of(test_source, column, test.ids), dtype=object)
         elif test is not None:
             reporter.warn(f"--conformal-by {by}: {test_source.location} has no such column, so its images' sets "

@@ -147,7 +147,13 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
                   f"coverage {conformal['coverage']:.3f}, mean set size {conformal['mean_set_size']:.2f} of "
                   f"{len(classes)} classes"
                   + (f"; on the test set coverage {test['conformal']['coverage']:.3f}, mean size "
-                     f"{test['conformal']['mean_set_size']:.2f}" if test and test.get("conformal") else "") + ".", ""]
+                     f"{test['conformal']['mean_set_size']:.2f}" if test and test.get("conformal") else "") + ".",
+                  *([f"- The test set's sets are shift-weighted (each training image weighted by how much it resembles "
+                     f"the test images; {w['effective_calibration_images']:.0f} of {w['calibration_images']} "
+                     f"calibration images in effect, domain AUROC {w['domain_auroc']:.2f}); unweighted they would "
+                     f"cover {test['conformal']['unweighted']['coverage']:.3f} with mean size "
+                     f"{test['conformal']['unweighted']['mean_set_size']:.2f}."]
+                    if test and (w := (test.get("conformal") or {}).get("weights")) else []), ""]
     lines += ["## Known limitations", "",
               "- The backbone is frozen: its features were learned on other images (ImageNet, or the model's own "
               "pre-training data), not on these classes.",

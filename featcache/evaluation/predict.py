@@ -11,7 +11,7 @@ import numpy as np
 
 from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, column_key, open_source, slug
 from featcache.errors import RunError
-from featcache.evaluation.conformal import group_limits, prediction_sets, set_column, set_labels
+from featcache.evaluation.conformal import group_limits, prediction_sets, set_column, set_labels, shift_weighted
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
 from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame, nearest, neighbour_rows, run_space
@@ -209,9 +209,41 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
         if unseen and len(np.shape(limits)) == 2:
             reporter.warn(f"{unseen} of {len(ids)} images belong to no {conformal['by']['column']} group the run was "
                           "calibrated on: their sets use the threshold calibrated on all training images")
+        if conformal.get("shift") == "weighted":
+            limits, frame.attrs["conformal_weights"] = _batch_weighted_limits(
+                run_dir, saved, train_entry, entry, ids, transform, conformal, limits, reporter)
         sets = set_labels(prediction_sets(proba, limits), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame
+
+
+def _batch_weighted_limits(run_dir: Path, saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
+                           transform: Callable | None, conformal: dict, limits: np.ndarray,
+                           reporter: Reporter) -> tuple[np.ndarray, dict]:
+    """A run fit with --conformal-shift weighted: the batch's sets weighted against the batch itself (its features
+    as the head sees them, after --test-align), from the run's seed-0 out-of-fold scores; the unweighted
+    ``limits``, said, when the batch is too small for a domain classifier."""
+    if len(ids) < MIN_ALIGN_IMAGES:
+        reporter.warn(f"this run's prediction sets are weighted for the batch they are given (--conformal-shift "
+                      f"weighted), and {len(ids)} images are too few to weigh them (at least {MIN_ALIGN_IMAGES}): "
+                      "their sets use the unweighted thresholds; predict a larger batch of the same clinic")
+        return limits, {"method": "none", "reason": f"{len(ids)} images, fewer than {MIN_ALIGN_IMAGES}"}
+    oof = read_predictions(run_dir)
+    first = oof.seeds == 0
+    cal_ids = [i for i, keep in zip(oof.ids, first, strict=True) if keep]
+    classes = [str(c) for c in saved["pipeline"].classes_]
+    cal_y = np.array([classes.index(str(label)) for label in oof.labels[first]])
+    X = entry.read(saved["pool"], ids)
+    weighted, record, warning = shift_weighted(train_entry.read(saved["pool"], cal_ids), oof.proba[first], cal_y,
+                                               transform(X) if transform is not None else X, conformal,
+                                               calibration_ids=cal_ids, test_ids=ids)
+    if warning:
+        reporter.warn(warning)
+    else:
+        reporter.info(f"prediction sets weighted for this batch (--conformal-shift weighted): "
+                      f"{record['effective_calibration_images']:.0f} of {record['calibration_images']} calibration "
+                      f"images in effect, domain AUROC {record['domain_auroc']:.2f}")
+    return weighted, record
 
 
 def _strata(conformal: dict, source: ImageSource, ids: list[str], reporter: Reporter) -> list[str] | None:

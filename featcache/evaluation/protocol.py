@@ -32,6 +32,7 @@ class Protocol:
     conformal: float | None = None  # coverage of the prediction sets (None: no sets)
     conformal_mode: str = "marginal"  # ConformalMode
     conformal_by: str | None = None  # a metadata column: the sets calibrated within each of its values (Mondrian)
+    conformal_shift: str = "none"  # ConformalShift: the test set's sets weighted by a domain classifier
     # metadata columns the run is also scored by: they read its predictions, so they do not name it (config())
     subgroups: tuple[str, ...] = ()
     # the zero-shot head's prompts (--prompt-template, --prompts) and, once the backbone has read them, their text
@@ -47,7 +48,8 @@ class Protocol:
                                    ("tune_budget_s", "tune_budget"), ("standardize", "standardize"),
                                    ("views", "use_views"), ("calibrate", "calibrate"), ("groups", "groups"),
                                    ("near_dup_threshold", "near_dup_threshold"), ("test_align", "test_align"),
-                                   ("conformal", "conformal"), ("conformal_mode", "conformal_mode")):
+                                   ("conformal", "conformal"), ("conformal_mode", "conformal_mode"),
+                                   ("conformal_shift", "conformal_shift")):
             value = getattr(self, field_name)
             if field_name == "calibrate" and value == "":
                 continue
@@ -63,7 +65,9 @@ class Protocol:
                    calibrate=options["calibrate"] or "", groups=options["groups"],
                    near_dup_threshold=options["near_dup_threshold"], test_align=options["test_align"],
                    conformal=options["conformal"], conformal_mode=options["conformal_mode"],
-                   conformal_by=options.get("conformal_by"), subgroups=tuple(options.get("subgroups") or ()),
+                   conformal_by=options.get("conformal_by"),
+                   conformal_shift=options.get("conformal_shift") or "none",
+                   subgroups=tuple(options.get("subgroups") or ()),
                    prompt_template=options.get("prompt_template") or cls.prompt_template,
                    prompts=options.get("prompts"))
 
@@ -87,7 +91,8 @@ class Protocol:
         config = asdict(replace(self, zero_shot=None))
         for name in ("subgroups", "prompt_template", "prompts", "zero_shot"):
             del config[name]
-        for name, unset in (("test_align", "none"), ("conformal", None), ("conformal_by", None)):
+        for name, unset in (("test_align", "none"), ("conformal", None), ("conformal_by", None),
+                             ("conformal_shift", "none")):
             if config[name] == unset:
                 del config[name]
         if config.get("test_align") == "coral":  # its covariances are shrunk by Ledoit-Wolf since featcache 0.4:

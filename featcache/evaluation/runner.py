@@ -44,6 +44,7 @@ from featcache.evaluation.conformal import (
     prediction_sets,
     set_column,
     set_labels,
+    shift_weighted,
     uninformative,
 )
 from featcache.evaluation.conformal import summary as set_summary
@@ -205,11 +206,13 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
 
 def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
                 reporter: Reporter, conformal: dict | None = None,
-                heldout: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, tuple, dict, list]:
+                heldout: tuple[np.ndarray, np.ndarray] | None = None,
+                calibration: np.ndarray | None = None) -> tuple[dict, tuple, dict, list]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
     unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
     audit of its features against the training features (``heldout``: the out-of-fold probabilities and labels,
-    for the label-shift estimate that needs a confusion matrix)."""
+    for the label-shift estimate that needs a confusion matrix and for the sets' calibration scores;
+    ``calibration``: which training rows they are)."""
     groups = test.groups
 
     def predicted(X: np.ndarray) -> np.ndarray:
@@ -230,8 +233,22 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
     if conformal is not None:
         y_idx = np.searchsorted(data.classes, test.y)
         limits, unseen = group_limits(conformal, test.strata)  # --conformal-by: each image its group's threshold
+        plain_limits = limits
+        if protocol.conformal_shift == "weighted":  # each test image its own threshold (Tibshirani et al. 2019)
+            cal_X, cal_y = data.X[calibration], np.searchsorted(data.classes, heldout[1])
+            ids = {"calibration_ids": [i for i, keep in zip(data.ids, calibration, strict=True) if keep],
+                   "test_ids": test.ids}
+            limits, weights, warning = shift_weighted(cal_X, heldout[0], cal_y, aligned, conformal, **ids)
+            if warning:
+                reporter.warn(warning)
+            plain_limits = limits if method == "none" else shift_weighted(cal_X, heldout[0], cal_y, test.X,
+                                                                          conformal, **ids)[0]
         sets["test"] = prediction_sets(proba, limits)
         scores["conformal"] = set_summary(sets["test"], y_idx)
+        if protocol.conformal_shift == "weighted":
+            scores["conformal"]["weights"] = weights
+            scores["conformal"]["unweighted"] = set_summary(
+                prediction_sets(proba, group_limits(conformal, None)[0]), y_idx)
         if conformal.get("by"):
             scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
             if unseen:
@@ -253,7 +270,7 @@ def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: P
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
         if conformal is not None:
-            sets["test_unaligned"] = prediction_sets(plain, limits)
+            sets["test_unaligned"] = prediction_sets(plain, plain_limits)
             scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
         if choice is not None:
@@ -408,6 +425,8 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                                         protocol.conformal_mode)
             oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
                                                 protocol.conformal, protocol.conformal_mode)
+        if protocol.conformal_shift == "weighted":  # predict weighs a batch's sets the same way
+            conformal["shift"] = "weighted"
         as_text = set_labels(oof_sets, data.classes)
         if uninformative(conformal["mean_set_size"], len(data.classes)):
             reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "
@@ -443,7 +462,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     if test is not None:
         scored = ~np.isnan(oof_by_seed[0]).any(axis=1)
         result["test"], test_rows, test_sets, rows = _score_test(model, data, test, protocol, reporter, conformal,
-                                                                 (oof_by_seed[0][scored], data.y[scored]))
+                                                                 (oof_by_seed[0][scored], data.y[scored]), scored)
         neighbours = (NEIGHBOUR_COLUMNS, rows)
         if conformal is not None:
             sets_written |= {k: set_labels(v, data.classes) for k, v in test_sets.items()}

@@ -28,14 +28,14 @@ MISSING = MISSING_VALUE
 MIN_IMAGES = 2  # a subgroup needs two images to be scored at all (and two classes for balanced accuracy)
 
 
-def checked_columns(source: ImageSource, columns: tuple[str, ...] | list[str]) -> list[str]:
-    """The source's own spelling of each subgroup column (any case), or a :class:`RunError` naming every
-    column that is not there, and what there is."""
+def checked_columns(source: ImageSource, columns: tuple[str, ...] | list[str], flag: str = "--subgroups") -> list[str]:
+    """The source's own spelling of each metadata column (any case), or a :class:`RunError` naming the option
+    (``flag``) and every column that is not there, and what there is."""
     known = {column_key(c): c for r in source.records[:1] for c in r.meta}
     missing = [c for c in columns if column_key(c) not in known]
     if missing:
         listed = ", ".join(sorted(known.values())) or "none (only a CSV manifest has metadata columns)"
-        raise RunError(f"--subgroups {','.join(columns)}: {source.location} has no column "
+        raise RunError(f"{flag} {','.join(columns)}: {source.location} has no column "
                        f"{' and no column '.join(map(repr, missing))}; its metadata columns are {listed}")
     return [known[column_key(c)] for c in columns]
 

@@ -57,6 +57,7 @@ def held_out_label(config: dict) -> str:
         parts.append(f"test {name} (align {protocol.get('test_align', 'none')})")
     if protocol.get("conformal"):
         by = f" by {protocol['conformal_by']}" if protocol.get("conformal_by") else ""
+        by += " shift-weighted" if protocol.get("conformal_shift") == "weighted" else ""
         parts.append(f"sets {protocol['conformal']:g} {protocol.get('conformal_mode', 'marginal')}{by}")
     return ", ".join(parts)
 
@@ -429,7 +430,10 @@ def sets_text(sets: dict | None, level_from: dict | None = None) -> str:
         return "–"
     level = sets.get("level", (level_from or {}).get("level"))
     target = f" at {level:.2f}" if level else ""
-    return f"{sets['coverage']:.3f}{target}, {sets['mean_set_size']:.2f} classes"
+    weights = sets.get("weights")  # --conformal-shift weighted: how many calibration images the weights leave
+    weighted = (f" (shift-weighted, {weights['effective_calibration_images']:.0f} of "
+                f"{weights['calibration_images']} calibration images in effect)" if weights else "")
+    return f"{sets['coverage']:.3f}{target}, {sets['mean_set_size']:.2f} classes{weighted}"
 
 
 def _fmt(entry: dict | None) -> str:
