@@ -35,7 +35,6 @@ def test_knn_past_its_cap_is_sampled_named_and_said(tmp_path, monkeypatch):
     from featcache.store.runs import read_metrics
 
     monkeypatch.setattr(heads, "KNN_MAX_TRAIN", 40)
-    monkeypatch.setattr(runner, "KNN_MAX_TRAIN", 40)
     # folds one at a time in this process (the path of features over 1 GiB): they see the patched cap
     monkeypatch.setattr(runner, "PARALLEL_FOLDS_MAX_BYTES", 0)
     common = ["--data", str(shared("ham70")), "--cache", str(tmp_path)]  # 7 classes x 10 photos
@@ -47,7 +46,57 @@ def test_knn_past_its_cap_is_sampled_named_and_said(tmp_path, monkeypatch):
     (run_dir,) = list(tmp_path.glob("*/*/runs/knn-*"))
     assert read_metrics(run_dir)["config"]["training_sample"] == 40
     final = load_model(run_dir, False)["pipeline"].named_steps["head"]
-    assert final.n_samples_fit_ == 40  # the final fit's 70 rows sampled; the folds' 35 were not
+    assert len(final.rows_) == 40  # the final fit's 70 rows sampled; the folds' 35 were not
+
+
+def test_svm_linear_and_mlp_past_their_limits_take_fewer_passes_or_check_more_often_named_and_said(
+        tmp_path, monkeypatch, capfd):
+    from featcache.evaluation.features import LabeledFeatures
+    from featcache.evaluation.protocol import Protocol
+    from featcache.progress import Reporter
+    from featcache.store.model_files import load_model
+    from featcache.store.runs import read_metrics
+
+    from .fakes import FakeEntry
+
+    assert heads.sgd_epochs(100_000) == 15 and heads.sgd_epochs(533_333) == 3 and heads.sgd_epochs(10**8) == 2
+    rng = np.random.default_rng(0)
+    y = np.array(["mel", "nv", "bcc"])[np.arange(600) % 3]
+    X = (rng.normal(size=(600, 16)) + (y[:, None] == np.array(["mel", "nv", "bcc"] * 6)[None, :16]) * 2)
+    data = LabeledFeatures(X.astype(np.float32), y, None, None, [f"i{k}" for k in range(600)], ["bcc", "mel", "nv"])
+    below = {h: fit_head_quietly(data, FakeEntry(tmp_path / "a"), h) for h in ("svm-linear", "mlp")}
+    monkeypatch.setattr(heads, "SGD_FULL_EPOCHS_ROWS", 100)
+    monkeypatch.setattr(heads, "MLP_PASS_ROWS", 100)
+    monkeypatch.setattr(runner, "PARALLEL_FOLDS_MAX_BYTES", 0)  # folds in this process: they see the patches
+    capfd.readouterr()
+    above = {h: runner.fit_head(data, FakeEntry(tmp_path / "b"), h, "gap", Protocol(cv=3), "toy", reporter=Reporter())
+             for h in ("svm-linear", "mlp")}
+    said = " ".join(capfd.readouterr().err.split())
+    assert "so 4 passes, the same number of updates (recorded in the run as sgd_full_epochs_rows)" in said
+    assert "every 100 rows, not once per epoch (recorded in the run as mlp_pass_rows)" in said
+    assert read_metrics(above["svm-linear"])["config"]["sgd_full_epochs_rows"] == 100
+    assert read_metrics(above["mlp"])["config"]["mlp_pass_rows"] == 100
+    for head in ("svm-linear", "mlp"):  # the rules name the run; below the limits the name is as before
+        assert above[head].name != below[head].name and "mlp_pass_rows" not in read_metrics(below[head])["config"]
+        assert read_metrics(above[head])["pooled"]["balanced_accuracy"] > 0.8
+    svm = load_model(above["svm-linear"], False)["pipeline"].named_steps["head"]
+    assert {c.estimator.max_iter for c in svm.model_.calibrated_classifiers_} == {4}  # 400 rows per calibration fit
+    import torch
+
+    steps = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    for limit, batches in ((100, 2 * 2), (10**6, 2 * 11)):  # two checks: 2 passes of 100 rows, or 2 epochs of 510
+        monkeypatch.setattr(heads, "MLP_PASS_ROWS", limit)
+        steps.clear()
+        heads.TorchMLPClassifier(max_epochs=2, batch_size=50).fit(data.X, data.y)
+        assert len(steps) == batches, limit
+
+
+def fit_head_quietly(data, entry, head: str):  # noqa: ANN001, ANN201
+    from featcache.evaluation.protocol import Protocol
+
+    return runner.fit_head(data, entry, head, "gap", Protocol(cv=3), "toy")
 
 
 @pytest.mark.parametrize(("nbytes", "jobs"), [(10, 2), (2 << 30, 1)])
@@ -91,3 +140,20 @@ def test_large_training_rows_are_standardized_in_place_as_the_pipeline_would(mon
     rows = X[test]
     est.predict_proba(rows)
     np.testing.assert_array_equal(rows, X[test])  # the kept model copies what it is given later
+
+
+def test_the_knn_head_votes_as_scikit_learn_s_cosine_knn_with_distance_weights():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 24)).astype(np.float32) + np.repeat(np.eye(3, 24) * 2, [200, 150, 50], axis=0)
+    y = np.repeat(np.array(["nv", "mel", "bcc"]), [200, 150, 50])
+    X[5] = 0.0  # a zero row: cosine 0 to everything
+    queries = np.concatenate([rng.normal(size=(150, 24)).astype(np.float32), X[:3] * 2.5])  # exact copies (scaled)
+    ours = heads.CosineKNN(n_neighbors=11).fit(X, y)
+    theirs = KNeighborsClassifier(n_neighbors=11, metric="cosine", weights="distance").fit(X, y)
+    np.testing.assert_allclose(ours.predict_proba(queries), theirs.predict_proba(queries), atol=1e-4)
+    assert list(ours.classes_) == list(theirs.classes_)
+    assert list(ours.predict(queries[-3:])) == list(y[:3])  # an exact copy takes its original's label
+    with pytest.raises(heads.RunError, match="11 neighbours asked for, and only 5 training rows"):
+        heads.CosineKNN(n_neighbors=11).fit(X[:5], y[:5])

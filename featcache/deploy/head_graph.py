@@ -29,8 +29,8 @@ class NotExportable(RunError):
 
 # heads refused by name, from a run's config alone (before any model is loaded): why each has no ONNX form
 _UNEXPORTABLE_HEADS = {
-    "knn": "skl2onnx's k-NN converter gives other probabilities for the cosine metric with distance weights "
-           "(measured: off by up to 0.9)",
+    "knn": "it searches its kept training rows with faiss, and skl2onnx's k-NN converter gives other "
+           "probabilities for the cosine metric with distance weights (measured: off by up to 0.9)",
     "majority": "a baseline predicts without looking at the image",
     "stratified": "a baseline predicts without looking at the image",
     "svm-rbf-exact": "skl2onnx's SVC converter differs from libsvm's calibrated probabilities here; export svm-rbf "
@@ -122,7 +122,7 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
         pieces.append(_sklearn(head, width, "classifier"))
     else:
         name = type(head).__name__
-        why = {"KNeighborsClassifier": _UNEXPORTABLE_HEADS["knn"],
+        why = {"KNeighborsClassifier": _UNEXPORTABLE_HEADS["knn"], "CosineKNN": _UNEXPORTABLE_HEADS["knn"],
                "DummyClassifier": _UNEXPORTABLE_HEADS["majority"]}.get(name, "no converter")
         raise NotExportable(f"the {name} head does not export to ONNX: {why}")
     pieces[0] = _renamed_input(pieces[0], FEATURES)

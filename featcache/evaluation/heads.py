@@ -19,7 +19,6 @@ from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
 from sklearn.svm import SVC
@@ -35,6 +34,13 @@ HEADS_VERSION = 2
 # (benchmarks/heads_scale.py: 4.9 s at 10k rows, 255 s at 100k). Past this many training rows it is
 # trained on a stratified, seeded sample of them: about 2 minutes per fold at 1M rows on 2 cores.
 KNN_MAX_TRAIN = 50_000
+# svm-linear's averaged SGD makes 15 passes over its rows (SVMHead). Past this many rows per fit the same number of
+# updates needs fewer passes: ceil(15 x this / rows), at least 2 (3 at a million images' calibration folds).
+SGD_EPOCHS = 15
+SGD_FULL_EPOCHS_ROWS = 100_000
+# The MLP checks its validation loss once per epoch; past this many training rows, once per this many rows, so
+# that early stopping can stop within an epoch of a million rows (its patience counts these checks).
+MLP_PASS_ROWS = 100_000
 BASELINES = ("majority", "stratified")
 HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
 # not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows; the zero-shot head needs a CLIP-like
@@ -171,9 +177,15 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         tr, va = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
         best, best_state, waited = np.inf, None, 0
         self.loss_curve_, self.val_loss_curve_ = [], []
-        for _epoch in range(self.max_epochs):
+        shuffled, cursor = None, 0
+        for _epoch in range(self.max_epochs):  # an epoch, or past MLP_PASS_ROWS rows a pass of that many
             self.model_.train()
-            order = tr[torch.randperm(len(tr), generator=generator).to(device)]
+            if len(tr) <= MLP_PASS_ROWS:
+                order = tr[torch.randperm(len(tr), generator=generator).to(device)]
+            else:
+                if shuffled is None or cursor >= len(shuffled):
+                    shuffled, cursor = tr[torch.randperm(len(tr), generator=generator).to(device)], 0
+                order, cursor = shuffled[cursor:cursor + MLP_PASS_ROWS], cursor + MLP_PASS_ROWS
             total = 0.0
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
@@ -311,10 +323,10 @@ class SVMHead(ClassifierMixin, BaseEstimator):
         self.kernel, self.C, self.alpha, self.gamma, self.n_components = kernel, C, alpha, gamma, n_components
         self.class_weight, self.seed, self.calibration = class_weight, seed, calibration
 
-    def _svm(self, n_features: int):
+    def _svm(self, n_features: int, rows: int):
         if self.kernel == "linear":
             # 15 epochs: 0.586 balanced accuracy on a HAM10000 fold, 30 epochs 0.588 in twice the time
-            return SGDClassifier(loss="hinge", alpha=self.alpha, average=True, max_iter=15, tol=None,
+            return SGDClassifier(loss="hinge", alpha=self.alpha, average=True, max_iter=sgd_epochs(rows), tol=None,
                                  random_state=self.seed)
         if self.kernel == "rbf":
             return RidgeClassifier(alpha=1.0 / self.C)
@@ -336,7 +348,9 @@ class SVMHead(ClassifierMixin, BaseEstimator):
             self.kernel_map_ = Nystroem(gamma=self.gamma / X.shape[1], random_state=self.seed,
                                         n_components=min(self.n_components, len(X))).fit(X)
         weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
-        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1]), method=self.calibration, cv=folds)
+        n_folds = folds if isinstance(folds, int) else len(folds)
+        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1], len(X) * (n_folds - 1) // n_folds),
+                                             method=self.calibration, cv=folds)
         self.model_.fit(self._features(X), y, sample_weight=weights)
         return self
 
@@ -503,6 +517,52 @@ class ViewEnsemble(ClassifierMixin, BaseEstimator):
         return self.estimator_.named_steps if hasattr(self, "estimator_") else self.estimator.named_steps
 
 
+class CosineKNN(ClassifierMixin, BaseEstimator):
+    """k nearest neighbours by cosine similarity, each neighbour's vote weighted by one over its cosine distance
+    (scikit-learn's ``KNeighborsClassifier(metric="cosine", weights="distance")``, tested equal to it), searched
+    exactly by faiss: an inner-product index of the rows made unit length. On 10,000 held-out rows against 50,000
+    training rows of 1,280 dimensions faiss took 17 s where scikit-learn's brute force took 76 s (2 cores), which
+    at a million rows is the difference between minutes and half an hour per fit (docs/benchmarks.md)."""
+
+    def __init__(self, n_neighbors: int = 11):
+        self.n_neighbors = n_neighbors
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> CosineKNN:
+        if len(X) < self.n_neighbors:
+            raise RunError(f"knn: {self.n_neighbors} neighbours asked for, and only {len(X)} training rows")
+        self.classes_, self.labels_ = np.unique(np.asarray(y), return_inverse=True)
+        self.rows_ = _unit_rows(X)  # kept in the saved model: the index is rebuilt from them when predicting
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import faiss  # imported here: only k-NN needs it
+
+        index = faiss.IndexFlatIP(self.rows_.shape[1])
+        index.add(self.rows_)
+        similarity, found = index.search(_unit_rows(X), self.n_neighbors)
+        distance = np.clip(1.0 - similarity.astype(np.float64), 0.0, 2.0)
+        with np.errstate(divide="ignore"):
+            weight = 1.0 / distance
+        exact = np.isinf(weight)  # as scikit-learn: a row with an exact copy takes the copies' votes alone
+        copied = exact.any(axis=1)
+        weight[copied] = exact[copied]
+        votes = np.zeros((len(found), len(self.classes_)))
+        np.add.at(votes, (np.repeat(np.arange(len(found)), found.shape[1]), self.labels_[found].ravel()),
+                  weight.ravel())
+        return votes / votes.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit length (a zero row stays zero: its cosine to everything is 0, as in
+    scikit-learn)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return np.ascontiguousarray(X / np.where(norms > 0, norms, 1.0))
+
+
 def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0, calibrate: str = ""):
     """The estimator for a head name, with its documented defaults.
 
@@ -534,7 +594,7 @@ def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: 
         return SVMHead(name.removeprefix("svm-"), C=1.0, gamma=1.0, class_weight=cw, seed=seed,
                        calibration=svm_calibration)
     if name == "knn":
-        return KNeighborsClassifier(n_neighbors=11, metric="cosine", weights="distance")
+        return CosineKNN(n_neighbors=11)
     if name == "xgboost":
         return XGBHead(class_weight=cw, seed=seed)
     if name == "mlp":
@@ -547,6 +607,35 @@ def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: 
         return DummyClassifier(strategy="stratified", random_state=seed)
     raise RunError(f"--head {name}: unknown; choose from {', '.join(HEADS + EXTRA_HEADS + BASELINES)}, "
                    "fast or all")
+
+
+def sgd_epochs(rows: int) -> int:
+    """svm-linear's passes over ``rows`` training rows: :data:`SGD_EPOCHS`, or past :data:`SGD_FULL_EPOCHS_ROWS`
+    as many as make the same number of updates (at least 2)."""
+    if rows <= SGD_FULL_EPOCHS_ROWS:
+        return SGD_EPOCHS
+    return max(2, -(-SGD_EPOCHS * SGD_FULL_EPOCHS_ROWS // rows))
+
+
+def scale_rules(head: str, images: int, rows: int) -> dict[str, tuple[int, str]]:
+    """What ``head`` does differently on ``images`` training images (``rows`` feature rows, views included) than
+    on few: each rule's name, the limit that sets it (both name the run) and what it does, in a sentence. Empty
+    below every limit, so runs on smaller data keep their names."""
+    rules = {}
+    if head == "knn" and images > KNN_MAX_TRAIN:
+        rules["training_sample"] = (KNN_MAX_TRAIN, (
+            "every held-out image is compared with every training image, a cost that grows with the square of the "
+            f"rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training images (here up to "
+            f"{images:,}) is trained on a stratified sample of {KNN_MAX_TRAIN:,} of them (seeded)"))
+    if head == "svm-linear" and rows * 2 // 3 > SGD_FULL_EPOCHS_ROWS:  # the calibration fits' rows
+        rules["sgd_full_epochs_rows"] = (SGD_FULL_EPOCHS_ROWS, (
+            f"its SGD makes {SGD_EPOCHS} passes up to {SGD_FULL_EPOCHS_ROWS:,} rows per fit; here up to "
+            f"{rows * 2 // 3:,}, so {sgd_epochs(rows * 2 // 3)} passes, the same number of updates"))
+    if head == "mlp" and rows > MLP_PASS_ROWS:
+        rules["mlp_pass_rows"] = (MLP_PASS_ROWS, (
+            f"with up to {rows:,} training rows it checks its validation loss (and may stop early) every "
+            f"{MLP_PASS_ROWS:,} rows, not once per epoch"))
+    return rules
 
 
 def training_sample(head: str, train: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:

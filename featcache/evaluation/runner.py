@@ -19,12 +19,12 @@ from featcache.errors import RunError
 from featcache.evaluation.heads import (
     GRIDS,
     HEADS_VERSION,
-    KNN_MAX_TRAIN,
     ZERO_SHOT,
     ViewEnsemble,
     XGBHead,
     calibrated_grid,
     make_pipeline,
+    scale_rules,
     training_sample,
 )
 from featcache.progress import Reporter
@@ -345,12 +345,10 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     identity = run_identity(data, entry, head, pool, protocol, test)
-    if head == "knn" and len(data.y) > KNN_MAX_TRAIN:  # the final fit's rows are sampled (training_sample)
-        identity["training_sample"] = KNN_MAX_TRAIN  # names the run: its numbers come from samples
-        reporter.warn(f"{head}: every held-out image is compared with every training image, a cost that grows with "
-                      f"the square of the rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training "
-                      f"rows (here up to {len(data.y):,}) is trained on a stratified sample of {KNN_MAX_TRAIN:,} "
-                      "of them (seeded; recorded in the run as training_sample)")
+    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
+    for rule, (limit, what) in scale_rules(head, len(data.y), len(data.y) * views).items():
+        identity[rule] = limit  # names the run: past the limit its numbers come from the rule
+        reporter.warn(f"{head}: {what} (recorded in the run as {rule})")
     config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
               "grouping": data.grouping,
               # which images were scored: runs whose predictions line up image by image (ensembles)

@@ -38,6 +38,7 @@ SIDE_FILE_GLOBS = ("xgboost-*.json", "mlp-*.safetensors", "mlp-*.json")
 # type here: its boosters are not in the skops file but in their own JSON files.
 TRUSTED_TYPES = (
     "featcache.evaluation.heads.CalibratedHead",
+    "featcache.evaluation.heads.CosineKNN",
     "featcache.evaluation.heads.SVMHead",
     "featcache.evaluation.heads.TorchMLPClassifier",
     "featcache.evaluation.heads.ViewEnsemble",
