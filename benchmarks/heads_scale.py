@@ -113,9 +113,16 @@ def _pss(process) -> int:  # noqa: ANN001 - a psutil.Process
 
 def measured(head: str, rows: int, budget: float) -> dict:
     """:func:`cell` in a fresh process, its peak memory (with its workers) sampled meanwhile."""
+    return {"head": head, "rows": rows, **measured_process([__file__, "--cell", head, str(rows)], budget)}
+
+
+def measured_process(argv: list[str], budget: float) -> dict:
+    """``python argv`` in a fresh process: the JSON object its last line prints, with ``peak_gb``, the largest PSS
+    of the process and its children together (sampled every 0.2 s); ``stopped`` past ``budget`` seconds, or
+    ``failed`` with the exit status."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, __file__, "--cell", head, str(rows)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
     parent, peak, started = psutil.Process(proc.pid), 0, time.perf_counter()
     while proc.poll() is None:
         try:
@@ -127,12 +134,12 @@ def measured(head: str, rows: int, budget: float) -> dict:
             for p in [*parent.children(recursive=True), parent]:
                 p.kill()
             proc.wait()
-            return {"head": head, "rows": rows, "stopped": budget, "peak_gb": peak / 1e9}
+            return {"stopped": budget, "peak_gb": peak / 1e9}
         time.sleep(0.2)
     out = proc.stdout.read().strip().splitlines()
     if proc.returncode != 0 or not out:
-        return {"head": head, "rows": rows, "failed": proc.returncode, "peak_gb": peak / 1e9}
-    return {"head": head, "rows": rows, **json.loads(out[-1]), "peak_gb": peak / 1e9}
+        return {"failed": proc.returncode, "peak_gb": peak / 1e9}
+    return {**json.loads(out[-1]), "peak_gb": peak / 1e9}
 
 
 def main() -> None:

@@ -157,3 +157,28 @@ def test_the_knn_head_votes_as_scikit_learn_s_cosine_knn_with_distance_weights()
     assert list(ours.predict(queries[-3:])) == list(y[:3])  # an exact copy takes its original's label
     with pytest.raises(heads.RunError, match="11 neighbours asked for, and only 5 training rows"):
         heads.CosineKNN(n_neighbors=11).fit(X[:5], y[:5])
+
+
+def test_past_its_exact_limit_the_duplicate_audit_searches_approximately_finds_the_same_pairs_and_says_so():
+    from featcache.evaluation.audit import leakage_message
+    from featcache.evaluation.leakage import find_duplicates
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 48)) * 3
+    X = (centres[rng.integers(0, 12, 3000)] + rng.normal(size=(3000, 48))).astype(np.float32)
+    copies = rng.choice(3000, 40, replace=False)
+    X[copies[20:]] = X[copies[:20]] + rng.normal(size=(20, 48)).astype(np.float32) * 0.05  # 20 near copies
+    sha = [f"{k:064x}" for k in range(3000)]
+    sha[copies[1]] = sha[copies[0]]  # and one byte-identical pair
+    exact = find_duplicates(X, sha, 0.91)
+    approximate = find_duplicates(X, sha, 0.91, exact_max=1000)
+    assert exact.search == "exact" and approximate.search.startswith("approximate (faiss IVF: 54 cells, 8 probed")
+    found = {(a, b): s for a, b, s in zip(approximate.first, approximate.second, approximate.similarity, strict=True)}
+    assert found.keys() == set(zip(exact.first, exact.second, strict=True)) and len(found) >= 21
+    np.testing.assert_allclose(list(found.values()), exact.similarity, atol=1e-5)
+    assert approximate.n_exact == exact.n_exact == 1
+    leak = {"exact_duplicate_pairs": 1, "near_duplicate_pairs": approximate.n_near, "threshold": 0.91,
+            "threshold_calibrated": True, "search": approximate.search, "held_out_with_duplicate_in_train": 0,
+            "held_out": 3000}
+    assert "cosine >= 0.91, by an approximate (faiss IVF" in leakage_message(leak, {})[0]
+    assert "approximate" not in leakage_message(leak | {"search": "exact"}, {})[0]

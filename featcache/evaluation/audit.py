@@ -19,7 +19,7 @@ def leakage_summary(data: LabeledFeatures, folds: list[tuple[np.ndarray, np.ndar
     leaking = held_out_with_duplicate(pairs, folds, len(data.y))
     held_out = int(sum(len(test) for _, test in folds))
     return {"exact_duplicate_pairs": pairs.n_exact, "near_duplicate_pairs": pairs.n_near,
-            "threshold": pairs.threshold, "threshold_calibrated": pairs.calibrated,
+            "threshold": pairs.threshold, "threshold_calibrated": pairs.calibrated, "search": pairs.search,
             "held_out_with_duplicate_in_train": leaking, "held_out": held_out}
 
 
@@ -29,8 +29,9 @@ def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
         return "", False
     calibrated = "" if leak["threshold_calibrated"] else (
         " (threshold not calibrated for this backbone; set --near-dup-threshold)")
+    search = "" if leak.get("search", "exact") == "exact" else f", by an {leak['search']}"
     found = (f"leakage audit: {leak['exact_duplicate_pairs']} identical and {leak['near_duplicate_pairs']} "
-             f"near-identical image pairs (cosine >= {leak['threshold']:.2f}){calibrated}")
+             f"near-identical image pairs (cosine >= {leak['threshold']:.2f}{search}){calibrated}")
     n, total = leak["held_out_with_duplicate_in_train"], leak["held_out"]
     if not n:
         return found + "; no held-out image has one on its training side", False

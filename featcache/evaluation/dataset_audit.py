@@ -156,7 +156,7 @@ def scored_part(data: LabeledFeatures, keep: np.ndarray) -> LabeledFeatures:
     if pairs is not None:
         both = keep[pairs.first] & keep[pairs.second]
         pairs = DuplicatePairs(index[pairs.first[both]], index[pairs.second[both]], pairs.similarity[both],
-                               pairs.exact[both], pairs.threshold, pairs.calibrated)
+                               pairs.exact[both], pairs.threshold, pairs.calibrated, pairs.search)
     rows = np.flatnonzero(keep)
     return replace(data, X=data.X[rows], y=data.y[rows], ids=[data.ids[i] for i in rows],
                    groups=None if data.groups is None else data.groups[rows],

@@ -169,6 +169,7 @@ def _leakage(result: dict) -> list[str]:
     leak = result.get("leakage") or {}
     if not leak:
         return []
+    search = "" if leak.get("search", "exact") == "exact" else f" (found by an {leak['search']})"
     return [f"- Leakage audit: {leak['exact_duplicate_pairs']} identical and {leak['near_duplicate_pairs']} "
-            f"near-identical image pairs; {leak['held_out_with_duplicate_in_train']} of {leak['held_out']} held-out "
-            "images had one on their training side."]
+            f"near-identical image pairs{search}; {leak['held_out_with_duplicate_in_train']} of {leak['held_out']} "
+            "held-out images had one on their training side."]
