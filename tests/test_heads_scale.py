@@ -72,15 +72,22 @@ def test_svm_linear_and_mlp_past_their_limits_take_fewer_passes_or_check_more_of
     above = {h: runner.fit_head(data, FakeEntry(tmp_path / "b"), h, "gap", Protocol(cv=3), "toy", reporter=Reporter())
              for h in ("svm-linear", "mlp")}
     said = " ".join(capfd.readouterr().err.split())
-    assert "so 4 passes, the same number of updates (recorded in the run as sgd_full_epochs_rows)" in said
+    assert ("so 4 passes, the same number of updates, and each calibration map learns from a sample of 100 of its "
+            "held-out rows (recorded in the run as svm_linear_scale_rows)") in said
     assert "every 100 rows, not once per epoch (recorded in the run as mlp_pass_rows)" in said
-    assert read_metrics(above["svm-linear"])["config"]["sgd_full_epochs_rows"] == 100
+    assert read_metrics(above["svm-linear"])["config"]["svm_linear_scale_rows"] == 100
     assert read_metrics(above["mlp"])["config"]["mlp_pass_rows"] == 100
     for head in ("svm-linear", "mlp"):  # the rules name the run; below the limits the name is as before
         assert above[head].name != below[head].name and "mlp_pass_rows" not in read_metrics(below[head])["config"]
         assert read_metrics(above[head])["pooled"]["balanced_accuracy"] > 0.8
     svm = load_model(above["svm-linear"], False)["pipeline"].named_steps["head"]
     assert {c.estimator.max_iter for c in svm.model_.calibrated_classifiers_} == {4}  # 400 rows per calibration fit
+    from sklearn.model_selection import StratifiedKFold
+
+    plain = list(StratifiedKFold(3).split(data.X, data.y))  # what CalibratedClassifierCV(cv=3) makes
+    for (train, test), (kept_train, kept_test) in zip(plain, heads._sampled_calibration(3, data.X, data.y, 100, 0),
+                                                      strict=True):
+        assert np.array_equal(train, kept_train) and len(kept_test) == 100 and set(kept_test) <= set(test)
     import torch
 
     steps = []

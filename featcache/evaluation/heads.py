@@ -18,7 +18,7 @@ from sklearn.dummy import DummyClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
 from sklearn.svm import SVC
@@ -34,8 +34,10 @@ HEADS_VERSION = 2
 # (benchmarks/heads_scale.py: 4.9 s at 10k rows, 255 s at 100k). Past this many training rows it is
 # trained on a stratified, seeded sample of them: about 2 minutes per fold at 1M rows on 2 cores.
 KNN_MAX_TRAIN = 50_000
-# svm-linear's averaged SGD makes 15 passes over its rows (SVMHead). Past this many rows per fit the same number of
-# updates needs fewer passes: ceil(15 x this / rows), at least 2 (3 at a million images' calibration folds).
+# svm-linear at scale. Its averaged SGD makes 15 passes over its rows (SVMHead); past this many rows per fit the
+# same number of updates needs fewer passes: ceil(15 x this / rows), at least 2 (3 at a million images' calibration
+# folds). And each of its 3 calibration maps then learns from at most this many of the held-out rows (a seeded
+# sample): their copy beside the training rows' took a million images' final fit to 16.3 GB.
 SGD_EPOCHS = 15
 SGD_FULL_EPOCHS_ROWS = 100_000
 # The MLP checks its validation loss once per epoch; past this many training rows, once per this many rows, so
@@ -297,6 +299,18 @@ def _calibration_setup(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, 
     return weights, list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
 
 
+def _sampled_calibration(folds: int | list, X: np.ndarray, y: np.ndarray, most: int,
+                         seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The calibration folds (scikit-learn's unshuffled StratifiedKFold for an int, as CalibratedClassifierCV
+    makes them), each held-out part cut to a seeded sample of ``most`` rows: the SGD still trains on every row of
+    its part, the calibration map learns from fewer."""
+    if isinstance(folds, int):
+        folds = list(StratifiedKFold(folds).split(X, y))
+    rng = np.random.default_rng(seed)
+    return [(train, test if len(test) <= most else np.sort(rng.choice(test, size=most, replace=False)))
+            for train, test in folds]
+
+
 class SVMHead(ClassifierMixin, BaseEstimator):
     """A support vector machine with class-balanced, calibrated probabilities.
 
@@ -349,8 +363,10 @@ class SVMHead(ClassifierMixin, BaseEstimator):
                                         n_components=min(self.n_components, len(X))).fit(X)
         weights, folds = _calibration_setup(X, y, groups, self.class_weight, self.seed)
         n_folds = folds if isinstance(folds, int) else len(folds)
-        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1], len(X) * (n_folds - 1) // n_folds),
-                                             method=self.calibration, cv=folds)
+        rows = len(X) * (n_folds - 1) // n_folds
+        if self.kernel == "linear" and rows > SGD_FULL_EPOCHS_ROWS:
+            folds = _sampled_calibration(folds, X, y, SGD_FULL_EPOCHS_ROWS, self.seed)
+        self.model_ = CalibratedClassifierCV(self._svm(X.shape[1], rows), method=self.calibration, cv=folds)
         self.model_.fit(self._features(X), y, sample_weight=weights)
         return self
 
@@ -628,9 +644,10 @@ def scale_rules(head: str, images: int, rows: int) -> dict[str, tuple[int, str]]
             f"rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training images (here up to "
             f"{images:,}) is trained on a stratified sample of {KNN_MAX_TRAIN:,} of them (seeded)"))
     if head == "svm-linear" and rows * 2 // 3 > SGD_FULL_EPOCHS_ROWS:  # the calibration fits' rows
-        rules["sgd_full_epochs_rows"] = (SGD_FULL_EPOCHS_ROWS, (
+        rules["svm_linear_scale_rows"] = (SGD_FULL_EPOCHS_ROWS, (
             f"its SGD makes {SGD_EPOCHS} passes up to {SGD_FULL_EPOCHS_ROWS:,} rows per fit; here up to "
-            f"{rows * 2 // 3:,}, so {sgd_epochs(rows * 2 // 3)} passes, the same number of updates"))
+            f"{rows * 2 // 3:,}, so {sgd_epochs(rows * 2 // 3)} passes, the same number of updates, and each "
+            f"calibration map learns from a sample of {SGD_FULL_EPOCHS_ROWS:,} of its held-out rows"))
     if head == "mlp" and rows > MLP_PASS_ROWS:
         rules["mlp_pass_rows"] = (MLP_PASS_ROWS, (
             f"with up to {rows:,} training rows it checks its validation loss (and may stop early) every "
