@@ -183,7 +183,8 @@ def main() -> None:
             print(rows[-1], flush=True)
             if "seconds" not in rows[-1]:
                 break  # a larger size would not finish either
-    lines = [f"## Heads at scale {{#{args.block}}}", "",
+    title = "Heads at scale" if args.block == "heads-scale" else f"Heads at scale: {args.heads} again"
+    lines = [f"## {title} {{#{args.block}}}", "",
              f"`python benchmarks/heads_scale.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + ": synthetic features (d = 1,280, 7 classes in HAM10000's shares, groups of two rows), "
              "lesion-grouped stratified 5-fold CV and the final refit exactly as `fit` runs them, 2 cores; "
