@@ -216,3 +216,20 @@ def test_fused_and_metadata_runs_export_from_a_strangers_csv(tmp_path):
             assert out.exit_code == 0, out.output
         by_run, by_onnx = _rows(tmp_path / f"run-{run.name}.csv"), _rows(tmp_path / f"onnx-{run.name}.csv")
         assert len(by_onnx) == 70 and _max_difference(by_run, by_onnx) < 1e-4
+
+
+@pytest.mark.slow
+def test_an_exported_shift_weighted_run_says_its_sets_are_unweighted(ham70_onnx_entry, tmp_path, monkeypatch, capfd):
+    from featcache.deploy import onnx_predict
+    from featcache.progress import Reporter
+
+    data, cache = ham70_onnx_entry
+    (run,) = cache.glob("*/*/runs/logreg-gap-*")
+    model = tmp_path / "logreg.onnx"
+    assert CliRunner().invoke(app, ["export", str(run), "--out", str(model)]).exit_code == 0
+    read = onnx_predict.graph_info
+    thresholds = [0.5] * 7
+    monkeypatch.setattr(onnx_predict, "graph_info", lambda session: read(session) | {
+        "conformal": {"level": 0.9, "mode": "marginal", "thresholds": thresholds, "shift": "weighted"}})
+    frame = onnx_predict.predict_onnx_frame(model, [str(data / "mel")], Reporter())
+    assert "needs the run's training features" in capfd.readouterr().err and "set_90" in frame.columns

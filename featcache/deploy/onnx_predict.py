@@ -97,6 +97,10 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
     conformal = info.get("conformal")
     if conformal:
         column = set_column(conformal["level"])
+        if conformal.get("shift") == "weighted":  # the graph carries no training features to weigh a batch against
+            reporter.warn(f"{path.name}: the run's prediction sets were shift-weighted (--conformal-shift weighted), "
+                          "which needs the run's training features; the exported model has only the unweighted "
+                          "thresholds, so these sets use them. Predict with the run folder for weighted sets")
         sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
         frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame
