@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.3.0"
+from featcache.version import __version__
 
 if TYPE_CHECKING:
     from featcache.api import (

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError, RunError
+from featcache.option_checks import CHECKS
 from featcache.options import BY_NAME, DOOR, Option, OptionError, options_for, python_spelling
 from featcache.progress import Reporter
 
@@ -119,7 +120,7 @@ def takes_options(command: str, positional: Sequence[str] = ()) -> Callable[[Cal
                 python = DOOR.get() == "python"
                 for option in declared:
                     values[option.name] = option.checked(values[option.name], f"{option.name}=" if python else None,
-                                                         command)
+                                                         command, CHECKS)
                 return func(**values)
             except FeatcacheError as exc:  # from Python, an error names keywords, not the CLI's flags
                 if DOOR.get() == "python" and exc.args and isinstance(exc.args[0], str):
@@ -401,7 +402,8 @@ class Run:
     Attributes
     ----------
     path : Path
-        The run folder (``<cache>/<dataset>/<entry>/runs/<head>-<pool>-<id>``).
+        The run folder (``<cache>/<dataset>/<entry>/runs/<head>-<pool>-<id>``), or one held-out evaluation
+        of it (``<run>/heldout/<test dataset>-<id>``: the run's model and cross-validation, scored on a test set).
     """
 
     path: Path
@@ -997,7 +999,7 @@ def audit(*, out: str | os.PathLike | None = None, heads: Sequence[str] | str = 
     selection = {k: o[k] for k in ("images", "image_col", "label_col", "group_col", "backbone", "pool", "preprocess",
                                    "engine", "resampler", "precision", "views", "resize", "cv", "groups", "split",
                                    "cache")}
-    heads = BY_NAME["heads"].checked(heads, "heads=")
+    heads = BY_NAME["heads"].checked(heads, "heads=", checks=CHECKS)
     source = _open(o["data"], o["images"], o["image_col"], o["label_col"], o["group_col"], reporter,
                    groups=o["groups"])
     # a class too small to cross-validate (one image: often a typo) is what an audit is for: it is listed, and

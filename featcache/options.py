@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -159,7 +159,9 @@ class Option:
     ``commands``. ``kind`` is ``str``, ``int``, ``float``, ``bool`` or a :class:`~enum.StrEnum` of the
     valid values. ``multiple``: a list (a comma list on the CLI, a list in a study, a sequence in
     Python). ``selects``: an extraction setting that ``fit`` takes to choose among entries (there its
-    default is None: any). ``alias``: a second CLI flag that means ``name = value``.
+    default is None: any). ``alias``: a second CLI flag that means ``name = value``. ``check``: a function
+    of the value, or the name of one that only a higher layer knows (the heads' names, the image filters),
+    which the door supplies (:data:`featcache.option_checks.CHECKS`): this module imports nothing above it.
     """
 
     name: str
@@ -174,7 +176,7 @@ class Option:
     multiple: bool = False
     minimum: float | None = None
     maximum: float | None = None
-    check: Callable[[Any], Any] | None = None
+    check: Callable[[Any], Any] | str | None = None
     parse: Callable[[Any], Any] | None = None
     selects: bool = False
     envvar: str | None = None
@@ -195,10 +197,19 @@ class Option:
         """The default on ``command``: an extraction setting only selects entries where features are read."""
         return None if self.selects and command in ("fit", "audit") else self.default
 
-    def checked(self, value: Any, label: str | None = None, command: str | None = None) -> Any:
+    def checked(self, value: Any, label: str | None = None, command: str | None = None,
+                checks: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
         """``value`` as this option's plain value (enum members as their string, lists as tuples),
-        or an :class:`OptionError` saying what is wrong, with ``label`` (default: the CLI flag)."""
+        or an :class:`OptionError` saying what is wrong, with ``label`` (default: the CLI flag). ``checks``:
+        the checks named by options whose check lives in a higher layer (an option naming one that is not
+        given is a LookupError: never checked less than declared)."""
         label = label or self.cli_flag
+        check = self.check
+        if isinstance(check, str):
+            if checks is None or check not in checks:
+                raise LookupError(f"option {self.name}: its check {check!r} lives above featcache.options; pass "
+                                  "featcache.option_checks.CHECKS")
+            check = checks[check]
         if value is None:
             if self.required:
                 raise OptionError(f"{label}: a value is needed ({self.help})")
@@ -216,9 +227,9 @@ class Option:
             value = tuple(self._one(i, label) for i in items)
         else:
             value = self._one(value, label)
-        if self.check is not None:
+        if check is not None:
             try:
-                value = self.check(value)
+                value = check(value)
             except (ValueError, FeatcacheError) as exc:
                 text = str(exc)
                 if text.startswith(self.cli_flag) and label != self.cli_flag:  # the check spoke in CLI terms
@@ -310,22 +321,10 @@ def python_spelling(text: str) -> str:
     return text
 
 
-def _filters(value: tuple[str, ...]) -> tuple[str, ...]:
-    from featcache.data.preprocessing import checked_filters
-
-    return checked_filters(value)
-
-
 def _device(value: str) -> str:
     if not DEVICE_PATTERN.match(value):
         raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
     return value
-
-
-def _heads(value: tuple[str, ...]) -> tuple[str, ...]:
-    from featcache.evaluation.heads import parse_heads
-
-    return tuple(parse_heads(",".join(value)))
 
 
 def _template(value: str) -> str:
@@ -395,7 +394,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("preprocess", str, (), "Image filters before the backbone, a comma list in order: hair-removal "
            "(DullRazor), color-constancy (Shades of Gray, p=6), dataset-norm (last: normalise with the "
            "dataset's own channel mean/std). Part of the fingerprint; on fit, the entry made with exactly "
-           "these (default: the unfiltered one).", _DATA, "extract", multiple=True, check=_filters),
+           "these (default: the unfiltered one).", _DATA, "extract", multiple=True, check="preprocess"),
     Option("norm_from", str, None, "With --preprocess ...,dataset-norm: normalise with the statistics of this "
            "dataset (cache name, folder or CSV; e.g. the training set when extracting a test set) instead of "
            "this one's.", ("extract",), "extract"),
@@ -426,7 +425,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- fitting (the study's [fit] table) ---
     Option("heads", str, ("fast",), "A head, a comma list, `fast` (logreg,svm-linear,knn,mlp) or `all` "
            "(+svm-rbf,xgboost); baselines majority/stratified come with both. Also: svm-rbf-exact (libsvm, slow "
-           "beyond a few thousand images).", ("fit",), "fit", flag="--head", multiple=True, check=_heads),
+           "beyond a few thousand images).", ("fit",), "fit", flag="--head", multiple=True, check="heads"),
     Option("pool", str, None, "Pooling to use (default: the entry's first; in a study: every pooling "
            "extracted). With --backbone a+b, one per backbone joined by + (`penult+gap`) fuses each backbone's "
            "own pooling; in a study with fuse = true, the same spelling fits each backbone with its part and "
@@ -550,8 +549,8 @@ def study_table(table: str) -> dict[str, Option]:
     return {option.study_key: option for option in OPTIONS if option.table == table}
 
 
-def checked_options(command: str, values: dict[str, Any], label: Callable[[Option], str] | None = None
-                    ) -> dict[str, Any]:
+def checked_options(command: str, values: dict[str, Any], label: Callable[[Option], str] | None = None,
+                    checks: Mapping[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
     """Every option of ``command`` with its checked value (``values`` given by keyword, the rest at their
     defaults). An unknown keyword is an :class:`OptionError` listing the valid ones."""
     declared = {option.name: option for option in options_for(command)}
@@ -559,5 +558,5 @@ def checked_options(command: str, values: dict[str, Any], label: Callable[[Optio
     if unknown:
         raise OptionError(f"{command}: unknown option {unknown[0]!r}; it takes {', '.join(declared)}")
     return {name: option.checked(values.get(name, option.default_for(command)),
-                                 label(option) if label else None, command)
+                                 label(option) if label else None, command, checks)
             for name, option in declared.items()}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
+from featcache.option_checks import CHECKS
 from featcache.options import BY_NAME, ENTRY_SETTINGS, TABLES, Option, OptionError, study_table
 from featcache.progress import Reporter
 from featcache.store.runs import is_reusable
@@ -134,10 +135,10 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
             if option.name == "backbone":  # a study extracts and fits every backbone of a list
                 if not isinstance(given, list) or not given:
                     raise OptionError(f"{label} must be a non-empty list of names")
-                return [option.checked(b, label) for b in given]
+                return [option.checked(b, label, checks=CHECKS) for b in given]
             if option.name == "weights" and isinstance(given, dict):  # one file per backbone
-                return {b: option.checked(f, f"{label}.{b}") for b, f in given.items()}
-            return option.checked(given, label, "fit" if option.selects is False else "extract")
+                return {b: option.checked(f, f"{label}.{b}", checks=CHECKS) for b, f in given.items()}
+            return option.checked(given, label, "fit" if option.selects is False else "extract", CHECKS)
         except OptionError as exc:
             text = str(exc)
             raise StudyError(text if text.startswith(where) else f"{label}: {text}") from None
@@ -356,7 +357,7 @@ def _fit_steps(study: Study, label: str, pool: str | None, protocol: Protocol, t
                                      groups=test_grouping(protocol), audit=False)
     steps = []
     for head in study.fit["heads"]:
-        run = run_dir_for(data, entry, head, pool, protocol, test_data)
+        run = run_dir_for(data, entry, head, pool, protocol, test_data, test.name if test else None)
         done = is_reusable(run)
         steps.append(Step("fit", f"fit {label}/{head}", done, f"finished: {run}" if done else f"to fit: {run}"))
     return steps

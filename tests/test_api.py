@@ -1,13 +1,12 @@
-"""featcache as a library: the public API, one declaration per option, no import cycle, the same numbers."""
+"""featcache as a library: the public API, one declaration per option, the same numbers (the layers and the import
+cycles: test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,44 +154,6 @@ def test_a_fused_study_s_dry_run_knows_its_finished_fused_fits(small_folder, tmp
     finally:
         holder.kill()
         holder.wait()
-
-
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The featcache modules ``path`` imports, at module level or inside functions; imports under
-    ``if TYPE_CHECKING`` are for annotations only and never run, so they do not count."""
-    found: set[str] = set()
-
-    class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            if "TYPE_CHECKING" not in ast.unparse(node.test):
-                self.generic_visit(node)
-
-        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-            if node.module and node.module.startswith("featcache"):
-                for alias in node.names:
-                    target = f"{node.module}.{alias.name}"
-                    found.add(target if target in modules else node.module)
-
-    Visitor().visit(ast.parse(path.read_text()))
-    return found & modules
-
-
-def test_the_package_has_no_import_cycle():
-    modules = {}
-    for path in (REPO / "featcache").rglob("*.py"):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {name: _imports(path, set(modules)) - {name, "featcache"} for name, path in modules.items()}
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for nxt in graph[start] - seen:
-            seen.add(nxt)
-            if nxt == goal or reaches(nxt, goal, seen):
-                return True
-        return False
-
-    cycles = sorted(name for name in graph if reaches(name, name, set()))
-    assert not cycles, f"modules on an import cycle: {cycles}"
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from featcache.evaluation.runner import fit_head
 from featcache.options import OptionError
 from featcache.progress import Reporter
 from featcache.reporting.compare import select_rows, table_rows
+from featcache.store.naming import entry_of_run, trained_run
 from featcache.store.runs import read_metrics, read_predictions
 
 from .conftest import DEMO
@@ -51,23 +52,27 @@ def test_compare_shows_every_run_that_differs_only_on_the_held_out_side(tmp_path
     runs = {_fit(cache, test=other, test_align=a) for a in ("none", "moments", "coral")}
     runs.add(_fit(cache, test=other, conformal=0.9))
     runs.add(_fit(cache, test=other, conformal=0.9, conformal_mode="class"))
-    runs.add(_fit(cache))
-    assert len(runs) == 6
-    # the same CV scores for all six: before, compare kept one per score and hid the best test run
+    plain = _fit(cache)
+    assert len(runs) == 5 and plain not in runs
+    # three trained runs (the sets' coverage is trained on the folds), five held-out evaluations of them
+    assert {trained_run(r) for r in runs} == {plain, trained_run(_fit(cache, conformal=0.9)),
+                                              trained_run(_fit(cache, conformal=0.9, conformal_mode="class"))}
+    # the same CV scores for all: before, compare kept one per score and hid the best test run
     assert len({read_metrics(r)["pooled"]["balanced_accuracy"] for r in runs}) == 1
     rows = select_rows(cache, "balanced_accuracy")
+    # a trained run with held-out evaluations is listed once per evaluation; one without, once (plain)
     assert {r.run for r in rows} == runs
     header, body = table_rows(rows, "balanced_accuracy")
     settings = {line[header.index("held-out settings")] for line in body}
-    assert settings == {"–", "test clinic_b (align coral)", "test clinic_b (align moments)",
+    assert settings == {"test clinic_b (align coral)", "test clinic_b (align moments)",
                         "test clinic_b (align none)", "test clinic_b (align none), sets 0.9 class",
                         "test clinic_b (align none), sets 0.9 marginal"}
     # the same run kept in two entries (a copied entry) is the only thing that collapses
     one = next(iter(runs))
-    shutil.copytree(one.parents[1], cache / "clinic_a" / "test-copy")
-    assert len(select_rows(cache, "balanced_accuracy")) == 6
+    shutil.copytree(entry_of_run(one), cache / "clinic_a" / "test-copy")
+    assert len(select_rows(cache, "balanced_accuracy")) == 5
     page = fc.report(cache=cache, out=tmp_path / "report.html").read_text()
-    assert "6 runs &middot;" in page and page.count("<code>featcache predict --run") == 6
+    assert "5 runs &middot;" in page and page.count("<code>featcache predict --run") == 5
 
 
 def test_per_class_auroc_has_its_pooled_value_and_interval(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from featcache import api
+from featcache.option_checks import CHECKS
 
 pytestmark = pytest.mark.slow  # real extractions
 
@@ -74,5 +75,6 @@ def test_a_replaced_weights_file_changes_the_recipe(small_folder, tmp_path):
 def _options(data: Path, cache: Path) -> dict:
     from featcache.options import options_for
 
-    values = {o.name: o.checked(None, command="extract") for o in options_for("extract") if not o.required}
+    values = {o.name: o.checked(None, command="extract", checks=CHECKS)
+              for o in options_for("extract") if not o.required}
     return {**values, "data": str(data), "cache": str(cache), "workers": 0, "quiet": True}

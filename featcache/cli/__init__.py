@@ -23,7 +23,7 @@ from typer.core import TyperGroup, TyperOption
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, DOOR, Option, options_for
 from featcache.progress import make_console
-from featcache.store.naming import card_beside, free_predictions_path, neighbours_path
+from featcache.store.naming import card_beside, entry_of_run, free_predictions_path, neighbours_path
 
 
 class _PeopleErrors(TyperGroup):
@@ -62,7 +62,7 @@ console = make_console()
 
 def _print_version(asked: bool) -> None:
     if asked:
-        from featcache import __version__
+        from featcache.version import __version__
 
         print(f"featcache {__version__}")
         raise typer.Exit()
@@ -404,7 +404,7 @@ def demo(**options: Any) -> None:
 
     runs = api.demo(**options)
     _show(api.compare(cache=options["cache"], runs=[r.path for r in runs]))
-    entry = runs[0].path.parents[1]
+    entry = entry_of_run(runs[0].path)
     _print(f"features: {entry}\nruns: {entry / 'runs'}")
 
 

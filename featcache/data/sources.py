@@ -7,6 +7,7 @@ again at fit time, so one extraction serves many label sets.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -404,3 +405,24 @@ def in_reading_order(groups: dict) -> list[tuple[str, dict]]:
     """A column's ``{value: scores}`` as ``(value, scores)`` pairs in :func:`reading_order` (metrics.json keeps
     its keys sorted as text, where ``[5, 45)`` would follow ``[45, 50)``)."""
     return sorted(groups.items(), key=lambda item: reading_order(item[0]))
+
+
+def file_state(record: ImageRecord) -> tuple[int, int]:
+    """(size, mtime_ns) of the record's file; (-1, -1) when it does not exist."""
+    try:
+        st = os.stat(record.path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarray, str]:
+    """The record's raw content and its SHA-256 (of the file bytes, or of the array for .npz)."""
+    if record.npz_key is None:
+        data = Path(record.path).read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+    key, index = record.npz_key
+    arrays = npz_cache.setdefault(str(record.path), np.load(record.path, allow_pickle=False))
+    pixels = np.ascontiguousarray(arrays[key][index])
+    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode() + pixels.tobytes())
+    return pixels, digest.hexdigest()

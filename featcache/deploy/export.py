@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featcache import __version__
 from featcache.data.images import Preprocess
 from featcache.deploy.head_graph import FEATURES, OPSET, PROBABILITIES, NotExportable, chain, head_graph, normalised
 from featcache.errors import RunError
@@ -30,6 +29,7 @@ from featcache.store.entries import CacheEntry
 from featcache.store.fusion import FusedEntry, trained_entry
 from featcache.store.naming import cache_root_of_run, card_beside
 from featcache.store.runs import read_metrics
+from featcache.version import __version__
 
 IMAGE = "image"
 METADATA = "metadata"  # the second input of a run with --meta

@@ -47,11 +47,11 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
     import pandas as pd
 
     from featcache.data.images import Preprocess
+    from featcache.data.sources import read_record
     from featcache.deploy.export import METADATA
     from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
     from featcache.evaluation.features import encode_meta
     from featcache.evaluation.predict import images_source
-    from featcache.extraction.resume import read_record
 
     reporter = reporter or Reporter(quiet=True)
     session = onnx_session(path)

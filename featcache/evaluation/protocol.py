@@ -100,3 +100,17 @@ class Protocol:
         if "conformal" not in config:
             del config["conformal_mode"]
         return config
+
+    def training_config(self) -> dict:
+        """What names a run: :meth:`config` without the held-out settings, which name each held-out evaluation
+        of it instead (:meth:`heldout_config`). A run without held-out data keeps the name it always had."""
+        return {k: v for k, v in self.config().items() if k not in HELDOUT_SETTINGS}
+
+    def heldout_config(self) -> dict:
+        """The held-out settings that name one held-out evaluation of a run (those left at their defaults
+        left out)."""
+        return {k: v for k, v in self.config().items() if k in HELDOUT_SETTINGS}
+
+
+# how a held-out set is scored by a trained run: they do not change its cross-validation (see heldout.py)
+HELDOUT_SETTINGS = ("test_align", "coral_shrinkage", "conformal_shift")

@@ -14,7 +14,6 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featcache import __version__
 from featcache.errors import RunError
 from featcache.evaluation.heads import (
     GRIDS,
@@ -31,7 +30,8 @@ from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
 from featcache.store.naming import run_path
-from featcache.store.runs import is_finished, is_reusable, read_metrics, write_run
+from featcache.store.runs import is_finished, is_reusable, write_run
+from featcache.version import __version__
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
@@ -39,30 +39,17 @@ from featcache.evaluation.audit import leakage_summary
 from featcache.evaluation.conformal import (
     by_group,
     cross_conformal,
-    group_limits,
     out_of_fold_sets,
-    prediction_sets,
     set_column,
     set_labels,
-    shift_weighted,
     uninformative,
 )
-from featcache.evaluation.conformal import summary as set_summary
 from featcache.evaluation.features import LabeledFeatures, Layout, with_meta
+from featcache.evaluation.heldout import evaluate_heldout, heldout_dir_for
 from featcache.evaluation.metrics import MAIN_METRICS, _align, _summarise, compute_metrics, score_parts, score_with_ci
 from featcache.evaluation.model_card import model_card
-from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
-from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.search import BudgetedSearch
-from featcache.evaluation.shift import (
-    CORAL_NEAR_MOMENTS,
-    align,
-    choose_alignment,
-    coral_shrinkage,
-    shift_audit,
-    shift_warning,
-)
 from featcache.evaluation.splits import split_plan
 
 # loky says this when a fold worker it keeps between heads was stopped by its idle timeout; every task's result
@@ -174,21 +161,24 @@ def estimator_params(estimator) -> dict:
             if v is None or isinstance(v, (str, int, float, bool))}
 
 
-def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
-                 test: LabeledFeatures | None = None) -> dict:
-    """Everything that sets a run's numbers; its hash names the run (see :func:`fit_head`)."""
-    return {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.config(),
+def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol) -> dict:
+    """Everything that trained and cross-validated a run; its hash names the run (see :func:`fit_head`). The
+    held-out settings are not in it: they name each held-out evaluation of the run (featcache.evaluation.heldout).
+    ``test_data_sha256`` stays, always None, so that runs keep the names they had when it named the test set."""
+    return {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.training_config(),
             "classes": data.classes, "feature_fingerprint": entry.fingerprint,
             "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
-            "data_sha256": data.identity(), "test_data_sha256": test.identity() if test else None,
+            "data_sha256": data.identity(), "test_data_sha256": None,
             "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec,
             **({"zero_shot": protocol.zero_shot.identity()} if head == ZERO_SHOT and protocol.zero_shot else {})}
 
 
 def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
-                test: LabeledFeatures | None = None) -> Path:
-    """The folder :func:`fit_head` writes this run to (finished or not)."""
-    return run_path(entry.path, head, pool, run_identity(data, entry, head, pool, protocol, test))
+                test: LabeledFeatures | None = None, test_name: str | None = None) -> Path:
+    """The folder :func:`fit_head` returns for this fit (finished or not): the run, or with ``test`` (named
+    ``test_name``) its held-out evaluation."""
+    run_dir = run_path(entry.path, head, pool, run_identity(data, entry, head, pool, protocol))
+    return run_dir if test is None else heldout_dir_for(run_dir, test, protocol, test_name or "test")
 
 
 def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
@@ -202,109 +192,6 @@ def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) 
     if tune and tuned > inner_train:
         raise RunError(f"{head} --tune tries up to {tuned} neighbours, but its inner training parts have about "
                        f"{inner_train} images; drop --tune or use fewer --cv folds")
-
-
-def _score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
-                reporter: Reporter, conformal: dict | None = None,
-                heldout: tuple[np.ndarray, np.ndarray] | None = None,
-                calibration: np.ndarray | None = None) -> tuple[dict, tuple, dict, list]:
-    """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
-    unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
-    audit of its features against the training features (``heldout``: the out-of-fold probabilities and labels,
-    for the label-shift estimate that needs a confusion matrix and for the sets' calibration scores;
-    ``calibration``: which training rows they are)."""
-    groups = test.groups
-
-    def predicted(X: np.ndarray) -> np.ndarray:
-        return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
-
-    plain = predicted(test.X)
-    method, choice = protocol.test_align, None
-    if method == "auto":  # moments or none, from evidence without the test labels (recorded in metrics.json)
-        choice = choose_alignment(data.X, test.X)
-        method = choice.method
-    # coral's shrinkage of each side, estimated once: for the alignment and for metrics.json
-    shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if method == "coral" else None
-    aligned = test.X if method == "none" else align(test.X, data.X, method, shrunk)
-    proba = plain if method == "none" else predicted(aligned)
-    scores = score_with_ci(test.y, proba, data.classes, groups)
-    scores["n_images"] = len(test.y)
-    sets = {}
-    if conformal is not None:
-        y_idx = np.searchsorted(data.classes, test.y)
-        limits, unseen = group_limits(conformal, test.strata)  # --conformal-by: each image its group's threshold
-        plain_limits = limits
-        if protocol.conformal_shift == "weighted":  # each test image its own threshold (Tibshirani et al. 2019)
-            cal_X, cal_y = data.X[calibration], np.searchsorted(data.classes, heldout[1])
-            ids = {"calibration_ids": [i for i, keep in zip(data.ids, calibration, strict=True) if keep],
-                   "test_ids": test.ids}
-            limits, weights, warning = shift_weighted(cal_X, heldout[0], cal_y, aligned, conformal, **ids)
-            if warning:
-                reporter.warn(warning)
-            plain_limits = limits if method == "none" else shift_weighted(cal_X, heldout[0], cal_y, test.X,
-                                                                          conformal, **ids)[0]
-        sets["test"] = prediction_sets(proba, limits)
-        scores["conformal"] = set_summary(sets["test"], y_idx)
-        if protocol.conformal_shift == "weighted":
-            scores["conformal"]["weights"] = weights
-            scores["conformal"]["unweighted"] = set_summary(
-                prediction_sets(proba, group_limits(conformal, None)[0]), y_idx)
-        if conformal.get("by"):
-            scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
-            if unseen:
-                reporter.warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images "
-                              "belong to groups the training images do not have (or to none): their sets use the "
-                              "threshold calibrated on all training images")
-    # similar cases: each test image's nearest training images in the model's own space (what it was scored on)
-    space = run_space(model, meta=bool(data.meta_spec))
-    index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
-    predicted = [data.classes[i] for i in proba.argmax(axis=1)]
-    rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
-                          None if data.groups is None else data.groups.tolist())
-    agree = agreement(rows, test.ids)
-    scores["neighbours"] = {"k": int(index.shape[1]), "space": space.description,
-                            "mean_agreement": float(np.mean(agree)),
-                            "agreement_when_right": _mean_where(agree, np.array(predicted) == test.y),
-                            "agreement_when_wrong": _mean_where(agree, np.array(predicted) != test.y)}
-    if protocol.test_align != "none":
-        unaligned = score_with_ci(test.y, plain, data.classes, groups)
-        scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
-        if conformal is not None:
-            sets["test_unaligned"] = prediction_sets(plain, plain_limits)
-            scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
-        scores["test_align"] = protocol.test_align
-        if choice is not None:
-            scores["test_align_choice"] = choice.record()
-    if method == "coral":  # how far each side's covariance was shrunk, and what that means
-        scores["coral_shrinkage"] = {"test": shrunk[0], "train": shrunk[1]}
-        if shrunk[0] >= CORAL_NEAR_MOMENTS:
-            reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
-                          f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
-                          "to its diagonal (Ledoit-Wolf): coral is close to moments here")
-    scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout, method)
-    warning = shift_warning(scores["shift"], method, choice)
-    if warning:  # with auto, it says what was chosen and why
-        reporter.warn(warning)
-    elif choice is not None:
-        reporter.info(f"--test-align auto chose {method}: {choice.reason}", once=True)
-    if scores["shift"]["prevalence_degenerate"]:
-        reporter.warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
-                      "and BBSE's estimates with their intervals)")
-    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
-
-
-def _coverage_by_group(sets: np.ndarray, y_idx: np.ndarray, strata: np.ndarray | None, unseen: int) -> dict:
-    """Coverage and set size of the test images of each group (what --conformal-by promises), and how many
-    images took the overall threshold."""
-    if strata is None:
-        return {"groups": {}, "overall_threshold_images": int(len(y_idx))}
-    groups = {str(v): {"n": int((strata == v).sum()), **set_summary(sets[strata == v], y_idx[strata == v])}
-              for v in np.unique(strata)}
-    return {"groups": groups, "overall_threshold_images": unseen}
-
-
-def _mean_where(values: list[float], where: np.ndarray) -> float | None:
-    return float(np.mean(np.asarray(values)[where])) if where.any() else None
 
 
 def _without_copies(data: LabeledFeatures, folds: list, oof: np.ndarray) -> dict | None:
@@ -329,12 +216,14 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
              jobs: int | None = None, cluster: RayCluster | None = None, test_name: str | None = None) -> Path:
-    """Cross-validate one head, refit it on all training rows, and write a run directory.
+    """Cross-validate one head, refit it on all training rows, and write a run directory; with ``test``, score
+    the run on it (see :func:`featcache.evaluation.heldout.evaluate_heldout`) and return that evaluation's
+    folder.
 
-    The run is named by the hash of everything that sets its numbers: the head's code version and
-    every estimator parameter, the protocol, the feature fingerprint and pooling, and every row
-    used (id, image SHA-256, label, group, split, metadata) of the training and the test data.
-    A change to any of these makes a new run; an identical fit reuses the finished one.
+    The run is named by the hash of everything that trained it: the head's code version and every estimator
+    parameter, the protocol, the feature fingerprint and pooling, and every training row used (id, image
+    SHA-256, label, group, split, metadata). A change to any of these makes a new run; an identical fit reuses
+    the finished one, and a new held-out setting on it is scored from its saved model.
 
     ``jobs``: worker processes for the folds (default: one per CPU core, at most the number of
     tasks). Every fold's estimator is seeded, so the result does not depend on it.
@@ -344,29 +233,35 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
-    identity = run_identity(data, entry, head, pool, protocol, test)
+    identity = run_identity(data, entry, head, pool, protocol)
     views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
     for rule, (limit, what) in scale_rules(head, len(data.y), len(data.y) * views).items():
         identity[rule] = limit  # names the run: past the limit its numbers come from the rule
         reporter.warn(f"{head}: {what} (recorded in the run as {rule})")
-    config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
-              "grouping": data.grouping,
-              # which images were scored: runs whose predictions line up image by image (ensembles)
-              "ids_sha256": rows_hash([i] for i in data.ids),
-              "test_ids_sha256": rows_hash([i] for i in test.ids) if test else None,
-              "test_dataset": test_name if test else None}
     run_dir = run_path(entry.path, head, pool, identity)
-    if is_finished(run_dir) and not is_reusable(run_dir) and not force:
-        reporter.info(f"{head}: {run_dir} was made by featcache before 0.3 and its model is a pickle: fitting it "
-                      "again, without pickles")
-    elif is_finished(run_dir) and not force:
-        reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)")
-        tested = read_metrics(run_dir).get("test") or {}
-        shift, choice = tested.get("shift"), tested.get("test_align_choice")
-        warning = shift_warning(shift, choice["chosen"] if choice else protocol.test_align, choice) if shift else None
-        if warning:  # a reused run says what it said when it was made
-            reporter.warn(warning)
+    if is_reusable(run_dir) and not force:
+        reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)"
+                      + (" and scoring its saved model on the held-out set" if test is not None else ""))
+    else:
+        if is_finished(run_dir) and not force:
+            reporter.info(f"{head}: {run_dir} was made by featcache before 0.3 and its model is a pickle: fitting "
+                          "it again, without pickles")
+        config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
+                  "grouping": data.grouping,
+                  # which images were scored: runs whose predictions line up image by image (ensembles)
+                  "ids_sha256": rows_hash([i] for i in data.ids), "test_ids_sha256": None, "test_dataset": None}
+        _cross_validate(data, entry, head, pool, protocol, config, run_dir, reporter, jobs, cluster)
+    if test is None:
         return run_dir
+    return evaluate_heldout(run_dir, data, test, protocol, test_name or "test", entry.manifest.get("source"),
+                            reporter, force)
+
+
+def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
+                    config: dict, run_dir: Path, reporter: Reporter, jobs: int | None,
+                    cluster: RayCluster | None) -> None:
+    """The folds, the pooled out-of-fold scores, the prediction sets' calibration and the final refit,
+    written as the run folder ``run_dir``."""
     started = time.perf_counter()
     plans = [split_plan(data, protocol, seed) for seed in range(protocol.seeds)]
     split_counts = plans[0][1]
@@ -378,7 +273,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
     views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1  # a head sees every view
-    _check_neighbours(identity["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
+    _check_neighbours(config["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
     X = with_meta(data.X, data.meta)
     outputs = _run_tasks(head, protocol, data, X, tasks, jobs, cluster)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started
@@ -423,8 +318,6 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
                                         protocol.conformal_mode)
             oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
                                                 protocol.conformal, protocol.conformal_mode)
-        if protocol.conformal_shift == "weighted":  # predict weighs a batch's sets the same way
-            conformal["shift"] = "weighted"
         as_text = set_labels(oof_sets, data.classes)
         if uninformative(conformal["mean_set_size"], len(data.classes)):
             reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "
@@ -456,25 +349,15 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         result["mlp_fits"] = [{"epochs": out[0].named_steps["head"].n_epochs_, "rows": len(task[1])}
                               for out, task in zip(outputs, tasks, strict=True)
                               if hasattr(out[0], "named_steps")]
-    test_rows = neighbours = None
-    if test is not None:
-        scored = ~np.isnan(oof_by_seed[0]).any(axis=1)
-        result["test"], test_rows, test_sets, rows = _score_test(model, data, test, protocol, reporter, conformal,
-                                                                 (oof_by_seed[0][scored], data.y[scored]), scored)
-        neighbours = (NEIGHBOUR_COLUMNS, rows)
-        if conformal is not None:
-            sets_written |= {k: set_labels(v, data.classes) for k, v in test_sets.items()}
     payload = {"pipeline": model, "classes": data.classes, "feature_fingerprint": entry.fingerprint,
                "pool": pool, "backbone": config["backbone"], "config": config,
                "train_ids": data.ids, "train_sha256": data.sha256,  # for predict's duplicate check
               # and its similar cases: each training image's label and group
               "train_labels": data.y.tolist(), "train_groups": None if data.groups is None else data.groups.tolist(),
-              # and the report's gallery: where each training (and test) image is
+              # and the report's gallery: where each training image is (a held-out evaluation adds its own)
               "train_paths": data.paths,
-              "test_paths": dict(zip(test.ids, test.paths, strict=True)) if test and test.paths else None,
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
     card = model_card(result, source=entry.manifest.get("source"),
                       n_groups=None if data.groups is None else len(set(data.groups.tolist())))
-    write_run(run_dir, config, result, payload, data.classes, oof_rows, test_rows,
-              sets_written if conformal is not None else None, neighbours, card)
-    return run_dir
+    write_run(run_dir, config, result, payload, data.classes, oof_rows,
+              sets_written if conformal is not None else None, card)

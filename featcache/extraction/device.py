@@ -9,9 +9,9 @@ import timm
 import torch
 import torchvision
 
-from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.options import DEVICE_PATTERN
+from featcache.version import __version__
 
 
 def resolve_device(device: str) -> torch.device:

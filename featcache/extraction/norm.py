@@ -15,10 +15,9 @@ from torch.utils.data import DataLoader
 from featcache.backbones.models import LoadedBackbone
 from featcache.data.images import Preprocess
 from featcache.data.preprocessing import DATASET_NORM
-from featcache.data.sources import ImageSource
+from featcache.data.sources import ImageSource, file_state
 from featcache.errors import FeatcacheError
 from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
-from featcache.extraction.resume import file_state
 from featcache.progress import Reporter
 from featcache.store.entries import read_norm_stats, write_json_atomic
 from featcache.store.naming import norm_stats_path

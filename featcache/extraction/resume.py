@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featcache.data.sources import ImageRecord, ImageSource
+from featcache.data.sources import ImageRecord, ImageSource, file_state, read_record
 from featcache.store.entries import MANIFEST, CacheEntry
-
-
-def file_state(record: ImageRecord) -> tuple[int, int]:
-    """(size, mtime_ns) of the record's file; (-1, -1) when it does not exist."""
-    try:
-        st = os.stat(record.path)
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
-
-
-def read_record(record: ImageRecord, npz_cache: dict) -> tuple[bytes | np.ndarray, str]:
-    """The record's raw content and its SHA-256 (of the file bytes, or of the array for .npz)."""
-    if record.npz_key is None:
-        data = Path(record.path).read_bytes()
-        return data, hashlib.sha256(data).hexdigest()
-    key, index = record.npz_key
-    arrays = npz_cache.setdefault(str(record.path), np.load(record.path, allow_pickle=False))
-    pixels = np.ascontiguousarray(arrays[key][index])
-    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode() + pixels.tobytes())
-    return pixels, digest.hexdigest()
 
 
 def read_item(record: ImageRecord, index: int, prepare: Callable[[bytes | np.ndarray], Any], npz_cache: dict) -> dict:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.sources import ImageRecord
+from featcache.data.sources import ImageRecord, file_state, read_record
 from featcache.errors import CacheError
-from featcache.extraction.resume import file_state, read_record
 from featcache.extraction.writer import ShardSink
 from featcache.progress import Reporter
 from featcache.store.entries import MANIFEST, CacheEntry

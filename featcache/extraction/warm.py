@@ -18,7 +18,6 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from featcache import __version__
 from featcache.data.sources import ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.result import ExtractResult
@@ -27,6 +26,7 @@ from featcache.options import ENTRY_SETTINGS
 from featcache.store.entries import MANIFEST, CacheEntry, write_json_atomic
 from featcache.store.hashing import stable_hash
 from featcache.store.naming import warm_recipe_path
+from featcache.version import __version__
 
 # packages whose version can change features: the frameworks, the engines and the weights packages
 _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "pillow", "simplejpeg",

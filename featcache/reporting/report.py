@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__
 from featcache.data.sources import in_reading_order
 from featcache.errors import CacheError, FeatcacheError
 from featcache.reporting.compare import (
@@ -32,6 +31,7 @@ from featcache.reporting.plots import confusion_figure, forest_figure, png_base6
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import cache_root_of_run, entry_of_run
 from featcache.store.runs import read_metrics, read_predictions
+from featcache.version import __version__
 
 
 def forest_png_of(labels: list[str], points: list[float], intervals: list, colours: list[str], overall: float,

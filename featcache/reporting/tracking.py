@@ -14,6 +14,7 @@ from pathlib import Path
 from featcache.errors import FeatcacheError
 from featcache.reporting.plots import confusion_figure
 from featcache.store.model_files import model_files
+from featcache.store.naming import trained_run
 from featcache.store.runs import CONFIG, METRICS, OOF, TEST, TEST_UNALIGNED, read_metrics
 
 EXPERIMENT = "featcache"
@@ -90,7 +91,8 @@ def _log_one(mlflow, client, experiment_id: str, run: Path) -> str:
             client.log_param(run_id, key, value)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
-    for path in [run / name for name in (METRICS, CONFIG, OOF, TEST, TEST_UNALIGNED)] + model_files(run):
+    for path in [run / name for name in (METRICS, CONFIG, TEST, TEST_UNALIGNED)] + [trained_run(run) / OOF] \
+            + model_files(run):
         if path.is_file():
             client.log_artifact(run_id, str(path))
     with tempfile.TemporaryDirectory() as tmp:

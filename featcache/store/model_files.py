@@ -10,6 +10,9 @@ could not be opened safely. Instead a run's model is kept as:
 - ``mlp-<k>.safetensors`` and ``mlp-<k>.json``: each MLP's weights (safetensors) and settings (JSON);
 - ``model.json``: the rest (classes, pooling, feature fingerprint, training ids for the duplicate check).
 
+A held-out evaluation folder inside a run (:func:`featcache.store.naming.heldout_path`) holds only its own
+``model.json`` (the run's facts with the evaluation's config and test images); the model is the run's.
+
 The booster and the network leave the skops file through their estimators' ``__getstate__``: while
 :func:`save_model` or :func:`load_model` runs, :func:`side_files` is the folder they go to and come
 from (a context variable, so parallel pickling by joblib's workers is not affected).
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from featcache.errors import RunError
 from featcache.store.entries import write_json_atomic
+from featcache.store.naming import trained_run
 
 MODEL_SKOPS = "model.skops"
 MODEL_JSON = "model.json"
@@ -132,8 +136,9 @@ def load_model(run_dir: Path, trust_pickle: bool = False) -> dict:
     """The model of a run folder: ``pipeline`` and the facts saved beside it.
 
     Refuses a model that holds a type outside :data:`TRUSTED_TYPES`, naming it, before anything is
-    built; and a pickle (``model.joblib`` of featcache before 0.3) unless ``trust_pickle``."""
-    run_dir = Path(run_dir)
+    built; and a pickle (``model.joblib`` of featcache before 0.3) unless ``trust_pickle``. For a held-out
+    evaluation folder: its run's model, with the evaluation's own facts."""
+    facts_dir, run_dir = Path(run_dir), trained_run(run_dir)
     if holds_only_pickle(run_dir):
         if not trust_pickle:
             raise RunError(f"{run_dir} holds {LEGACY_PICKLE}, a pickle written by featcache before 0.3: loading it can "
@@ -163,9 +168,9 @@ def load_model(run_dir: Path, trust_pickle: bool = False) -> dict:
     with _side_files_at(run_dir, writing=False):
         pipeline = sio.load(path, trusted=list(found))
     try:
-        facts = json.loads((run_dir / MODEL_JSON).read_text())
+        facts = json.loads((facts_dir / MODEL_JSON).read_text())
     except (OSError, ValueError) as exc:
-        raise RunError(f"{run_dir / MODEL_JSON}: not readable ({exc}); copy the whole run folder, or fit the run "
+        raise RunError(f"{facts_dir / MODEL_JSON}: not readable ({exc}); copy the whole run folder, or fit the run "
                        "again") from None
     return {**facts, "pipeline": pipeline}
 
@@ -189,8 +194,8 @@ def types_in(path: Path) -> set[str]:
 
 def model_files(run_dir: Path) -> list[Path]:
     """The files that make up a run's model (for copying or logging it)."""
-    run_dir = Path(run_dir)
-    files = [run_dir / MODEL_SKOPS, run_dir / MODEL_JSON]
+    facts_dir, run_dir = Path(run_dir), trained_run(run_dir)
+    files = [run_dir / MODEL_SKOPS, facts_dir / MODEL_JSON]
     for pattern in SIDE_FILE_GLOBS:
         files += sorted(run_dir.glob(pattern))
     return [f for f in files if f.is_file()]

@@ -6,6 +6,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
 
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/          an entry (see featcache.store.entries)
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/runs/<head>-<pool>-<run id>/   a run
+    <run>/heldout/<test dataset>-<evaluation id>/                    one held-out evaluation of that run
     <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
     <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
     <cache root>/.engines/<backbone>-<key>.int8.xml (.bin)          that export quantized (--precision int8)
@@ -18,16 +19,27 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from featcache.store.hashing import stable_hash
 
-if TYPE_CHECKING:
-    from featcache.backbones.models import LoadedBackbone
+
+class FeatureMaker(Protocol):
+    """What names an entry's features on a loaded backbone (``featcache.backbones.models.LoadedBackbone``), read
+    by shape so that this bottom module of the store imports nothing above it."""
+
+    spec: Any  # its registry spec: ``.name``
+    weights_sha256: str | None
+    preprocess: Any  # its image transform: ``.to_dict()``
+    model: Any  # the network: ``.pools``
 
 FORMAT_VERSION = 1
 CACHE_ENV = "FEATCACHE_CACHE"
 RUNS = "runs"
+# A run is named by what trained and cross-validated it; each held-out evaluation of it (test set, alignment,
+# shift-weighted sets) is a folder of its own inside it, scored from the run's saved model. Runs made before
+# featcache 0.4 hold their one held-out evaluation in the run folder itself.
+HELDOUT = "heldout"
 METRICS = "metrics.json"  # a run is finished once this file exists
 # --preprocess dataset-norm: a dataset's channel statistics, kept beside its entries in the dataset's folder
 # and named by the hash of the files and the preprocessing they were computed with.
@@ -39,7 +51,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, "cache"))
 
 
-def fingerprint_inputs(backbone: LoadedBackbone, dtype: str, precision: str, views: int = 1,
+def fingerprint_inputs(backbone: FeatureMaker, dtype: str, precision: str, views: int = 1,
                        engine: str = "torch", calibration: dict | None = None) -> dict:
     """Everything that sets an entry's feature values (the image files are named per image, by SHA-256)."""
     inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
@@ -86,22 +98,46 @@ def run_path(entry_dir: Path, head: str, pool: str, identity: dict) -> Path:
     return Path(entry_dir) / RUNS / f"{head}-{pool.replace('+', '_')}-{run_id(identity)}"
 
 
+def heldout_path(run_dir: Path, test_dataset: str, identity: dict) -> Path:
+    """Where one held-out evaluation of a run goes: named by its test set and the hash of its settings."""
+    return Path(run_dir) / HELDOUT / f"{safe_name(test_dataset)}-{run_id(identity)}"
+
+
+def is_heldout(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a held-out evaluation folder inside a run (not the run itself)."""
+    return Path(run_dir).parent.name == HELDOUT
+
+
+def trained_run(run_dir: Path) -> Path:
+    """The run folder that holds the model: ``run_dir`` itself, or the run a held-out evaluation belongs to."""
+    return Path(run_dir).parents[1] if is_heldout(run_dir) else Path(run_dir)
+
+
 def entry_of_run(run_dir: Path) -> Path:
     """The entry folder a run was written into (for a fused run: its first backbone's)."""
-    return Path(run_dir).parents[1]
+    return trained_run(run_dir).parents[1]
 
 
 def cache_root_of_run(run_dir: Path) -> Path:
-    return Path(run_dir).parents[3]
+    return trained_run(run_dir).parents[3]
 
 
 def cache_root_of_entry(entry_dir: Path) -> Path:
     return Path(entry_dir).parent.parent
 
 
+def heldout_of(run_dir: Path) -> list[Path]:
+    """The finished held-out evaluations of a run, by name."""
+    return [p.parent for p in sorted((Path(run_dir) / HELDOUT).glob(f"*/{METRICS}"))]
+
+
 def find_runs(cache_root: Path) -> list[Path]:
-    """Every finished run folder under ``cache_root``."""
-    return [p.parent for p in sorted(Path(cache_root).glob(f"*/*/{RUNS}/*/{METRICS}"))]
+    """Every finished run under ``cache_root``, as it is scored: each of its held-out evaluations, or the run
+    folder itself when it has none."""
+    found = []
+    for run in (p.parent for p in sorted(Path(cache_root).glob(f"*/*/{RUNS}/*/{METRICS}"))):
+        found += heldout_of(run) or [run]
+    return found
 
 
 def norm_stats_path(cache_root: Path, dataset: str, inputs: dict) -> Path:

@@ -1,19 +1,23 @@
 """Run folders: the one place that writes and reads them.
 
 A run lives in ``<entry>/runs/<head>-<pool>-<id>/``, where ``id`` is the hash of everything that
-set its numbers (see :func:`featcache.evaluation.runner.fit_head`). It holds ``config.json``,
+trained and cross-validated it (see :func:`featcache.evaluation.runner.fit_head`). It holds ``config.json``,
 ``metrics.json``, the model without pickles (``model.skops``, ``model.json`` and the side files of
-:mod:`featcache.store.model_files`), ``oof_predictions.csv`` and, with a held-out set,
-``test_predictions.csv``. It is written to a hidden temporary folder and renamed, so a run is
-either complete or absent.
+:mod:`featcache.store.model_files`) and ``oof_predictions.csv``. Each held-out evaluation of it is a folder
+in ``<run>/heldout/`` with its own ``config.json``, ``metrics.json`` (the run's, with the ``test`` scores),
+``model.json`` and ``test_predictions.csv``; every reader here takes either folder. (A run of featcache
+before 0.4 holds its one held-out evaluation's files itself.) Each is written to a hidden temporary folder
+and renamed, so it is either complete or absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +25,8 @@ import numpy as np
 
 from featcache.errors import RunError
 from featcache.store.entries import write_json_atomic
-from featcache.store.model_files import holds_only_pickle, save_model
-from featcache.store.naming import METRICS
+from featcache.store.model_files import MODEL_JSON, holds_only_pickle, save_model
+from featcache.store.naming import HELDOUT, METRICS, trained_run
 
 CONFIG = "config.json"
 OOF = "oof_predictions.csv"
@@ -62,39 +66,43 @@ class Predictions:
 
 
 def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, classes: list[str],
-              oof_rows: list, test_rows: tuple | None = None, sets: dict | None = None,
-              neighbours: tuple[list[str], list[list]] | None = None, card: str | None = None) -> None:
+              oof_rows: list, oof_sets: dict | None = None, card: str | None = None) -> None:
     """Write a whole run folder atomically. ``oof_rows``: (seed, fold, id, group, label, proba) tuples;
-    ``test_rows``: (ids, labels, proba) of the held-out set, or (ids, labels, proba, unaligned proba) when
-    the test features were aligned (``--test-align``). ``sets`` (with ``--conformal``): ``column`` (e.g.
-    ``set_90``), ``oof`` (one set per seed-0 out-of-fold row, in order, judged as metrics.json's coverage
-    was) and ``test``, ``test_unaligned`` (one per held-out image), each set written as ``a|b``.
-    ``neighbours``: (columns, rows) of each held-out image's most similar training images; ``card``: the text
-    of ``MODEL_CARD.md``.
+    ``oof_sets`` (with ``--conformal``): ``column`` (e.g. ``set_90``) and ``oof`` (one set per seed-0
+    out-of-fold row, in order, judged as metrics.json's coverage was), each set written as ``a|b``; ``card``:
+    the text of ``MODEL_CARD.md``.
 
     Probabilities are written in full (the shortest text that reads back as the same float), so every
     score in metrics.json can be recomputed from these files exactly. CSVs go through the csv module, so an
     id holding a comma, a quote or a newline comes back as it was."""
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise RunError(f"cannot write the run to {run_dir.parent} ({exc.strerror}); the features are readable "
-                       "but runs are saved next to them: copy the cache to a writable folder and pass "
-                       "--cache") from None
-    write_json_atomic(tmp / CONFIG, config)
-    save_model(tmp, model_payload)
-    probability_columns = [f"p_{c}" for c in classes]
-    set_column = [sets["column"]] if sets else []
-    with open(tmp / OOF, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seed", "fold", "id", "group", "label", *probability_columns, *set_column])
-        oof_sets = iter(sets["oof"]) if sets else None
-        for seed, fold, image_id, group, label, proba in oof_rows:
-            chosen = [next(oof_sets) if seed == 0 else ""] if oof_sets is not None else []
-            writer.writerow([seed, fold, image_id, group or "", label, *map(_exact, proba), *chosen])
-    if test_rows is not None:  # the test set's predictions, for ensembles scored on it later
+    with _atomic_folder(run_dir) as tmp:
+        write_json_atomic(tmp / CONFIG, config)
+        save_model(tmp, model_payload)
+        set_column = [oof_sets["column"]] if oof_sets else []
+        with open(tmp / OOF, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["seed", "fold", "id", "group", "label", *(f"p_{c}" for c in classes), *set_column])
+            chosen_sets = iter(oof_sets["oof"]) if oof_sets else None
+            for seed, fold, image_id, group, label, proba in oof_rows:
+                chosen = [next(chosen_sets) if seed == 0 else ""] if chosen_sets is not None else []
+                writer.writerow([seed, fold, image_id, group or "", label, *map(_exact, proba), *chosen])
+        _finish(tmp, result, card)
+
+
+def write_heldout(heldout_dir: Path, config: dict, result: dict, facts: dict, classes: list[str],
+                  test_rows: tuple, sets: dict | None = None, neighbours: tuple[list[str], list[list]] | None = None,
+                  card: str | None = None) -> None:
+    """Write one held-out evaluation of a run atomically, inside the run (see
+    :func:`featcache.store.naming.heldout_path`): its config and metrics (the run's, with the held-out
+    settings and the ``test`` scores), the model's facts for it (``facts``: with its test images' paths),
+    ``test_predictions.csv`` and with ``--test-align`` ``test_predictions_unaligned.csv``, each held-out image's
+    most similar training images and the model card. ``test_rows``: (ids, labels, proba) or (ids, labels,
+    proba, unaligned proba); ``sets``: ``column`` and ``test`` (and ``test_unaligned``), one set per image."""
+    with _atomic_folder(heldout_dir) as tmp:
+        write_json_atomic(tmp / CONFIG, config)
+        write_json_atomic(tmp / MODEL_JSON, facts)
+        probability_columns = [f"p_{c}" for c in classes]
+        set_column = [sets["column"]] if sets else []
         ids, labels, *probas = test_rows
         for name, key, proba_rows in zip((TEST, TEST_UNALIGNED), ("test", "test_unaligned"), probas, strict=False):
             chosen = sets[key] if sets else [None] * len(ids)
@@ -103,18 +111,44 @@ def write_run(run_dir: Path, config: dict, result: dict, model_payload: dict, cl
                 writer.writerow(["id", "label", *probability_columns, *set_column])
                 for image_id, label, proba, one in zip(ids, labels, proba_rows, chosen, strict=True):
                     writer.writerow([image_id, label, *map(_exact, proba), *([one] if sets else [])])
-    if neighbours is not None:
-        columns, rows = neighbours
-        with open(tmp / TEST_NEIGHBOURS, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            writer.writerows([*row[:5], _exact(row[5]), row[6]] for row in rows)
+        if neighbours is not None:
+            columns, rows = neighbours
+            with open(tmp / TEST_NEIGHBOURS, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(columns)
+                writer.writerows([*row[:5], _exact(row[5]), row[6]] for row in rows)
+        _finish(tmp, result, card)
+
+
+@contextlib.contextmanager
+def _atomic_folder(folder: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``folder``, renamed to it when the block ends without an error, so a
+    run (or evaluation) is either complete or absent."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise RunError(f"cannot write the run to {folder.parent} ({exc.strerror}); the features are readable "
+                       "but runs are saved next to them: copy the cache to a writable folder and pass "
+                       "--cache") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        kept = folder / HELDOUT  # a run fitted again keeps the evaluations of the run it replaces
+        if kept.is_dir() and not (tmp / HELDOUT).exists():
+            os.replace(kept, tmp / HELDOUT)
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _finish(tmp: Path, result: dict, card: str | None) -> None:
     if card is not None:
         (tmp / MODEL_CARD).write_text(card)
-    write_json_atomic(tmp / METRICS, result)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    os.replace(tmp, run_dir)
+    write_json_atomic(tmp / METRICS, result)  # last: a folder is finished once it has this file
 
 
 def _exact(value: float) -> str:
@@ -132,8 +166,9 @@ def read_metrics(run_dir: Path) -> dict:
 
 def read_predictions(run_dir: Path, which: str = "oof") -> Predictions:
     """A run's out-of-fold (``oof``) or held-out (``test``) predictions; ``test_unaligned``: the held-out
-    predictions before ``--test-align``."""
-    path = Path(run_dir) / {"oof": OOF, "test": TEST, "test_unaligned": TEST_UNALIGNED}[which]
+    predictions before ``--test-align``. A held-out evaluation's out-of-fold predictions are its run's."""
+    folder = trained_run(run_dir) if which == "oof" else Path(run_dir)
+    path = folder / {"oof": OOF, "test": TEST, "test_unaligned": TEST_UNALIGNED}[which]
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.data.sources import ImageSource, open_source
+from featcache.data.sources import ImageSource, open_source, read_record
 from featcache.errors import CacheError, EntryLocked, FeatcacheError
 from featcache.store.entries import (
     MANIFEST,
@@ -135,7 +135,6 @@ def check_shard(shard: Path, manifest: dict) -> tuple[list[str], int]:
 
 def _check_files(source: ImageSource, state: dict, report: VerifyReport) -> None:
     """Hash every image the entry holds against its file: changed or missing files are stale."""
-    from featcache.extraction.resume import read_record
 
     changed, missing_files, not_extracted, npz_cache = [], [], [], {}
     for record in source.records:

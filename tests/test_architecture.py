@@ -1,0 +1,60 @@
+"""The layers of featcache, enforced: every import of a module (inside functions and under ``TYPE_CHECKING``
+too) goes to its own layer or one below; no module imports another in a loop. docs/architecture.md draws
+these layers."""
+
+from __future__ import annotations
+
+import pytest
+
+from .architecture import cycles, file_lines, functions, import_graph
+
+# bottom first; a module belongs to the longest prefix that names it
+LAYERS = (
+    ("foundation", ("featcache.errors", "featcache.version", "featcache.progress", "featcache.net",
+                    "featcache.options")),
+    ("data", ("featcache.data",)),
+    ("store", ("featcache.store",)),
+    ("backbones", ("featcache.backbones",)),
+    ("extraction", ("featcache.extraction",)),
+    ("evaluation", ("featcache.evaluation",)),
+    ("hand-over and reading", ("featcache.deploy", "featcache.reporting")),
+    ("workflow", ("featcache.option_checks", "featcache.study", "featcache.api")),
+    ("doors", ("featcache.cli", "featcache.__main__", "featcache")),
+)
+
+
+def layer_of(module: str) -> int:
+    found = [(len(prefix), k) for k, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+             if module == prefix or module.startswith(prefix + ".")]
+    if not found:
+        pytest.fail(f"{module} is in no layer of tests/test_architecture.py: add it where it belongs")
+    return max(found)[1]
+
+
+def test_no_module_imports_one_from_a_higher_layer() -> None:
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in import_graph().items() for target in sorted(targets)
+              if layer_of(target) > layer_of(module)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle_of_any_kind() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_layer_check_sees_imports_inside_functions_and_under_type_checking() -> None:
+    graph = import_graph()
+    assert "featcache.api" in graph["featcache"]  # under TYPE_CHECKING in featcache/__init__.py
+    assert "featcache.store.verify" in graph["featcache.cli"]  # inside a function of the CLI
+
+
+# What issue 43 measured at 0fb023b, as ceilings that may only come down (its targets: 90 lines, 10 parameters,
+# 650 lines a file).
+LONGEST_FUNCTION, WIDEST_SIGNATURE, LONGEST_FILE = 153, 24, 1073
+
+
+def test_functions_signatures_and_files_grow_no_larger() -> None:
+    found = functions()
+    assert max(lines for _, lines, _ in found) <= LONGEST_FUNCTION
+    assert max(count for _, _, count in found) <= WIDEST_SIGNATURE
+    assert max(file_lines().values()) <= LONGEST_FILE
