@@ -32,7 +32,7 @@ def main() -> None:
     import featcache as fc
     from featcache.data.sources import open_source
     from featcache.evaluation.features import labeled_features
-    from featcache.evaluation.heads import make_pipeline
+    from featcache.evaluation.head_registry import make_pipeline
     from featcache.evaluation.metrics import compute_metrics
     from featcache.evaluation.shift import align, coral_shrinkage
     from featcache.store.entries import CacheEntry

@@ -23,10 +23,12 @@ import numpy as np
 
 from featcache.data.sources import open_source
 from featcache.evaluation.fitting import fit_many
-from featcache.evaluation.heads import BASELINES, HEADS
+from featcache.evaluation.head_registry import baselines, head_names
 from featcache.evaluation.protocol import Protocol
 from featcache.extraction.extract import extract
 from featcache.progress import Reporter
+
+BASELINES, HEADS = baselines(), tuple(h for h in head_names("all") if h not in baselines())
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

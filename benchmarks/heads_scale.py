@@ -76,7 +76,7 @@ def rules_check(rows: int) -> list[dict]:
     scale rules (fewer SGD passes, validation checks every MLP_PASS_ROWS rows) and without them: time and
     held-out balanced accuracy, so what the rules cost in accuracy is measured, not assumed."""
     from featcache.evaluation import heads
-    from featcache.evaluation.heads import make_pipeline
+    from featcache.evaluation.head_registry import make_pipeline
 
     X, y, _ = synthetic(rows)
     cut = (rows * 4 // 5) // 2 * 2  # groups are pairs of rows: none is split

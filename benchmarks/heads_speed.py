@@ -27,9 +27,11 @@ from sklearn.decomposition import PCA
 from featcache.data.sources import open_source
 from featcache.evaluation.features import LabeledFeatures, labeled_features
 from featcache.evaluation.fitting import find_entry
-from featcache.evaluation.heads import BASELINES, HEADS
+from featcache.evaluation.head_registry import baselines, head_names
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
+
+BASELINES, HEADS = baselines(), tuple(h for h in head_names("all") if h not in baselines())
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.data.sources import open_source
 from featcache.evaluation.features import labeled_features
-from featcache.evaluation.heads import make_pipeline
+from featcache.evaluation.head_registry import make_pipeline
 from featcache.evaluation.metrics import compute_metrics
 from featcache.evaluation.splits import make_folds
 from featcache.extraction.extract import extract

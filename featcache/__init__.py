@@ -18,31 +18,18 @@ from typing import TYPE_CHECKING
 from featcache.version import __version__
 
 if TYPE_CHECKING:
-    from featcache.api import (
-        Comparison,
-        Ensemble,
-        Run,
-        audit,
-        best_model,
-        compare,
-        demo,
-        export,
-        extract,
-        fit,
-        load_run,
-        predict_onnx,
-        report,
-        run_study,
-    )
+    from featcache.api import audit, compare, demo, export, extract, fit, predict_onnx, report, run_study
     from featcache.errors import FeatcacheError
     from featcache.store.entries import CacheEntry as Entry
+    from featcache.workflow.results import Comparison, Ensemble, Run, best_model, load_run
 
+_RESULTS = "featcache.workflow.results"
 _EXPORTS = {
     "extract": "featcache.api", "fit": "featcache.api", "compare": "featcache.api", "report": "featcache.api",
-    "run_study": "featcache.api", "audit": "featcache.api", "load_run": "featcache.api", "Run": "featcache.api",
-    "Comparison": "featcache.api", "demo": "featcache.api", "Entry": "featcache.store.entries",
-    "FeatcacheError": "featcache.errors", "export": "featcache.api", "predict_onnx": "featcache.api",
-    "Ensemble": "featcache.api", "best_model": "featcache.api",
+    "run_study": "featcache.api", "audit": "featcache.api", "demo": "featcache.api", "export": "featcache.api",
+    "predict_onnx": "featcache.api", "load_run": _RESULTS, "Run": _RESULTS, "Comparison": _RESULTS,
+    "Ensemble": _RESULTS, "best_model": _RESULTS, "Entry": "featcache.store.entries",
+    "FeatcacheError": "featcache.errors",
 }
 __all__ = ["Comparison", "Ensemble", "Entry", "FeatcacheError", "Run", "__version__", "audit", "best_model", "compare",
            "demo", "export", "extract", "fit", "load_run", "predict_onnx", "report", "run_study"]

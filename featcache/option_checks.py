@@ -12,7 +12,7 @@ from typing import Any
 
 
 def _heads(value: tuple[str, ...]) -> tuple[str, ...]:
-    from featcache.evaluation.heads import parse_heads  # scikit-learn and more: imported when heads are checked
+    from featcache.evaluation.head_registry import parse_heads  # scikit-learn and more: imported when heads are checked
 
     return tuple(parse_heads(",".join(value)))
 

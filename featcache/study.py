@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
 from featcache.option_checks import CHECKS
-from featcache.options import BY_NAME, ENTRY_SETTINGS, TABLES, Option, OptionError, study_table
+from featcache.options import BY_NAME, ENTRY_SETTINGS, TABLES, Option, OptionError, broken_rules, study_table
 from featcache.progress import Reporter
 from featcache.store.runs import is_reusable
 
@@ -180,11 +180,9 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
     if fit["fuse"] and (len(backbones) < 2 or not extract["pools"]):
         raise StudyError(f"{where}: [fit] fuse = true needs two or more [extract] backbones and [extract] pools "
                          "(the poolings fused; every backbone must have them)")
-    if fit["groups"] == "near-duplicates" and data["group_col"]:
-        raise StudyError(f"{where}: [fit] groups = 'near-duplicates' contradicts [data] group_col; give one")
-    if fit["test_align"] != "none" and not data["test_data"]:
-        raise StudyError(f"{where}: [fit] test_align = {fit['test_align']!r} aligns a held-out set's features, and "
-                         "[data] has no test: add test = \"other_clinic.csv\", or drop test_align")
+    given = {name: value for table in checked.values() for name, value in table.items()}
+    for rule in broken_rules("fit", given):  # the rules every door checks, in a study's words
+        raise StudyError(f"{where}: {rule.message(given, _study_spelling)}")
     fit_pools = fit["pool"].split("+") if fit["pool"] else []
     if len(fit_pools) > 1 and (not fit["fuse"] or len(fit_pools) != len(backbones)):
         raise StudyError(f"{where}: [fit] pool = {fit['pool']!r}: a pooling per backbone (joined by +) needs "
@@ -194,6 +192,12 @@ def parse_study(content: dict, base: str | Path = ".", name: str = "study", wher
             raise StudyError(f"{where}: [fit] pool = {fit['pool']!r}: {pool!r} is not among [extract] pools")
     return Study(backbones=backbones, data=data, extract=extract, fit=fit, weights=weights,
                  compare=checked["compare"], report=checked["report"], name=name)
+
+
+def _study_spelling(option: Option, value: Any, with_value: bool) -> str:
+    """An option as a study file writes it: ``[fit] test_align = 'moments'``, or ``[data] test``."""
+    where = f"[{option.table}] {option.study_key}"
+    return f"{where} = {value!r}" if with_value else where
 
 
 def _check_backbones(backbones: list[str], pools: tuple[str, ...] | None, where: str) -> None:

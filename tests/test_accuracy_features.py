@@ -12,7 +12,8 @@ from featcache.backbones.models import load_backbone
 from featcache.data.images import VIEWS, Preprocess, apply_view
 from featcache.data.sources import ImageRecord, open_source
 from featcache.evaluation.features import LabeledFeatures, encode_meta
-from featcache.evaluation.heads import SVMHead, ViewEnsemble, _validation_split, make_pipeline
+from featcache.evaluation.head_registry import make_pipeline
+from featcache.evaluation.heads import SVMHead, ViewEnsemble, _validation_split
 from featcache.evaluation.metrics import compute_metrics
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head

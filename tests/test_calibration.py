@@ -10,7 +10,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from featcache.evaluation.features import LabeledFeatures
-from featcache.evaluation.heads import CalibratedHead, SVMHead, ViewEnsemble, _calibration_setup, make_pipeline
+from featcache.evaluation.head_registry import make_pipeline
+from featcache.evaluation.heads import CalibratedHead, SVMHead, ViewEnsemble, _calibration_setup
 from featcache.evaluation.metrics import expected_calibration_error
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import build_estimator, estimator_params, fit_head

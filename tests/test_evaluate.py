@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from featcache.cli import app
-from featcache.evaluation import heads as H
+from featcache.evaluation import head_registry as H
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.heads import TorchMLPClassifier
 from featcache.evaluation.metrics import compute_metrics
@@ -172,7 +172,7 @@ def test_tune_search_stops_at_its_time_budget_and_keeps_the_default_first():
     from featcache.evaluation.search import BudgetedSearch
 
     data = _blobs(n=300, seed=2)
-    grid = H.GRIDS["logreg"]
+    grid = H.grid_of("logreg")
     unbounded = BudgetedSearch(H.make_pipeline("logreg"), grid, StratifiedKFold(3), budget_s=600).fit(data.X, data.y)
     assert [r["params"]["head__C"] for r in unbounded.cv_results_] == grid["head__C"]
     bounded = BudgetedSearch(H.make_pipeline("logreg"), grid, StratifiedKFold(3), budget_s=0).fit(data.X, data.y)

@@ -61,7 +61,8 @@ def test_fit_writes_each_test_image_s_similar_training_cases_in_the_run_s_space(
 def test_run_space_averages_views_and_leaves_metadata_out_on_purpose():
     from sklearn.preprocessing import StandardScaler
 
-    from featcache.evaluation.heads import ViewEnsemble, make_pipeline
+    from featcache.evaluation.head_registry import make_pipeline
+    from featcache.evaluation.heads import ViewEnsemble
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 2, 6)), np.array(["a", "b"] * 30)
@@ -209,7 +210,7 @@ def test_the_class_activation_map_averages_to_the_head_s_decision(lite0, photo):
     import torch
 
     from featcache.evaluation.explain import cam, class_probability, method_for, to_photo
-    from featcache.evaluation.heads import make_pipeline
+    from featcache.evaluation.head_registry import make_pipeline
 
     x = lite0.preprocess.normalize(lite0.preprocess.to_uint8(photo)[None])
     with torch.inference_mode():

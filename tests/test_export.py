@@ -21,7 +21,7 @@ from featcache.cli import app
 from featcache.data.images import VIEWS, apply_view
 from featcache.deploy.export import _view_nodes
 from featcache.deploy.head_graph import NotExportable, head_graph
-from featcache.evaluation.heads import make_pipeline
+from featcache.evaluation.head_registry import make_pipeline
 from tests.conftest import REPO, shared
 
 

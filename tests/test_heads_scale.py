@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featcache.evaluation import heads, runner
-from featcache.evaluation.heads import training_sample
+from featcache.evaluation.head_registry import training_sample
 
 from .conftest import shared
 

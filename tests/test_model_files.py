@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from featcache.cli import app
 from featcache.errors import RunError
-from featcache.evaluation.heads import ViewEnsemble, make_pipeline
+from featcache.evaluation.head_registry import make_pipeline
+from featcache.evaluation.heads import ViewEnsemble
 from featcache.progress import Reporter
 from featcache.store.model_files import LEGACY_PICKLE, MODEL_SKOPS, load_model, save_model, types_in
 

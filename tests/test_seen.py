@@ -75,6 +75,22 @@ def test_compare_shows_every_run_that_differs_only_on_the_held_out_side(tmp_path
     assert "5 runs &middot;" in page and page.count("<code>featcache predict --run") == 5
 
 
+def test_held_out_warnings_name_the_run_that_gave_them_also_when_it_is_reused(tmp_path):
+    said: list[str] = []
+
+    class Collect(Reporter):
+        def warn(self, message: str) -> None:
+            said.append(message)
+
+    other, entry = _clinic(80, 1, scale=2.0, offset=1.0, ids="b"), FakeEntry(tmp_path / "c" / "a" / ("t-" + "f" * 16))
+    for _ in range(2):  # made, then reused
+        for head in ("logreg", "knn"):
+            fit_head(_clinic(120, 0), entry, head, "gap", Protocol(cv=3), "clinic_a", test=other, jobs=1,
+                     test_name="clinic_b", reporter=Collect(quiet=True))
+    shifts = [m for m in said if "domain shift:" in m]
+    assert [m.split(":")[0] for m in shifts] == ["logreg", "knn", "logreg", "knn"]
+
+
 def test_per_class_auroc_has_its_pooled_value_and_interval(tmp_path):
     cache = tmp_path / "cache"
     _fit(cache, data=_clinic(150, 0, classes=("mel", "nv", "bcc")))
@@ -156,6 +172,22 @@ def test_test_align_without_test_data_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists()
     out = runner.invoke(app, ["fit", "--data", str(tmp_path), "--test-align", "coral", "--cache", str(tmp_path)])
     assert out.exit_code == 2 and "--test-data" in out.output
+
+
+def test_a_rule_between_options_is_checked_at_every_door_and_spelled_as_each_door_writes_it(tmp_path):
+    from featcache.study import StudyError, parse_study
+
+    said = "calibrates prediction sets by group: give the coverage with"
+    with pytest.raises(OptionError, match=f"^conformal_by='site' {said} conformal "):
+        fc.fit(tmp_path / "nowhere", conformal_by="site", cache=tmp_path / "cache")
+    out = runner.invoke(app, ["fit", "--data", str(tmp_path), "--conformal-by", "site", "--cache", str(tmp_path)])
+    assert out.exit_code == 2 and f"--conformal-by site {said} --conformal " in " ".join(out.output.split())
+    study = {"data": {"train": "train.csv"}, "extract": {"backbones": ["efficientnet_lite0"]},
+             "fit": {"heads": ["logreg"], "conformal_by": "site"}}
+    (tmp_path / "train.csv").write_text("path,label\n")
+    with pytest.raises(StudyError, match=rf"^study: \[fit\] conformal_by = 'site' {said} \[fit\] conformal "):
+        parse_study(study, tmp_path)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_class_too_small_is_named_with_what_to_do():

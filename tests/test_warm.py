@@ -12,6 +12,7 @@ import pytest
 
 from featcache import api
 from featcache.option_checks import CHECKS
+from featcache.workflow.extract import extract_data
 
 pytestmark = pytest.mark.slow  # real extractions
 
@@ -46,13 +47,13 @@ def test_a_changed_image_or_a_stale_recipe_takes_the_full_path(small_folder, tmp
     api.extract(str(small_folder), cache=str(cache), workers=0, quiet=True)
     changed = next((small_folder / "nevus").glob("*.jpg"))
     photo.rotate(90).save(changed)  # new content: must be extracted again
-    result = api._extract(None, _options(small_folder, cache))
+    result = extract_data(None, _options(small_folder, cache))
     assert result.extracted == 1 and result.skipped == 11
     # a recipe pointing at an entry whose manifest says another fingerprint is not followed
     (recipe,) = [p for p in (cache / ".warm").glob("*.json") if isinstance(json.loads(p.read_text())["entry"], str)]
     recorded = json.loads(recipe.read_text())
     recipe.write_text(json.dumps({**recorded, "fingerprint": "0" * 16}))
-    again = api._extract(None, _options(small_folder, cache))
+    again = extract_data(None, _options(small_folder, cache))
     assert again.entry.fingerprint == recorded["fingerprint"] and again.skipped == 12
     assert json.loads(recipe.read_text())["fingerprint"] == recorded["fingerprint"]  # written again
 

@@ -251,6 +251,7 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
     Example: `featcache predict --run cache/…/runs/logreg-gap-… new_images/`
     """
     from featcache import api
+    from featcache.workflow import results
 
     if out is None:  # never over an earlier prediction: the next free name
         out = free_predictions_path()
@@ -278,19 +279,19 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
         frame = api.predict_onnx(onnx, inputs, group_col=group_col, image_col=image_col, quiet=options["quiet"])
     else:
         if study is not None:
-            model = api.best_model(study, cache=options["cache"])
+            model = results.best_model(study, cache=options["cache"])
             _print(f"the best model of {study}: {model!r}")
-            first = model.runs[0] if isinstance(model, api.Ensemble) else model
+            first = model.runs[0] if isinstance(model, results.Ensemble) else model
             measured = first.config.get("protocol", {}).get("test_align", "none")
             if measured != options["test_align"]:
                 console.print(f"[yellow]warning:[/] the study scored its test set with --test-align {measured}; "
                               f"these images are predicted with --test-align {options['test_align']}, so its test "
                               "score does not describe them", highlight=False)
         elif len(run) > 1:
-            model = api.Ensemble(tuple(api.load_run(r) for r in run), options["ensemble"])
+            model = results.Ensemble(tuple(results.load_run(r) for r in run), options["ensemble"])
         else:
-            model = api.load_run(run[0])
-        extra = {"neighbours": neighbours} if isinstance(model, api.Run) else {}
+            model = results.load_run(run[0])
+        extra = {"neighbours": neighbours} if isinstance(model, results.Run) else {}
         frame = model.predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
                               group_col=group_col, image_col=image_col, quiet=options["quiet"],
                               test_align=options["test_align"], align_from=options["align_from"],
@@ -321,13 +322,14 @@ def explain(run: Path, images: list[str], out: Path, cls: str | None, neighbours
     Example: `featcache explain cache/…/runs/logreg-gap-… new_images/ --out explained/`
     """
     from featcache import api
+    from featcache.workflow import results
 
     if (out / "explanations.csv").exists():
         raise typer.BadParameter(f"{out / 'explanations.csv'} exists (an earlier explanation?); give another --out",
                                  param_hint="--out")
     from featcache.evaluation.explain import write_explanations
 
-    found = api.load_run(run).explain(images, k=neighbours, cls=cls, cache=api.cache_root(options["cache"]),
+    found = results.load_run(run).explain(images, k=neighbours, cls=cls, cache=api.cache_root(options["cache"]),
                                       weights=weights, quiet=options["quiet"])
     written = write_explanations(found, out)
     _print(f"{len(found)} heatmaps ({', '.join(sorted({e.method for e in found}))}) in {out}; table: {written}")
@@ -458,9 +460,9 @@ def show(run: Path, **options: Any) -> None:
 
     Example: `featcache show cache/ham10000_200x150/efficientnet_lite0-…/runs/logreg-gap-…`
     """
-    from featcache import api
+    from featcache.workflow import results
 
-    result = api.load_run(run).metrics
+    result = results.load_run(run).metrics
     pooled, classes = result["pooled"], result["config"]["classes"]
     _print(f"[bold]{escape(result['config']['head'])}[/] on {result['config']['backbone']}/"
            f"{result['config']['pool']} — {result['protocol']}, {result['n_images']} images")

@@ -210,6 +210,38 @@ def _delimiter(header: str) -> str:
     return next((d for d in (",", ";", "\t") if d in header), ",")
 
 
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
+    """A CSV's columns and rows (its delimiter sniffed from the header; a BOM dropped)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=_delimiter(handle.readline()))
+            handle.seek(0)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{csv_path}: cannot be read as CSV ({exc})") from None
+    if not columns:
+        raise SourceError(f"{csv_path}: empty CSV (no header row)")
+    return columns, rows
+
+
+def _row_label(row: dict, one_hot: list[str] | None, label_column: str | None, where: str, image_id: str,
+               notes: list[str]) -> str | None:
+    """A row's label: its one ISIC one-hot column set (``one_hot``), or its label cell; None (said in ``notes``
+    when something was expected) without one."""
+    if one_hot is not None:
+        hot = [c for c in one_hot if _truthy(row.get(c))]
+        if len(hot) != 1:
+            notes.append(f"{where}: {len(hot)} one-hot labels set, image kept without label")
+        return hot[0].lower() if len(hot) == 1 else None
+    if label_column is None:
+        return None
+    label = (row.get(label_column) or "").strip() or None
+    if label is None:
+        notes.append(f"{where}: empty label for {image_id}; kept for extraction, left out of fits")
+    return label
+
+
 def read_csv_source(
     csv_path: Path,
     images: str | os.PathLike | None = None,
@@ -222,16 +254,7 @@ def read_csv_source(
     ``labels_required=False``: without a label column every image is unlabelled (for predict)."""
     csv_path = Path(csv_path)
     base = Path(images).expanduser() if images else csv_path.parent
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=_delimiter(handle.readline()))
-            handle.seek(0)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SourceError(f"{csv_path}: cannot be read as CSV ({exc})") from None
-    if not columns:
-        raise SourceError(f"{csv_path}: empty CSV (no header row)")
+    columns, rows = _read_rows(csv_path)
 
     upper = {c.upper(): c for c in columns}
     one_hot = [upper[c] for c in ISIC_ONE_HOT if c in upper]
@@ -289,19 +312,8 @@ def read_csv_source(
                          f"(id {image_id}), ignored")
             continue
         seen[image_id] = line
-        if kind == "isic-onehot":
-            hot = [c for c in one_hot if _truthy(row.get(c))]
-            label = hot[0].lower() if len(hot) == 1 else None
-            if len(hot) != 1:
-                notes.append(f"{csv_path.name} line {line}: {len(hot)} one-hot labels set, "
-                             "image kept without label")
-        elif label_column is None:
-            label = None
-        else:
-            label = (row.get(label_column) or "").strip() or None
-            if label is None:
-                notes.append(f"{csv_path.name} line {line}: empty label for {image_id}; "
-                             "kept for extraction, left out of fits")
+        label = _row_label(row, one_hot if kind == "isic-onehot" else None, label_column,
+                           f"{csv_path.name} line {line}", image_id, notes)
         group = (row.get(group_column) or "").strip() or None if group_column else None
         split = (row.get(split_column) or "").strip() or None if split_column else None
         meta = {c: row.get(c) or "" for c in meta_columns}

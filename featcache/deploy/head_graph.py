@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from featcache.errors import RunError
+from featcache.evaluation.head_registry import HEAD_REGISTRY
 
 OPSET = 17  # the backbone exports' opset (featcache.extraction.engines.ONNX_OPSET)
 ML_OPSET = 3
@@ -25,17 +26,6 @@ FEATURES, PROBABILITIES = "features", "probabilities"
 
 class NotExportable(RunError):
     """A run's head, or a part of its run, that has no ONNX form."""
-
-
-# heads refused by name, from a run's config alone (before any model is loaded): why each has no ONNX form
-_UNEXPORTABLE_HEADS = {
-    "knn": "it searches its kept training rows with faiss, and skl2onnx's k-NN converter gives other "
-           "probabilities for the cosine metric with distance weights (measured: off by up to 0.9)",
-    "majority": "a baseline predicts without looking at the image",
-    "stratified": "a baseline predicts without looking at the image",
-    "svm-rbf-exact": "skl2onnx's SVC converter differs from libsvm's calibrated probabilities here; export svm-rbf "
-                     "(the Nystroem SVM) instead",
-}
 
 
 def refusal(config: dict) -> str | None:
@@ -52,8 +42,9 @@ def refusal(config: dict) -> str | None:
             return (f"its backbone {name} runs on PyTorch only ({why}), so the run cannot become one ONNX graph; "
                     "predict with `featcache predict --run RUN`")
     head = config.get("head")
-    if head in _UNEXPORTABLE_HEADS:
-        return f"the {head} head does not export to ONNX: {_UNEXPORTABLE_HEADS[head]}"
+    spec = HEAD_REGISTRY.get(head)
+    if spec is not None and spec.onnx_refusal:  # refused by name, from a run's config alone
+        return f"the {head} head does not export to ONNX: {spec.onnx_refusal}"
     calibrate = (config.get("protocol") or {}).get("calibrate")
     if calibrate:
         return (f"--calibrate {calibrate}: the recalibrated head (a CalibratedClassifierCV around a featcache head) "
@@ -122,8 +113,8 @@ def head_graph(pipeline, dim: int) -> onnx.ModelProto:  # noqa: ANN001 - a fitte
         pieces.append(_sklearn(head, width, "classifier"))
     else:
         name = type(head).__name__
-        why = {"KNeighborsClassifier": _UNEXPORTABLE_HEADS["knn"], "CosineKNN": _UNEXPORTABLE_HEADS["knn"],
-               "DummyClassifier": _UNEXPORTABLE_HEADS["majority"]}.get(name, "no converter")
+        head_of = {"KNeighborsClassifier": "knn", "CosineKNN": "knn", "DummyClassifier": "majority"}
+        why = HEAD_REGISTRY[head_of[name]].onnx_refusal if name in head_of else "no converter"
         raise NotExportable(f"the {name} head does not export to ONNX: {why}")
     pieces[0] = _renamed_input(pieces[0], FEATURES)
     links = [(_output(piece), piece_next.graph.input[0].name)

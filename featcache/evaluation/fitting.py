@@ -16,7 +16,7 @@ from featcache.data.sources import ImageSource, column_key, open_source
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
-from featcache.evaluation.heads import ZERO_SHOT
+from featcache.evaluation.head_registry import ZERO_SHOT
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import split_plan
@@ -88,21 +88,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
         checked_columns(source, protocol.subgroups)
-    if protocol.conformal_shift == "weighted":  # refused before any work: it weighs a test set's sets
-        if protocol.conformal is None:
-            raise RunError("--conformal-shift weighted weighs prediction sets: give their coverage with --conformal "
-                           "(e.g. 0.9)")
-        if test_source is None:
-            raise RunError("--conformal-shift weighted calibrates the sets of a test set from elsewhere, and no "
-                           "--test-data is given: add the other clinic's images, or drop --conformal-shift")
-        if protocol.conformal_by:
-            raise RunError(f"--conformal-shift weighted and --conformal-by {protocol.conformal_by} are two ways to "
-                           "calibrate for another clinic: give one (--conformal-by when the clinic is a column of "
-                           "the training data, --conformal-shift weighted when it is not)")
-    if protocol.conformal_by:
-        if protocol.conformal is None:
-            raise RunError(f"--conformal-by {protocol.conformal_by} calibrates prediction sets by group: give the "
-                           "coverage with --conformal (e.g. 0.9)")
+    if protocol.conformal_by:  # (the rules between the options were checked at the door: featcache.options.RULES)
         by = checked_columns(source, [protocol.conformal_by], "--conformal-by")[0]
         protocol = replace(protocol, conformal_by=by)  # the column as the data spells it names the run
     if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work

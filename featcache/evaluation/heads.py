@@ -12,15 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.compose import ColumnTransformer
-from sklearn.decomposition import PCA
-from sklearn.dummy import DummyClassifier
-from sklearn.impute import SimpleImputer
 from sklearn.kernel_approximation import Nystroem
-from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+from sklearn.linear_model import RidgeClassifier, SGDClassifier
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
+from sklearn.preprocessing import LabelEncoder
 from sklearn.svm import SVC
 from sklearn.utils.class_weight import compute_sample_weight
 
@@ -43,27 +39,7 @@ SGD_FULL_EPOCHS_ROWS = 100_000
 # The MLP checks its validation loss once per epoch; past this many training rows, once per this many rows, so
 # that early stopping can stop within an epoch of a million rows (its patience counts these checks).
 MLP_PASS_ROWS = 100_000
-BASELINES = ("majority", "stratified")
-HEADS = ("logreg", "svm-linear", "svm-rbf", "knn", "xgboost", "mlp")
-# not in `all`: libsvm's exact kernel SVM is O(n^2), minutes on 10k rows; the zero-shot head needs a CLIP-like
-# backbone (a text tower) and its image embedding
-EXTRA_HEADS = ("svm-rbf-exact", "zero-shot")
-ZERO_SHOT = "zero-shot"
-FAST_HEADS = ("logreg", "svm-linear", "knn", "mlp")
 CALIBRATIONS = ("sigmoid", "isotonic", "temperature")
-
-# Small default grids for --tune (nested inner CV); without --tune the first value of each is used.
-GRIDS: dict[str, dict[str, list]] = {
-    # DINOv2's linear-probe recipe sweeps C over many decades; the default comes first
-    "logreg": {"head__C": [1.0, *np.logspace(-4, 2, 13).round(6).tolist()]},
-    "svm-linear": {"head__alpha": [1e-3, 1e-4, 1e-2]},
-    "svm-rbf": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
-    "svm-rbf-exact": {"head__C": [1.0, 0.1, 10.0], "head__gamma": [1.0, 0.3, 3.0]},
-    "knn": {"head__n_neighbors": [11, 5, 21]},
-    "xgboost": {"head__max_depth": [3, 2, 5], "head__learning_rate": [0.4, 0.1]},
-    "mlp": {"head__hidden": [256, 512], "head__dropout": [0.3, 0.5], "head__lr": [2e-3, 5e-4]},
-}
-
 
 @dataclass(frozen=True, eq=False)
 class ZeroShotText:
@@ -579,150 +555,9 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X / np.where(norms > 0, norms, 1.0))
 
 
-def make_head(name: str, class_weight: str | None = "balanced", seed: int = 0, calibrate: str = ""):
-    """The estimator for a head name, with its documented defaults.
-
-    ``calibrate`` (sigmoid, isotonic, temperature): the SVMs, which always calibrate, use that
-    method; other heads are wrapped in :class:`CalibratedHead`; the baselines stay as they are.
-    """
-    if calibrate and calibrate not in CALIBRATIONS:
-        raise RunError(f"--calibrate {calibrate!r}: use {', '.join(CALIBRATIONS)} (or leave it out)")
-    head = _make_head(name, class_weight, seed, calibrate or "sigmoid")
-    if calibrate and name not in BASELINES and not isinstance(head, SVMHead):
-        return CalibratedHead(head, calibrate, class_weight if class_weight != "none" else None, seed)
-    return head
-
-
-def calibrated_grid(grid: dict[str, list], head) -> dict[str, list]:
-    """A --tune grid (``head__C``…) addressed through a :class:`CalibratedHead` when there is one."""
-    if not isinstance(head, CalibratedHead):
-        return grid
-    return {key.replace("head__", "head__estimator__", 1): values for key, values in grid.items()}
-
-
-def _make_head(name: str, class_weight: str | None, seed: int, svm_calibration: str):
-    cw = class_weight if class_weight != "none" else None
-    if name == "logreg":
-        return LogisticRegression(C=1.0, max_iter=3000, class_weight=cw, random_state=seed)
-    if name == "svm-linear":
-        return SVMHead("linear", alpha=1e-3, class_weight=cw, seed=seed, calibration=svm_calibration)
-    if name in ("svm-rbf", "svm-rbf-exact"):
-        return SVMHead(name.removeprefix("svm-"), C=1.0, gamma=1.0, class_weight=cw, seed=seed,
-                       calibration=svm_calibration)
-    if name == "knn":
-        return CosineKNN(n_neighbors=11)
-    if name == "xgboost":
-        return XGBHead(class_weight=cw, seed=seed)
-    if name == "mlp":
-        return TorchMLPClassifier(class_weight=cw, seed=seed)
-    if name == ZERO_SHOT:
-        return ZeroShotHead()
-    if name == "majority":
-        return DummyClassifier(strategy="most_frequent")
-    if name == "stratified":
-        return DummyClassifier(strategy="stratified", random_state=seed)
-    raise RunError(f"--head {name}: unknown; choose from {', '.join(HEADS + EXTRA_HEADS + BASELINES)}, "
-                   "fast or all")
-
-
 def sgd_epochs(rows: int) -> int:
     """svm-linear's passes over ``rows`` training rows: :data:`SGD_EPOCHS`, or past :data:`SGD_FULL_EPOCHS_ROWS`
     as many as make the same number of updates (at least 2)."""
     if rows <= SGD_FULL_EPOCHS_ROWS:
         return SGD_EPOCHS
     return max(2, -(-SGD_EPOCHS * SGD_FULL_EPOCHS_ROWS // rows))
-
-
-def scale_rules(head: str, images: int, rows: int) -> dict[str, tuple[int, str]]:
-    """What ``head`` does differently on ``images`` training images (``rows`` feature rows, views included) than
-    on few: each rule's name, the limit that sets it (both name the run) and what it does, in a sentence. Empty
-    below every limit, so runs on smaller data keep their names."""
-    rules = {}
-    if head == "knn" and images > KNN_MAX_TRAIN:
-        rules["training_sample"] = (KNN_MAX_TRAIN, (
-            "every held-out image is compared with every training image, a cost that grows with the square of the "
-            f"rows; a fold or the final fit with more than {KNN_MAX_TRAIN:,} training images (here up to "
-            f"{images:,}) is trained on a stratified sample of {KNN_MAX_TRAIN:,} of them (seeded)"))
-    if head == "svm-linear" and rows * 2 // 3 > SGD_FULL_EPOCHS_ROWS:  # the calibration fits' rows
-        rules["svm_linear_scale_rows"] = (SGD_FULL_EPOCHS_ROWS, (
-            f"its SGD makes {SGD_EPOCHS} passes up to {SGD_FULL_EPOCHS_ROWS:,} rows per fit; here up to "
-            f"{rows * 2 // 3:,}, so {sgd_epochs(rows * 2 // 3)} passes, the same number of updates, and each "
-            f"calibration map learns from a sample of {SGD_FULL_EPOCHS_ROWS:,} of its held-out rows"))
-    if head == "mlp" and rows > MLP_PASS_ROWS:
-        rules["mlp_pass_rows"] = (MLP_PASS_ROWS, (
-            f"with up to {rows:,} training rows it checks its validation loss (and may stop early) every "
-            f"{MLP_PASS_ROWS:,} rows, not once per epoch"))
-    return rules
-
-
-def training_sample(head: str, train: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """The training rows ``head`` is fitted on: all of ``train``, or for k-NN past :data:`KNN_MAX_TRAIN`
-    rows a sample of that many with each class's share kept (every class at least once), seeded."""
-    if head != "knn" or len(train) <= KNN_MAX_TRAIN:
-        return train
-    rng = np.random.default_rng(seed)
-    labels = y[train]
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.maximum(1, np.floor(counts * KNN_MAX_TRAIN / len(train)).astype(int))
-    for k in np.argsort(-(counts * KNN_MAX_TRAIN / len(train) - quota))[:max(0, KNN_MAX_TRAIN - quota.sum())]:
-        quota[k] += 1  # the rows left by rounding down, to the classes closest to their next row
-    picked = [rng.choice(train[labels == c], size=min(q, n), replace=False)
-              for c, q, n in zip(classes, quota, counts, strict=True)]
-    return np.sort(np.concatenate(picked))
-
-
-def parse_heads(spec: str) -> list[str]:
-    """``logreg,mlp`` | ``fast`` | ``all`` -> head names (``all`` and ``fast`` add the baselines)."""
-    names: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        group = {"all": HEADS + BASELINES, "fast": FAST_HEADS + BASELINES}.get(part, (part,))
-        for name in group:
-            make_head(name)  # validates the name
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise RunError("--head is empty; give a head name, a comma list, fast or all")
-    return names
-
-
-def make_pipeline(head: str, class_weight: str | None = "balanced", pca: int | None = None,
-                  seed: int = 0, standardize: bool = True, image_dim: int | None = None,
-                  meta_numeric: int = 0, meta_categorical: int = 0, calibrate: str = "",
-                  zero_shot: ZeroShotText | None = None) -> Pipeline:
-    """Scaling (fit on training rows only), optional PCA, then the head.
-
-    The zero-shot head reads the image embedding as it is (its geometry is what it compares with text), so its
-    pipeline is the head alone, built from ``zero_shot``.
-
-    With tabular metadata the rows are ``image_dim`` image features, then ``meta_numeric`` numeric
-    columns, then ``meta_categorical`` integer-coded categories (NaN = missing). Missing values
-    are imputed (median / most frequent), numbers scaled and categories one-hot encoded, all
-    inside the pipeline, so that they too are learned from training rows only.
-    """
-    if head == ZERO_SHOT:
-        text = zero_shot
-        found = ZeroShotHead() if text is None else ZeroShotHead(text.embeddings, text.classes, text.logit_scale)
-        if calibrate:
-            found = CalibratedHead(found, calibrate, class_weight if class_weight != "none" else None, seed)
-        return Pipeline([("head", found)])
-    image_step = StandardScaler() if standardize else "passthrough"
-    if meta_numeric or meta_categorical:
-        if image_dim is None:
-            raise RunError("make_pipeline: metadata columns need image_dim")
-        numeric = list(range(image_dim, image_dim + meta_numeric))
-        categorical = list(range(image_dim + meta_numeric, image_dim + meta_numeric + meta_categorical))
-        parts = [("image", image_step, list(range(image_dim)))]
-        if numeric:
-            parts.append(("numeric", Pipeline([("impute", SimpleImputer(strategy="median")),
-                                               ("scale", StandardScaler())]), numeric))
-        if categorical:
-            parts.append(("categorical", Pipeline([
-                ("impute", SimpleImputer(strategy="most_frequent")),
-                ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), categorical))
-        steps = [("prep", ColumnTransformer(parts))]
-    else:
-        steps = [("scale", image_step)] if standardize else []
-    if pca:
-        steps.append(("pca", PCA(n_components=pca, random_state=seed)))
-    steps.append(("head", make_head(head, class_weight, seed, calibrate)))
-    return Pipeline(steps)

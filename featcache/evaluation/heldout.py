@@ -62,7 +62,7 @@ def evaluate_heldout(run_dir: Path, data: LabeledFeatures, test: LabeledFeatures
         shift, choice = tested.get("shift"), tested.get("test_align_choice")
         warning = shift_warning(shift, choice["chosen"] if choice else protocol.test_align, choice) if shift else None
         if warning:  # a reused evaluation says what it said when it was made
-            reporter.warn(warning)
+            reporter.warn(f"{head}: {warning}")
         return folder
     result, saved = read_metrics(run_dir), load_model(run_dir)
     conformal = result.get("conformal")
@@ -70,7 +70,7 @@ def evaluate_heldout(run_dir: Path, data: LabeledFeatures, test: LabeledFeatures
         conformal = {**conformal, "shift": "weighted"}
     scored, heldout = _out_of_fold(run_dir, data)
     scores, test_rows, sets, rows = score_test(saved["pipeline"], data, test, protocol, reporter, conformal, heldout,
-                                               scored)
+                                               scored, head)
     config = {**result["config"], "protocol": protocol.config(), "heldout": identity,
               "test_data_sha256": identity["test_data_sha256"], "test_ids_sha256": rows_hash([i] for i in test.ids),
               "test_dataset": test_name}
@@ -100,12 +100,16 @@ def _out_of_fold(run_dir: Path, data: LabeledFeatures) -> tuple[np.ndarray, tupl
 def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Protocol,  # noqa: ANN001
                 reporter: Reporter, conformal: dict | None = None,
                 heldout: tuple[np.ndarray, np.ndarray] | None = None,
-                calibration: np.ndarray | None = None) -> tuple[dict, tuple, dict, list]:
+                calibration: np.ndarray | None = None, name: str = "") -> tuple[dict, tuple, dict, list]:
     """The held-out set scored by the refit model (its features aligned first with ``--test-align``, the
     unaligned scores kept beside), its prediction sets' coverage (as it is, under shift too), and the shift
     audit of its features against the training features (``heldout``: the out-of-fold probabilities and labels,
     for the label-shift estimate that needs a confusion matrix and for the sets' calibration scores;
-    ``calibration``: which training rows they are)."""
+    ``calibration``: which training rows they are; ``name``: the run's head, which begins each warning)."""
+
+    def warn(message: str) -> None:  # each warning names the run that gave it
+        reporter.warn(f"{name}: {message}" if name else message)
+
     groups = test.groups
 
     def predicted(X: np.ndarray) -> np.ndarray:
@@ -133,7 +137,7 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
                    "test_ids": test.ids}
             limits, weights, warning = shift_weighted(cal_X, heldout[0], cal_y, aligned, conformal, **ids)
             if warning:
-                reporter.warn(warning)
+                warn(warning)
             plain_limits = limits if method == "none" else shift_weighted(cal_X, heldout[0], cal_y, test.X,
                                                                           conformal, **ids)[0]
         sets["test"] = prediction_sets(proba, limits)
@@ -145,20 +149,10 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
         if conformal.get("by"):
             scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
             if unseen:
-                reporter.warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images "
+                warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images "
                               "belong to groups the training images do not have (or to none): their sets use the "
                               "threshold calibrated on all training images")
-    # similar cases: each test image's nearest training images in the model's own space (what it was scored on)
-    space = run_space(model, meta=bool(data.meta_spec))
-    index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
-    predicted = [data.classes[i] for i in proba.argmax(axis=1)]
-    rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
-                          None if data.groups is None else data.groups.tolist())
-    agree = agreement(rows, test.ids)
-    scores["neighbours"] = {"k": int(index.shape[1]), "space": space.description,
-                            "mean_agreement": float(np.mean(agree)),
-                            "agreement_when_right": _mean_where(agree, np.array(predicted) == test.y),
-                            "agreement_when_wrong": _mean_where(agree, np.array(predicted) != test.y)}
+    scores["neighbours"], rows = _similar_cases(model, data, test, aligned, proba)
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
@@ -171,19 +165,35 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
     if method == "coral":  # how far each side's covariance was shrunk, and what that means
         scores["coral_shrinkage"] = {"test": shrunk[0], "train": shrunk[1]}
         if shrunk[0] >= CORAL_NEAR_MOMENTS:
-            reporter.warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
+            warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
                           f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
                           "to its diagonal (Ledoit-Wolf): coral is close to moments here")
     scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout, method)
     warning = shift_warning(scores["shift"], method, choice)
     if warning:  # with auto, it says what was chosen and why
-        reporter.warn(warning)
+        warn(warning)
     elif choice is not None:
-        reporter.info(f"--test-align auto chose {method}: {choice.reason}", once=True)
+        reporter.info(f"{name}: --test-align auto chose {method}: {choice.reason}", once=True)
     if scores["shift"]["prevalence_degenerate"]:
-        reporter.warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
+        warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
                       "and BBSE's estimates with their intervals)")
     return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
+
+
+def _similar_cases(model, data: LabeledFeatures, test: LabeledFeatures, aligned: np.ndarray,  # noqa: ANN001
+                   proba: np.ndarray) -> tuple[dict, list]:
+    """Each test image's nearest training images in the model's own space (the features it was scored on):
+    how often they agree with its prediction, and the rows of ``test_neighbours.csv``."""
+    space = run_space(model, meta=bool(data.meta_spec))
+    index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
+    predicted = [data.classes[i] for i in proba.argmax(axis=1)]
+    rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
+                          None if data.groups is None else data.groups.tolist())
+    agree = agreement(rows, test.ids)
+    summary = {"k": int(index.shape[1]), "space": space.description, "mean_agreement": float(np.mean(agree)),
+               "agreement_when_right": _mean_where(agree, np.array(predicted) == test.y),
+               "agreement_when_wrong": _mean_where(agree, np.array(predicted) != test.y)}
+    return summary, rows
 
 
 def _coverage_by_group(sets: np.ndarray, y_idx: np.ndarray, strata: np.ndarray | None, unseen: int) -> dict:

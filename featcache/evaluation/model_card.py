@@ -113,21 +113,7 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
         w = result["without_training_copies"]
         lines += [f"Without the {w['n_left_out']} held-out images that have a copy in training: balanced accuracy "
                   f"{_ci(w['balanced_accuracy'], w.get('ci95', {}).get('balanced_accuracy'))}.", ""]
-    if test:
-        lines += [f"### External test set: {config.get('test_dataset') or 'held-out data'} ({test['n_images']} images"
-                  + (f", features aligned with --test-align {test['test_align']}" if test.get("test_align") else "")
-                  + ")", "", *_metrics_table(test), ""]
-        choice = test.get("test_align_choice")
-        if choice:
-            lines += [f"--test-align auto chose **{choice['chosen']}**: {choice['reason']}.", ""]
-        shift = test.get("shift") or {}
-        if shift:
-            low, high = shift.get("domain_auroc_ci", [None, None])
-            lines += ["### Shift audit", "", f"- A classifier tells the test images' features from the training "
-                      f"images' with AUROC {_ci(shift.get('domain_auroc'), [low, high] if low is not None else None)} "
-                      "(0.5: no shift)" + (f"; {shift['ood_fraction']:.0%} of test images lie beyond the distance 5 % "
-                                           "of held-out training images reach." if "ood_fraction" in shift else "."),
-                      *_prevalence_lines(shift), ""]
+    lines += _test_lines(config, test) if test else []
     lines += ["## Subgroups", ""]
     if subgroups:
         for column, groups in subgroups.items():
@@ -163,6 +149,25 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
               "- The scores describe images like the training images; read any other clinic's results as their own.",
               "", "## How to use", "", "```bash", "featcache predict --run RUN_FOLDER NEW_IMAGES/", "```", ""]
     return "\n".join(lines)
+
+
+def _test_lines(config: dict, test: dict) -> list[str]:
+    """The card's external test set: its scores, what --test-align auto chose, and the shift audit."""
+    lines = [f"### External test set: {config.get('test_dataset') or 'held-out data'} ({test['n_images']} images"
+             + (f", features aligned with --test-align {test['test_align']}" if test.get("test_align") else "")
+             + ")", "", *_metrics_table(test), ""]
+    choice = test.get("test_align_choice")
+    if choice:
+        lines += [f"--test-align auto chose **{choice['chosen']}**: {choice['reason']}.", ""]
+    shift = test.get("shift") or {}
+    if shift:
+        low, high = shift.get("domain_auroc_ci", [None, None])
+        lines += ["### Shift audit", "", f"- A classifier tells the test images' features from the training "
+                  f"images' with AUROC {_ci(shift.get('domain_auroc'), [low, high] if low is not None else None)} "
+                  "(0.5: no shift)" + (f"; {shift['ood_fraction']:.0%} of test images lie beyond the distance 5 % "
+                                       "of held-out training images reach." if "ood_fraction" in shift else "."),
+                  *_prevalence_lines(shift), ""]
+    return lines
 
 
 def _leakage(result: dict) -> list[str]:

@@ -15,17 +15,16 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featcache.errors import RunError
-from featcache.evaluation.heads import (
-    GRIDS,
-    HEADS_VERSION,
+from featcache.evaluation.head_registry import (
     ZERO_SHOT,
-    ViewEnsemble,
-    XGBHead,
     calibrated_grid,
+    grid_of,
+    head_spec,
     make_pipeline,
     scale_rules,
     training_sample,
 )
+from featcache.evaluation.heads import HEADS_VERSION, ViewEnsemble, XGBHead
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
@@ -74,7 +73,7 @@ def build_estimator(head: str, protocol: Protocol, seed: int = 0, layout: Layout
     model = make_pipeline(head, protocol.class_weight, protocol.pca, seed, protocol.standardize,
                           layout.image_dim, layout.meta_numeric, layout.meta_categorical, protocol.calibrate,
                           protocol.zero_shot if head == ZERO_SHOT else None)
-    grid = calibrated_grid(GRIDS.get(head, {}), model.named_steps["head"])
+    grid = calibrated_grid(grid_of(head), model.named_steps["head"])
     prefix = ""
     if layout.views:
         model = ViewEnsemble(model, train_views="first" if protocol.views == "first" else "all",
@@ -112,7 +111,7 @@ def _fit_task(head: str, protocol: Protocol, layout: Layout, X: np.ndarray, y: n
     """One fold (or the final refit when ``test_idx`` is None) in a worker with ``threads`` threads."""
     from threadpoolctl import threadpool_limits
 
-    if head == "mlp":
+    if head_spec(head).torch:
         import torch
 
         torch.set_num_threads(threads)
@@ -165,12 +164,21 @@ def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str,
     """Everything that trained and cross-validated a run; its hash names the run (see :func:`fit_head`). The
     held-out settings are not in it: they name each held-out evaluation of the run (featcache.evaluation.heldout).
     ``test_data_sha256`` stays, always None, so that runs keep the names they had when it named the test set."""
-    return {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.training_config(),
-            "classes": data.classes, "feature_fingerprint": entry.fingerprint,
-            "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
-            "data_sha256": data.identity(), "test_data_sha256": None,
-            "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec,
-            **({"zero_shot": protocol.zero_shot.identity()} if head == ZERO_SHOT and protocol.zero_shot else {})}
+    identity = {"head": head, "heads_version": HEADS_VERSION, "pool": pool, "protocol": protocol.training_config(),
+                "classes": data.classes, "feature_fingerprint": entry.fingerprint,
+                "estimator": estimator_params(build_estimator(head, protocol, 0, Layout.of(data))),
+                "data_sha256": data.identity(), "test_data_sha256": None,
+                "views": int(data.X.shape[1]) if data.X.ndim == 3 else 1, "meta_spec": data.meta_spec,
+                **({"zero_shot": protocol.zero_shot.identity()} if head == ZERO_SHOT and protocol.zero_shot else {})}
+    for rule, (limit, _) in _scale_rules(data, head, protocol).items():
+        identity[rule] = limit  # names the run: past the limit its numbers come from the rule
+    return identity
+
+
+def _scale_rules(data: LabeledFeatures, head: str, protocol: Protocol) -> dict[str, tuple[int, str]]:
+    """The head's rules at the scale of ``data`` (a head sees every view unless --use-views first)."""
+    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
+    return scale_rules(head, len(data.y), len(data.y) * views)
 
 
 def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
@@ -184,7 +192,7 @@ def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, 
 def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
     """A neighbour count larger than a training part fails deep inside scikit-learn; say it here."""
     wanted = max((v for k, v in params.items() if k.endswith("n_neighbors")), default=0)
-    tuned = max((max(v) for k, v in GRIDS.get(head, {}).items() if k.endswith("n_neighbors")), default=0)
+    tuned = max((max(v) for k, v in grid_of(head).items() if k.endswith("n_neighbors")), default=0)
     inner_train = smallest_train * 2 // 3  # --tune's inner 3-fold CV trains on two thirds
     if wanted > smallest_train:
         raise RunError(f"{head}: {wanted} neighbours, but a training part has only {smallest_train} rows; "
@@ -212,6 +220,40 @@ def _without_copies(data: LabeledFeatures, folds: list, oof: np.ndarray) -> dict
             "n_images": int(kept.sum()), "n_left_out": int((scored & copied).sum())}
 
 
+def _calibrate_sets(data: LabeledFeatures, protocol: Protocol, head: str, fold_plan: list, seed0: np.ndarray,
+                    reporter: Reporter) -> tuple[dict | None, dict | None]:
+    """With --conformal: the prediction sets' calibration from seed 0's out-of-fold probabilities ``seed0`` (within
+    each group of --conformal-by), and the out-of-fold sets to write, in the order write_run meets seed 0's rows;
+    (None, None) without."""
+    if protocol.conformal is None:
+        return None, None
+    fold_of = np.full(len(data.y), -1)
+    for seed, fold, _, test_idx in fold_plan:
+        if seed == 0:
+            fold_of[test_idx] = fold
+    scored = fold_of >= 0
+    y_idx = np.searchsorted(data.classes, data.y)
+    oof_sets = np.zeros((len(data.y), len(data.classes)), dtype=bool)
+    if data.strata is not None:  # --conformal-by: calibrated within each group of the column
+        conformal, oof_sets[scored] = by_group(seed0[scored], y_idx[scored], fold_of[scored],
+                                               protocol.conformal, protocol.conformal_mode, data.strata[scored],
+                                               protocol.conformal_by)
+    else:
+        conformal = cross_conformal(seed0[scored], y_idx[scored], fold_of[scored], protocol.conformal,
+                                    protocol.conformal_mode)
+        oof_sets[scored] = out_of_fold_sets(seed0[scored], y_idx[scored], fold_of[scored],
+                                            protocol.conformal, protocol.conformal_mode)
+    as_text = set_labels(oof_sets, data.classes)
+    if uninformative(conformal["mean_set_size"], len(data.classes)):
+        reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "
+                      f"of {len(data.classes)} classes on average (out of fold): they say little about an image. "
+                      "A better head or backbone gives smaller sets; a lower --conformal level does too")
+    # in the order write_run meets seed 0's out-of-fold rows
+    sets_written = {"column": set_column(protocol.conformal),
+                    "oof": [as_text[i] for seed, _, _, test_idx in fold_plan if seed == 0 for i in test_idx]}
+    return conformal, sets_written
+
+
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
              source_name: str, label_desc: str = "", force: bool = False,
              test: LabeledFeatures | None = None, reporter: Reporter | None = None,
@@ -234,9 +276,7 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     identity = run_identity(data, entry, head, pool, protocol)
-    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
-    for rule, (limit, what) in scale_rules(head, len(data.y), len(data.y) * views).items():
-        identity[rule] = limit  # names the run: past the limit its numbers come from the rule
+    for rule, (_, what) in _scale_rules(data, head, protocol).items():
         reporter.warn(f"{head}: {what} (recorded in the run as {rule})")
     run_dir = run_path(entry.path, head, pool, identity)
     if is_reusable(run_dir) and not force:
@@ -300,32 +340,7 @@ def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: s
         reporter.info(f"{head}: without the {without_copies['n_left_out']} held-out images that have a copy on "
                       f"their training side, balanced accuracy {ba:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] on "
                       f"{without_copies['n_images']} images (with them {pooled['balanced_accuracy']:.3f})")
-    conformal = None
-    if protocol.conformal is not None:  # seed 0's out-of-fold predictions calibrate the sets
-        fold_of = np.full(len(data.y), -1)
-        for seed, fold, _, test_idx in fold_plan:
-            if seed == 0:
-                fold_of[test_idx] = fold
-        scored = fold_of >= 0
-        y_idx = np.searchsorted(data.classes, data.y)
-        oof_sets = np.zeros((len(data.y), len(data.classes)), dtype=bool)
-        if data.strata is not None:  # --conformal-by: calibrated within each group of the column
-            conformal, oof_sets[scored] = by_group(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
-                                                   protocol.conformal, protocol.conformal_mode, data.strata[scored],
-                                                   protocol.conformal_by)
-        else:
-            conformal = cross_conformal(oof_by_seed[0][scored], y_idx[scored], fold_of[scored], protocol.conformal,
-                                        protocol.conformal_mode)
-            oof_sets[scored] = out_of_fold_sets(oof_by_seed[0][scored], y_idx[scored], fold_of[scored],
-                                                protocol.conformal, protocol.conformal_mode)
-        as_text = set_labels(oof_sets, data.classes)
-        if uninformative(conformal["mean_set_size"], len(data.classes)):
-            reporter.warn(f"{head}: the {protocol.conformal:g} prediction sets hold {conformal['mean_set_size']:.2f} "
-                          f"of {len(data.classes)} classes on average (out of fold): they say little about an image. "
-                          "A better head or backbone gives smaller sets; a lower --conformal level does too")
-        # in the order write_run meets seed 0's out-of-fold rows
-        sets_written = {"column": set_column(protocol.conformal),
-                        "oof": [as_text[i] for seed, _, _, test_idx in fold_plan if seed == 0 for i in test_idx]}
+    conformal, sets_written = _calibrate_sets(data, protocol, head, fold_plan, oof_by_seed[0], reporter)
     model = final.best_estimator_ if hasattr(final, "best_estimator_") else final
     leak = leakage_summary(data, plans[0][0])
     result = {"config": config, "protocol": protocol.describe(data.grouping, split_counts),
@@ -359,5 +374,4 @@ def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: s
                "fusion": entry.manifest.get("parts")}  # a fused run: which entries and poolings it read
     card = model_card(result, source=entry.manifest.get("source"),
                       n_groups=None if data.groups is None else len(set(data.groups.tolist())))
-    write_run(run_dir, config, result, payload, data.classes, oof_rows,
-              sets_written if conformal is not None else None, card)
+    write_run(run_dir, config, result, payload, data.classes, oof_rows, sets_written, card)

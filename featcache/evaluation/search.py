@@ -12,7 +12,7 @@ from sklearn.model_selection import ParameterGrid, cross_val_score
 class BudgetedSearch(ClassifierMixin, BaseEstimator):
     """Grid search by inner cross-validation that stops when its time budget is spent.
 
-    Candidates are tried in grid order, and every grid in ``heads.GRIDS`` lists the documented
+    Candidates are tried in grid order, and every head's grid in ``head_registry`` lists the documented
     default first, so a search that runs out of time still returns at least the default. A
     candidate is not started when the mean cost of those before it would overrun the budget.
     Ties go to the earlier (default-most) candidate. ``cv_results_`` records what was tried.

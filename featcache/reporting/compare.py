@@ -11,20 +11,23 @@ import numpy as np
 from rich.table import Table
 
 from featcache.errors import CacheError, FeatcacheError
+from featcache.evaluation.head_registry import ZERO_SHOT, is_baseline
+from featcache.evaluation.head_registry import head_note as registered_note
 from featcache.evaluation.metrics import MAIN_METRICS
 from featcache.options import Metric
 from featcache.store.entries import CacheEntry
 from featcache.store.naming import METRICS, cache_root_of_run, entry_of_run, find_runs
-from featcache.store.runs import has_test_predictions, read_metrics, read_predictions
-
-BASELINE_HEADS = ("majority", "stratified")
-ZERO_SHOT_HEAD = "zero-shot"  # looks at the image but learns nothing: the baseline a trained probe must beat
+from featcache.store.runs import Predictions, has_test_predictions, read_metrics, read_predictions
 
 
 def head_note(head: str) -> str:
     """What a head's row says beside its name: a baseline that never looks at the image, or zero-shot."""
-    name = head.split(" (")[0]
-    return " (baseline)" if name in BASELINE_HEADS else " (no training: the baseline)" if name == ZERO_SHOT_HEAD else ""
+    return registered_note(head.split(" (")[0])
+
+
+def is_baseline_head(head: str) -> bool:
+    """A row's head (``majority``, ``stratified (…)``) is a baseline that never looks at the image."""
+    return is_baseline(head.split(" (")[0])
 
 
 @dataclass
@@ -193,7 +196,6 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
     all folds (what the nested score estimates). Why a group got no ensemble, or its score is not nested
     (a single split), is added to ``notes``.
     """
-    from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
     from featcache.evaluation.stacking import stack
 
     stacking = spec == "stack"
@@ -201,7 +203,7 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
         raise ValueError(f"--ensemble {spec}: use topN with N >= 2 (e.g. top3), or stack")
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        if row.config is None or row.head.split(" (")[0] in BASELINE_HEADS or metric not in row.metrics:
+        if row.config is None or is_baseline_head(row.head) or metric not in row.metrics:
             continue
         # runs whose test features were aligned differently are not combined: their test predictions differ
         key = (row.dataset, row.protocol, row.config.get("ids_sha256"), row.config.get("test_ids_sha256"),
@@ -249,30 +251,42 @@ def ensemble_rows(rows: list[Row], spec: str, metric: str = "balanced_accuracy",
                              "cross-validation (--split cv) for a nested score")
             t_both = (np.concatenate([np.mean([t.proba for t in part], axis=0) for part in (tests, unaligned) if part])
                       if tests else None)
+        metrics, test = _ensemble_scores(first, proba, members[0].metrics, tests, unaligned, t_both, test_align)
         seeds = np.unique(first.seeds)
-        parts = [(first.labels[first.seeds == s], proba[first.seeds == s], first.group_array(first.seeds == s))
-                 for s in seeds]
-        pooled = score_parts(parts, first.classes)
-        cells = [(first.seeds == s) & (first.folds == f) for s in seeds for f in np.unique(first.folds)]
-        per_fold = [compute_metrics(first.labels[at], proba[at], first.classes) for at in cells if at.any()]
-        metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
-                       "pooled": pooled[m], "ci": pooled["ci95"].get(m), "n_folds": len(per_fold) // len(seeds)}
-                   for m in members[0].metrics if m in pooled}
-        test = None
-        if tests:
-            t_labels, n_test = tests[0].labels, len(tests[0].labels)
-            keep = np.isin(t_labels, first.classes)
-            test = score_with_ci(t_labels[keep], t_both[:n_test][keep], first.classes, tests[0].group_array(keep))
-            if unaligned:
-                before = score_with_ci(t_labels[keep], t_both[n_test:][keep], first.classes, tests[0].group_array(keep))
-                test["unaligned"] = {k: before[k] for k in (*MAIN_METRICS, "ci95") if k in before}
-                test["test_align"] = test_align
         names = " + ".join(f"{r.backbone}/{r.pool}/{r.head}" for r in members)
         label = f"stack of {len(members)}: {names}" if stacking else f"{spec}: {names}"
         out.append(Row(members[0].run.parent, dataset, "ensemble", "–", label, protocol,
                        len(first.labels) // len(seeds), metrics, test, None, tuple(r.run for r in members), spec,
                        held_out))
     return out
+
+
+def _ensemble_scores(first: Predictions, proba: np.ndarray, metric_names: dict, tests: list | None,
+                     unaligned: list | None, t_both: np.ndarray | None, test_align: str) -> tuple[dict, dict | None]:
+    """An ensemble scored exactly like a run: its out-of-fold ``proba`` pooled (with the bootstrap interval) and
+    per fold, over the metrics in ``metric_names``; its test predictions ``t_both`` (then, with --test-align, the
+    unaligned ones) scored on the members' test set."""
+    from featcache.evaluation.metrics import compute_metrics, score_parts, score_with_ci
+
+    seeds = np.unique(first.seeds)
+    parts = [(first.labels[first.seeds == s], proba[first.seeds == s], first.group_array(first.seeds == s))
+             for s in seeds]
+    pooled = score_parts(parts, first.classes)
+    cells = [(first.seeds == s) & (first.folds == f) for s in seeds for f in np.unique(first.folds)]
+    per_fold = [compute_metrics(first.labels[at], proba[at], first.classes) for at in cells if at.any()]
+    metrics = {m: {"mean": float(np.mean([f[m] for f in per_fold])), "std": float(np.std([f[m] for f in per_fold])),
+                   "pooled": pooled[m], "ci": pooled["ci95"].get(m), "n_folds": len(per_fold) // len(seeds)}
+               for m in metric_names if m in pooled}
+    test = None
+    if tests:
+        t_labels, n_test = tests[0].labels, len(tests[0].labels)
+        keep = np.isin(t_labels, first.classes)
+        test = score_with_ci(t_labels[keep], t_both[:n_test][keep], first.classes, tests[0].group_array(keep))
+        if unaligned:
+            before = score_with_ci(t_labels[keep], t_both[n_test:][keep], first.classes, tests[0].group_array(keep))
+            test["unaligned"] = {k: before[k] for k in (*MAIN_METRICS, "ci95") if k in before}
+            test["test_align"] = test_align
+    return metrics, test
 
 
 def _nested_vote(oof: list, size: int, metric: str) -> np.ndarray:
@@ -320,7 +334,7 @@ def unique_rows(rows: list[Row]) -> list[Row]:
     differ on the held-out side (test set, --test-align, --conformal) are different runs and all appear."""
     kept: dict[tuple, Row] = {}
     for row in sorted(rows, key=lambda r: r.run.stat().st_mtime if r.run.exists() else 0, reverse=True):
-        if row.head.split(" (")[0] in BASELINE_HEADS:
+        if is_baseline_head(row.head):
             scores = tuple(round((row.metrics.get(m) or {}).get("pooled") or 0.0, 6) for m in MAIN_METRICS)
             key = (row.dataset, row.protocol, row.head, row.n_images, (row.config or {}).get("ids_sha256"),
                    row.held_out, scores)
@@ -402,7 +416,7 @@ def frame_records(rows: list[Row], metric: str) -> list[dict]:
                        "conformal_mean_set_size": saved.get("mean_set_size")}
         record |= {"dataset": r.dataset, "protocol": r.protocol, "held_out": r.held_out, "run": str(r.run),
                    "backbone": r.backbone,
-                   "pool": r.pool, "head": r.head, "baseline": r.head.split(" (")[0] in BASELINE_HEADS,
+                   "pool": r.pool, "head": r.head, "baseline": is_baseline_head(r.head),
                    "n": r.n_images}
         records.append(record)
     return records
@@ -537,8 +551,8 @@ def forest_png(rows: list[Row], metric: str, title: str) -> bytes:
     classes = next((len(r.config["classes"]) for r in rows if r.config and r.config.get("classes")), 0)
     chance = (1 / classes if metric == "balanced_accuracy" and classes else
               0.5 if metric.startswith("auroc") else None)
-    colours = ["#999999" if r.head.split(" (")[0] in BASELINE_HEADS else "#c2571a" if r.backbone == "ensemble"
-               else "#7b4fa0" if r.head.split(" (")[0] == ZERO_SHOT_HEAD else "#2b6cb0" for r in rows]
+    colours = ["#999999" if is_baseline_head(r.head) else "#c2571a" if r.backbone == "ensemble"
+               else "#7b4fa0" if r.head.split(" (")[0] == ZERO_SHOT else "#2b6cb0" for r in rows]
     return forest_figure([_shorten(f"{r.backbone} / {r.pool} / {r.head}" + (f" · {r.held_out}" if r.held_out else ""),
                                    110) for r in rows],
                          [r.metrics[metric]["pooled"] for r in rows],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,29 @@ def picks(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> list[tup
     return [(int(i), "confident error") for i in confident] + [(int(i), "uncertain") for i in uncertain]
 
 
+def _test_items(run_dir: Path, saved: dict, item: Callable) -> tuple[list[str], bool]:
+    """The gallery's test images (what ``item`` makes of each, with the similar cases fit wrote for it), and
+    whether the page's size limit cut them short."""
+    from featcache.store.runs import read_neighbours, read_predictions
+
+    test_paths = {i: Path(p) for i, p in (saved.get("test_paths") or {}).items()}
+    test = read_predictions(run_dir, "test")
+    near = {}
+    for row in read_neighbours(run_dir) or []:
+        near.setdefault(row["id"], []).append((row["neighbour"], row["label"], float(row["similarity"])))
+    shown = []
+    for row, why in picks(test.labels, test.proba, test.classes):
+        image_id = test.ids[row]
+        if image_id not in test_paths:
+            continue
+        html_item = item(test_paths[image_id], image_id, test.labels[row], test.proba[row], why,
+                         near.get(image_id, [])[:NEIGHBOURS])
+        if html_item is None:
+            return shown, True
+        shown.append(html_item)
+    return shown, False
+
+
 def gallery_section(run_dir: Path, budget_bytes: int) -> tuple[str, int]:
     """The gallery of the run in ``run_dir`` as HTML and the bytes its images take (at most ``budget_bytes``)."""
     from featcache.evaluation.explain import explain_image, heat_rgb, method_for
@@ -62,7 +86,7 @@ def gallery_section(run_dir: Path, budget_bytes: int) -> tuple[str, int]:
     from featcache.extraction.extract import backbone_of
     from featcache.store.fusion import FusedEntry, trained_entry
     from featcache.store.model_files import load_model
-    from featcache.store.runs import has_test_predictions, read_metrics, read_neighbours, read_predictions
+    from featcache.store.runs import has_test_predictions, read_metrics, read_predictions
 
     try:
         saved = load_model(run_dir)
@@ -135,22 +159,7 @@ def gallery_section(run_dir: Path, budget_bytes: int) -> tuple[str, int]:
             shown.append(html_item)
     parts.append(f"<h4>Out of fold</h4>{''.join(shown) or '<p class=muted>no images to show</p>'}")
     if has_test_predictions(run_dir) and not cut and config.get("test_dataset"):
-        test_paths = {i: Path(p) for i, p in (saved.get("test_paths") or {}).items()}
-        test = read_predictions(run_dir, "test")
-        near = {}
-        for row in read_neighbours(run_dir) or []:
-            near.setdefault(row["id"], []).append((row["neighbour"], row["label"], float(row["similarity"])))
-        shown = []
-        for row, why in picks(test.labels, test.proba, test.classes):
-            image_id = test.ids[row]
-            if image_id not in test_paths:
-                continue
-            html_item = item(test_paths[image_id], image_id, test.labels[row], test.proba[row], why,
-                             near.get(image_id, [])[:NEIGHBOURS])
-            if html_item is None:
-                cut = True
-                break
-            shown.append(html_item)
+        shown, cut = _test_items(run_dir, saved, item)
         parts.append(f"<h4>Test set ({html.escape(config['test_dataset'])})</h4>"
                      f"{''.join(shown) or '<p class=muted>no images to show</p>'}")
     if cut:

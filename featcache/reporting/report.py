@@ -18,12 +18,12 @@ import numpy as np
 
 from featcache.data.sources import in_reading_order
 from featcache.errors import CacheError, FeatcacheError
+from featcache.evaluation.head_registry import ZERO_SHOT
 from featcache.reporting.compare import (
-    BASELINE_HEADS,
-    ZERO_SHOT_HEAD,
     Row,
     alignment_note,
     forest_png,
+    is_baseline_head,
     select_rows,
     sets_text,
 )
@@ -185,18 +185,18 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                         "sit on both sides of a split, and the scores may be optimistic.</p>")
         body.append(_img(png_base64(forest_png(shown, metric, f"{dataset_name} · {protocol}{more}")),
                          f"leaderboard {dataset_name}"))
-        if any(r.head.split(" (")[0] in BASELINE_HEADS for r in shown):
+        if any(is_baseline_head(r.head) for r in shown):
             body.append("<p class='muted'>Grey rows are baselines that never look at the image: <em>majority</em> "
                         "always answers the commonest training class and <em>stratified</em> guesses at the training "
                         "class rates, so they sit at chance (the dashed line), or below it where a held-out part's "
                         "commonest class is not the training set's.</p>")
-        if any(r.head.split(" (")[0] == ZERO_SHOT_HEAD for r in shown):
+        if any(r.head.split(" (")[0] == ZERO_SHOT for r in shown):
             body.append("<p class='muted'>Purple rows are <em>zero-shot</em>: the backbone's text tower reads each "
                         "class's prompts and an image goes to the class whose prompts its embedding is closest to. "
                         "Nothing is learnt from the images, so it is the baseline a probe trained on the same features "
                         "must beat (its run's model card lists the prompts).</p>")
         body.append(_leaderboard_table(shown, metric))
-        leading = [r for r in members if r.config and r.head.split(" (")[0] not in BASELINE_HEADS]
+        leading = [r for r in members if r.config and not is_baseline_head(r.head)]
         # heatmaps need one backbone and no metadata columns: a fused or --meta leader gives its gallery to the
         # best run that can have one, and the page says so
         galleried = [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:gallery]
@@ -269,7 +269,7 @@ def _runs_table(rows: list[Row]) -> str:
                 f"{html.escape(choice['reason'])}</span>" if choice else "")
         warnings = (f"<td><span class='warn'>{'<br>'.join(html.escape(w) for w in found)}</span>{note}</td>"
                     if found else f"<td><span class='muted'>none</span>{note}</td>")
-        baseline = row.head.split(" (")[0] in BASELINE_HEADS
+        baseline = is_baseline_head(row.head)
         command = ("<span class='muted'>a baseline: it never looks at the image</span>" if baseline
                    else f"<code>{html.escape(predict_command(row.run))}</code>")
         lines.append(f"<tr><td>{html.escape(row.backbone)} / {html.escape(row.pool)} / {html.escape(row.head)}</td>"
