@@ -83,6 +83,8 @@ def test_a_killed_shared_extraction_resumes_each_entry(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
+    said = " ".join(process.stderr.read().decode().split())
+    assert "Interrupted: new images committed per backbone: efficientnet_lite0" in said and "Traceback" not in said
     partial = {p.parent.name: len(list(p.parent.glob("shard-*.h5"))) for p in cache.glob("*/*/shard-*.h5")}
     assert partial, "the run was killed before any shard was committed"
     out = CliRunner().invoke(app, command[3:])  # the same command again: each entry resumes

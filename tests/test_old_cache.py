@@ -91,3 +91,12 @@ def test_held_out_settings_score_the_trained_run_without_cross_validating_again(
     assert len(run_view.oof) == 30
     # run without held-out data: the run folder itself, named as before the change
     assert fc.fit(old_cache / "train.csv", cache=cache, heads=["logreg"], cv=3, conformal=0.9)[0].path == run
+
+
+def test_a_run_or_evaluation_being_written_is_not_listed(tmp_path: Path) -> None:
+    run = tmp_path / "ds" / "e-1" / "runs" / "logreg-gap-1"
+    for folder in (run, run / HELDOUT / "t-1", run.parent / ".logreg-gap-2.tmp-9", run / HELDOUT / ".t-2.tmp-9"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text("{}")  # a hidden folder holds it before it is renamed into place
+    assert find_runs(tmp_path) == [run / HELDOUT / "t-1"]
+    assert trained_run(find_runs(tmp_path)[0]) == run

@@ -37,20 +37,19 @@ from featcache.store.naming import default_cache_root, fingerprint
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
 from featcache.extraction.device import provenance, resolve_device, resolve_precision
-from featcache.extraction.lean import CPU_BATCH_SIZE, EXPORTED_ENGINES, default_workers, lean_recipe
+from featcache.extraction.lean import EXPORTED_ENGINES, default_batch_size, default_workers, lean_recipe
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
 from featcache.extraction.result import ExtractResult
 from featcache.extraction.resume import cached_line, plan
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.writer import (
+    Batch,
     ShardSink,
-    _StopRequested,
     _writable,
     _write_manifest,
-    commit_items,
+    commit_batches,
     disk_errors,
-    interrupted,
 )
 from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
 
@@ -392,22 +391,10 @@ def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: t
         batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root,
                                  export=export)
     sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
-    extracted = 0
-    task = reporter.task(f"extract {model.spec.name}", total=len(todo))
-    try:
-        with _StopRequested(), torch.inference_mode():
-            for items, feats in batches:
-                extracted += commit_items([todo[item["index"]] for item in items], items, feats, sink, dtype,
-                                          reporter)
-                sink.commit_full()
-                task.advance(len(items))
-            sink.commit()
-    except KeyboardInterrupt:
-        _quiet_worker_teardown()
-        raise interrupted(extracted - sink.pending, entry_dir) from None
-    finally:
-        task.close()
-    return extracted
+    with torch.inference_mode():  # the driver's forward runs as the loop pulls each batch
+        return commit_batches((Batch([todo[item["index"]] for item in items], items, feats, len(items))
+                               for items, feats in batches), [sink], reporter, f"extract {model.spec.name}",
+                              len(todo), _quiet_worker_teardown)[0]
 
 
 def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
@@ -422,9 +409,7 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
     if workers is None:
         workers = default_workers()
     cuda = dev.type == "cuda"
-    # Measured on 2 CPU cores (docs/benchmarks.md): small batches in channels_last run CNNs ~3x
-    # faster than batch 64 in NCHW; on CUDA large batches keep the GPU busy.
-    batch_size = batch_size or (128 if cuda else CPU_BATCH_SIZE)
+    batch_size = batch_size or default_batch_size(cuda)
     memory_format = torch.channels_last if model.spec.is_cnn and engine == "torch" else torch.contiguous_format
     model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,

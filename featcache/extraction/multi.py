@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +34,16 @@ from featcache.extraction.extract import (
     begin_entry,
     name_entry,
 )
+from featcache.extraction.lean import default_batch_size, default_workers
 from featcache.extraction.loader import _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.result import ExtractResult
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.writer import (
-    ExtractionInterrupted,
+    Batch,
     ShardSink,
-    _StopRequested,
     _writable,
     _write_manifest,
-    commit_items,
+    commit_batches,
     disk_errors,
 )
 from featcache.progress import Reporter
@@ -150,9 +151,9 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
     union = [r for r in source.records if r.id in wanted]  # source order, as each job's own plan keeps it
     needs = [{r.id for r in job.todo} for job in jobs]
     cuda = dev.type == "cuda"
-    batch_size = batch_size or (128 if cuda else 8)
+    batch_size = batch_size or default_batch_size(cuda)
     if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        workers = default_workers()
     for job in jobs:
         if job.model.spec.is_cnn and job.named.engine == "torch":
             job.model.model.to(memory_format=torch.channels_last)
@@ -166,40 +167,30 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                 if needs[k] else None  # done: no engine
                 for k, job in enumerate(jobs)]
     sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, shard_size) for job in jobs]
-    extracted = [0] * len(jobs)
-    task = reporter.task(f"extract {', '.join(job.model.spec.name for job in jobs)} (one decode)", total=len(union))
-    try:
-        with _StopRequested(), torch.inference_mode():
-            for group in groups:
-                for k, job in enumerate(jobs):
-                    if forwards[k] is None:
-                        continue
-                    mine = [it for it in group["items"] if union[it["index"]].id in needs[k]]
-                    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
-                    def features(items: list[dict], job: _Job = job, forward=forwards[k],
-                                 stacks: list[torch.Tensor] = group["stacks"]) -> dict[str, np.ndarray]:
-                        rows = [it["row"] for it in items if it["row"] is not None]
-                        if not rows:
-                            return {}
-                        images = stacks[job.transform][torch.tensor(rows)]
-                        return run_views(forward, images.to(dev, non_blocking=cuda), view_names, dev,
-                                         job.named.precision)
+    def computed() -> Iterator[Batch]:
+        """Each decoded group through every backbone that still needs its images, batch by batch."""
+        for group in groups:
+            for k, job in enumerate(jobs):
+                if forwards[k] is None:
+                    continue
+                mine = [it for it in group["items"] if union[it["index"]].id in needs[k]]
+                batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
-                    for items, feats in run_pipelined(forwards[k], batches, features):
-                        extracted[k] += commit_items([union[it["index"]] for it in items], items, feats, sinks[k],
-                                                     job.manifest["dtype"], reporter)
-                        sinks[k].commit_full()
-                task.advance(len(group["items"]))
-            for sink in sinks:
-                sink.commit()
-    except KeyboardInterrupt:
-        _quiet_worker_teardown()
-        done = ", ".join(f"{job.model.spec.name} {count - sink.pending}"
-                         for job, count, sink in zip(jobs, extracted, sinks, strict=True))
-        raise ExtractionInterrupted(f"Interrupted: new images committed per backbone: {done}; rerun the same "
-                                    "command to resume each entry from there") from None
-    finally:
-        task.close()
-    return extracted
+                def features(items: list[dict], job: _Job = job, forward=forwards[k],
+                             stacks: list[torch.Tensor] = group["stacks"]) -> dict[str, np.ndarray]:
+                    rows = [it["row"] for it in items if it["row"] is not None]
+                    if not rows:
+                        return {}
+                    images = stacks[job.transform][torch.tensor(rows)]
+                    return run_views(forward, images.to(dev, non_blocking=cuda), view_names, dev, job.named.precision)
+
+                for items, feats in run_pipelined(forwards[k], batches, features):
+                    yield Batch([union[it["index"]] for it in items], items, feats, 0, k)
+            yield Batch([], [], {}, len(group["items"]))  # the group is done for every backbone
+
+    with torch.inference_mode():  # the forwards run as the loop pulls each batch
+        return commit_batches(computed(), sinks, reporter,
+                              f"extract {', '.join(job.model.spec.name for job in jobs)} (one decode)", len(union),
+                              _quiet_worker_teardown)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from featcache.data.images import Preprocess
 from featcache.data.preprocessing import DATASET_NORM
 from featcache.data.sources import ImageSource, file_state
 from featcache.errors import FeatcacheError
+from featcache.extraction.lean import default_workers
 from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
 from featcache.progress import Reporter
 from featcache.store.entries import read_norm_stats, write_json_atomic
@@ -79,7 +79,7 @@ def dataset_norm_stats(source: ImageSource, preprocess: Preprocess, cache_root: 
     if path.is_file():
         return json.loads(path.read_text())
     total, squares, pixels, used = np.zeros(3), np.zeros(3), 0, 0
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     loader = DataLoader(_ImageDataset(list(source.records), preprocess), batch_size=32, num_workers=workers,
                         collate_fn=_collate, worker_init_fn=_worker_init if workers else None)
     task = reporter.task(f"{DATASET_NORM}: channel statistics of {source.name}", total=len(source.records))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,50 @@ def commit_items(records: list[ImageRecord], items: list[dict], feats: dict[str,
         sink.add(*args, row)
         added += 1
     return added
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What an extraction driver hands the commit loop: a batch's ``records`` and their ``items`` (file state,
+    SHA-256, error), the ``features`` of those that decoded (a row each, in order), which sink (``entry``, in
+    the order given to :func:`commit_batches`) they go to, and how many images the progress moves on after it."""
+
+    records: list[ImageRecord]
+    items: list[dict]
+    features: dict[str, np.ndarray]
+    advance: int
+    entry: int = 0
+
+
+def commit_batches(batches: Iterable[Batch], sinks: Sequence[ShardSink], reporter: Reporter, description: str,
+                   total: int, on_interrupt: Callable[[], None] | None = None) -> list[int]:
+    """The one commit loop of extraction: every driver (one backbone, several from one decode, the lean path on
+    an exported engine, Ray) yields :class:`Batch` es, and each is committed here to its entry's shard sink, a
+    shard written whenever one is full and the rest at the end. Ctrl-C or SIGTERM stops after the batch in hand:
+    what was committed is kept and said (``on_interrupt`` runs first: a driver's workers quieted), and the same
+    command resumes. Returns how many new images each sink took."""
+    extracted = [0] * len(sinks)
+    task = reporter.task(description, total=total)
+    try:
+        with _StopRequested():
+            for batch in batches:
+                sink = sinks[batch.entry]
+                extracted[batch.entry] += commit_items(batch.records, batch.items, batch.features, sink, sink.dtype,
+                                                       reporter)
+                sink.commit_full()
+                task.advance(batch.advance)
+            for sink in sinks:
+                sink.commit()
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt()
+        committed = [count - sink.pending for count, sink in zip(extracted, sinks, strict=True)]
+        if len(sinks) == 1:
+            raise interrupted(committed[0], sinks[0].entry_dir) from None
+        done = ", ".join(f"{sink.attrs['backbone']} {count}" for sink, count in zip(sinks, committed, strict=True))
+        raise ExtractionInterrupted(f"Interrupted: new images committed per backbone: {done}; rerun the same "
+                                    "command to resume each entry from there") from None
+    finally:
+        task.close()
+    return extracted
+

@@ -128,7 +128,12 @@ def cache_root_of_entry(entry_dir: Path) -> Path:
 
 def heldout_of(run_dir: Path) -> list[Path]:
     """The finished held-out evaluations of a run, by name."""
-    return [p.parent for p in sorted((Path(run_dir) / HELDOUT).glob(f"*/{METRICS}"))]
+    return [p.parent for p in sorted((Path(run_dir) / HELDOUT).glob(f"*/{METRICS}")) if _finished_name(p.parent)]
+
+
+def _finished_name(folder: Path) -> bool:
+    """Not a hidden folder: a run or evaluation being written is a hidden temporary folder until it is whole."""
+    return not folder.name.startswith(".")
 
 
 def find_runs(cache_root: Path) -> list[Path]:
@@ -136,7 +141,8 @@ def find_runs(cache_root: Path) -> list[Path]:
     folder itself when it has none."""
     found = []
     for run in (p.parent for p in sorted(Path(cache_root).glob(f"*/*/{RUNS}/*/{METRICS}"))):
-        found += heldout_of(run) or [run]
+        if _finished_name(run):
+            found += heldout_of(run) or [run]
     return found
 
 
