@@ -35,7 +35,7 @@ from docs_blocks import blocks, keep_blocks
 import featcache as fc
 from featcache.data.sources import open_source
 from featcache.errors import RunError
-from featcache.evaluation.fitting import find_entry
+from featcache.evaluation.fitting import EntrySelection, find_entry
 from featcache.evaluation.heads import CALIBRATIONS
 from featcache.evaluation.metrics import compute_metrics
 from featcache.progress import Reporter
@@ -58,7 +58,8 @@ HEADLINE_BLOCKS = ("best", "best-dermamnist")  # written by best_ham.py, kept ab
 
 def _has_entry(cache: Path, path: Path, backbone: str, views: int, resize: str) -> bool:
     try:
-        return find_entry(cache, open_source(path), backbone, None, views, resize, FILTERS).manifest["complete"]
+        selection = EntrySelection(backbone, preprocess=FILTERS, views=views, resize=resize)
+        return find_entry(cache, open_source(path), selection).manifest["complete"]
     except RunError:
         return False
 

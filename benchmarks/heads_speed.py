@@ -26,7 +26,7 @@ from sklearn.decomposition import PCA
 
 from featcache.data.sources import open_source
 from featcache.evaluation.features import LabeledFeatures, labeled_features
-from featcache.evaluation.fitting import find_entry
+from featcache.evaluation.fitting import EntrySelection, find_entry
 from featcache.evaluation.head_registry import baselines, head_names
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
@@ -47,7 +47,7 @@ class _Entry:
 def ham_pca_features() -> LabeledFeatures:
     """10,000 HAM10000 EfficientNet-Lite0 embeddings from cache/, projected to 384 dimensions."""
     source = open_source(HAM)
-    entry = find_entry(REPO / "cache", source, "efficientnet_lite0", None)
+    entry = find_entry(REPO / "cache", source, EntrySelection("efficientnet_lite0"))
     started = time.perf_counter()
     full = labeled_features(source, entry, entry.pools[0])
     load_seconds = time.perf_counter() - started

@@ -168,3 +168,14 @@ def test_the_demo_gives_the_numbers_and_names_it_gave_before_the_library_refacto
         for metric, value in saved["pooled"].items():
             assert run.metrics["pooled"][metric] == pytest.approx(value, abs=1e-9), (run.head, metric)
         assert run.metrics["protocol"] == saved["protocol"]
+
+
+def test_the_entry_fit_reads_is_selected_by_exactly_the_options_declared_to_select():
+    from dataclasses import fields
+
+    from featcache.evaluation.fitting import SELECTING, EntrySelection
+
+    # an extract option declared with selects=True and no field here (or a field no option declares) fails
+    assert {f.name for f in fields(EntrySelection)} == {*SELECTING, "backbone", "pool", "preprocess"}
+    asked = EntrySelection.from_options({"views": 4, "engine": None, "preprocess": ("hair-removal",)}, pool="gap")
+    assert (asked.views, asked.engine, asked.pool, asked.preprocess) == (4, None, "gap", ("hair-removal",))

@@ -16,7 +16,7 @@ from featcache.cli import app
 from featcache.data.preprocessing import checked_filters, remove_hair, shades_of_gray
 from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
-from featcache.evaluation.fitting import find_entry
+from featcache.evaluation.fitting import EntrySelection, find_entry
 from featcache.extraction.extract import extract, extract_like
 
 
@@ -65,9 +65,9 @@ def test_filters_make_their_own_entry_and_fit_never_takes_it_by_default(small_fo
     assert "filters" not in plain.manifest["fingerprint_inputs"]["preprocess"]  # old names kept
     assert plain.fingerprint == "0e1ebd8d300e6c4f"  # the name it had before filters, engines and resamplers
     assert not np.allclose(plain.read("gap"), filtered.read("gap", plain.ids))
-    assert find_entry(tmp_path, source, "efficientnet_lite0", None).path == plain.path  # filtered one is newer
-    assert find_entry(tmp_path, source, "efficientnet_lite0", None,
-                      filters=("hair-removal", "color-constancy")).path == filtered.path
+    assert find_entry(tmp_path, source, EntrySelection("efficientnet_lite0")).path == plain.path  # filtered is newer
+    assert find_entry(tmp_path, source, EntrySelection("efficientnet_lite0", preprocess=(
+        "hair-removal", "color-constancy"))).path == filtered.path
     out = CliRunner().invoke(app, ["extract", "--data", str(small_folder), "--preprocess", "dataset-nrom"])
     assert out.exit_code == 2 and "dataset-nrom" in out.output
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from featcache.evaluation.splits import split_plan
 from featcache.evaluation.subgroups import add_subgroups, checked_columns, values_of
 from featcache.evaluation.zero_shot import zero_shot_text
 from featcache.extraction.extract import extract
-from featcache.options import Grouping
+from featcache.options import OPTIONS, Grouping
 from featcache.progress import Reporter
 from featcache.store.entries import CacheEntry, find_entries
 from featcache.store.fusion import FusedEntry
@@ -36,14 +36,41 @@ DEMO_BACKBONE = "efficientnet_lite0"
 DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
 
 
-def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool: str | None,
-               views: int | None = None, resize: str | None = None, filters: tuple[str, ...] = (),
-               engine: str | None = None, resampler: str | None = None,
-               reporter: Reporter | None = None, precision: str | None = None) -> CacheEntry:
-    """The newest cache entry of ``source`` for ``backbone`` (and ``pool``, ``views``, ``resize``,
-    ``engine``, ``resampler``, ``precision`` if given) made with exactly the --preprocess ``filters`` asked for (none by
-    default: a filtered entry is never taken for an unfiltered one). When several entries match,
-    ``reporter`` is told which was taken and how the others differ."""
+# the extract options that fit selects an entry by (each None: any entry), declared by the options (``selects``)
+SELECTING = tuple(option.name for option in OPTIONS if option.selects and option.name != "backbone")
+
+
+@dataclass(frozen=True)
+class EntrySelection:
+    """Which cache entry of a source ``fit`` reads: the backbone (None: the one the source was extracted with,
+    when there is one), a pooling it must have, the ``--preprocess`` filters it was made with (matched exactly: a
+    filtered entry is never taken for an unfiltered one) and the extraction settings fit selects by
+    (:data:`SELECTING`, each None for any). The newest entry that matches is taken."""
+
+    backbone: str | None = None
+    pool: str | None = None
+    preprocess: tuple[str, ...] = ()
+    precision: str | None = None
+    engine: str | None = None
+    resampler: str | None = None
+    views: int | None = None
+    resize: str | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], **given: Any) -> EntrySelection:
+        """The selection the checked fit ``options`` ask for, with ``given`` in place of theirs."""
+        return cls(**{f.name: given[f.name] if f.name in given else options.get(f.name) or f.default
+                      for f in fields(cls)})
+
+    def settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SELECTING}
+
+
+def find_entry(cache_root: Path, source: ImageSource, selection: EntrySelection,
+               reporter: Reporter | None = None) -> CacheEntry:
+    """The newest cache entry of ``source`` that ``selection`` matches. When several match, ``reporter`` is told
+    which was taken and how the others differ."""
+    backbone, pool, filters = selection.backbone, selection.pool, tuple(selection.preprocess)
     if backbone is None:  # the backbone the data was extracted with, when there is exactly one
         extracted = sorted({e.manifest["backbone"] for e in find_entries(cache_root)
                             if e.manifest["dataset"] == source.name})
@@ -52,10 +79,10 @@ def find_entry(cache_root: Path, source: ImageSource, backbone: str | None, pool
                            f"({', '.join(extracted)}); say which with --backbone (a+b fuses them)")
         backbone = extracted[0] if extracted else "efficientnet_lite0"
     backbone = canonical_name(backbone)  # hf:./monet was recorded as its folder's absolute path
-    wanted = {"views": views, "resize": resize, "engine": engine, "resampler": resampler, "precision": precision}
+    wanted = selection.settings()
     entries = [e for e in find_entries(cache_root)
                if e.manifest["dataset"] == source.name and e.manifest["backbone"] == backbone
-               and (pool is None or pool in e.pools) and e.filters == tuple(filters)
+               and (pool is None or pool in e.pools) and e.filters == filters
                and all(v is None or e.settings[k] == v for k, v in wanted.items())]
     if not entries:
         asked = {**wanted, "preprocess": ",".join(filters)}

@@ -15,7 +15,7 @@ def fit_data(reporter: Reporter | None, options: dict[str, Any]) -> list[Path]:
     """Fit every head of the checked fit ``options``; the run folders (or held-out evaluation folders), in the
     order of the heads."""
     from featcache.evaluation.features import check_test_classes, label_counts
-    from featcache.evaluation.fitting import find_entry, fit_many
+    from featcache.evaluation.fitting import EntrySelection, find_entry, fit_many
     from featcache.evaluation.protocol import Protocol
     from featcache.extraction.extract import find_or_extract_like
     from featcache.store.fusion import FusedEntry, fused_pools
@@ -39,8 +39,7 @@ def fit_data(reporter: Reporter | None, options: dict[str, Any]) -> list[Path]:
     if len(set(backbones)) != len(backbones):
         raise OptionError(f"--backbone {o['backbone']}: a backbone is named twice; fuse different backbones (a+b)")
     pools = fused_pools(o["pool"], backbones)
-    entries = [find_entry(root, source, name, pool, o["views"], o["resize"], o["preprocess"], o["engine"],
-                          o["resampler"], reporter, precision=o["precision"])
+    entries = [find_entry(root, source, EntrySelection.from_options(o, backbone=name, pool=pool), reporter)
                for name, pool in zip(backbones, pools, strict=True)]
     test_source = test_entries = None
     if o["test_data"]:
