@@ -55,7 +55,8 @@ def evaluate_heldout(run_dir: Path, data: LabeledFeatures, test: LabeledFeatures
     again)."""
     identity = heldout_identity(run_dir, test, protocol)
     folder = heldout_path(run_dir, test_name, identity)
-    head = read_metrics(run_dir)["config"]["head"]
+    result = read_metrics(run_dir)
+    head = result["config"]["head"]
     if is_finished(folder) and not force:
         reporter.info(f"{head}: identical held-out evaluation already finished, reusing {folder} (--force to redo)")
         tested = read_metrics(folder).get("test") or {}
@@ -64,7 +65,7 @@ def evaluate_heldout(run_dir: Path, data: LabeledFeatures, test: LabeledFeatures
         if warning:  # a reused evaluation says what it said when it was made
             reporter.warn(f"{head}: {warning}")
         return folder
-    result, saved = read_metrics(run_dir), load_model(run_dir)
+    saved = load_model(run_dir)
     conformal = result.get("conformal")
     if conformal is not None and protocol.conformal_shift == "weighted":  # predict weighs a batch's sets the same way
         conformal = {**conformal, "shift": "weighted"}
@@ -74,7 +75,9 @@ def evaluate_heldout(run_dir: Path, data: LabeledFeatures, test: LabeledFeatures
     config = {**result["config"], "protocol": protocol.config(), "heldout": identity,
               "test_data_sha256": identity["test_data_sha256"], "test_ids_sha256": rows_hash([i] for i in test.ids),
               "test_dataset": test_name}
-    evaluated = {**result, "config": config, "test": scores, **({"conformal": conformal} if conformal else {})}
+    evaluated = {**result, "config": config, "test": scores}
+    if conformal is not None:  # with --conformal-shift weighted, the sets say so
+        evaluated["conformal"] = conformal
     facts = {k: v for k, v in saved.items() if k != "pipeline"}
     facts |= {"config": config, "test_paths": dict(zip(test.ids, test.paths, strict=True)) if test.paths else None}
     written = None
@@ -149,9 +152,9 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
         if conformal.get("by"):
             scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
             if unseen:
-                warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images "
-                              "belong to groups the training images do not have (or to none): their sets use the "
-                              "threshold calibrated on all training images")
+                warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images belong to "
+                     "groups the training images do not have (or to none): their sets use the threshold calibrated "
+                     "on all training images")
     scores["neighbours"], rows = _similar_cases(model, data, test, aligned, proba)
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
@@ -166,8 +169,8 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
         scores["coral_shrinkage"] = {"test": shrunk[0], "train": shrunk[1]}
         if shrunk[0] >= CORAL_NEAR_MOMENTS:
             warn(f"--test-align coral: {len(test.y)} test images cannot estimate the covariance of "
-                          f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
-                          "to its diagonal (Ledoit-Wolf): coral is close to moments here")
+                 f"{test.X.shape[-1]} feature dimensions, so it was shrunk {shrunk[0]:.2f} of the way "
+                 "to its diagonal (Ledoit-Wolf): coral is close to moments here")
     scores["shift"] = shift_audit(data.X, test.X, proba, data.classes, data.y, test.y, heldout, method)
     warning = shift_warning(scores["shift"], method, choice)
     if warning:  # with auto, it says what was chosen and why
@@ -176,7 +179,7 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
         reporter.info(f"{name}: --test-align auto chose {method}: {choice.reason}", once=True)
     if scores["shift"]["prevalence_degenerate"]:
         warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
-                      "and BBSE's estimates with their intervals)")
+             "and BBSE's estimates with their intervals)")
     return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
 
 

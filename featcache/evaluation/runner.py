@@ -175,10 +175,14 @@ def run_identity(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str,
     return identity
 
 
+def _views_seen(data: LabeledFeatures, protocol: Protocol) -> int:
+    """How many views of each image a head trains on: every view unless --use-views first."""
+    return data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
+
+
 def _scale_rules(data: LabeledFeatures, head: str, protocol: Protocol) -> dict[str, tuple[int, str]]:
-    """The head's rules at the scale of ``data`` (a head sees every view unless --use-views first)."""
-    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1
-    return scale_rules(head, len(data.y), len(data.y) * views)
+    """The head's rules at the scale of ``data``."""
+    return scale_rules(head, len(data.y), len(data.y) * _views_seen(data, protocol))
 
 
 def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
@@ -312,8 +316,8 @@ def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: s
     # the small-matrix ones lose time to a second thread (logreg: 0.7 s on 1 thread, 1.7 s on 2).
     tasks = [(seed, train, test_idx) for seed, _, train, test_idx in fold_plan]
     tasks.append((0, np.arange(len(data.y)), None))  # the final refit on all rows
-    views = data.X.shape[1] if data.X.ndim == 3 and protocol.views != "first" else 1  # a head sees every view
-    _check_neighbours(config["estimator"], views * min(len(train) for _, train, _ in tasks), head, protocol.tune)
+    smallest = _views_seen(data, protocol) * min(len(train) for _, train, _ in tasks)
+    _check_neighbours(config["estimator"], smallest, head, protocol.tune)
     X = with_meta(data.X, data.meta)
     outputs = _run_tasks(head, protocol, data, X, tasks, jobs, cluster)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started

@@ -47,7 +47,7 @@ def ray_cluster(address: str | None, reporter: Reporter, actors: int | None = No
 
 
 def open_data(data: str, images: str | None, image_col: str | None, label_col: str | None, group_col: str | None,
-          reporter: Reporter, labels_required: bool = True, groups: str = "auto") -> ImageSource:
+              reporter: Reporter, labels_required: bool = True, groups: str = "auto") -> ImageSource:
     """The source, with its notes and where its groups come from said once (``labels_required=False``:
     extraction, which needs no labels; ``groups``: the grouping asked for, which a group-column hint serves
     only when it is ``auto``)."""

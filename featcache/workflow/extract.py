@@ -40,7 +40,7 @@ def extract_data(reporter: Reporter | None, o: dict[str, Any]) -> ExtractResult 
         return result
     from featcache.extraction.extract import extract as run_extract
 
-    result = run_extract(source, o["backbone"], cache_root(o["cache"]), o["pools"], o["dtype"], o["weights"],
+    result = run_extract(source, o["backbone"], root, o["pools"], o["dtype"], o["weights"],
                          o["batch_size"], o["workers"], o["shard_size"], device=o["device"],
                          precision=o["precision"], jpeg_draft=o["jpeg_draft"], input_size=o["input_size"],
                          views=o["views"], resize=o["resize"], break_lock=o["break_lock"], reporter=reporter,
