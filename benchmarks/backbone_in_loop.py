@@ -33,6 +33,7 @@ from featcache.data.sources import open_source
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
+from featcache.recipes import FitPlan
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150" / "labels.csv"
@@ -74,7 +75,7 @@ def main() -> None:
     data = ham_pca_features()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        run = fit_head(data, _entry(Path(tmp)), "mlp", "gap", Protocol(), "ham10000_pca384", force=True)
+        run = fit_head(data, _entry(Path(tmp)), "mlp", "gap", Protocol(), "ham10000_pca384", plan=FitPlan(force=True))
         cached_mlp = time.perf_counter() - started
         fits = json.loads((run / "metrics.json").read_text())["mlp_fits"]
     grid = run_grid(data)

@@ -20,6 +20,7 @@ from featcache.data.sources import ImageSource
 from featcache.extraction.engines import make_forward, run_pipelined
 from featcache.extraction.extract import extract
 from featcache.extraction.loader import _collate, _ImageDataset, _worker_init
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 
 def gemm_peak_gflops(size: int = 2048, seconds: float = 2.0) -> float:
@@ -116,8 +117,9 @@ def extraction_ips(backbone: LoadedBackbone, source: ImageSource, n_images: int,
     with tempfile.TemporaryDirectory() as tmp:
         if engine != "torch":
             (Path(tmp) / ".engines").symlink_to(Path(cache_root) / ".engines", target_is_directory=True)
-        result = extract(subset, backbone, cache_root=tmp, batch_size=batch_size, workers=workers,
-                         dtype="float16", engine=engine, resampler=resampler)
+        result = extract(subset, backbone, cache_root=tmp,
+                         recipe=FeatureRecipe(dtype="float16", engine=engine, resampler=resampler),
+                         plan=ExecutionPlan(batch_size=batch_size, workers=workers))
     if result.failed:
         raise RuntimeError(f"{len(result.failed)} images failed during the benchmark: {result.failed}")
     return result.images_per_second

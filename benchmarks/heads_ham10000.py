@@ -24,9 +24,10 @@ import numpy as np
 from featcache.data.sources import open_source
 from featcache.evaluation.fitting import fit_many
 from featcache.evaluation.head_registry import baselines, head_names
-from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.protocol import Protocol, RunRecipe
 from featcache.extraction.extract import extract
 from featcache.progress import Reporter
+from featcache.recipes import FitPlan
 
 BASELINES, HEADS = baselines(), tuple(h for h in head_names("all") if h not in baselines())
 
@@ -62,8 +63,9 @@ def main() -> None:
     heads = list(HEADS + BASELINES)
     results: dict[bool, dict[str, dict]] = {}
     for standardize in (True, False):
-        runs = fit_many(source, entry, heads, None, Protocol(standardize=standardize), test_source=test_source,
-                        test_entry=test_entry, force=args.force, reporter=reporter)
+        runs = fit_many(source, entry, RunRecipe(tuple(heads), Protocol(standardize=standardize)),
+                        test_source=test_source, test_entry=test_entry, plan=FitPlan(force=args.force),
+                        reporter=reporter)
         results[standardize] = {head: json.loads((run / "metrics.json").read_text())
                                 for head, run in zip(heads, runs, strict=True)}
     per_image = extraction_seconds_per_image(args.extract_sample)

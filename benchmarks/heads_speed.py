@@ -30,6 +30,7 @@ from featcache.evaluation.fitting import EntrySelection, find_entry
 from featcache.evaluation.head_registry import baselines, head_names
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
+from featcache.recipes import FitPlan
 
 BASELINES, HEADS = baselines(), tuple(h for h in head_names("all") if h not in baselines())
 
@@ -66,7 +67,8 @@ def run_grid(data: LabeledFeatures, verbose: bool = False) -> float:
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for head in HEADS + BASELINES:
-            run = fit_head(data, _Entry(Path(tmp)), head, "gap", Protocol(), "ham10000_pca384", force=True)
+            run = fit_head(data, _Entry(Path(tmp)), head, "gap", Protocol(), "ham10000_pca384",
+                           plan=FitPlan(force=True))
             seconds = json.loads((run / "metrics.json").read_text())["cv_seconds"]
             total += seconds
             if verbose:

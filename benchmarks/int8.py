@@ -37,6 +37,7 @@ from featcache.extraction.extract import name_entry
 from featcache.extraction.loader import _ImageDataset
 from featcache.extraction.quantize import calibration_records, ensure_int8
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 HAM = REPO.parent / "shared" / "data" / "ham10000_200x150"
@@ -52,7 +53,8 @@ def quantized(name: str, cache: Path, reporter: Reporter):
     """The backbone, its int8 model calibrated on HAM10000 (as `extract --precision int8` makes it)."""
     model = load_backbone(name, weights=None if name == "efficientnet_lite0" else "random")
     source = open_source(HAM / "labels.csv")
-    named = name_entry(source, model, cache, precision="int8", device="cpu", engine="openvino")
+    named = name_entry(source, model, cache, recipe=FeatureRecipe(precision="int8", engine="openvino"),
+                       plan=ExecutionPlan(device="cpu"))
     return model, ensure_int8(model, cache, named.inputs["calibration"], source, reporter), source
 
 

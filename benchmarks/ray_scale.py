@@ -28,9 +28,10 @@ from docs_blocks import replace_block
 from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.evaluation.fitting import fit_many
-from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.protocol import Protocol, RunRecipe
 from featcache.extraction.extract import extract
 from featcache.extraction.ray import RayCluster
+from featcache.recipes import ExecutionPlan, FitPlan
 from featcache.store.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +66,12 @@ def main() -> None:
         rows.append(("local, 1 torch thread", "1 thread, 1 decode worker", t_local1))
         cluster, t_start = timed(lambda: RayCluster("local"))
         tiny = dataclasses.replace(source, records=source.records[:8])
-        _, t_first = timed(lambda: extract(tiny, load(), cache_root=tmp / "warm", cluster=cluster))
+        _, t_first = timed(lambda: extract(tiny, load(), cache_root=tmp / "warm", plan=ExecutionPlan(cluster=cluster)))
         ray_entries = {}
         for actors in (1, 2):
             cluster.actors = actors
             entry, seconds = timed(lambda a=actors: extract(source, load(), cache_root=tmp / f"ray{a}",
-                                                            cluster=cluster).entry)
+                                                            plan=ExecutionPlan(cluster=cluster)).entry)
             ray_entries[actors] = entry
             rows.append((f"--ray local, {actors} actor(s)", f"{actors} x 1 CPU actor, Ray Data decode tasks", seconds))
             same = np.array_equal(entry.read("gap", local1.ids), local1.read("gap"))
@@ -78,9 +79,9 @@ def main() -> None:
         torch.set_num_threads(cores)
         protocol = Protocol(cv=5)
         heads = ["logreg", "mlp"]
-        local_runs, t_fit_local = timed(lambda: fit_many(source, local1, heads, "gap", protocol))
-        ray_runs, t_fit_ray = timed(lambda: fit_many(source, ray_entries[1], heads, "gap", protocol, force=True,
-                                                     cluster=cluster))
+        local_runs, t_fit_local = timed(lambda: fit_many(source, local1, RunRecipe(tuple(heads), protocol, "gap")))
+        ray_runs, t_fit_ray = timed(lambda: fit_many(source, ray_entries[1], RunRecipe(tuple(heads), protocol, "gap"),
+                                                     plan=FitPlan(force=True, cluster=cluster)))
         for a, b in zip(local_runs, ray_runs, strict=True):
             checks.append(f"fit {a.name.split('-')[0]}: metrics equal local vs Ray: "
                           f"{read_metrics(a)['pooled'] == read_metrics(b)['pooled']}")

@@ -25,6 +25,7 @@ from docs_blocks import replace_block
 from featcache.data.sources import open_source
 from featcache.extraction.extract import extract
 from featcache.progress import Reporter
+from featcache.recipes import FeatureRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 20 * 60
@@ -47,8 +48,9 @@ def main() -> None:
         for backbone in BUDGET_BACKBONES:
             for source in sources:
                 started = time.perf_counter()
-                result = extract(source, backbone, cache_root=tmp, pools=LAYER_POOLS, views=VIEWS,
-                                 engine=args.engine, resampler=args.resampler, reporter=reporter)
+                result = extract(source, backbone, cache_root=tmp, reporter=reporter,
+                                 recipe=FeatureRecipe(pools=LAYER_POOLS, views=VIEWS, engine=args.engine,
+                                                      resampler=args.resampler))
                 seconds = time.perf_counter() - started  # the export and compile of the engine included
                 engine = result.entry.manifest["fingerprint_inputs"].get("engine", "torch")
                 total, images = total + seconds, images + result.extracted

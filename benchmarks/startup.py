@@ -56,10 +56,10 @@ marks["ONNX export check (file SHA-256)"] = time.perf_counter() - t; t = time.pe
 make_forward("openvino", model, cache)
 marks["engine compile (OpenVINO)"] = time.perf_counter() - t; t = time.perf_counter()
 from featcache.data.sources import open_source
-from featcache.extraction.resume import plan
+from featcache.extraction.resume import images_to_extract
 source = open_source(data)
 named = name_entry(source, model, cache)
-todo, skipped = plan(source, named.entry_dir)
+todo, skipped = images_to_extract(source, named.entry_dir)
 marks[f"source, entry name and resume plan ({skipped} files stat-checked)"] = time.perf_counter() - t
 print(json.dumps(marks))
 """
@@ -74,17 +74,16 @@ marks["import featcache.cli"] = time.perf_counter() - t; t = time.perf_counter()
 from pathlib import Path
 from featcache.data.sources import open_source
 from featcache.extraction.lean import _lean_recipe
-from featcache.extraction.resume import plan
+from featcache.extraction.resume import images_to_extract
 from featcache.extraction.warm import engine_key
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.naming import entry_path
 cache, data = Path(sys.argv[1]), sys.argv[2]
 source = open_source(data)
-options = {"backbone": "efficientnet_lite0", "pools": None, "device": "auto", "weights": None, "dtype": "float16",
-           "precision": "auto", "views": 1, "resize": "crop", "jpeg_draft": True, "input_size": None, "preprocess": (),
-           "resampler": "pil", "norm_from": None, "engine": "auto"}
-recipe = _lean_recipe(cache, engine_key(options))
+# as `featcache extract --data DATA` names it: every option at its default
+recipe = _lean_recipe(cache, engine_key("efficientnet_lite0", FeatureRecipe(), ExecutionPlan()))
 entry_dir = entry_path(cache, source.name, recipe["entry"]["backbone"], recipe["fingerprint"])
-todo, skipped = plan(source, entry_dir)
+todo, skipped = images_to_extract(source, entry_dir)
 marks[f"source, recipe (export SHA-256) and resume plan ({skipped} files stat-checked)"] = time.perf_counter() - t
 t = time.perf_counter()
 import openvino

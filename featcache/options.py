@@ -158,10 +158,11 @@ class Option:
     e.g. ``cache``, which ``featcache run`` takes); ``flag`` the CLI flag of every command in
     ``commands``. ``kind`` is ``str``, ``int``, ``float``, ``bool`` or a :class:`~enum.StrEnum` of the
     valid values. ``multiple``: a list (a comma list on the CLI, a list in a study, a sequence in
-    Python). ``selects``: an extraction setting that ``fit`` takes to choose among entries (there its
-    default is None: any). ``alias``: a second CLI flag that means ``name = value``. ``check``: a function
-    of the value, or the name of one that only a higher layer knows (the heads' names, the image filters),
-    which the door supplies (:data:`featcache.option_checks.CHECKS`): this module imports nothing above it.
+    Python). ``recipe``: the typed recipe of :mod:`featcache.recipes` it belongs to. ``selects``: an
+    extraction setting that ``fit`` takes to choose among entries (there its default is None: any). ``alias``: a
+    second CLI flag that means ``name = value``. ``check``: a function of the value, or the name of one that
+    only a higher layer knows (the heads' names, the image filters), which the door supplies
+    (:data:`featcache.option_checks.CHECKS`): this module imports nothing above it.
     """
 
     name: str
@@ -184,6 +185,7 @@ class Option:
     alias: tuple[str, Any, str] | None = None  # (flag, value, help)
     required: bool = False
     cli_kind: type | None = None  # what the CLI parses, where it differs from ``kind``
+    recipe: str | None = None  # the typed recipe the stage doors take it in (featcache.recipes)
 
     @property
     def study_key(self) -> str | None:
@@ -374,52 +376,58 @@ OPTIONS: tuple[Option, ...] = (
            "`a+b` fuses several (their features side by side, rows aligned by image id).", _DATA,
            "extract", key="backbones", short="-b", selects=True),
     Option("pools", str, None, "Comma list of poolings, e.g. `cls,mean,cls+mean` (ViTs) or `gap,fc7` "
-           "(VGG/AlexNet); default per backbone.", ("extract",), "extract", flag="--pool", multiple=True),
+           "(VGG/AlexNet); default per backbone.", ("extract",), "extract", flag="--pool", multiple=True,
+           recipe="features"),
     Option("weights", str, None, "Local weights file (.pth/.safetensors), or `random` for timing tests only. "
            "Default: $FEATCACHE_WEIGHTS_DIR, an installed weights package, then the online download. In a "
-           "study: a file for every backbone, or a table of one per backbone.", ("extract",), "extract"),
-    Option("dtype", Dtype, "float16", "Stored feature dtype.", ("extract",), "extract"),
-    Option("batch_size", int, None, "Default 8 on CPU, 128 on CUDA.", ("extract",), "extract", minimum=1),
-    Option("workers", int, None, "Decoding worker processes.", ("extract",), "extract", minimum=0),
-    Option("device", str, "auto", "auto, cpu, cuda or cuda:N.", ("extract",), "extract", check=_device),
+           "study: a file for every backbone, or a table of one per backbone.", ("extract",), "extract",
+           recipe="features"),
+    Option("dtype", Dtype, "float16", "Stored feature dtype.", ("extract",), "extract", recipe="features"),
+    Option("batch_size", int, None, "Default 8 on CPU, 128 on CUDA.", ("extract",), "extract", minimum=1,
+           recipe="execution"),
+    Option("workers", int, None, "Decoding worker processes.", ("extract",), "extract", minimum=0, recipe="execution"),
+    Option("device", str, "auto", "auto, cpu, cuda or cuda:N.", ("extract",), "extract", check=_device,
+           recipe="execution"),
     Option("precision", Precision, "auto", "CUDA autocast: auto (bf16 if supported), bf16, fp16, fp32; CPUs "
            "compute in fp32. int8 (CPU, OpenVINO): the backbone quantized by NNCF, calibrated on 300 of the "
            "dataset's images (bare forward 1.75x fp32 on Lite0, 3.5x on ResNet-50; features at 0.993 mean "
            "cosine to fp32; its own entry). "
-           "On fit, the entry made with it (default: the newest).", _DATA, "extract", selects=True),
+           "On fit, the entry made with it (default: the newest).", _DATA, "extract", selects=True, recipe="features"),
     Option("jpeg_draft", bool, True, "Let the JPEG decoder scale down by a power of two when the image is "
-           "far larger than the input (--no-jpeg-draft: decode at full size).", ("extract",), "extract"),
+           "far larger than the input (--no-jpeg-draft: decode at full size).", ("extract",), "extract",
+           recipe="features"),
     Option("input_size", int, None, "Crop size in pixels instead of the backbone's own.", ("extract",), "extract",
-           minimum=8),
+           minimum=8, recipe="features"),
     Option("preprocess", str, (), "Image filters before the backbone, a comma list in order: hair-removal "
            "(DullRazor), color-constancy (Shades of Gray, p=6), dataset-norm (last: normalise with the "
            "dataset's own channel mean/std). Part of the fingerprint; on fit, the entry made with exactly "
-           "these (default: the unfiltered one).", _DATA, "extract", multiple=True, check="preprocess"),
+           "these (default: the unfiltered one).", _DATA, "extract", multiple=True, check="preprocess",
+           recipe="features"),
     Option("norm_from", str, None, "With --preprocess ...,dataset-norm: normalise with the statistics of this "
            "dataset (cache name, folder or CSV; e.g. the training set when extracting a test set) instead of "
-           "this one's.", ("extract",), "extract"),
+           "this one's.", ("extract",), "extract", recipe="features"),
     Option("engine", Engine, "auto", "What runs the backbone: auto (on the CPU the engine measured fastest for the "
            "backbone, often 1.2-3x PyTorch; on CUDA torch), torch, or its ONNX export on onnxruntime or "
            "openvino. Part of the entry's fingerprint; on fit, the entry made with it (default: the newest).",
-           _DATA, "extract", selects=True),
+           _DATA, "extract", selects=True, recipe="features"),
     Option("resampler", Resampler, None, "What resizes the images: pil (timm's and torchvision's eval transform, bit "
            "for bit) or torch (PyTorch's uint8 resize of the decoded JPEG: 1.3-2.4x faster decoding, pixels "
            "within 3 levels; its own entry). Default: the backbone's own (pil; torch for transformers models, "
-           "whose image processors resize so).", _DATA, "extract", selects=True),
+           "whose image processors resize so).", _DATA, "extract", selects=True, recipe="features"),
     Option("views", ViewCount, 1, "Views per image stored (mirrors and quarter turns of the input; heads train "
            "on all and average over them); on fit, the entry with this many (default: the newest).", _DATA,
-           "extract", parse=int, selects=True),
+           "extract", parse=int, selects=True, recipe="features"),
     Option("resize", ResizeMode, None, "crop (the backbone's resize + centre crop), full (whole image squeezed "
            "to a square) or pad (whole image padded to a square); on fit, the entry made so. Default: the "
            "backbone's own (crop; full for a model whose processor squashes, as SigLIP's and DINOv3's do).", _DATA,
-           "extract", selects=True),
+           "extract", selects=True, recipe="features"),
     Option("rehash", bool, False, "Compare every image's content with what was extracted, also where its size "
            "and modification time are unchanged (a file rewritten in place can keep both; `verify` finds such "
-           "files), and re-extract those that changed.", ("extract",), "extract"),
+           "files), and re-extract those that changed.", ("extract",), "extract", recipe="execution"),
     Option("shard_size", int, 1024, "Images per committed shard (the unit of resume).", ("extract",), "extract",
-           minimum=1),
+           minimum=1, recipe="execution"),
     Option("break_lock", bool, False, "Clear a lock file left by a dead run on a file system without POSIX locks "
-           "(others are freed by the kernel).", ("extract",), "extract"),
+           "(others are freed by the kernel).", ("extract",), "extract", recipe="execution"),
     Option("ray_actors", int, None, "Backbone actors on Ray (default: one per GPU, else 1).", ("extract",),
            "extract", minimum=1),
     # --- fitting (the study's [fit] table) ---
@@ -496,7 +504,7 @@ OPTIONS: tuple[Option, ...] = (
            "not name get --prompt-template.", ("fit",), "fit"),
     Option("fuse", bool, False, "Also fit every head on all backbones' features side by side (per pooling; a "
            "study's form of --backbone a+b).", (), "fit"),
-    Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit"),
+    Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit", recipe="fit-execution"),
     # --- comparing and reporting (the study's [compare] and [report] tables) ---
     Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
            "`auroc:<class>` (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
@@ -532,10 +540,6 @@ OPTIONS: tuple[Option, ...] = (
             "audit", "export", "explain"), short="-q"),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
-# the extract options that, with the backbone, its weights and poolings, name an entry (the others, such as
-# workers or batch size, say how to run it): a study passes these, and an extraction's recipe is made of them
-ENTRY_SETTINGS = ("dtype", "precision", "views", "resize", "jpeg_draft", "input_size", "preprocess", "resampler",
-                  "norm_from", "engine")
 TABLES = ("data", "extract", "fit", "compare", "report")
 
 

@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
 from featcache.option_checks import CHECKS
-from featcache.options import BY_NAME, ENTRY_SETTINGS, TABLES, Option, OptionError, broken_rules, study_table
+from featcache.options import BY_NAME, TABLES, Option, OptionError, broken_rules, study_table
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan, FeatureRecipe, FitPlan
 from featcache.store.runs import is_reusable
 
 if TYPE_CHECKING:
@@ -249,25 +250,25 @@ def _protocol(study: Study):
     return Protocol.from_options(study.fit)
 
 
-def _extract_settings(study: Study) -> dict[str, Any]:
-    """The keywords of ``extract`` that name an entry (the rest say how to run it)."""
-    return {name: study.extract[name] for name in ENTRY_SETTINGS}
+def _feature_recipe(study: Study) -> FeatureRecipe:
+    """What names the study's entries; each backbone is loaded with its own weights and the study's poolings."""
+    return FeatureRecipe.from_options({**study.extract, "weights": None})
 
 
 def _extract_together(study: Study, backbones: list[str], sources: list, models: dict, cache_root: Path,
-                      reporter: Reporter, how: dict, cluster: Any, overall: Any) -> dict[str, tuple]:
+                      reporter: Reporter, plan: ExecutionPlan, overall: Any) -> dict[str, tuple]:
     """Several backbones on this machine: each source decoded once for all of them
     (:func:`featcache.extraction.multi.extract_many`); ``{backbone: (entry, test entry)}``, empty otherwise."""
     from featcache.extraction.multi import extract_many
 
-    if cluster is not None or len(backbones) < 2:
+    if plan.cluster is not None or len(backbones) < 2:
         return {}
     found: dict[str, list] = {backbone: [None, None] for backbone in backbones}
     for k, source in enumerate(sources):
         if source is None:
             continue
-        results = extract_many(source, [models[b] for b in backbones], cache_root, reporter=reporter, **how,
-                               **_extract_settings(study))
+        results = extract_many(source, [models[b] for b in backbones], cache_root, _feature_recipe(study), plan,
+                               reporter)
         for backbone, result in zip(backbones, results, strict=True):
             found[backbone][k] = result.entry
             overall.advance(1)
@@ -288,7 +289,7 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None,
     from featcache.backbones.models import load_backbone
     from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.extraction.extract import name_entry
-    from featcache.extraction.resume import cached_line, plan
+    from featcache.extraction.resume import cached_line, images_to_extract
     from featcache.store.entries import CacheEntry
     from featcache.store.fusion import FusedEntry
 
@@ -310,14 +311,15 @@ def plan_study(study: Study, cache_root: Path, models: dict | None = None,
             models[backbone] = model
         entries[backbone] = {}
         for source in (s for s in (train, test) if s is not None):
-            named = name_entry(source, model, cache_root, plan_only=True, **_extract_settings(study))
+            named = name_entry(source, model, cache_root, _feature_recipe(study), ExecutionPlan.from_options(
+                study.extract), plan_only=True)
             total = len(source.records)
             if named is None:
                 entries[backbone][source.name] = None
                 steps.append(Step("extract", f"extract {backbone} on {source.name}", False,
                                   f"0 of {total} images cached (dataset-norm statistics not computed yet)"))
                 continue
-            missing = plan(source, named.entry_dir)[0]
+            missing = images_to_extract(source, named.entry_dir)[0]
             todo = len(missing)
             entries[backbone][source.name] = CacheEntry(named.entry_dir) if not todo else None
             steps.append(Step("extract", f"extract {backbone} on {source.name}", not todo,
@@ -348,7 +350,7 @@ def _fit_steps(study: Study, label: str, pool: str | None, protocol: Protocol, t
     the features (and the test set's) exist, because a run is named by the rows it uses."""
     from featcache.evaluation.features import labeled_features
     from featcache.evaluation.fitting import test_grouping
-    from featcache.evaluation.runner import run_dir_for
+    from featcache.evaluation.runner import HeldOut, run_dir_for
 
     if entry is None or (test is not None and test_entry is None):
         return [Step("fit", f"fit {label}/{head}", None, "after extraction") for head in study.fit["heads"]]
@@ -361,7 +363,7 @@ def _fit_steps(study: Study, label: str, pool: str | None, protocol: Protocol, t
                                      groups=test_grouping(protocol), audit=False)
     steps = []
     for head in study.fit["heads"]:
-        run = run_dir_for(data, entry, head, pool, protocol, test_data, test.name if test else None)
+        run = run_dir_for(data, entry, head, pool, protocol, HeldOut.of(test_data, test.name if test else None))
         done = is_reusable(run)
         steps.append(Step("fit", f"fit {label}/{head}", done, f"finished: {run}" if done else f"to fit: {run}"))
     return steps
@@ -391,6 +393,7 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                   cluster: RayCluster | None = None) -> StudyResult:
     """Plan ``study``, then (unless ``dry_run``) run every extraction and fit and write the report."""
     from featcache.evaluation.fitting import fit_many
+    from featcache.evaluation.protocol import RunRecipe
     from featcache.extraction.extract import extract
     from featcache.reporting.report import write_report
     from featcache.store.entries import write_json_atomic
@@ -410,43 +413,40 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
              for b, found in cached.items()
              if not study.extract["rehash"] and all(entry is not None for entry in found.values())}
     label_map, classes = study.data["label_map"], _classes(study)
-    heads = list(study.fit["heads"])
+    heads = tuple(study.fit["heads"])
     runs: list[Path] = []
     entries: dict[str, tuple] = {}
-    how = {name: study.extract[name] for name in ("batch_size", "workers", "shard_size", "device", "break_lock",
-                                                  "rehash")}
+    plan = ExecutionPlan.from_options(study.extract, cluster=cluster)
+    fit_plan = FitPlan.from_options(study.fit, cluster=cluster)
     overall = reporter.task(f"study {study.name}", total=len(steps), unit="step")
     try:
         todo = [b for b in study.backbones if b not in ready]
-        shared = _extract_together(study, todo, [train, test], models, cache_root, reporter, how, cluster, overall)
+        shared = _extract_together(study, todo, [train, test], models, cache_root, reporter, plan, overall)
         for backbone in study.backbones:
             # the loaded model already carries the study's weights and poolings (loaded once, by the plan)
-            options = dict(cache_root=cache_root, reporter=reporter, cluster=cluster, **how,
-                           **_extract_settings(study))
             if backbone in ready:
                 entry, test_entry = ready[backbone]
                 overall.advance(1 if test is None else 2)
             elif backbone in shared:
                 entry, test_entry = shared[backbone]
             else:
-                entry = extract(train, models[backbone], **options).entry
+                entry = extract(train, models[backbone], _feature_recipe(study), plan, cache_root, reporter).entry
                 overall.advance(1)
                 test_entry = None
                 if test is not None:
-                    test_entry = extract(test, models[backbone], **options).entry
+                    test_entry = extract(test, models[backbone], _feature_recipe(study), plan, cache_root,
+                                         reporter).entry
                     overall.advance(1)
             entries[backbone] = (entry, test_entry)
             for pool in _pools(study, backbone, list(entry.pools)):
-                runs += fit_many(train, entry, heads, pool, protocol, label_map, classes, test, test_entry,
-                                 force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
-                                 cluster=cluster)
+                runs += fit_many(train, entry, RunRecipe(heads, protocol, pool, label_map, classes), test,
+                                 test_entry, fit_plan, reporter, on_head=lambda: overall.advance(1))
         for pools in _fused_pools(study):
             fused = FusedEntry([(entries[b][0], pool) for b, pool in zip(study.backbones, pools, strict=True)])
             fused_test = (FusedEntry([(entries[b][1], pool) for b, pool in zip(study.backbones, pools, strict=True)])
                           if test is not None else None)
-            runs += fit_many(train, fused, heads, None, protocol, label_map, classes, test, fused_test,
-                             force=study.fit["force"], reporter=reporter, on_head=lambda: overall.advance(1),
-                             cluster=cluster)
+            runs += fit_many(train, fused, RunRecipe(heads, protocol, None, label_map, classes), test, fused_test,
+                             fit_plan, reporter, on_head=lambda: overall.advance(1))
     finally:
         overall.close()
     report = write_report(study_report_path(cache_root, study.name), runs, title=f"featcache study: {study.name}",

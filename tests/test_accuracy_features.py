@@ -19,6 +19,7 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import random_712_split
 from featcache.extraction.extract import extract
+from featcache.recipes import FeatureRecipe
 from featcache.reporting.compare import collect_runs, ensemble_rows
 
 from .fakes import FakeEntry
@@ -41,16 +42,17 @@ def test_views_are_an_axis_of_the_store_and_view_0_is_the_plain_extraction(small
     source = open_source(small_folder)
     backbone = load_backbone("efficientnet_lite0", weights="random")
     single = extract(source, backbone, cache_root=tmp_path / "cache")
-    four = extract(source, backbone, cache_root=tmp_path / "cache", views=4)
+    four = extract(source, backbone, cache_root=tmp_path / "cache", recipe=FeatureRecipe(views=4))
     assert single.entry.fingerprint != four.entry.fingerprint
     plain, views = single.entry.read("gap"), four.entry.read("gap")
     assert plain.shape == (12, 1280) and views.shape == (12, 4, 1280)
     np.testing.assert_array_equal(views[:, 0], plain)
     assert np.abs(views[:, 1] - views[:, 0]).mean() > 1e-3  # a mirror is another input
     assert four.entry.views == 4 and four.entry.manifest["views"] == list(VIEWS[:4])
-    assert extract(source, backbone, cache_root=tmp_path / "cache", views=4).extracted == 0  # resumable as ever
+    assert extract(source, backbone, cache_root=tmp_path / "cache",
+                   recipe=FeatureRecipe(views=4)).extracted == 0  # resumable as ever
     with pytest.raises(Exception, match="--views 3"):
-        extract(source, backbone, cache_root=tmp_path / "cache", views=3)
+        extract(source, backbone, cache_root=tmp_path / "cache", recipe=FeatureRecipe(views=3))
 
 
 def test_resize_policies_keep_the_whole_image(photo):

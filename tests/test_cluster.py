@@ -20,8 +20,9 @@ from featcache.cli import app
 from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
 from featcache.evaluation.fitting import fit_many
-from featcache.evaluation.protocol import Protocol
+from featcache.evaluation.protocol import Protocol, RunRecipe
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FitPlan
 from featcache.store.entries import TEMP_MARK
 from featcache.store.runs import read_metrics
 
@@ -61,22 +62,25 @@ def _demo_folder(root: Path, per_class: int) -> Path:
 
 def test_extract_and_fit_on_ray_equal_the_local_path(cluster, small_folder, tmp_path, one_thread):
     source = open_source(small_folder)
-    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local", workers=0).entry
-    on_ray = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "ray", cluster=cluster).entry
+    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local",
+                    plan=ExecutionPlan(workers=0)).entry
+    on_ray = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "ray",
+                     plan=ExecutionPlan(cluster=cluster)).entry
     assert on_ray.fingerprint == local.fingerprint
     assert sorted(on_ray.ids) == sorted(local.ids)
     assert np.array_equal(on_ray.read("gap", local.ids), local.read("gap"))
     assert on_ray.manifest["provenance"]["cluster"].startswith("Ray ")
     cluster.actors = 2  # as many actors as cores: they must still leave room for the decode tasks
     try:
-        two = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "ray2", cluster=cluster).entry
+        two = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "ray2",
+                      plan=ExecutionPlan(cluster=cluster)).entry
     finally:
         cluster.actors = None
     assert np.array_equal(two.read("gap", local.ids), local.read("gap"))
     protocol = Protocol(cv=3, groups="none")
     heads = ["logreg", "mlp"]
-    local_runs = fit_many(source, local, heads, "gap", protocol)
-    ray_runs = fit_many(source, on_ray, heads, "gap", protocol, cluster=cluster)
+    local_runs = fit_many(source, local, RunRecipe(tuple(heads), protocol, "gap"))
+    ray_runs = fit_many(source, on_ray, RunRecipe(tuple(heads), protocol, "gap"), plan=FitPlan(cluster=cluster))
     for a, b in zip(local_runs, ray_runs, strict=True):
         assert a.name == b.name  # the same run identity
         assert read_metrics(a)["pooled"] == read_metrics(b)["pooled"]
@@ -113,15 +117,15 @@ def test_a_killed_ray_worker_is_restarted_and_nothing_is_lost_or_stored_twice(cl
 
     killer = threading.Thread(target=kill_the_actor_after_the_first_shard, daemon=True)
     killer.start()
-    result = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "cache", cluster=cluster,
-                     shard_size=8, batch_size=4)
+    result = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "cache",
+                     plan=ExecutionPlan(cluster=cluster, shard_size=8, batch_size=4))
     killer.join(5)
     assert killed, "the backbone actor was never seen, so never killed"
     entry = result.entry
     assert not entry.failed and sorted(entry.ids) == sorted(r.id for r in source.records)
     assert len(entry.ids) == len(set(entry.ids)) == 40  # none lost, none twice
-    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local", workers=0,
-                    batch_size=4).entry
+    local = extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "local",
+                    plan=ExecutionPlan(workers=0, batch_size=4)).entry
     assert np.array_equal(entry.read("gap", local.ids), local.read("gap"))
 
 
@@ -156,7 +160,8 @@ def test_a_node_that_cannot_see_the_images_is_named(cluster, small_folder, tmp_p
     moved = small_folder.with_name("elsewhere")
     small_folder.rename(moved)  # as on a node without the shared file system
     with pytest.raises(FeatcacheError, match="cannot see .*shared file system"):
-        extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "cache", cluster=cluster)
+        extract(source, load_backbone("squeezenet1_1"), cache_root=tmp_path / "cache",
+                plan=ExecutionPlan(cluster=cluster))
 
 
 def test_gpu_actors_only_where_the_cluster_has_gpus(cluster):

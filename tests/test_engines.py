@@ -9,6 +9,7 @@ from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 POOLS = {"efficientnet_lite0": ("gap", "penult", "multi"), "squeezenet1_1": ("gap", "multi"),
          "dinov2_vits14": ("cls", "cls+mean", "last4")}
@@ -21,9 +22,10 @@ def test_engines_agree_with_pytorch_for_every_pooling_and_view(small_folder, tmp
     weights = "random" if backbone.startswith("dinov2") else None  # no ViT weights install offline
     source = open_source(small_folder)
     reference = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
-                        workers=0, views=2, dtype="float32", engine="torch").entry
+                        recipe=FeatureRecipe(views=2, dtype="float32", engine="torch"),
+                        plan=ExecutionPlan(workers=0)).entry
     other = extract(source, load_backbone(backbone, weights=weights, pools=POOLS[backbone]), cache_root=tmp_path,
-                    workers=0, views=2, dtype="float32", engine=engine).entry
+                    recipe=FeatureRecipe(views=2, dtype="float32", engine=engine), plan=ExecutionPlan(workers=0)).entry
     assert other.fingerprint != reference.fingerprint  # the engine is part of the name: never mixed
     assert other.manifest["fingerprint_inputs"]["engine"] == engine
     for pool in POOLS[backbone]:
@@ -64,13 +66,15 @@ def test_auto_without_the_measured_engine_runs_torch_and_says_so_loudly(monkeypa
 
 
 def test_the_default_engine_is_auto(small_folder, tmp_path):
-    entry = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path, workers=0).entry
+    entry = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path,
+                    plan=ExecutionPlan(workers=0)).entry
     assert entry.manifest["fingerprint_inputs"]["engine"] == "onnxruntime"  # measured fastest for it
 
 
 def test_a_wrong_engine_is_refused(small_folder, tmp_path):
     with pytest.raises(FeatcacheError, match="--engine 'tensorrt'"):
-        extract(open_source(small_folder), "efficientnet_lite0", cache_root=tmp_path, engine="tensorrt")
+        extract(open_source(small_folder), "efficientnet_lite0", cache_root=tmp_path,
+                recipe=FeatureRecipe(engine="tensorrt"))
 
 
 def test_fit_names_the_entry_it_takes_and_compare_tells_the_entries_apart(small_folder, tmp_path):
@@ -80,9 +84,11 @@ def test_fit_names_the_entry_it_takes_and_compare_tells_the_entries_apart(small_
 
     source = open_source(small_folder)
     for engine in ("torch", "onnxruntime"):
-        extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, engine=engine)
-    extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, engine="torch", resampler="torch",
-            input_size=192)  # 192: the sample's photos are really resampled
+        extract(source, "squeezenet1_1", cache_root=tmp_path, recipe=FeatureRecipe(engine=engine),
+                plan=ExecutionPlan(workers=0))
+    extract(source, "squeezenet1_1", cache_root=tmp_path,
+            recipe=FeatureRecipe(engine="torch", resampler="torch", input_size=192),
+            plan=ExecutionPlan(workers=0))  # 192: the sample's photos are really resampled
     fit = ["fit", "--data", str(small_folder), "--backbone", "squeezenet1_1", "--head", "logreg", "--cv", "2",
            "--no-groups", "--cache", str(tmp_path)]
     out = CliRunner().invoke(app, fit)

@@ -18,6 +18,7 @@ from featcache.evaluation.metrics import compute_metrics
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.evaluation.splits import make_folds
+from featcache.recipes import FitPlan
 
 from .conftest import shared
 from .fakes import FakeEntry
@@ -65,7 +66,7 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
     monkeypatch.setattr(H, "StandardScaler", RecordingScaler)
     data = _blobs()
     # jobs=1: the folds run in this process, where the recording scaler is patched in
-    fit_head(data, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs", jobs=1)
+    fit_head(data, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=4), "blobs", plan=FitPlan(jobs=1))
     folds = make_folds(data.y, data.groups, 4, seed=0)
     assert len(seen) == 5  # four folds, then the final refit on everything
     for rows, (train, test) in zip(seen, folds, strict=False):
@@ -76,7 +77,8 @@ def test_scaler_is_fit_on_training_rows_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("head", ["logreg", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_parallel_folds_give_the_same_run_as_serial_ones(tmp_path, head):
     data = _blobs()
-    runs = [fit_head(data, FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs", jobs=jobs)
+    runs = [fit_head(data, FakeEntry(tmp_path / f"jobs{jobs}"), head, "gap", Protocol(cv=4), "blobs",
+                     plan=FitPlan(jobs=jobs))
             for jobs in (1, 2)]
     serial, parallel = ((run / "oof_predictions.csv").read_text() for run in runs)
     assert serial.count("\n") == len(data.y) + 1

@@ -12,7 +12,8 @@ import pytest
 import featcache as fc
 from featcache.evaluation.neighbours import nearest, run_space
 from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.runner import fit_head
+from featcache.evaluation.runner import HeldOut, fit_head
+from featcache.recipes import FitPlan
 from featcache.store.model_files import load_model
 from featcache.store.runs import read_metrics, read_neighbours
 
@@ -37,7 +38,7 @@ def test_fit_writes_each_test_image_s_similar_training_cases_in_the_run_s_space(
     data, test = _clinic(120, 0), _clinic(40, 1, ids="b")
     data.groups = np.array([f"p{k // 2}" for k in range(120)])
     run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
-                   Protocol(cv=3, pca=4), "a", test=test, jobs=1, test_name="b")
+                   Protocol(cv=3, pca=4), "a", test=HeldOut(test, "b"), plan=FitPlan(jobs=1))
     rows = read_neighbours(run)
     assert len(rows) == 40 * 5 and [int(r["rank"]) for r in rows[:5]] == [1, 2, 3, 4, 5]
     # recomputable: cosine after the run's own scaler and PCA
@@ -120,7 +121,7 @@ def test_every_run_has_a_model_card_whose_numbers_are_its_metrics(tmp_path):
     data, test = _clinic(120, 0), _clinic(60, 1, scale=2.0, ids="b")
     data.groups = np.array([f"p{k // 2}" for k in range(120)])
     run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
-                   Protocol(cv=3, conformal=0.9), "a", test=test, jobs=1, test_name="clinic_b")
+                   Protocol(cv=3, conformal=0.9), "a", test=HeldOut(test, "clinic_b"), plan=FitPlan(jobs=1))
     card, metrics = (run / "MODEL_CARD.md").read_text(), read_metrics(run)
     assert card.startswith("---\nlibrary_name: \"featcache\"") and "## Intended use" in card
     pooled, tested = metrics["pooled"], metrics["test"]
@@ -157,8 +158,8 @@ def test_subgroups_are_scored_like_the_run_and_the_worst_one_is_flagged(tmp_path
     ages = [str(5 + (k * 7) % 90) for k in range(240)]
     source = _source(data, "a", {"site": site.tolist(), "Age": ages})
     tested = _source(test, "b", {"site": ["head", "leg"] * 40, "Age": [str(30 + k % 40) for k in range(80)]})
-    run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap",
-                   Protocol(cv=3), "a", test=test, jobs=1, test_name="b")
+    run = fit_head(data, FakeEntry(tmp_path / "cache" / "a" / "test-ffffffffffffffff"), "logreg", "gap", Protocol(cv=3),
+                   "a", test=HeldOut(test, "b"), plan=FitPlan(jobs=1))
     said = []
     reporter = Reporter(quiet=True)
     reporter.warn = said.append

@@ -20,6 +20,7 @@ from featcache.backbones.models import load_backbone
 from featcache.data.sources import open_source
 from featcache.errors import EntryLocked, FeatcacheError, WeightsUnavailable
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.entries import CacheEntry, EntryLock
 
 from .conftest import shared
@@ -30,7 +31,7 @@ def test_features_equal_plain_timm_forward(tmp_path, lite0):
     """Cached features == timm's own model + timm's own eval transform, to fp16 precision."""
     source = open_source(shared("ham70"))
     source.records = source.records[::10]  # 7 real 600x450 images, one per class
-    result = extract(source, lite0, cache_root=tmp_path, workers=0)
+    result = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0))
     cached = result.entry.read("gap", [r.id for r in source.records])
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
@@ -53,28 +54,28 @@ def test_bad_inputs_are_listed_and_the_run_continues(small_folder, lite0, tmp_pa
     Image.new("RGBA", (40, 30), (10, 200, 10, 128)).save(bad / "alpha ü space.png")
     Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(bad / "sixteen.png")
     Image.new("RGB", (1, 1)).save(bad / "one.png")
-    result = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=1, shard_size=4)
+    result = extract(open_source(small_folder), lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=1, shard_size=4))
     assert set(result.failed) == {"nevus/empty.jpg", "nevus/notes.jpg", "nevus/truncated.jpg"}
     assert "empty file" in result.failed["nevus/empty.jpg"]
     assert result.extracted == 15 and "nevus/alpha ü space.png" in result.entry.ids
     manifest_failed = result.entry.manifest["failed"]
     assert set(manifest_failed) == set(result.failed)
     # A rerun extracts nothing: failures are remembered until the file changes.
-    again = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0)
+    again = extract(open_source(small_folder), lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0))
     assert (again.extracted, again.skipped) == (0, 18)
     shutil.copy(next(small_folder.glob("melanoma/*.jpg")), bad / "empty.jpg")
-    fixed = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0)
+    fixed = extract(open_source(small_folder), lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0))
     assert fixed.extracted == 1 and "nevus/empty.jpg" in fixed.entry.ids
 
 
 @pytest.mark.slow
 def test_changed_image_is_reextracted_never_served_stale(small_folder, lite0, tmp_path):
     source = open_source(small_folder)
-    first = extract(source, lite0, cache_root=tmp_path, workers=0)
+    first = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0))
     target = source.records[0]
     before = first.entry.read("gap", [target.id])
     Image.open(target.path).rotate(90).save(target.path, format="JPEG")
-    second = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0)
+    second = extract(open_source(small_folder), lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0))
     assert second.extracted == 1 and second.entry.path == first.entry.path
     assert not np.allclose(second.entry.read("gap", [target.id]), before)
 
@@ -82,14 +83,16 @@ def test_changed_image_is_reextracted_never_served_stale(small_folder, lite0, tm
 @pytest.mark.slow
 def test_weights_file_or_input_size_change_makes_a_new_entry(small_folder, lite0, tmp_path):
     source = open_source(small_folder)
-    base = extract(source, lite0, cache_root=tmp_path, workers=0).entry.path
-    resized = extract(source, lite0, cache_root=tmp_path, workers=0, input_size=192)
+    base = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0)).entry.path
+    resized = extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(input_size=192),
+                      plan=ExecutionPlan(workers=0))
     assert resized.entry.path != base and resized.extracted == 12
     state = {k: v.clone() for k, v in lite0.model.net.state_dict().items()}
     state["conv_head.weight"] *= 1.01
     weights_file = tmp_path / "lite0-finetuned.pth"
     torch.save(state, weights_file)
-    other = extract(source, "efficientnet_lite0", cache_root=tmp_path, weights=str(weights_file), workers=0)
+    other = extract(source, "efficientnet_lite0", cache_root=tmp_path, recipe=FeatureRecipe(weights=str(weights_file)),
+                    plan=ExecutionPlan(workers=0))
     assert other.entry.path not in (base, resized.entry.path) and other.extracted == 12
     assert "lite0-finetuned.pth" in other.entry.manifest["provenance"]["weights_origin"]
 
@@ -157,7 +160,8 @@ def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_features(tmp_path, p
 
 @pytest.mark.slow
 def test_reader_chunks_and_memmaps_agree(small_folder, lite0, tmp_path):
-    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, shard_size=5).entry
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path,
+                    plan=ExecutionPlan(workers=0, shard_size=5)).entry
     whole = entry.read("gap")
     chunks = np.concatenate([x for _, x in entry.iter_chunks("gap", chunk_rows=4)])
     mapped = np.concatenate(entry.memmaps("gap")).astype("float32")
@@ -171,9 +175,9 @@ def test_resampler_torch_is_its_own_entry_and_test_data_follows_it(small_folder,
 
     source = open_source(small_folder)
     # 192 px: the sample's 341x256 photos are really resampled (at 224 the resize would be the identity)
-    options = dict(cache_root=tmp_path, workers=0, engine="torch", input_size=192, dtype="float32")
-    pil = extract(source, "squeezenet1_1", **options).entry
-    fast = extract(source, "squeezenet1_1", resampler="torch", **options).entry
+    recipe, plan = FeatureRecipe(engine="torch", input_size=192, dtype="float32"), ExecutionPlan(workers=0)
+    pil = extract(source, "squeezenet1_1", recipe, plan, tmp_path).entry
+    fast = extract(source, "squeezenet1_1", recipe.but(resampler="torch"), plan, tmp_path).entry
     assert fast.fingerprint != pil.fingerprint
     assert fast.manifest["fingerprint_inputs"]["preprocess"]["resampler"] == "torch"
     a, b = pil.read("gap"), fast.read("gap", pil.ids)
@@ -184,5 +188,5 @@ def test_resampler_torch_is_its_own_entry_and_test_data_follows_it(small_folder,
     like = extract_like(open_source(test_folder), fast, tmp_path).entry  # as predict and --test-data do
     # the same resampler and input size (the input size was dropped here before: test features at 224 px)
     assert like.manifest["fingerprint_inputs"] == fast.manifest["fingerprint_inputs"]
-    with pytest.raises(FeatcacheError, match="--resampler cv2: choose one of pil, torch"):
-        extract(source, "squeezenet1_1", cache_root=tmp_path, workers=0, resampler="cv2")
+    with pytest.raises(FeatcacheError, match="--resampler 'cv2': not a valid value; choose one of pil, torch"):
+        FeatureRecipe(resampler="cv2")

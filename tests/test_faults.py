@@ -30,6 +30,7 @@ from featcache.evaluation.predict import predict_proba_from_entry
 from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.entries import CacheEntry, EntryLock
 from featcache.store.model_files import load_model
 from featcache.store.verify import verify_entry
@@ -42,9 +43,10 @@ def _same_features(a: CacheEntry, b: CacheEntry) -> None:
     np.testing.assert_array_equal(a.read("gap", b.ids), b.read("gap", b.ids))
 
 
-def _extract(source, lite0, root, **kw):
-    kw = {"engine": "torch", **kw}  # the store's faults; an engine's export is one more file (tested below)
-    return extract(source, lite0, cache_root=root, workers=0, batch_size=4, shard_size=4, **kw)
+def _extract(source, lite0, root, engine="torch", input_size=None):
+    # the store's faults; an engine's export is one more file (tested below)
+    return extract(source, lite0, FeatureRecipe(engine=engine, input_size=input_size),
+                   ExecutionPlan(workers=0, batch_size=4, shard_size=4), root)
 
 
 def test_verify_names_each_damage_and_repair_lets_extract_redo_only_that(small_folder, lite0, tmp_path):

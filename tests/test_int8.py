@@ -13,6 +13,7 @@ from PIL import Image
 from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError, RunError
 from featcache.extraction.extract import extract, extract_like, name_entry
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.naming import engine_int8_path
 
 pytest.importorskip("nncf")
@@ -25,8 +26,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_int8_is_its_own_entry_close_to_fp32_and_held_out_sets_use_the_training_quantization(
         small_folder, tmp_path):
     source = open_source(small_folder)
-    fp32 = extract(source, "efficientnet_lite0", cache_root=tmp_path, workers=0).entry
-    int8 = extract(source, "efficientnet_lite0", cache_root=tmp_path, workers=0, precision="int8").entry
+    fp32 = extract(source, "efficientnet_lite0", cache_root=tmp_path, plan=ExecutionPlan(workers=0)).entry
+    int8 = extract(source, "efficientnet_lite0", cache_root=tmp_path, recipe=FeatureRecipe(precision="int8"),
+                   plan=ExecutionPlan(workers=0)).entry
     assert int8.fingerprint != fp32.fingerprint
     inputs = int8.manifest["fingerprint_inputs"]
     assert inputs["precision"] == "int8" and inputs["engine"] == "openvino"
@@ -62,23 +64,30 @@ def test_int8_is_its_own_entry_close_to_fp32_and_held_out_sets_use_the_training_
 
 
 def test_other_calibration_images_name_another_entry(small_folder, lite0, tmp_path):
-    named = name_entry(open_source(small_folder), lite0, tmp_path, precision="int8", device="cpu")
+    named = name_entry(open_source(small_folder), lite0, tmp_path, recipe=FeatureRecipe(precision="int8"),
+                       plan=ExecutionPlan(device="cpu"))
     photo = sorted((small_folder / "nevus").glob("*.jpg"))[0]
     photo.write_bytes(sorted((small_folder / "melanoma").glob("*.jpg"))[0].read_bytes())
-    changed = name_entry(open_source(small_folder), lite0, tmp_path, precision="int8", device="cpu")
+    changed = name_entry(open_source(small_folder), lite0, tmp_path, recipe=FeatureRecipe(precision="int8"),
+                         plan=ExecutionPlan(device="cpu"))
     assert changed.fingerprint != named.fingerprint
     assert changed.inputs["calibration"]["sha256"] != named.inputs["calibration"]["sha256"]
     assert engine_int8_path(tmp_path, "efficientnet_lite0", {"a": 1}).name.endswith(".int8.xml")
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"engine": "torch"}, "runs on --engine openvino .* not torch"),
-    ({"engine": "onnxruntime"}, "not onnxruntime"),
-    ({"device": torch.device("cuda")}, "CPU, not on cuda"),
+@pytest.mark.parametrize(("engine", "device", "message"), [
+    ("torch", "cpu", "runs on --engine openvino .* not torch"),
+    ("onnxruntime", "cpu", "not onnxruntime"),
+    ("auto", "cuda", "CPU, not on cuda"),
 ])
-def test_int8_is_refused_where_it_cannot_run_as_asked(small_folder, lite0, tmp_path, options, message):
+def test_int8_is_refused_where_it_cannot_run_as_asked(small_folder, lite0, tmp_path, engine, device, message,
+                                                      monkeypatch):
+    import featcache.extraction.extract as stage
+
+    monkeypatch.setattr(stage, "resolve_device", torch.device)  # as on a machine with a GPU
     with pytest.raises(FeatcacheError, match=message):
-        name_entry(open_source(small_folder), lite0, tmp_path, precision="int8", **{"device": "cpu", **options})
+        name_entry(open_source(small_folder), lite0, tmp_path, FeatureRecipe(precision="int8", engine=engine),
+                   ExecutionPlan(device=device))
 
 
 def test_int8_without_nncf_says_what_to_install(small_folder, lite0, tmp_path, monkeypatch):
@@ -87,7 +96,8 @@ def test_int8_without_nncf_says_what_to_install(small_folder, lite0, tmp_path, m
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
     with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[int8\]'"):
-        name_entry(open_source(small_folder), lite0, tmp_path, precision="int8", device="cpu")
+        name_entry(open_source(small_folder), lite0, tmp_path, recipe=FeatureRecipe(precision="int8"),
+                   plan=ExecutionPlan(device="cpu"))
 
 
 def test_fit_selects_by_precision_compare_labels_int8_and_export_refuses_it(small_folder, tmp_path):

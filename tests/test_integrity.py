@@ -22,6 +22,7 @@ from featcache.errors import CacheError, FeatcacheError, RunError
 from featcache.extraction.extract import extract
 from featcache.net import check_tracking_uri
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store import verify as verify_module
 from featcache.store.entries import MANIFEST, CacheEntry
 from featcache.store.verify import verify_entry
@@ -44,7 +45,8 @@ def _copy(folder: Path, target: Path) -> Path:
 @pytest.mark.parametrize("damage", ["zeroed block", "truncated"])
 def test_a_damaged_onnx_export_is_rebuilt_and_gives_the_clean_features(small_folder, tmp_path, lite0, capfd, damage):
     cache = tmp_path / "cache"
-    first = extract(open_source(small_folder), lite0, cache_root=cache, workers=0, engine="onnxruntime").entry
+    first = extract(open_source(small_folder), lite0, cache_root=cache, recipe=FeatureRecipe(engine="onnxruntime"),
+                    plan=ExecutionPlan(workers=0)).entry
     [export] = (cache / ".engines").glob("*.onnx")
     raw = bytearray(export.read_bytes())
     if damage == "zeroed block":
@@ -58,10 +60,12 @@ def test_a_damaged_onnx_export_is_rebuilt_and_gives_the_clean_features(small_fol
         for src in sorted((DEMO / "images" / label).glob("*.jpg"))[6:10]:
             shutil.copy(src, other / label / src.name)
     capfd.readouterr()
-    again = extract(open_source(other), lite0, cache_root=cache, workers=0, engine="onnxruntime")
+    again = extract(open_source(other), lite0, cache_root=cache, recipe=FeatureRecipe(engine="onnxruntime"),
+                    plan=ExecutionPlan(workers=0))
     assert "does not match the checksum recorded at export" in capfd.readouterr().err
     assert again.extracted == 8 and again.reused == 0
-    clean = extract(open_source(other), lite0, cache_root=tmp_path / "clean", workers=0, engine="onnxruntime").entry
+    clean = extract(open_source(other), lite0, cache_root=tmp_path / "clean",
+                    recipe=FeatureRecipe(engine="onnxruntime"), plan=ExecutionPlan(workers=0)).entry
     assert clean.fingerprint == again.entry.fingerprint
     np.testing.assert_array_equal(again.entry.read("gap"), clean.read("gap", again.entry.ids))
     assert first.fingerprint == again.entry.fingerprint  # the same name, now with the right features
@@ -73,13 +77,15 @@ def test_a_damaged_onnx_export_is_rebuilt_and_gives_the_clean_features(small_fol
 def test_a_bit_rotted_shard_is_refused_by_fit_and_never_copied_into_a_new_entry(small_folder, tmp_path, lite0, capfd):
     cache = tmp_path / "cache"
     source = open_source(small_folder)
-    entry = extract(source, lite0, cache_root=cache, workers=0, engine="torch", shard_size=6).entry
+    entry = extract(source, lite0, cache_root=cache, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0, shard_size=6)).entry
     clean = entry.read("gap")
     flip_one_feature_bit(entry)
     with pytest.raises(CacheError, match=r"no longer match the checksum .* verify --repair"):
         fc.fit(small_folder, heads=["logreg"], cv=3, cache=cache, engine="torch", quiet=True)
-    other = extract(open_source(_copy(small_folder, tmp_path / "other_clinic")), lite0, cache_root=cache, workers=0,
-                    engine="torch", shard_size=6, reporter=Reporter())
+    other = extract(open_source(_copy(small_folder, tmp_path / "other_clinic")), lite0, cache_root=cache,
+                    reporter=Reporter(), recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0, shard_size=6))
     assert "not reusing features from" in capfd.readouterr().err
     assert other.reused == 0 and other.extracted == 12  # nothing is copied from a damaged entry: all redone
     np.testing.assert_allclose(other.entry.read("gap", entry.ids), clean, atol=1e-3)
@@ -93,7 +99,8 @@ def test_test_images_of_a_class_the_model_never_saw_are_refused_with_the_way_out
     cache = tmp_path / "cache"
     test = _copy(small_folder, tmp_path / "hospital_b")
     (test / "nevus").rename(test / "carcinoma")  # 6 nevus images now of a class the training set lacks
-    extract(open_source(small_folder), lite0, cache_root=cache, workers=0, engine="torch")
+    extract(open_source(small_folder), lite0, cache_root=cache, recipe=FeatureRecipe(engine="torch"),
+            plan=ExecutionPlan(workers=0))
     with pytest.raises(RunError, match=r"6 of 12 test images .*carcinoma \(6\).*classes=melanoma"):
         fc.fit(small_folder, heads=["logreg"], cv=3, cache=cache, engine="torch", test_data=test, quiet=True)
     study = {"data": {"train": str(small_folder), "test": str(test)}, "extract": {"backbones": ["efficientnet_lite0"]},
@@ -110,8 +117,8 @@ def test_test_images_of_a_class_the_model_never_saw_are_refused_with_the_way_out
 
 @pytest.mark.slow
 def test_repair_leaves_a_shard_it_cannot_read_alone(small_folder, tmp_path, lite0, monkeypatch):
-    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch",
-                    shard_size=6).entry
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0, shard_size=6)).entry
     locked = entry.shard_paths()[1]
     real_open = open
 
@@ -133,7 +140,8 @@ def test_repair_leaves_a_shard_it_cannot_read_alone(small_folder, tmp_path, lite
 def test_a_truncated_manifest_is_one_line_everywhere_and_repair_rebuilds_it_keeping_the_runs(small_folder, tmp_path,
                                                                                              lite0):
     cache = tmp_path / "cache"
-    entry = extract(open_source(small_folder), lite0, cache_root=cache, workers=0, engine="torch").entry
+    entry = extract(open_source(small_folder), lite0, cache_root=cache, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0)).entry
     [run] = fc.fit(small_folder, heads=["logreg"], cv=3, cache=cache, engine="torch", quiet=True)
     original = (entry.path / MANIFEST).read_text()
     (entry.path / MANIFEST).write_text(original[:len(original) // 2])
@@ -170,7 +178,8 @@ def test_a_tracking_store_that_would_lose_or_hang_is_refused_at_once(tmp_path, u
 
 @pytest.mark.slow
 def test_fit_refuses_an_unusable_tracking_store_before_fitting(small_folder, tmp_path, lite0):
-    extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch")
+    extract(open_source(small_folder), lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+            plan=ExecutionPlan(workers=0))
     out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", str(tmp_path), "--engine", "torch",
                               "--head", "logreg", "--cv", "3", "--mlflow-uri", "sqlite:///"])
     assert out.exit_code == 2 and "vanishes" in out.output
@@ -216,7 +225,8 @@ def test_a_utf16_study_file_is_one_error(tmp_path):
 
 @pytest.mark.slow
 def test_predict_on_images_that_all_fail_is_one_line(small_folder, tmp_path, lite0):
-    extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch")
+    extract(open_source(small_folder), lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+            plan=ExecutionPlan(workers=0))
     [run] = fc.fit(small_folder, heads=["logreg"], cv=3, cache=tmp_path, engine="torch", quiet=True)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -238,8 +248,8 @@ def test_a_backbone_named_twice_is_refused(small_folder, tmp_path):
 
 @pytest.mark.slow
 def test_verify_fails_when_a_listed_shard_is_missing(small_folder, tmp_path, lite0):
-    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch",
-                    shard_size=6).entry
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0, shard_size=6)).entry
     entry.shard_paths()[0].unlink()
     out = runner.invoke(app, ["verify", str(entry.path), "--quick"])
     assert out.exit_code == 1 and "missing: shard-00000.h5" in out.output, out.output
@@ -248,7 +258,8 @@ def test_verify_fails_when_a_listed_shard_is_missing(small_folder, tmp_path, lit
 @pytest.mark.slow
 def test_a_file_rewritten_with_the_same_size_and_time_is_found_and_rehash_redoes_it(small_folder, tmp_path, lite0):
     source = open_source(small_folder)
-    entry = extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch").entry
+    entry = extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0)).entry
     victim = sorted(small_folder.rglob("*.jpg"))[0]
     other = sorted(small_folder.rglob("*.jpg"))[-1]
     stat = victim.stat()
@@ -257,15 +268,18 @@ def test_a_file_rewritten_with_the_same_size_and_time_is_found_and_rehash_redoes
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same modification time
     report = verify_entry(entry.path, source)
     assert any("--rehash" in f.fix for f in report.findings), [f.line() for f in report.findings]
-    assert extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch").extracted == 0
-    again = extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch", rehash=True)
+    assert extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                   plan=ExecutionPlan(workers=0)).extracted == 0
+    again = extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0, rehash=True))
     assert again.extracted == 1
     assert verify_entry(entry.path, source).ok
 
 
 @pytest.mark.slow
 def test_verify_exits_non_zero_whenever_it_reports_anything(small_folder, tmp_path, lite0):
-    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, engine="torch").entry
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0)).entry
     assert runner.invoke(app, ["verify", str(entry.path)]).exit_code == 0
     (entry.path / ".shard-00009.h5.tmp-999").write_bytes(b"half a shard")  # a dead writer's leftover: a warning
     out = runner.invoke(app, ["verify", str(entry.path)])

@@ -18,6 +18,7 @@ from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError
 from featcache.evaluation.fitting import EntrySelection, find_entry
 from featcache.extraction.extract import extract, extract_like
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 
 def test_filter_names_are_checked():
@@ -58,9 +59,11 @@ def test_hair_removal_fills_thin_dark_lines(photo):
 def test_filters_make_their_own_entry_and_fit_never_takes_it_by_default(small_folder, tmp_path):
     lite0 = load_backbone("efficientnet_lite0")
     source = open_source(small_folder)
-    plain = extract(source, lite0, cache_root=tmp_path, workers=0, engine="torch").entry
-    filtered = extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
-                       preprocess="hair-removal,color-constancy", engine="torch").entry
+    plain = extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(engine="torch"),
+                    plan=ExecutionPlan(workers=0)).entry
+    filtered = extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path,
+                       recipe=FeatureRecipe(preprocess="hair-removal,color-constancy", engine="torch"),
+                       plan=ExecutionPlan(workers=0)).entry
     assert filtered.fingerprint != plain.fingerprint and filtered.filters == ("hair-removal", "color-constancy")
     assert "filters" not in plain.manifest["fingerprint_inputs"]["preprocess"]  # old names kept
     assert plain.fingerprint == "0e1ebd8d300e6c4f"  # the name it had before filters, engines and resamplers
@@ -83,7 +86,8 @@ def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_set
         small_folder, tmp_path):
     source = open_source(small_folder)
     lite0 = load_backbone("efficientnet_lite0")
-    normed = extract(source, lite0, cache_root=tmp_path, workers=0, preprocess="dataset-norm")
+    normed = extract(source, lite0, cache_root=tmp_path, recipe=FeatureRecipe(preprocess="dataset-norm"),
+                     plan=ExecutionPlan(workers=0))
     entry = normed.entry
     stats = entry.manifest["fingerprint_inputs"]["preprocess"]
     # the mean and std are the images' own, computed over the 224 px crops the backbone sees
@@ -97,8 +101,8 @@ def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_set
     assert entry.manifest["dataset_norm"] == {"from": "folder", "images": 12}
     assert entry.fingerprint != "0e1ebd8d300e6c4f" and entry.filters == ("dataset-norm",)
     # a rerun reads the stored statistics and resumes the same entry
-    again = extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
-                    preprocess="dataset-norm")
+    again = extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path,
+                    recipe=FeatureRecipe(preprocess="dataset-norm"), plan=ExecutionPlan(workers=0))
     assert again.entry.path == entry.path and again.extracted == 0
     # another dataset (a test set): fit --test-data and predict normalise it with the training statistics
     test_csv = _subset_csv(small_folder, tmp_path / "held out.csv", [r.path.name for r in source.records[:3]])
@@ -113,14 +117,15 @@ def test_dataset_norm_uses_the_datasets_own_statistics_once_and_the_training_set
     assert test.fingerprint == entry.fingerprint and test.manifest["dataset_norm"]["from"] == "folder"
     same_images = [i.removeprefix("folder/") for i in test.ids]
     assert np.allclose(test.read("gap"), entry.read("gap", same_images), atol=1e-3)
-    own = extract(open_source(test_csv), load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
-                  preprocess="dataset-norm").entry
+    own = extract(open_source(test_csv), load_backbone("efficientnet_lite0"), cache_root=tmp_path,
+                  recipe=FeatureRecipe(preprocess="dataset-norm"), plan=ExecutionPlan(workers=0)).entry
     assert own.fingerprint != entry.fingerprint  # its own statistics: a different entry, never mixed up
     with pytest.raises(FeatcacheError, match="--norm-from nowhere: no dataset-norm statistics"):
-        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0,
-                preprocess="dataset-norm", norm_from="nowhere")
+        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path,
+                recipe=FeatureRecipe(preprocess="dataset-norm", norm_from="nowhere"), plan=ExecutionPlan(workers=0))
     with pytest.raises(FeatcacheError, match="only with --preprocess"):
-        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path, workers=0, norm_from="folder")
+        extract(source, load_backbone("efficientnet_lite0"), cache_root=tmp_path,
+                recipe=FeatureRecipe(norm_from="folder"), plan=ExecutionPlan(workers=0))
     out = CliRunner().invoke(app, ["extract", "--data", str(test_csv), "--preprocess", "dataset-norm",
                                    "--norm-from", str(small_folder), "--cache", str(tmp_path), "--workers", "0"])
     assert out.exit_code == 0, out.output

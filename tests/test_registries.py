@@ -14,6 +14,7 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.option_checks import CHECKS
 from featcache.options import BY_NAME, OptionError
+from featcache.recipes import FitPlan
 from featcache.reporting.compare import select_rows
 from featcache.store.runs import read_metrics
 
@@ -43,8 +44,8 @@ def test_a_registered_head_is_fit_named_listed_and_refused_for_export_as_declare
     assert TOY not in head_names("all") and TOY in head_names()  # in no head set it was not given
     assert BY_NAME["heads"].checked((TOY,), checks=CHECKS) == (TOY,)  # every door's check knows it
     assert grid_of(TOY) == {"head__C": [0.05, 0.5]}
-    run = fit_head(_data(), FakeEntry(tmp_path / "cache" / "toy" / "test-ffffffffffffffff"), TOY, "gap",
-                   Protocol(cv=3), "toy", jobs=1)
+    run = fit_head(_data(), FakeEntry(tmp_path / "cache" / "toy" / "test-ffffffffffffffff"), TOY, "gap", Protocol(cv=3),
+                   "toy", plan=FitPlan(jobs=1))
     config = read_metrics(run)["config"]
     assert config["head"] == TOY and config["estimator"]["head__C"] == 0.05  # named by what built it
     assert run.name.startswith(f"{TOY}-gap-")

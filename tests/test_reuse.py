@@ -11,11 +11,12 @@ from PIL import Image
 
 from featcache.data.sources import open_source
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 
 def test_a_moved_relabelled_subset_csv_extracts_only_new_images(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
-    first = extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
+    first = extract(open_source(small_folder), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert first.extracted == 12 and first.reused == 0
     images = sorted(small_folder.rglob("*.jpg"))
     moved = tmp_path / "elsewhere" / "copies"
@@ -34,25 +35,26 @@ def test_a_moved_relabelled_subset_csv_extracts_only_new_images(small_folder, tm
         writer.writerows(rows)
     source = open_source(moved / "my list.csv")
     assert source.name != first.entry.manifest["dataset"]  # another dataset, another entry
-    second = extract(source, lite0, cache_root=cache, workers=0)
+    second = extract(source, lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert second.entry.path != first.entry.path and second.entry.fingerprint == first.entry.fingerprint
     assert second.reused == 8 and second.extracted == 1 and "8 reused from other entries" in second.summary()
     original_ids = [p.relative_to(small_folder).as_posix() for p in images[:8]]
     np.testing.assert_array_equal(second.entry.read("gap", [f"odd id #{k}" for k in range(8)], dtype="float16"),
                                   first.entry.read("gap", original_ids, dtype="float16"))
-    again = extract(source, lite0, cache_root=cache, workers=0)
+    again = extract(source, lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert again.extracted == 0 and again.reused == 0 and again.skipped == 9
 
 
 @pytest.mark.slow
 def test_other_settings_are_never_reused(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
-    extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
+    extract(open_source(small_folder), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     copy = tmp_path / "copy"
     shutil.copytree(small_folder, copy)
-    other = extract(open_source(copy), lite0, cache_root=cache, workers=0, views=2)  # another fingerprint
+    other = extract(open_source(copy), lite0, cache_root=cache, recipe=FeatureRecipe(views=2),
+                    plan=ExecutionPlan(workers=0))  # another fingerprint
     assert other.reused == 0 and other.extracted == 12
-    same = extract(open_source(copy), lite0, cache_root=cache, workers=0)
+    same = extract(open_source(copy), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert same.reused == 12 and same.extracted == 0
 
 
@@ -66,8 +68,8 @@ def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_
 
     cache = tmp_path / "cache"
     source = open_source(small_folder)
-    entries = [extract(source, lite0, cache_root=cache, workers=0).entry,
-               extract(source, "squeezenet1_1", cache_root=cache, workers=0).entry]
+    entries = [extract(source, lite0, cache_root=cache, plan=ExecutionPlan(workers=0)).entry,
+               extract(source, "squeezenet1_1", cache_root=cache, plan=ExecutionPlan(workers=0)).entry]
     runner = CliRunner()
     out = runner.invoke(app, ["fit", "--data", str(small_folder), "--cache", str(cache), "--backbone",
                               "efficientnet_lite0+squeezenet1_1", "--head", "logreg", "--cv", "3", "--no-groups"])
@@ -85,8 +87,8 @@ def test_backbone_fusion_fits_and_predicts_on_both_backbones_side_by_side(small_
     assert out.exit_code == 0, out.output
     (row,) = list(csv.DictReader(open(preds, newline="")))
     assert row["similarity"] == "1.0000" and row["predicted"] in ("melanoma", "nevus")
-    two_views = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path / "other", workers=0,
-                        views=2).entry
+    two_views = extract(open_source(small_folder), "squeezenet1_1", cache_root=tmp_path / "other",
+                        recipe=FeatureRecipe(views=2), plan=ExecutionPlan(workers=0)).entry
     from featcache.errors import RunError
     from featcache.store.fusion import FusedEntry
 

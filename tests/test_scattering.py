@@ -14,6 +14,7 @@ from featcache.data.images import decode_rgb
 from featcache.data.sources import open_source
 from featcache.errors import FeatcacheError, WeightsUnavailable
 from featcache.extraction.extract import extract
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 
 
 def test_names_choose_j_and_l_and_bad_ones_are_refused():
@@ -35,7 +36,8 @@ def test_features_are_kymatios_spatially_averaged_coefficients(small_folder, tmp
     source = open_source(small_folder)
     model = load_backbone("scattering_j2_l4", pools=("gap", "log"))
     assert model.weights_origin.startswith("none: Kymatio") and model.preprocess.mean == (0.0, 0.0, 0.0)
-    entry = extract(source, model, cache_root=tmp_path, workers=0, dtype="float32").entry
+    entry = extract(source, model, cache_root=tmp_path, recipe=FeatureRecipe(dtype="float32"),
+                    plan=ExecutionPlan(workers=0)).entry
     record = source.records[0]
     decoded = decode_rgb(record.path.read_bytes(), model.preprocess.decode_min_side)  # as extraction decodes
     image = model.preprocess.to_uint8(decoded)[None].float() / 255
@@ -46,7 +48,7 @@ def test_features_are_kymatios_spatially_averaged_coefficients(small_folder, tmp
     assert np.allclose(entry.read("log", [record.id])[0], np.log(expected + 1e-6), atol=1e-4)
     # no weights, so nothing random: a second extraction into another cache gives the same bytes
     again = extract(source, load_backbone("scattering_j2_l4", pools=("gap", "log")), cache_root=tmp_path / "b",
-                    workers=0, dtype="float32").entry
+                    recipe=FeatureRecipe(dtype="float32"), plan=ExecutionPlan(workers=0)).entry
     assert again.fingerprint == entry.fingerprint
     assert np.array_equal(again.read("log"), entry.read("log"))
 
@@ -60,7 +62,8 @@ def test_other_input_sizes_and_refusals(small_folder, tmp_path):
     with pytest.raises(WeightsUnavailable, match="has no weights"):
         load_backbone("scattering", weights="random")
     with pytest.raises(FeatcacheError, match="runs on PyTorch only"):
-        extract(open_source(small_folder), model, cache_root=tmp_path, workers=0, engine="onnxruntime")
+        extract(open_source(small_folder), model, cache_root=tmp_path, recipe=FeatureRecipe(engine="onnxruntime"),
+                plan=ExecutionPlan(workers=0))
     runner = CliRunner()
     out = runner.invoke(app, ["extract", "--backbone", "scattering_j2_l4", "--data", str(small_folder),
                               "--cache", str(tmp_path), "--workers", "0", "-q"])

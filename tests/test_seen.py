@@ -17,9 +17,10 @@ from featcache.errors import RunError
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.metrics import compute_metrics
 from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.runner import fit_head
+from featcache.evaluation.runner import HeldOut, fit_head
 from featcache.options import OptionError
 from featcache.progress import Reporter
+from featcache.recipes import FitPlan
 from featcache.reporting.compare import select_rows, table_rows
 from featcache.store.naming import entry_of_run, trained_run
 from featcache.store.runs import read_metrics, read_predictions
@@ -42,8 +43,8 @@ def _clinic(n: int, seed: int, scale: float = 1.0, offset: float = 0.0, ids: str
 def _fit(cache: Path, head: str = "logreg", test: LabeledFeatures | None = None, data: LabeledFeatures | None = None,
          **protocol) -> Path:
     entry = FakeEntry(cache / "clinic_a" / "test-ffffffffffffffff")
-    return fit_head(data or _clinic(120, 0), entry, head, "gap", Protocol(cv=3, **protocol), "clinic_a", test=test,
-                    jobs=1, test_name="clinic_b" if test is not None else None)
+    return fit_head(data or _clinic(120, 0), entry, head, "gap", Protocol(cv=3, **protocol), "clinic_a",
+                    test=HeldOut.of(test, "clinic_b"), plan=FitPlan(jobs=1))
 
 
 def test_compare_shows_every_run_that_differs_only_on_the_held_out_side(tmp_path):
@@ -85,8 +86,8 @@ def test_held_out_warnings_name_the_run_that_gave_them_also_when_it_is_reused(tm
     other, entry = _clinic(80, 1, scale=2.0, offset=1.0, ids="b"), FakeEntry(tmp_path / "c" / "a" / ("t-" + "f" * 16))
     for _ in range(2):  # made, then reused
         for head in ("logreg", "knn"):
-            fit_head(_clinic(120, 0), entry, head, "gap", Protocol(cv=3), "clinic_a", test=other, jobs=1,
-                     test_name="clinic_b", reporter=Collect(quiet=True))
+            fit_head(_clinic(120, 0), entry, head, "gap", Protocol(cv=3), "clinic_a",
+                     test=HeldOut(other, "clinic_b"), plan=FitPlan(jobs=1), reporter=Collect(quiet=True))
     shifts = [m for m in said if "domain shift:" in m]
     assert [m.split(":")[0] for m in shifts] == ["logreg", "knn", "logreg", "knn"]
 
@@ -137,7 +138,7 @@ def test_prediction_sets_are_shown_and_uninformative_ones_said(tmp_path):
     said = []
     reporter.warn = said.append
     run = fit_head(noise, FakeEntry(cache / "clinic_a" / "test-ffffffffffffffff"), "logreg", "gap",
-                   Protocol(cv=3, conformal=0.95), "clinic_a", jobs=1, reporter=reporter)
+                   Protocol(cv=3, conformal=0.95), "clinic_a", plan=FitPlan(jobs=1), reporter=reporter)
     assert any("prediction sets hold" in w and "say little" in w for w in said), said
     header, body = table_rows(select_rows(cache, "balanced_accuracy"), "balanced_accuracy")
     saved = read_metrics(run)["conformal"]
@@ -246,7 +247,7 @@ def test_the_version_and_output_that_is_not_a_terminal_does_not_wrap(tmp_path):
 
 def test_the_cache_line_counts_failed_images_apart(tmp_path):
     from featcache.data.sources import open_source
-    from featcache.extraction.resume import cached_line, plan
+    from featcache.extraction.resume import cached_line, images_to_extract
 
     folder = tmp_path / "f" / "nevus"
     folder.mkdir(parents=True)
@@ -256,7 +257,7 @@ def test_the_cache_line_counts_failed_images_apart(tmp_path):
     fc.extract(tmp_path / "f", cache=tmp_path / "cache", quiet=True, engine="torch")
     source = open_source(tmp_path / "f")
     entry_dir = next((tmp_path / "cache").glob("f/*"))
-    todo = plan(source, entry_dir)[0]
+    todo = images_to_extract(source, entry_dir)[0]
     assert cached_line(source, entry_dir, todo) == ("3 of 4 images cached, 1 failed at extraction (unreadable or "
                                                     "not an image; `featcache verify` lists them)")
 

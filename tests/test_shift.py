@@ -8,7 +8,7 @@ import pytest
 from featcache.errors import RunError
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.runner import fit_head
+from featcache.evaluation.runner import HeldOut, fit_head
 from featcache.evaluation.shift import align, domain_auroc, em_prevalence, shift_warning
 from featcache.progress import Reporter
 from featcache.store.runs import read_metrics, read_model_card, read_predictions
@@ -77,14 +77,14 @@ def test_em_recovers_a_test_prevalence_from_calibrated_probabilities():
 def test_fit_on_another_clinic_warns_audits_and_moments_alignment_recovers_it(tmp_path, capfd):
     train, test = _clinic(300, 0), _clinic(200, 1, scale=2.0, offset=3.0, ids="b")
     plain = read_metrics(fit_head(train, FakeEntry(tmp_path / "p"), "logreg", "gap", Protocol(cv=3), "toy",
-                                  test=test, reporter=Reporter()))
+                                  test=HeldOut(test), reporter=Reporter()))
     warning = capfd.readouterr().err
     assert "domain shift:" in warning and "try --test-align auto (or moments)" in " ".join(warning.split())
     shift = plain["test"]["shift"]
     assert shift["domain_auroc"] > 0.95 and shift["ood_fraction"] > 0.5
     assert set(shift["prevalence_estimate"]) == {"mel", "nv"} and shift["prevalence_true"]["mel"] == 0.5
     run = fit_head(train, FakeEntry(tmp_path / "a"), "logreg", "gap", Protocol(cv=3, test_align="moments"), "toy",
-                   test=test, reporter=Reporter())
+                   test=HeldOut(test), reporter=Reporter())
     warning = capfd.readouterr().err  # an aligned run does not advise what it already does
     assert "domain shift:" in warning and "try --test-align" not in warning
     assert "after --test-align moments" in " ".join(warning.split())
@@ -102,9 +102,9 @@ def test_permuting_the_test_labels_changes_no_prediction(tmp_path):
                                test.classes)
     protocol = Protocol(cv=3, test_align="coral")
     first = read_predictions(fit_head(train, FakeEntry(tmp_path / "1"), "logreg", "gap", protocol, "toy",
-                                      test=test), "test")
+                                      test=HeldOut(test)), "test")
     second = read_predictions(fit_head(train, FakeEntry(tmp_path / "2"), "logreg", "gap", protocol, "toy",
-                                       test=shuffled), "test")
+                                       test=HeldOut(shuffled)), "test")
     np.testing.assert_array_equal(first.proba, second.proba)
 
 
@@ -235,7 +235,7 @@ def test_the_conformal_quantile_and_cross_conformal_coverage_keep_their_promise(
 def test_fit_with_conformal_sets_reports_their_coverage_out_of_fold_and_on_the_test_set(tmp_path):
     train, test = _clinic(600, 0), _clinic(300, 1, scale=2.0, offset=3.0, ids="b")
     run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", Protocol(cv=5, conformal=0.9, test_align="moments"),
-                   "toy", test=test)
+                   "toy", test=HeldOut(test))
     metrics = read_metrics(run)
     found = metrics["conformal"]
     assert found["level"] == 0.9 and 0.85 <= found["coverage"] <= 0.95 and len(found["thresholds"]) == 2
@@ -273,7 +273,7 @@ def test_sets_calibrated_by_group_keep_the_coverage_in_each_group(tmp_path):
     train.strata = np.array(["x", "y", "z"] * 200, dtype=object)
     test.strata = np.array(["x", "y", "w"] * 100, dtype=object)
     protocol = Protocol(cv=5, conformal=0.9, conformal_by="device")
-    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=test)
+    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=HeldOut(test))
     metrics = read_metrics(run)
     assert set(metrics["conformal"]["by"]["groups"]) == {"x", "y", "z"}
     assert metrics["test"]["conformal"]["by"]["overall_threshold_images"] == 100
@@ -346,8 +346,8 @@ def test_fit_with_auto_records_its_choice_and_scores_what_it_chose(tmp_path, cap
     everything = np.ones(300, dtype=bool)
     for name, test, expected in (("device", _copies(train, everything, offset=40.0), "moments"),
                                  ("mix", _copies(train, (train.y == "mel") | (np.arange(300) % 10 == 1)), "none")):
-        run = fit_head(train, FakeEntry(tmp_path / f"{name}-auto"), "logreg", "gap",
-                       Protocol(cv=3, test_align="auto"), "toy", test=test, reporter=Reporter())
+        run = fit_head(train, FakeEntry(tmp_path / f"{name}-auto"), "logreg", "gap", Protocol(cv=3, test_align="auto"),
+                       "toy", test=HeldOut(test), reporter=Reporter())
         auto = read_metrics(run)
         said = " ".join(capfd.readouterr().err.split())
         choice = auto["test"]["test_align_choice"]
@@ -355,7 +355,7 @@ def test_fit_with_auto_records_its_choice_and_scores_what_it_chose(tmp_path, cap
         assert f"--test-align auto chose **{expected}**: {choice['reason']}" in read_model_card(run)
         assert auto["test"]["test_align"] == "auto" and auto["config"]["protocol"]["test_align"] == "auto"
         fixed = read_metrics(fit_head(train, FakeEntry(tmp_path / f"{name}-{expected}"), "logreg", "gap",
-                                      Protocol(cv=3, test_align=expected), "toy", test=test))
+                                      Protocol(cv=3, test_align=expected), "toy", test=HeldOut(test)))
         # the test score is the chosen alignment's, and the unaligned one is kept beside it
         assert auto["test"]["balanced_accuracy"] == pytest.approx(fixed["test"]["balanced_accuracy"])
         assert auto["test"]["unaligned"]["balanced_accuracy"] == pytest.approx(
@@ -419,7 +419,7 @@ def test_fit_weighs_the_test_set_s_sets_and_records_what_recomputes_them(tmp_pat
 
     train, test = _clinic(600, 0), _clinic(300, 1, scale=2.0, offset=3.0, ids="b")
     protocol = Protocol(cv=5, conformal=0.9, test_align="moments", conformal_shift="weighted")
-    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=test)
+    run = fit_head(train, FakeEntry(tmp_path), "logreg", "gap", protocol, "toy", test=HeldOut(test))
     metrics = read_metrics(run)
     held = metrics["test"]["conformal"]
     assert held["weights"]["calibration_images"] == 600 and held["weights"]["test_images"] == 300
@@ -439,7 +439,7 @@ def test_fit_weighs_the_test_set_s_sets_and_records_what_recomputes_them(tmp_pat
     assert written.sets == ["|".join(c for c, k in zip(train.classes, row, strict=True) if k) for row in sets]
     # a test set that resembles few training images is said
     far = _clinic(300, 2, scale=1.0, offset=40.0, ids="c")
-    fit_head(train, FakeEntry(tmp_path), "logreg", "gap", replace_align(protocol, "none"), "toy", test=far,
+    fit_head(train, FakeEntry(tmp_path), "logreg", "gap", replace_align(protocol, "none"), "toy", test=HeldOut(far),
              reporter=Reporter())
     assert "--conformal-shift weighted: the test images resemble few training images" in capfd.readouterr().err
 

@@ -9,7 +9,7 @@ from sklearn.metrics import balanced_accuracy_score
 from featcache.evaluation import stacking
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.runner import fit_head
+from featcache.evaluation.runner import HeldOut, fit_head
 from featcache.evaluation.stacking import fit_meta_learner, stack, stack_features
 from featcache.options import BY_NAME, OptionError
 from featcache.reporting.compare import collect_runs, ensemble_rows
@@ -84,7 +84,7 @@ def _runs(tmp_path, y: np.ndarray, X: np.ndarray, heads=("logreg", "knn", "svm-l
     entry_dir = tmp_path / "cache" / "toy" / "bb-0"
     entry_dir.mkdir(parents=True)
     for head in heads:
-        fit_head(data, FakeEntry(entry_dir), head, "gap", protocol or Protocol(cv=3), "toy", test=test)
+        fit_head(data, FakeEntry(entry_dir), head, "gap", protocol or Protocol(cv=3), "toy", test=HeldOut(test))
     return collect_runs(tmp_path / "cache")
 
 

@@ -26,6 +26,7 @@ from featcache.evaluation.protocol import Protocol
 from featcache.evaluation.runner import fit_head
 from featcache.extraction.extract import extract
 from featcache.options import OptionError
+from featcache.recipes import ExecutionPlan
 from featcache.reporting.compare import _fmt, collect_runs, ensemble_rows
 from featcache.store.entries import MANIFEST
 from featcache.store.hashing import bytes_hash
@@ -95,7 +96,7 @@ def test_cv_without_groups_says_so_in_the_protocol_metrics_and_compare(clinic, s
     nogroup = _write_csv(small_folder / "plain.csv", ["path", "label"],
                          [[p.relative_to(small_folder).as_posix(), p.parent.name]
                           for p in sorted(small_folder.rglob("*.jpg"))])
-    extract(open_source(nogroup), lite0, cache_root=cache, workers=0)
+    extract(open_source(nogroup), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     out = _cli("fit", "--data", str(nogroup), "--cache", str(cache), "--head", "logreg", "--cv", "3")
     assert out.exit_code == 0, out.output
     assert "NOT grouped" in out.output and "UNGROUPED" in out.output
@@ -111,7 +112,7 @@ def test_cv_without_groups_says_so_in_the_protocol_metrics_and_compare(clinic, s
 @pytest.mark.slow
 def test_the_case_id_column_groups_the_folds(clinic, tmp_path, lite0):
     source = open_source(clinic)
-    entry = extract(source, lite0, cache_root=tmp_path / "cache", workers=0).entry
+    entry = extract(source, lite0, cache_root=tmp_path / "cache", plan=ExecutionPlan(workers=0)).entry
     data = labeled_features(source, entry, "gap")
     assert data.grouping["grouped"] and data.grouping["column"] == "case_id"
     run = fit_head(data, entry, "logreg", "gap", Protocol(cv=3), source.name)
@@ -131,7 +132,7 @@ def test_a_run_is_redone_when_labels_groups_or_an_image_change_and_only_then(cli
 
     def fit(csv_path: Path, classes: str | None = None) -> Path:
         source = open_source(csv_path)
-        entry = extract(source, lite0, cache_root=cache, workers=0).entry
+        entry = extract(source, lite0, cache_root=cache, plan=ExecutionPlan(workers=0)).entry
         data = labeled_features(source, entry, "gap", classes=classes)
         return fit_head(data, entry, "logreg", "gap", Protocol(cv=2), source.name)
 
@@ -170,7 +171,7 @@ def with_copies(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_the_audit_finds_identical_and_near_identical_images(with_copies, tmp_path, lite0):
     source = open_source(with_copies)
-    entry = extract(source, lite0, cache_root=tmp_path, workers=0).entry
+    entry = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0)).entry
     data = labeled_features(source, entry, "gap", groups="none")
     pairs = find_duplicates(data.X, data.sha256, 0.91)
     named = {(data.ids[a], data.ids[b]) for a, b in zip(pairs.first, pairs.second, strict=True)}
@@ -186,7 +187,7 @@ def test_the_audit_finds_identical_and_near_identical_images(with_copies, tmp_pa
 @pytest.mark.slow
 def test_fit_reports_leaking_folds_and_near_duplicate_groups_remove_them(with_copies, tmp_path, lite0):
     cache = tmp_path / "cache"
-    extract(open_source(with_copies), lite0, cache_root=cache, workers=0)
+    extract(open_source(with_copies), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     common = ("fit", "--data", str(with_copies), "--cache", str(cache), "--head", "knn", "--cv", "3")
     out = _cli(*common)
     assert out.exit_code == 0, out.output
@@ -232,7 +233,7 @@ def test_the_python_api_checks_the_same_values():
 @pytest.mark.slow
 def test_unknown_class_names_are_named(clinic, tmp_path, lite0):
     source = open_source(clinic)
-    entry = extract(source, lite0, cache_root=tmp_path, workers=0).entry
+    entry = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0)).entry
     with pytest.raises(RunError, match="'melanom' not among the labels .*melanoma, nevus"):
         labeled_features(source, entry, "gap", classes="melanom,nevus")
 
@@ -290,7 +291,7 @@ def test_every_run_has_per_class_auroc_and_compare_sorts_by_one(clinic, tmp_path
     scores = compute_metrics(np.array(["a", "b", "c", "a"]), np.eye(3)[[0, 1, 2, 1]] * 0.7 + 0.1, ["a", "b", "c"])
     assert {"auroc:a", "auroc:b", "auroc:c"} <= set(scores)
     cache = tmp_path / "cache"
-    extract(open_source(clinic), lite0, cache_root=cache, workers=0)
+    extract(open_source(clinic), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert _cli("fit", "--data", str(clinic), "--cache", str(cache), "--head", "logreg", "--cv", "3").exit_code == 0
     out = _cli("compare", "--cache", str(cache), "--metric", "auroc:melanoma")
     assert out.exit_code == 0 and "auroc:melanoma" in out.output, out.output
@@ -313,7 +314,8 @@ def test_ids_with_commas_and_quotes_survive_the_prediction_files_and_ensembles(t
 
 @pytest.mark.slow
 def test_verify_catches_a_finite_bit_flip_through_the_feature_checksums(small_folder, tmp_path, lite0):
-    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path, workers=0, shard_size=6).entry
+    entry = extract(open_source(small_folder), lite0, cache_root=tmp_path,
+                    plan=ExecutionPlan(workers=0, shard_size=6)).entry
     assert verify_entry(entry.path, check_files=False).ok
     shard = flip_one_feature_bit(entry)
     report = verify_entry(entry.path, check_files=False)
@@ -323,7 +325,7 @@ def test_verify_catches_a_finite_bit_flip_through_the_feature_checksums(small_fo
 @pytest.mark.slow
 def test_a_lost_manifest_is_rebuilt_and_nothing_is_extracted_or_counted_twice(small_folder, tmp_path, lite0):
     source = open_source(small_folder)
-    entry = extract(source, lite0, cache_root=tmp_path, workers=0, shard_size=5).entry
+    entry = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0, shard_size=5)).entry
     manifest = json.loads((entry.path / MANIFEST).read_text())
     (entry.path / MANIFEST).unlink()
     report = verify_entry(entry.path)
@@ -334,7 +336,7 @@ def test_a_lost_manifest_is_rebuilt_and_nothing_is_extracted_or_counted_twice(sm
     for key in ("fingerprint", "fingerprint_inputs", "pools", "dims", "dtype", "views", "n_images", "shards"):
         assert rebuilt[key] == manifest[key], key
     (entry.path / MANIFEST).unlink()
-    again = extract(source, lite0, cache_root=tmp_path, workers=0, shard_size=5)
+    again = extract(source, lite0, cache_root=tmp_path, plan=ExecutionPlan(workers=0, shard_size=5))
     assert again.extracted == 0 and again.skipped == 12
     assert json.loads((entry.path / MANIFEST).read_text())["n_images"] == 12
     assert again.entry.shard_paths() == entry.shard_paths()  # no shard written again
@@ -345,7 +347,7 @@ def test_a_lost_manifest_is_rebuilt_and_nothing_is_extracted_or_counted_twice(sm
 @pytest.mark.slow
 def test_predict_with_one_corrupt_image_predicts_the_rest(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
-    extract(open_source(small_folder), lite0, cache_root=cache, workers=0)
+    extract(open_source(small_folder), lite0, cache_root=cache, plan=ExecutionPlan(workers=0))
     assert _cli("fit", "--data", str(small_folder), "--cache", str(cache), "--head", "logreg", "--cv", "3",
                 "--no-groups").exit_code == 0
     (run,) = cache.glob("*/*/runs/logreg-*")
@@ -376,7 +378,7 @@ def test_a_stranger_csv_fits_with_named_columns_and_too_few_images_for_knn_is_on
 @pytest.mark.slow
 def test_fit_on_a_shard_holding_inf_points_to_verify(small_folder, tmp_path, lite0):
     cache = tmp_path / "cache"
-    entry = extract(open_source(small_folder), lite0, cache_root=cache, workers=0).entry
+    entry = extract(open_source(small_folder), lite0, cache_root=cache, plan=ExecutionPlan(workers=0)).entry
     shard = entry.shard_paths()[0]
     with h5py.File(shard, "a") as h5:
         data = h5["features/gap"][()]

@@ -61,16 +61,17 @@ def test_a_changed_image_or_a_stale_recipe_takes_the_full_path(small_folder, tmp
 def test_a_replaced_weights_file_changes_the_recipe(small_folder, tmp_path):
     from featcache.data.sources import open_source
     from featcache.extraction.warm import recipe_key
+    from featcache.recipes import ExecutionPlan, FeatureRecipe
 
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"one")
     source = open_source(small_folder)
-    options = {"backbone": "resnet18", "weights": str(weights)}
-    before = recipe_key(source, options)
+    recipe = FeatureRecipe(weights=str(weights))
+    before = recipe_key(source, "resnet18", recipe, ExecutionPlan())
     weights.write_bytes(b"two!")
-    assert recipe_key(source, options) != before
-    assert recipe_key(source, {**options, "rehash": True}) is None
-    assert recipe_key(source, {**options, "preprocess": ("dataset-norm",)}) is None
+    assert recipe_key(source, "resnet18", recipe, ExecutionPlan()) != before
+    assert recipe_key(source, "resnet18", recipe, ExecutionPlan(rehash=True)) is None
+    assert recipe_key(source, "resnet18", recipe.but(preprocess=("dataset-norm",)), ExecutionPlan()) is None
 
 
 def _options(data: Path, cache: Path) -> dict:

@@ -23,6 +23,7 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from featcache.options import Resampler, ResizeMode, ViewCount
+from featcache.recipes import named_settings
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,11 @@ _PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+# preprocessing settings added after the first entries were named, at the default they had before there was a
+# choice: left out of the fingerprint there, so those entries keep their names (featcache.recipes.named_settings)
+PREPROCESS_SETTINGS_ADDED = {"resize_mode": "crop", "filters": (), "resampler": "pil", "crop_corner": "round"}
 
 
 @dataclass(frozen=True)
@@ -104,17 +110,10 @@ class Preprocess:
         )
 
     def to_dict(self) -> dict:
-        fields = asdict(self)
-        if fields["resize_mode"] == "crop":  # the default before there was a choice: keeps old fingerprints
-            del fields["resize_mode"]
-        if not fields["filters"]:  # likewise for --preprocess
-            del fields["filters"]
-        else:
+        """The fields that name an entry's preprocessing (those added since, at their first default, left out)."""
+        fields = named_settings(asdict(self), PREPROCESS_SETTINGS_ADDED)
+        if "filters" in fields:
             fields["filters"] = list(fields["filters"])
-        if fields["resampler"] == "pil":  # and for --resampler
-            del fields["resampler"]
-        if fields["crop_corner"] == "round":  # and for the transformers backbones' crop
-            del fields["crop_corner"]
         return fields
 
     @classmethod

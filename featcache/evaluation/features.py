@@ -139,11 +139,11 @@ def labeled_features(source: ImageSource, entry: CacheEntry, pool: str, label_ma
     the training data's. ``groups``: a :class:`Grouping` value. The leakage audit (identical and
     near-identical images) is run on the rows and kept in ``duplicates`` (``audit=False`` skips it
     for a held-out set, unless its groups come from it)."""
-    from featcache.extraction.resume import plan
+    from featcache.extraction.resume import images_to_extract
 
     groups = BY_NAME["groups"].checked(groups)
     for part in getattr(entry, "parts", [(entry, pool)]):  # a fused entry: every backbone's
-        stale, _ = plan(source, part[0].path)
+        stale, _ = images_to_extract(source, part[0].path)
         if stale:
             raise RunError(
                 f"{len(stale)} images of {source.location} are not in {part[0].path} or changed since "

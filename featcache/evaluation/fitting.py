@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -17,20 +17,18 @@ from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
 from featcache.evaluation.head_registry import ZERO_SHOT
-from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.runner import fit_head
+from featcache.evaluation.protocol import Protocol, RunRecipe
+from featcache.evaluation.runner import HeldOut, fit_head
 from featcache.evaluation.splits import split_plan
 from featcache.evaluation.subgroups import add_subgroups, checked_columns, values_of
 from featcache.evaluation.zero_shot import zero_shot_text
 from featcache.extraction.extract import extract
 from featcache.options import OPTIONS, Grouping
 from featcache.progress import Reporter
+from featcache.recipes import FitPlan
 from featcache.store.entries import CacheEntry, find_entries
 from featcache.store.fusion import FusedEntry
 from featcache.store.naming import default_cache_root
-
-if TYPE_CHECKING:
-    from featcache.extraction.ray import RayCluster
 
 DEMO_BACKBONE = "efficientnet_lite0"
 DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
@@ -103,14 +101,17 @@ def find_entry(cache_root: Path, source: ImageSource, selection: EntrySelection,
     return chosen
 
 
-def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str | None,
-             protocol: Protocol, label_map: str | None = None, classes: str | None = None,
-             test_source: ImageSource | None = None, test_entry: CacheEntry | None = None,
-             force: bool = False, reporter: Reporter | None = None,
-             on_head: Callable[[], None] | None = None, cluster: RayCluster | None = None) -> list[Path]:
-    """Fit every head of ``heads`` on one entry and pooling (see :func:`featcache.evaluation.runner.fit_head`);
-    ``on_head`` is called after each (a study's overall progress); ``cluster``: folds as Ray tasks."""
+def fit_many(source: ImageSource, entry: CacheEntry, recipe: RunRecipe, test_source: ImageSource | None = None,
+             test_entry: CacheEntry | None = None, plan: FitPlan = FitPlan(), reporter: Reporter | None = None,
+             on_head: Callable[[], None] | None = None) -> list[Path]:
+    """Fit every head of ``recipe`` on one entry and pooling (see :func:`featcache.evaluation.runner.fit_head`),
+    each scored on ``test_source`` (its features ``test_entry``) when given; ``on_head`` is called after each (a
+    study's overall progress). ``plan``: redo, fold workers, a Ray cluster."""
     reporter = reporter or Reporter(quiet=True)
+    broken = recipe.broken_rule(test_source is not None)
+    if broken:
+        raise RunError(broken)
+    heads, protocol, label_map, classes = list(recipe.heads), recipe.protocol, recipe.label_map, recipe.classes
     if test_source is not None:
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
@@ -121,7 +122,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work
         raise RunError(f"--head zero-shot reads the image embedding as it is: fit it without "
                        f"{'--pca' if protocol.pca else '--meta'} (in a run of its own)")
-    pool = entry.pool if isinstance(entry, FusedEntry) else pool or entry.pools[0]
+    pool = entry.pool if isinstance(entry, FusedEntry) else recipe.pool or entry.pools[0]
     data = labeled_features(source, entry, pool, label_map, classes, protocol.meta, groups=protocol.groups,
                             near_dup_threshold=protocol.near_dup_threshold)
     for note in data.notes[:10]:
@@ -139,8 +140,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
             reporter.warn(f"--conformal-by {by}: {test_source.location} has no such column, so its images' sets "
                           "use the threshold calibrated on all training images")
     report_protocol(data, protocol, reporter)
-    label_desc = ";".join(x for x in (f"map {label_map}" if label_map else "",
-                                       f"classes {classes}" if classes else "") if x)
+    label_desc = recipe.label_description()
     zero_shot = replace(protocol, zero_shot=zero_shot_text(entry, pool, list(data.classes), protocol.prompt_template,
                                                            protocol.prompts, reporter)) if ZERO_SHOT in heads else None
     runs = []
@@ -148,9 +148,8 @@ def fit_many(source: ImageSource, entry: CacheEntry, heads: list[str], pool: str
     try:
         for head in heads:
             runs.append(fit_head(data, entry, head, pool, zero_shot if head == ZERO_SHOT else protocol, source.name,
-                                 label_desc, force,
-                                 test, reporter, cluster=cluster,
-                                 test_name=test_source.name if test_source else None))
+                                 label_desc, HeldOut.of(test, test_source.name if test_source else None), plan,
+                                 reporter))
             if protocol.subgroups:
                 add_subgroups(runs[-1], source, test_source, protocol.subgroups, reporter)
             task.advance(1)
@@ -197,7 +196,7 @@ def run_demo(cache_root: Path | None = None, reporter: Reporter | None = None,
         reporter.info(f"features reused from the cache ({result.skipped} images): {result.entry.path}")
     else:
         reporter.info(result.summary())
-    runs = fit_many(source, result.entry, list(heads), None, Protocol(cv=5), reporter=reporter)
+    runs = fit_many(source, result.entry, RunRecipe(tuple(heads), Protocol(cv=5)), reporter=reporter)
     return result.entry, runs
 
 

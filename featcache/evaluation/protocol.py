@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from featcache.options import BY_NAME
+from featcache.options import BY_NAME, broken_rules, keyword_spelling
+from featcache.recipes import named_settings
 
 if TYPE_CHECKING:
     from featcache.evaluation.heads import ZeroShotText
@@ -91,10 +92,7 @@ class Protocol:
         config = asdict(replace(self, zero_shot=None))
         for name in ("subgroups", "prompt_template", "prompts", "zero_shot"):
             del config[name]
-        for name, unset in (("test_align", "none"), ("conformal", None), ("conformal_by", None),
-                             ("conformal_shift", "none")):
-            if config[name] == unset:
-                del config[name]
+        config = named_settings(config, PROTOCOL_SETTINGS_ADDED)
         if config.get("test_align") == "coral":  # its covariances are shrunk by Ledoit-Wolf since featcache 0.4:
             config["coral_shrinkage"] = "ledoit-wolf"  # a run made with the fixed 0.1 is not this one
         if "conformal" not in config:
@@ -112,5 +110,35 @@ class Protocol:
         return {k: v for k, v in self.config().items() if k in HELDOUT_SETTINGS}
 
 
+# settings added after the first runs were named, at their default: left out there, so those runs keep their names
+PROTOCOL_SETTINGS_ADDED = {"test_align": "none", "conformal": None, "conformal_by": None, "conformal_shift": "none"}
 # how a held-out set is scored by a trained run: they do not change its cross-validation (see heldout.py)
 HELDOUT_SETTINGS = ("test_align", "coral_shrinkage", "conformal_shift")
+
+
+@dataclass(frozen=True)
+class RunRecipe:
+    """What names the runs of one fit, besides the rows and features: the heads (a run each), the protocol, the
+    pooling read (None: the entry's first) and how the labels are mapped or kept (``featcache fit --label-map``,
+    ``--classes``)."""
+
+    heads: tuple[str, ...]
+    protocol: Protocol = field(default_factory=Protocol)
+    pool: str | None = None
+    label_map: str | None = None
+    classes: str | None = None
+
+    def label_description(self) -> str:
+        """How the labels were made, as a run's config records it."""
+        return ";".join(x for x in (f"map {self.label_map}" if self.label_map else "",
+                                    f"classes {self.classes}" if self.classes else "") if x)
+
+    def broken_rule(self, tested: bool) -> str | None:
+        """The first rule between the options (:data:`featcache.options.RULES`) that this recipe breaks, in the
+        Python keywords' spelling, with a held-out set or without (``tested``); None when it breaks none. Every
+        door checks the rules in its own spelling first; this is the stage's own check, for callers in Python."""
+        p = self.protocol
+        values = {"test_align": p.test_align, "conformal": p.conformal, "conformal_by": p.conformal_by,
+                  "conformal_shift": p.conformal_shift, "groups": p.groups, "test_data": "given" if tested else None}
+        broken = broken_rules("fit", values)
+        return broken[0].message(values, keyword_spelling) if broken else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from featcache.evaluation.head_registry import (
 )
 from featcache.evaluation.heads import HEADS_VERSION, ViewEnsemble, XGBHead
 from featcache.progress import Reporter
+from featcache.recipes import FitPlan
 from featcache.store.entries import CacheEntry
 from featcache.store.hashing import rows_hash
 from featcache.store.naming import run_path
@@ -186,11 +188,11 @@ def _scale_rules(data: LabeledFeatures, head: str, protocol: Protocol) -> dict[s
 
 
 def run_dir_for(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
-                test: LabeledFeatures | None = None, test_name: str | None = None) -> Path:
-    """The folder :func:`fit_head` returns for this fit (finished or not): the run, or with ``test`` (named
-    ``test_name``) its held-out evaluation."""
+                test: HeldOut | None = None) -> Path:
+    """The folder :func:`fit_head` returns for this fit (finished or not): the run, or with ``test`` its held-out
+    evaluation."""
     run_dir = run_path(entry.path, head, pool, run_identity(data, entry, head, pool, protocol))
-    return run_dir if test is None else heldout_dir_for(run_dir, test, protocol, test_name or "test")
+    return run_dir if test is None else heldout_dir_for(run_dir, test.data, protocol, test.name)
 
 
 def _check_neighbours(params: dict, smallest_train: int, head: str, tune: bool) -> None:
@@ -258,10 +260,22 @@ def _calibrate_sets(data: LabeledFeatures, protocol: Protocol, head: str, fold_p
     return conformal, sets_written
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out set's features, and the dataset name its evaluations are filed under."""
+
+    data: LabeledFeatures
+    name: str = "test"
+
+    @classmethod
+    def of(cls, data: LabeledFeatures | None, name: str | None = None) -> HeldOut | None:
+        """``data`` as a held-out set (None: none)."""
+        return None if data is None else cls(data, name or "test")
+
+
 def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
-             source_name: str, label_desc: str = "", force: bool = False,
-             test: LabeledFeatures | None = None, reporter: Reporter | None = None,
-             jobs: int | None = None, cluster: RayCluster | None = None, test_name: str | None = None) -> Path:
+             source_name: str, label_desc: str = "", test: HeldOut | None = None, plan: FitPlan = FitPlan(),
+             reporter: Reporter | None = None) -> Path:
     """Cross-validate one head, refit it on all training rows, and write a run directory; with ``test``, score
     the run on it (see :func:`featcache.evaluation.heldout.evaluate_heldout`) and return that evaluation's
     folder.
@@ -269,41 +283,38 @@ def fit_head(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, pro
     The run is named by the hash of everything that trained it: the head's code version and every estimator
     parameter, the protocol, the feature fingerprint and pooling, and every training row used (id, image
     SHA-256, label, group, split, metadata). A change to any of these makes a new run; an identical fit reuses
-    the finished one, and a new held-out setting on it is scored from its saved model.
-
-    ``jobs``: worker processes for the folds (default: one per CPU core, at most the number of
-    tasks). Every fold's estimator is seeded, so the result does not depend on it.
+    the finished one, and a new held-out setting on it is scored from its saved model. ``plan``: how it runs
+    (:class:`featcache.recipes.FitPlan`: redo, fold workers, a Ray cluster); it changes no number.
     """
     reporter = reporter or Reporter(quiet=True)
     meta_names = [c["name"] for c in data.meta_spec]
-    if test is not None and [c["name"] for c in test.meta_spec] != meta_names:
+    if test is not None and [c["name"] for c in test.data.meta_spec] != meta_names:
         raise RunError(f"the test data must carry the same --meta columns as the training data "
                        f"({','.join(meta_names) or 'none'}); pass the same --meta for both")
     identity = run_identity(data, entry, head, pool, protocol)
     for rule, (_, what) in _scale_rules(data, head, protocol).items():
         reporter.warn(f"{head}: {what} (recorded in the run as {rule})")
     run_dir = run_path(entry.path, head, pool, identity)
-    if is_reusable(run_dir) and not force:
+    if is_reusable(run_dir) and not plan.force:
         reporter.info(f"{head}: identical run already finished, reusing {run_dir} (--force to redo)"
                       + (" and scoring its saved model on the held-out set" if test is not None else ""))
     else:
-        if is_finished(run_dir) and not force:
+        if is_finished(run_dir) and not plan.force:
             reporter.info(f"{head}: {run_dir} was made by featcache before 0.3 and its model is a pickle: fitting "
                           "it again, without pickles")
         config = {**identity, "dataset": source_name, "labels": label_desc, "backbone": entry.manifest["backbone"],
                   "grouping": data.grouping,
                   # which images were scored: runs whose predictions line up image by image (ensembles)
                   "ids_sha256": rows_hash([i] for i in data.ids), "test_ids_sha256": None, "test_dataset": None}
-        _cross_validate(data, entry, head, pool, protocol, config, run_dir, reporter, jobs, cluster)
+        _cross_validate(data, entry, head, pool, protocol, config, run_dir, reporter, plan)
     if test is None:
         return run_dir
-    return evaluate_heldout(run_dir, data, test, protocol, test_name or "test", entry.manifest.get("source"),
-                            reporter, force)
+    return evaluate_heldout(run_dir, data, test.data, protocol, test.name, entry.manifest.get("source"),
+                            reporter, plan.force)
 
 
 def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: str, protocol: Protocol,
-                    config: dict, run_dir: Path, reporter: Reporter, jobs: int | None,
-                    cluster: RayCluster | None) -> None:
+                    config: dict, run_dir: Path, reporter: Reporter, plan: FitPlan) -> None:
     """The folds, the pooled out-of-fold scores, the prediction sets' calibration and the final refit,
     written as the run folder ``run_dir``."""
     started = time.perf_counter()
@@ -319,7 +330,7 @@ def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: s
     smallest = _views_seen(data, protocol) * min(len(train) for _, train, _ in tasks)
     _check_neighbours(config["estimator"], smallest, head, protocol.tune)
     X = with_meta(data.X, data.meta)
-    outputs = _run_tasks(head, protocol, data, X, tasks, jobs, cluster)
+    outputs = _run_tasks(head, protocol, data, X, tasks, plan.jobs, plan.cluster)
     final, cv_seconds = outputs[-1][0], time.perf_counter() - started
     fold_metrics, oof_rows, oof_by_seed = [], [], {}
     for (seed, fold, _, test_idx), (est, proba) in zip(fold_plan, outputs[:-1], strict=True):

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from featcache.data.sources import ImageRecord, ImageSource
 from featcache.errors import CacheError, FeatcacheError, RunError
 from featcache.options import Dtype, Engine, Precision
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.entries import (
     MANIFEST,
     SHARD_GLOB,
@@ -41,7 +41,7 @@ from featcache.extraction.lean import EXPORTED_ENGINES, default_batch_size, defa
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import cached_line, plan
+from featcache.extraction.resume import cached_line, images_to_extract
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.writer import (
     Batch,
@@ -51,86 +51,51 @@ from featcache.extraction.writer import (
     commit_batches,
     disk_errors,
 )
-from featcache.store.naming import cache_root_of_entry, entry_path, fingerprint_inputs
-
-DTYPES = tuple(d.value for d in Dtype)
+from featcache.store.naming import entry_path, fingerprint_inputs
 
 
-PRECISIONS = tuple(p.value for p in Precision)
-
-
-def extract(
-    source: ImageSource,
-    backbone: str | LoadedBackbone,
-    cache_root: str | os.PathLike | None = None,
-    pools: tuple[str, ...] | None = None,
-    dtype: str = "float16",
-    weights: str | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    shard_size: int = 1024,
-    device: str = "auto",
-    precision: str = "auto",
-    jpeg_draft: bool = True,
-    input_size: int | None = None,
-    views: int = 1,
-    resize: str | None = None,
-    break_lock: bool = False,
-    reporter: Reporter | None = None,
-    engine: str = "auto",
-    preprocess: tuple[str, ...] | str = (),
-    resampler: str | None = None,
-    norm_from: str | dict | None = None,
-    cluster: RayCluster | None = None,
-    rehash: bool = False,
-    calibration: dict | None = None,
-) -> ExtractResult:
+def extract(source: ImageSource, backbone: str | LoadedBackbone, recipe: FeatureRecipe = FeatureRecipe(),
+            plan: ExecutionPlan = ExecutionPlan(), cache_root: str | os.PathLike | None = None,
+            reporter: Reporter | None = None) -> ExtractResult:
     """Extract features of every image in ``source`` into the cache (resuming where it stopped).
 
-    ``views``: 1, 2, 4 or 8 views per image (:data:`featcache.data.images.VIEWS`: flips and quarter turns
-    of the preprocessed square), stored as an extra axis: features are ``(n, views, dim)``.
-    ``resize``: ``crop`` (the backbone's resize + centre crop), ``full`` or ``pad`` (whole image); None: the
-    backbone's own.
-    ``engine``: ``auto`` (the engine measured fastest for the backbone on the CPU, PyTorch on CUDA),
-    ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`featcache.extraction.engines`).
-    ``resampler``: ``pil`` (timm's and torchvision's eval transform, bit for bit) or ``torch`` (faster, its own
-    fingerprint; :class:`featcache.data.images.Preprocess`); None: the backbone's own.
-    ``preprocess``: image filters before the backbone's transform (:mod:`featcache.data.preprocessing`).
-    ``norm_from``: with ``dataset-norm``, the dataset (cache name, folder or CSV) whose statistics
-    normalise these images, e.g. the training set for a test set, or the statistics themselves (a dict
-    with ``mean``, ``std``, ``dataset``, ``images``); default: this dataset's own.
-    ``cluster``: run on Ray (:mod:`featcache.extraction.ray`); the features and the entry are the local path's.
-    ``calibration``: with ``precision="int8"``, another entry's calibration to run the quantized model of
-    (:func:`extract_like`); default: this dataset's (:mod:`featcache.extraction.quantize`).
+    ``backbone``: a registry name (loaded with ``recipe.weights`` and ``recipe.pools``) or a loaded backbone.
+    ``recipe`` names the entry (:class:`featcache.recipes.FeatureRecipe`; its fields are the options of
+    ``featcache extract``: ``views`` are flips and quarter turns stored as an extra axis, features ``(n, views,
+    dim)``; ``engine`` ``auto`` is the engine measured fastest for the backbone on the CPU, PyTorch on CUDA;
+    ``resampler`` ``torch`` has its own fingerprint; ``norm_from`` with ``dataset-norm`` may be the statistics
+    themselves). ``plan`` says how the job runs (:class:`featcache.recipes.ExecutionPlan`: device, batch size,
+    workers, shard size, lock, re-hashing, a Ray cluster, whose features and entry are the local path's).
     """
     reporter = reporter or Reporter(quiet=True)
-    dev = resolve_device(device) if cluster is None else cluster.device(device)
+    cluster = plan.cluster
+    dev = _device_of(plan)
     model = backbone if isinstance(backbone, LoadedBackbone) else \
-        load_backbone(backbone, weights=weights, pools=pools, device=dev if cluster is None else "cpu")
-    view_names = _checked_views(views)
+        load_backbone(backbone, weights=recipe.weights, pools=recipe.pools, device=dev if cluster is None else "cpu")
     root = Path(cache_root or default_cache_root())
-    named = name_entry(source, model, root, dtype=dtype, precision=precision, device=dev, views=views,
-                       resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
-                       resampler=resampler, norm_from=norm_from, engine=engine, workers=workers,
-                       reporter=reporter, cluster=cluster, calibration=calibration)
-    entry_dir, engine, precision = named.entry_dir, named.engine, named.precision
+    named = name_entry(source, model, root, recipe, plan, reporter)
+    entry_dir = named.entry_dir
     if not _writable(entry_dir):
         return _read_only_result(source, entry_dir)
 
-    with EntryLock(entry_dir, break_lock=break_lock):
-        todo, skipped, manifest = begin_entry(source, model, named, dev, dtype, view_names, rehash, reporter,
-                                              cluster)
+    with EntryLock(entry_dir, break_lock=plan.break_lock):
+        todo, skipped, manifest = begin_entry(source, model, named, plan, reporter)
         start = time.perf_counter()
         with disk_errors(entry_dir):
-            todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, shard_size, reporter)
+            todo, reused = reuse_known_images(todo, entry_dir, manifest, model.dims, plan.shard_size, reporter)
             export = _int8_export(named, model, root, source, reporter) if todo else None
-            extracted = _run(todo, model, entry_dir, dev, precision, dtype, batch_size, workers,
-                             shard_size, manifest, view_names, reporter, engine, root, cluster, export=export)
+            extracted = _run(todo, model, named, plan, manifest, reporter, root, export=export)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         seconds = time.perf_counter() - start
     result = ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
-    result.lean = _lean_info(model, engine, dev, cluster, root) if precision != Precision.int8.value else None
+    result.lean = _lean_info(model, named.engine, dev, cluster, root) \
+        if named.precision != Precision.int8.value else None
     return result
+
+
+def _device_of(plan: ExecutionPlan) -> torch.device:
+    """The device the backbone runs on: this machine's, or a cluster's actors' (the driver's copy names the entry)."""
+    return resolve_device(plan.device) if plan.cluster is None else plan.cluster.device(plan.device)
 
 
 def _int8_export(named: NamedEntry, model: LoadedBackbone, cache_root: Path, source: ImageSource,
@@ -156,9 +121,8 @@ def _lean_info(model: LoadedBackbone, engine: str, dev: torch.device, cluster: R
     return lean_recipe(engine, path, torch.get_num_threads(), cache_root) if path.is_file() else None
 
 
-def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, dev: torch.device, dtype: str,
-                view_names: tuple[str, ...], rehash: bool, reporter: Reporter, cluster: RayCluster | None = None
-                ) -> tuple[list[ImageRecord], int, dict]:
+def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, plan: ExecutionPlan,
+                reporter: Reporter) -> tuple[list[ImageRecord], int, dict]:
     """Under the entry's lock: clear what an interrupted run left, rebuild a lost manifest from the shards,
     plan what is still to extract, and write the manifest of an entry begun. Returns the images still to
     do, how many are already in, and the manifest."""
@@ -170,20 +134,20 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
         # its shards are still the truth: without this, every image would be extracted again
         rebuild_manifest(entry_dir)
         reporter.warn(f"{entry_dir / MANIFEST} was missing; rebuilt it from the shards")
-    todo, skipped = plan(source, entry_dir, rehash)
+    todo, skipped = images_to_extract(source, entry_dir, plan.rehash)
     manifest = {
         "fingerprint": named.fingerprint, "fingerprint_inputs": named.inputs, "format_version": 1,
         "dataset": source.name, "source": str(Path(source.location).resolve()),
         "source_kind": source.kind, "backbone": model.spec.name, "pools": list(model.model.pools),
-        "dims": model.dims, "dtype": dtype, "provenance": provenance(dev, model.weights_origin),
-        "views": list(view_names),
+        "dims": model.dims, "dtype": named.dtype, "provenance": provenance(named.device, model.weights_origin),
+        "views": list(named.views),
     }
     if named.norm:
         manifest["dataset_norm"] = named.norm
     if named.own:
         manifest["backbone_preprocess"] = named.own
-    if cluster is not None:
-        manifest["provenance"]["cluster"] = cluster.describe()
+    if plan.cluster is not None:
+        manifest["provenance"]["cluster"] = plan.cluster.describe()
     if skipped:
         reporter.info(f"{model.spec.name}: {cached_line(source, entry_dir, todo)}")
     with disk_errors(entry_dir):
@@ -192,18 +156,16 @@ def begin_entry(source: ImageSource, model: LoadedBackbone, named: NamedEntry, d
     return todo, skipped, manifest
 
 
-def configure_preprocess(model: LoadedBackbone, resize: str | None = None, jpeg_draft: bool = True,
-                         input_size: int | None = None, filters: tuple[str, ...] | str = (),
-                         resampler: str | None = None) -> None:
-    """Apply --resize, --no-jpeg-draft, --input-size, --preprocess and --resampler to the backbone's own
-    preprocessing (``resize`` and ``resampler`` None: the backbone's own)."""
+def configure_preprocess(model: LoadedBackbone, recipe: FeatureRecipe) -> None:
+    """Apply the recipe's resize, JPEG draft, input size, filters and resampler to the backbone's own
+    preprocessing (resize and resampler None: the backbone's own)."""
+    jpeg_draft, filters, input_size = recipe.jpeg_draft, recipe.preprocess, recipe.input_size
+    resampler, resize = recipe.resampler, recipe.resize
     changes: dict = {} if jpeg_draft else {"jpeg_draft": False}
     if filters:
         changes["filters"] = filters
-    resampler = None if resampler is None else str(getattr(resampler, "value", resampler))
     if resampler is not None and resampler != model.preprocess.resampler:
         changes["resampler"] = resampler
-    resize = None if resize is None else str(getattr(resize, "value", resize))
     if resize is not None and resize != model.preprocess.resize_mode:
         changes["resize_mode"] = resize
     if input_size and input_size != model.preprocess.crop_size:  # keep the resize/crop ratio at the new size
@@ -218,7 +180,7 @@ def configure_preprocess(model: LoadedBackbone, resize: str | None = None, jpeg_
 
 @dataclass
 class NamedEntry:
-    """Where an extraction's features go, and everything that named them."""
+    """Where an extraction's features go, everything that named them, and how they are computed."""
 
     entry_dir: Path
     inputs: dict  # the fingerprint's inputs
@@ -229,28 +191,25 @@ class NamedEntry:
     # the backbone's own resize and resampler where they are not crop and pil (a transformers model's): compare
     # labels an entry by what was asked beyond them, not by the model's own preprocessing
     own: dict | None = None
+    dtype: str = Dtype.float16.value  # how the features are stored
+    views: tuple[str, ...] = ("original",)  # the views computed of each image
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the backbone runs
 
 
-def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, dtype: str = "float16",
-               precision: str = "auto", device: torch.device | str = "auto", views: int = 1,
-               resize: str | None = None, jpeg_draft: bool = True, input_size: int | None = None,
-               preprocess: tuple[str, ...] | str = (), resampler: str | None = None,
-               norm_from: str | dict | None = None, engine: str = "auto",
-               workers: int | None = None, reporter: Reporter | None = None, cluster: RayCluster | None = None,
-               plan_only: bool = False, calibration: dict | None = None) -> NamedEntry | None:
-    """Apply the extraction settings to ``model``'s preprocessing and name the entry they make: the one
-    computation of an entry's name, shared by :func:`extract` and a study's dry-run plan.
+def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, recipe: FeatureRecipe = FeatureRecipe(),
+               plan: ExecutionPlan = ExecutionPlan(), reporter: Reporter | None = None,
+               plan_only: bool = False) -> NamedEntry | None:
+    """Apply ``recipe`` to ``model``'s preprocessing and name the entry it makes: the one computation of an
+    entry's name, shared by :func:`extract` and a study's dry-run plan (``plan`` gives the device, and the
+    workers that compute dataset-norm statistics).
 
     ``plan_only``: say nothing and compute nothing; None when the name cannot be known yet (dataset-norm
-    statistics not computed). ``calibration``: with int8, the calibration of the entry whose quantized model
-    these features must come from (a held-out set's); default: this dataset's own images."""
-    dtype, precision = (value.value if isinstance(value, Enum) else value for value in (dtype, precision))
-    if dtype not in DTYPES:
-        raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if precision not in PRECISIONS:
-        raise FeatcacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    statistics not computed)."""
     reporter = reporter or Reporter(quiet=True)
-    dev = resolve_device(device) if isinstance(device, str) else device
+    cluster = plan.cluster
+    dev = _device_of(plan)
+    view_names = _checked_views(recipe.views)
+    precision, engine = recipe.precision, recipe.engine
     int8 = precision == Precision.int8.value
     if int8:
         engine = _int8_engine(engine, model, dev, cluster)
@@ -260,19 +219,20 @@ def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, *, 
     # on a cluster the actors run the model on their own device; the driver's copy names the entry
     precision = resolve_precision(precision, dev) if cluster is None else cluster.precision(precision, dev)
     own = {"resize": model.preprocess.resize_mode, "resampler": model.preprocess.resampler}
-    configure_preprocess(model, resize, jpeg_draft, input_size, preprocess, resampler)
-    if plan_only and not dataset_norm_known(model, source, cache_root, norm_from):
+    configure_preprocess(model, recipe)
+    if plan_only and not dataset_norm_known(model, source, cache_root, recipe.norm_from):
         return None
-    norm = _apply_dataset_norm(model, source, cache_root, norm_from, workers, reporter)
+    norm = _apply_dataset_norm(model, source, cache_root, recipe.norm_from, plan.workers, reporter)
     engine = _resolved_engine(engine, model, dev, reporter if not plan_only else None)
+    calibration = recipe.calibration
     if int8 and calibration is None:
         from featcache.extraction.quantize import calibration_identity
 
         calibration = calibration_identity(source, model)
-    inputs = fingerprint_inputs(model, dtype, precision, views, engine, calibration if int8 else None)
+    inputs = fingerprint_inputs(model, recipe.dtype, precision, recipe.views, engine, calibration if int8 else None)
     fp = fingerprint(inputs)
     return NamedEntry(entry_path(cache_root, source.name, model.spec.name, fp), inputs, fp, engine, precision, norm,
-                      own if own != {"resize": "crop", "resampler": "pil"} else None)
+                      own if own != {"resize": "crop", "resampler": "pil"} else None, recipe.dtype, view_names, dev)
 
 
 def weights_of(entry: CacheEntry, weights: str | None = None) -> str | None:
@@ -315,15 +275,15 @@ def extract_like(source: ImageSource, entry: CacheEntry, cache_root: str | os.Pa
     if "dataset_norm" in manifest:
         norm_from = {**manifest["dataset_norm"], "dataset": manifest["dataset_norm"]["from"],
                      "mean": preprocess["mean"], "std": preprocess["std"]}
-    return extract(source, manifest["backbone"], cache_root=cache_root, pools=tuple(manifest["pools"]),
-                   dtype=inputs["dtype"], weights=weights, jpeg_draft=preprocess["jpeg_draft"],
-                   views=entry.views, resize=entry.resize_mode, reporter=reporter,
-                   engine=inputs.get("engine", "torch"), preprocess=tuple(preprocess.get("filters", ())),
-                   norm_from=norm_from, resampler=preprocess.get("resampler", "pil"),
-                   input_size=preprocess["crop_size"],
-                   # int8: the training entry's quantized model, not one calibrated on these images
-                   **({"precision": Precision.int8.value, "calibration": inputs["calibration"]}
-                      if "calibration" in inputs else {}))
+    recipe = FeatureRecipe(weights=weights, pools=tuple(manifest["pools"]), dtype=inputs["dtype"],
+                           jpeg_draft=preprocess["jpeg_draft"], input_size=preprocess["crop_size"],
+                           preprocess=tuple(preprocess.get("filters", ())), norm_from=norm_from,
+                           engine=inputs.get("engine", "torch"), resampler=preprocess.get("resampler", "pil"),
+                           views=entry.views, resize=entry.resize_mode,
+                           # int8: the training entry's quantized model, not one calibrated on these images
+                           **({"precision": Precision.int8.value, "calibration": inputs["calibration"]}
+                              if "calibration" in inputs else {}))
+    return extract(source, manifest["backbone"], recipe, cache_root=cache_root, reporter=reporter)
 
 
 def _checked_views(views: int) -> tuple[str, ...]:
@@ -335,7 +295,7 @@ def _checked_views(views: int) -> tuple[str, ...]:
 
 def _read_only_result(source: ImageSource, entry_dir: Path) -> ExtractResult:
     """A read-only cache is fine when it already holds everything; otherwise say what to do."""
-    todo, skipped = plan(source, entry_dir)
+    todo, skipped = images_to_extract(source, entry_dir)
     if todo:
         raise CacheError(
             f"the cache folder {entry_dir} is read-only and {len(todo)} of {len(source.records)} images "
@@ -378,39 +338,35 @@ def _resolved_engine(engine: str, model: LoadedBackbone, dev: torch.device, repo
     return resolved
 
 
-def _run(todo: list[ImageRecord], model: LoadedBackbone, entry_dir: Path, dev: torch.device,
-         precision: str, dtype: str, batch_size: int, workers: int | None, shard_size: int,
-         manifest: dict, view_names: tuple[str, ...], reporter: Reporter, engine: str,
-         cache_root: Path | None = None, cluster: RayCluster | None = None, *, export: Path | None = None) -> int:
+def _run(todo: list[ImageRecord], model: LoadedBackbone, named: NamedEntry, plan: ExecutionPlan, manifest: dict,
+         reporter: Reporter, cache_root: Path, *, export: Path | None = None) -> int:
     if not todo:
         return 0
-    cache_root = cache_root or cache_root_of_entry(entry_dir)
-    if cluster is not None:  # decoded by Ray Data tasks, run by a pool of backbone actors
-        batches = cluster.extract_batches(todo, model, view_names, engine, cache_root, batch_size, dev, precision)
+    if plan.cluster is not None:  # decoded by Ray Data tasks, run by a pool of backbone actors
+        batches = plan.cluster.extract_batches(todo, model, named.views, named.engine, cache_root, plan.batch_size,
+                                               named.device, named.precision)
     else:
-        batches = _local_batches(todo, model, dev, precision, batch_size, workers, view_names, engine, cache_root,
-                                 export=export)
-    sink = ShardSink(entry_dir, manifest, model.dims, shard_size)
+        batches = _local_batches(todo, model, named, plan, cache_root, export=export)
+    sink = ShardSink(named.entry_dir, manifest, model.dims, plan.shard_size)
     with torch.inference_mode():  # the driver's forward runs as the loop pulls each batch
         return commit_batches((Batch([todo[item["index"]] for item in items], items, feats, len(items))
                                for items, feats in batches), [sink], reporter, f"extract {model.spec.name}",
                               len(todo), _quiet_worker_teardown)[0]
 
 
-def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.device, precision: str,
-                   batch_size: int | None, workers: int | None, view_names: tuple[str, ...], engine: str,
+def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, named: NamedEntry, plan: ExecutionPlan,
                    cache_root: Path, *,
                    export: Path | None = None) -> Iterator[tuple[list[dict], dict[str, np.ndarray]]]:
     """(items, features) per batch: decoded by DataLoader workers, run here. ``features[pool]`` has one
     row per item that decoded, in order. ``export``: the model file the engine runs (int8), else its export."""
     from featcache.extraction.engines import make_forward, run_pipelined
 
-    forward = make_forward(engine, model, cache_root, export=export)
-    if workers is None:
-        workers = default_workers()
+    forward = make_forward(named.engine, model, cache_root, export=export)
+    workers = default_workers() if plan.workers is None else plan.workers
+    dev = named.device
     cuda = dev.type == "cuda"
-    batch_size = batch_size or default_batch_size(cuda)
-    memory_format = torch.channels_last if model.spec.is_cnn and engine == "torch" else torch.contiguous_format
+    batch_size = plan.batch_size or default_batch_size(cuda)
+    memory_format = torch.channels_last if model.spec.is_cnn and named.engine == "torch" else torch.contiguous_format
     model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, pin_memory=cuda,
@@ -419,7 +375,7 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, dev: torch.de
     def features(batch: dict) -> dict[str, np.ndarray]:
         if batch["images"] is None:
             return {}
-        return run_views(forward, batch["images"].to(dev, non_blocking=cuda), view_names, dev, precision)
+        return run_views(forward, batch["images"].to(dev, non_blocking=cuda), named.views, dev, named.precision)
 
     for batch, feats in run_pipelined(forward, loader, features):  # the engine's streams run batches at once
         yield batch["items"], feats

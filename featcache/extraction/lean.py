@@ -31,7 +31,7 @@ import numpy as np
 from featcache.data.images import Preprocess, apply_view
 from featcache.data.sources import ImageRecord, ImageSource
 from featcache.extraction.result import ExtractResult
-from featcache.extraction.resume import cached_line, plan, read_item
+from featcache.extraction.resume import cached_line, images_to_extract, read_item
 from featcache.extraction.reuse import reuse_known_images
 from featcache.extraction.runtimes import export_intact, exported_forward, run_pipelined
 from featcache.extraction.writer import (
@@ -43,6 +43,7 @@ from featcache.extraction.writer import (
     disk_errors,
 )
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan
 from featcache.store.entries import MANIFEST, SHARD_GLOB, EntryLock, remove_temporaries, write_json_atomic
 from featcache.store.naming import entry_path, warm_recipe_path
 
@@ -74,7 +75,7 @@ def lean_recipe(engine: str, export: Path, threads: int, cache_root: Path) -> di
     return {"engine": engine, "export": relative.as_posix(), "threads": threads}
 
 
-def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, options: dict,
+def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, plan: ExecutionPlan,
                  reporter: Reporter) -> ExtractResult | None:
     """Extract the images of ``source`` still missing from its entry, without PyTorch, when the recipe
     ``lean_key`` (:func:`featcache.extraction.warm.engine_key`) made an entry on an exported engine before
@@ -86,7 +87,7 @@ def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, op
     entry_dir = entry_path(cache_root, source.name, described["backbone"], described["fingerprint"])
     if not _writable(entry_dir):
         return None
-    with EntryLock(entry_dir, break_lock=options.get("break_lock", False)):
+    with EntryLock(entry_dir, break_lock=plan.break_lock):
         if (entry_dir / MANIFEST).is_file():
             try:
                 manifest = json.loads((entry_dir / MANIFEST).read_text())
@@ -101,7 +102,7 @@ def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, op
         removed = remove_temporaries(entry_dir)
         if removed:
             reporter.info(f"removed {len(removed)} unfinished file(s) of an interrupted run")
-        todo, skipped = plan(source, entry_dir)
+        todo, skipped = images_to_extract(source, entry_dir)
         reporter.info(f"{manifest['backbone']}: {lean['engine']} runs its export compiled before "
                       f"({Path(lean['export']).name}), without PyTorch")
         if skipped:
@@ -115,8 +116,8 @@ def lean_extract(source: ImageSource, cache_root: Path, lean_key: str | None, op
             if not (entry_dir / MANIFEST).exists():
                 write_json_atomic(entry_dir / MANIFEST, {**manifest, "complete": False})
             todo, reused = reuse_known_images(todo, entry_dir, manifest, manifest["dims"],
-                                              options["shard_size"], reporter)
-            extracted = _run(todo, manifest, lean, entry_dir, cache_root, options, reporter)
+                                              plan.shard_size, reporter)
+            extracted = _run(todo, manifest, lean, entry_dir, cache_root, plan, reporter)
             entry = _write_manifest(entry_dir, manifest, source, complete=True)
         seconds = time.perf_counter() - start
     result = ExtractResult(entry, extracted, skipped, entry.failed, seconds, list(source.notes), reused)
@@ -144,16 +145,16 @@ def _lean_recipe(cache_root: Path, lean_key: str | None) -> dict | None:
     return recipe
 
 
-def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, cache_root: Path, options: dict,
+def _run(todo: list[ImageRecord], manifest: dict, lean: dict, entry_dir: Path, cache_root: Path, plan: ExecutionPlan,
          reporter: Reporter) -> int:
     if not todo:
         return 0
     preprocess = Preprocess(**manifest["fingerprint_inputs"]["preprocess"])
     views = tuple(manifest["views"])
     pools = tuple(manifest["pools"])
-    batch_size = options.get("batch_size") or default_batch_size(cuda=False)
-    workers = default_workers() if options.get("workers") is None else options["workers"]
-    sink = ShardSink(entry_dir, manifest, manifest["dims"], options["shard_size"])
+    batch_size = plan.batch_size or default_batch_size(cuda=False)
+    workers = default_workers() if plan.workers is None else plan.workers
+    sink = ShardSink(entry_dir, manifest, manifest["dims"], plan.shard_size)
     # the workers are forked before the engine starts its threads; --workers 0 decodes here
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(preprocess,)) \
         if workers else None

@@ -28,7 +28,6 @@ from featcache.errors import FeatcacheError
 from featcache.extraction.device import resolve_device
 from featcache.extraction.extract import (
     NamedEntry,
-    _checked_views,
     _int8_export,
     _read_only_result,
     begin_entry,
@@ -47,6 +46,7 @@ from featcache.extraction.writer import (
     disk_errors,
 )
 from featcache.progress import Reporter
+from featcache.recipes import ExecutionPlan, FeatureRecipe
 from featcache.store.entries import EntryLock
 from featcache.store.naming import default_cache_root
 
@@ -69,30 +69,25 @@ class _Job:
 
 
 def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
-                 cache_root: str | os.PathLike | None = None, *, pools: tuple[str, ...] | None = None,
-                 dtype: str = "float16", weights: str | None = None, batch_size: int | None = None,
-                 workers: int | None = None, shard_size: int = 1024, device: str = "auto", precision: str = "auto",
-                 jpeg_draft: bool = True, input_size: int | None = None, views: int = 1, resize: str | None = None,
-                 break_lock: bool = False, reporter: Reporter | None = None, engine: str = "auto",
-                 preprocess: tuple[str, ...] | str = (), resampler: str | None = None,
-                 norm_from: str | dict | None = None,
-                 rehash: bool = False) -> list[ExtractResult]:
+                 cache_root: str | os.PathLike | None = None,
+                 recipe: FeatureRecipe = FeatureRecipe(), plan: ExecutionPlan = ExecutionPlan(),
+                 reporter: Reporter | None = None) -> list[ExtractResult]:
     """Extract ``source`` with every backbone of ``backbones`` from one decode of each image; one
-    :class:`ExtractResult` per backbone, in order. The options mean what they mean for
+    :class:`ExtractResult` per backbone, in order. ``recipe`` and ``plan`` mean what they mean for
     :func:`featcache.extraction.extract.extract` and apply to every backbone."""
     reporter = reporter or Reporter(quiet=True)
-    if weights not in (None, "random"):
-        raise FeatcacheError(f"--weights {weights}: a weights file belongs to one backbone; extract that backbone "
-                             "alone (several backbones take their own weights, or --weights random)")
-    dev = resolve_device(device)
-    view_names = _checked_views(views)
+    if recipe.weights not in (None, "random"):
+        raise FeatcacheError(f"--weights {recipe.weights}: a weights file belongs to one backbone; extract that "
+                             "backbone alone (several backbones take their own weights, or --weights random)")
+    if plan.cluster is not None:
+        raise FeatcacheError("one decode for several backbones runs on this machine; drop --ray, or extract one "
+                             "backbone at a time on the cluster")
+    dev = resolve_device(plan.device)
     root = Path(cache_root or default_cache_root())
-    models = [b if isinstance(b, LoadedBackbone) else load_backbone(b, weights=weights, pools=pools, device=dev)
+    models = [b if isinstance(b, LoadedBackbone) else load_backbone(b, weights=recipe.weights, pools=recipe.pools,
+                                                                    device=dev)
               for b in backbones]
-    named = [name_entry(source, model, root, dtype=dtype, precision=precision, device=dev, views=views,
-                        resize=resize, jpeg_draft=jpeg_draft, input_size=input_size, preprocess=preprocess,
-                        resampler=resampler, norm_from=norm_from, engine=engine, workers=workers, reporter=reporter)
-             for model in models]
+    named = [name_entry(source, model, root, recipe, plan, reporter) for model in models]
     results: dict[int, ExtractResult] = {k: _read_only_result(source, n.entry_dir)
                                          for k, n in enumerate(named) if not _writable(n.entry_dir)}
     with ExitStack() as locks:
@@ -101,16 +96,16 @@ def extract_many(source: ImageSource, backbones: list[str | LoadedBackbone],
         for k, (model, entry) in enumerate(zip(models, named, strict=True)):
             if k in results:
                 continue
-            locks.enter_context(EntryLock(entry.entry_dir, break_lock=break_lock))
-            todo, skipped, manifest = begin_entry(source, model, entry, dev, dtype, view_names, rehash, reporter)
+            locks.enter_context(EntryLock(entry.entry_dir, break_lock=plan.break_lock))
+            todo, skipped, manifest = begin_entry(source, model, entry, plan, reporter)
             with disk_errors(entry.entry_dir):
-                todo, reused = reuse_known_images(todo, entry.entry_dir, manifest, model.dims, shard_size, reporter)
+                todo, reused = reuse_known_images(todo, entry.entry_dir, manifest, model.dims, plan.shard_size,
+                                                  reporter)
             if model.preprocess not in transforms:
                 transforms.append(model.preprocess)
             jobs[k] = _Job(model, entry, manifest, todo, skipped, reused, transforms.index(model.preprocess))
         start = time.perf_counter()
-        extracted = _run_many(source, list(jobs.values()), transforms, dev, batch_size, workers, shard_size,
-                              view_names, reporter, root)
+        extracted = _run_many(source, list(jobs.values()), transforms, dev, plan, reporter, root)
         seconds = time.perf_counter() - start
         for (k, job), count in zip(jobs.items(), extracted, strict=True):
             with disk_errors(job.named.entry_dir):
@@ -141,8 +136,7 @@ def _collate_shared(items: list[dict]) -> dict:
 
 
 def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess], dev: torch.device,
-              batch_size: int | None, workers: int | None, shard_size: int, view_names: tuple[str, ...],
-              reporter: Reporter, cache_root: Path) -> list[int]:
+              plan: ExecutionPlan, reporter: Reporter, cache_root: Path) -> list[int]:
     from featcache.extraction.engines import make_forward, run_pipelined
 
     wanted = {r.id for job in jobs for r in job.todo}
@@ -151,9 +145,8 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
     union = [r for r in source.records if r.id in wanted]  # source order, as each job's own plan keeps it
     needs = [{r.id for r in job.todo} for job in jobs]
     cuda = dev.type == "cuda"
-    batch_size = batch_size or default_batch_size(cuda)
-    if workers is None:
-        workers = default_workers()
+    batch_size = plan.batch_size or default_batch_size(cuda)
+    workers = default_workers() if plan.workers is None else plan.workers
     for job in jobs:
         if job.model.spec.is_cnn and job.named.engine == "torch":
             job.model.model.to(memory_format=torch.channels_last)
@@ -166,7 +159,7 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                              export=_int8_export(job.named, job.model, cache_root, source, reporter))
                 if needs[k] else None  # done: no engine
                 for k, job in enumerate(jobs)]
-    sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, shard_size) for job in jobs]
+    sinks = [ShardSink(job.named.entry_dir, job.manifest, job.model.dims, plan.shard_size) for job in jobs]
 
     def computed() -> Iterator[Batch]:
         """Each decoded group through every backbone that still needs its images, batch by batch."""
@@ -183,7 +176,8 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                     if not rows:
                         return {}
                     images = stacks[job.transform][torch.tensor(rows)]
-                    return run_views(forward, images.to(dev, non_blocking=cuda), view_names, dev, job.named.precision)
+                    return run_views(forward, images.to(dev, non_blocking=cuda), job.named.views, dev,
+                                     job.named.precision)
 
                 for items, feats in run_pipelined(forwards[k], batches, features):
                     yield Batch([union[it["index"]] for it in items], items, feats, 0, k)

@@ -28,7 +28,7 @@ def read_item(record: ImageRecord, index: int, prepare: Callable[[bytes | np.nda
     return item
 
 
-def plan(source: ImageSource, entry_dir: Path, rehash: bool = False) -> tuple[list[ImageRecord], int]:
+def images_to_extract(source: ImageSource, entry_dir: Path, rehash: bool = False) -> tuple[list[ImageRecord], int]:
     """Records still to extract: not in the store, or whose file changed since it was stored (by size and
     modification time, or with ``rehash`` by content: a file rewritten in place can keep both)."""
     if not (entry_dir / MANIFEST).exists():

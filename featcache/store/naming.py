@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+from featcache.recipes import named_settings
 from featcache.store.hashing import stable_hash
 
 
@@ -51,19 +52,19 @@ def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, "cache"))
 
 
+# settings added after the first entries were named, at the default they had before there was a choice: left
+# out there, so those entries keep their names (featcache.recipes.named_settings)
+ENTRY_SETTINGS_ADDED = {"views": 1, "engine": "torch", "calibration": None}
+
+
 def fingerprint_inputs(backbone: FeatureMaker, dtype: str, precision: str, views: int = 1,
                        engine: str = "torch", calibration: dict | None = None) -> dict:
-    """Everything that sets an entry's feature values (the image files are named per image, by SHA-256)."""
-    inputs = {"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
-              "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
-              "dtype": dtype, "precision": precision}
-    if views > 1:  # only when used, so entries made before --views keep their names
-        inputs["views"] = views
-    if engine != "torch":  # likewise: PyTorch entries keep their names
-        inputs["engine"] = engine
-    if calibration is not None:  # int8: the images and quantizer that set the quantized weights
-        inputs["calibration"] = calibration
-    return inputs
+    """Everything that sets an entry's feature values (the image files are named per image, by SHA-256).
+    ``calibration``: with int8, the images and quantizer that set the quantized weights."""
+    return named_settings({"backbone": backbone.spec.name, "weights_sha256": backbone.weights_sha256,
+                           "preprocess": backbone.preprocess.to_dict(), "pools": sorted(backbone.model.pools),
+                           "dtype": dtype, "precision": precision, "views": views, "engine": engine,
+                           "calibration": calibration}, ENTRY_SETTINGS_ADDED)
 
 
 def fingerprint(inputs: dict) -> str:

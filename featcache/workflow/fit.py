@@ -8,6 +8,7 @@ from typing import Any
 
 from featcache.options import OptionError
 from featcache.progress import Reporter
+from featcache.recipes import FitPlan
 from featcache.workflow.common import cache_root, open_data, ray_cluster, reporter_for
 
 
@@ -16,7 +17,7 @@ def fit_data(reporter: Reporter | None, options: dict[str, Any]) -> list[Path]:
     order of the heads."""
     from featcache.evaluation.features import check_test_classes, label_counts
     from featcache.evaluation.fitting import EntrySelection, find_entry, fit_many
-    from featcache.evaluation.protocol import Protocol
+    from featcache.evaluation.protocol import Protocol, RunRecipe
     from featcache.extraction.extract import find_or_extract_like
     from featcache.store.fusion import FusedEntry, fused_pools
 
@@ -66,9 +67,9 @@ def fit_data(reporter: Reporter | None, options: dict[str, Any]) -> list[Path]:
                       if test_entries else None)
     classes = ",".join(o["classes"]) if o["classes"] else None
     pool = None if len(entries) > 1 else o["pool"]  # a fused entry carries each part's pooling
-    paths = fit_many(source, entry, list(o["heads"]), pool, Protocol.from_options(o), o["label_map"], classes,
-                     test_source, test_entry, o["force"], reporter,
-                     cluster=ray_cluster(o["ray"], reporter))
+    recipe = RunRecipe(tuple(o["heads"]), Protocol.from_options(o), pool, o["label_map"], classes)
+    paths = fit_many(source, entry, recipe, test_source, test_entry,
+                     FitPlan.from_options(o, cluster=ray_cluster(o["ray"], reporter)), reporter)
     track_runs(paths, root, o["mlflow"], o["mlflow_uri"], reporter)
     return paths
 
