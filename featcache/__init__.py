@@ -20,15 +20,14 @@ from featcache.version import __version__
 if TYPE_CHECKING:
     from featcache.api import audit, compare, demo, export, extract, fit, predict_onnx, report, run_study
     from featcache.errors import FeatcacheError
-    from featcache.store.entries import CacheEntry as Entry
-    from featcache.workflow.results import Comparison, Ensemble, Run, best_model, load_run
+    from featcache.workflow.results import Comparison, Ensemble, Entry, Run, best_model, load_run
 
 _RESULTS = "featcache.workflow.results"
 _EXPORTS = {
     "extract": "featcache.api", "fit": "featcache.api", "compare": "featcache.api", "report": "featcache.api",
     "run_study": "featcache.api", "audit": "featcache.api", "demo": "featcache.api", "export": "featcache.api",
     "predict_onnx": "featcache.api", "load_run": _RESULTS, "Run": _RESULTS, "Comparison": _RESULTS,
-    "Ensemble": _RESULTS, "best_model": _RESULTS, "Entry": "featcache.store.entries",
+    "Ensemble": _RESULTS, "best_model": _RESULTS, "Entry": _RESULTS,
     "FeatcacheError": "featcache.errors",
 }
 __all__ = ["Comparison", "Ensemble", "Entry", "FeatcacheError", "Run", "__version__", "audit", "best_model", "compare",
@@ -41,7 +40,7 @@ def __getattr__(name: str) -> object:
     import importlib
 
     module = importlib.import_module(_EXPORTS[name])
-    value = getattr(module, "CacheEntry" if name == "Entry" else name)
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

@@ -36,17 +36,20 @@ from featcache.options import (
     python_spelling,
 )
 from featcache.progress import Reporter
+from featcache.recipes import ReportView
 from featcache.workflow.audit import audit_data
-from featcache.workflow.common import cache_root, ray_cluster, reporter_for
+from featcache.workflow.common import cache_root, reporter_for
+from featcache.workflow.compare import compare_runs, report_runs
+from featcache.workflow.deploy import export_model, predict_with_onnx
 from featcache.workflow.extract import extract_data
-from featcache.workflow.fit import fit_data, track_runs
+from featcache.workflow.fit import fit_data
 from featcache.workflow.results import Comparison, Ensemble, Run, best_model, load_run
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from featcache.store.entries import CacheEntry
     from featcache.study import Study, StudyResult
+    from featcache.workflow.results import Entry as CacheEntry
 
 __all__ = ["Comparison", "Ensemble", "Run", "audit", "best_model", "compare", "demo", "export", "extract", "fit",
            "load_run", "predict_onnx", "report", "run_study"]
@@ -230,24 +233,7 @@ def compare(data: str | os.PathLike | None = None, *, backbone: str | None = Non
     -------
     Comparison
     """
-    from featcache.reporting.compare import select_rows
-
-    dataset = None
-    if data is not None:
-        from featcache.data.sources import source_name
-
-        if not Path(data).exists():
-            raise FeatcacheError(f"--data {data}: no such file or folder")
-        dataset = source_name(str(data))
-    metric = options["metric"]
-    notes: list[str] = []
-    rows = select_rows(cache_root(options["cache"]), metric, dataset=dataset, backbone=backbone, head=head,
-                       runs=None if runs is None else [Path(r) for r in runs], ensemble=options["ensemble"],
-                       notes=notes)
-    reporter = reporter_for(options["quiet"], None)
-    for note in notes:
-        reporter.warn(note)
-    return Comparison(rows, metric)
+    return compare_runs(data, backbone, head, runs, options)
 
 
 @takes_options("report")
@@ -276,18 +262,7 @@ def report(data: str | os.PathLike | None = None, *, out: str | os.PathLike | No
     Path
         The page written.
     """
-    from featcache.reporting.report import write_report
-
-    root = cache_root(options["cache"])
-    dataset = None
-    if data is not None:
-        from featcache.data.sources import source_name
-
-        dataset = source_name(str(data))
-    return write_report(Path(out) if out else root / "report.html", runs=None if runs is None else list(runs),
-                        cache_root=root, dataset=dataset, title=title, metric=options["metric"],
-                        top=options["top"], best=options["best"], ensemble=options["ensemble"],
-                        gallery=options["gallery"], max_mb=options["max_mb"])
+    return report_runs(data, out, runs, ReportView.from_options(options, title=title), options)
 
 
 @takes_options("demo")
@@ -304,9 +279,9 @@ def demo(*, reporter: Reporter | None = None, **options: Any) -> list[Run]:
     -------
     list of Run
     """
-    from featcache.evaluation.fitting import run_demo
+    from featcache.workflow.demo import run_demo
 
-    _, paths = run_demo(cache_root(options["cache"]), reporter_for(options["quiet"], reporter))
+    paths = run_demo(cache_root(options["cache"]), reporter_for(options["quiet"], reporter))
     return [Run(path) for path in paths]
 
 
@@ -338,15 +313,7 @@ def export(run: str | os.PathLike | Run, *, out: str | os.PathLike = "model.onnx
     Path
         The file written.
     """
-    from featcache.deploy.export import export_run
-    from featcache.deploy.head_graph import NotExportable, refusal
-
-    path = run.path if isinstance(run, Run) else Path(run)
-    why = refusal(Run(path).config)  # Run() refuses what is not a finished run folder
-    if why:  # before any model is loaded or any line says it is exporting
-        raise NotExportable(f"{path}: {why}")
-    return export_run(path, Path(out), weights=weights, trust_pickle=options["trust_pickle"],
-                      reporter=reporter_for(options["quiet"], reporter))
+    return export_model(run, out, weights, options["trust_pickle"], reporter_for(options["quiet"], reporter))
 
 
 def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -376,11 +343,7 @@ def predict_onnx(model: str | os.PathLike, images: str | os.PathLike | Sequence[
         A row per image, indexed by id: ``predicted``, ``p_<class>`` per class (and the prediction set
         where the run had one), ``group`` and ``failed``.
     """
-    from featcache.deploy.onnx_predict import predict_onnx_frame
-
-    inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
-    return predict_onnx_frame(Path(model), [str(i) for i in inputs], reporter_for(quiet, reporter), group_col,
-                              image_col)
+    return predict_with_onnx(model, images, group_col, image_col, reporter_for(quiet, reporter))
 
 
 @takes_options("audit", positional=("data",))
@@ -434,17 +397,6 @@ def run_study(study: str | os.PathLike | dict | Study, *, dry_run: bool = False,
     StudyResult
         ``runs`` (run folders), ``report`` (the page) and ``steps`` (the plan, with what was done).
     """
-    from featcache.study import Study, execute_study, load_study, parse_study
+    from featcache.study import run_study as run
 
-    plan = study if isinstance(study, Study) else parse_study(study) if isinstance(study, dict) else load_study(study)
-    reporter = reporter_for(options["quiet"], reporter)
-    root = cache_root(options["cache"])
-    if not dry_run and (options["mlflow"] or options["mlflow_uri"]):
-        from featcache.net import check_tracking_uri
-
-        check_tracking_uri(options["mlflow_uri"], root)
-    cluster = None if dry_run else ray_cluster(options["ray"], reporter, plan.extract["ray_actors"])
-    result = execute_study(plan, root, reporter, dry_run=dry_run, cluster=cluster)
-    if not dry_run:
-        track_runs(result.runs, root, options["mlflow"], options["mlflow_uri"], reporter)
-    return result
+    return run(study, options, reporter_for(options["quiet"], reporter), dry_run)

@@ -507,22 +507,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("force", bool, False, "Redo runs that already finished.", ("fit",), "fit", recipe="fit-execution"),
     # --- comparing and reporting (the study's [compare] and [report] tables) ---
     Option("metric", str, "balanced_accuracy", "Ranking metric: balanced_accuracy, macro_f1, auroc, accuracy, or "
-           "`auroc:<class>` (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric),
+           "`auroc:<class>` (one-vs-rest AUROC of one class).", ("compare", "report"), "compare", check=_metric,
+           recipe="view"),
     Option("ensemble", int, None, "Add an ensemble to each comparable group of runs (scored on the same "
            "out-of-fold predictions): N (or topN) soft-votes the N best, chosen for each fold on the other folds; "
            "`stack` fits a logistic regression on all runs' out-of-fold probabilities, nested in their folds. On "
            "predict: how several --run combine.",
            ("compare", "report", "predict"), "compare",
-           check=_ensemble, cli_kind=str, metavar="N|stack"),
+           check=_ensemble, cli_kind=str, metavar="N|stack", recipe="view"),
     Option("top", int, 20, "Runs shown per protocol in the report's leaderboard.", ("report",), "report",
-           minimum=1),
+           minimum=1, recipe="view"),
     Option("best", int, 3, "Best runs shown with confusion matrix, ROC and reliability.", ("report",), "report",
-           minimum=0),
+           minimum=0, recipe="view"),
     Option("gallery", int, 1, "Leading runs per protocol shown with a gallery: their most confident errors and most "
            "uncertain images, each with its heatmap and similar training cases (0: none).", ("report",), "report",
-           minimum=0),
+           minimum=0, recipe="view"),
     Option("max_mb", float, 5.0, "The page's size limit in MB: the gallery stops before it (and says so).",
-           ("report",), "report", minimum=0.5),
+           ("report",), "report", minimum=0.5, recipe="view"),
     # --- the session: where and how a command runs, not what it computes (no study key) ---
     Option("cache", str, None, "Cache root (default ./cache, or $FEATCACHE_CACHE).",
            ("extract", "fit", "compare", "report", "predict", "verify", "demo", "run", "audit", "explain"),

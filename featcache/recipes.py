@@ -10,6 +10,7 @@ means; ``tests/test_recipes.py`` keeps the fields and the declarations one list.
   stored dtype, the precision, the views, the preprocessing, the engine) -- it names the entry.
 - :class:`ExecutionPlan`: how an extraction runs (device, batch size, workers, shard size, lock, re-hashing, a
   Ray cluster) -- it changes no feature value, so it names nothing.
+- :class:`ReportView`: what a report shows and how it ranks runs.
 - :class:`FitPlan`: how a fit runs (redo finished runs, fold workers, a Ray cluster) -- it names nothing either.
   What names a run is its protocol (``featcache.evaluation.protocol``).
 
@@ -29,6 +30,7 @@ from featcache.options import BY_NAME, OPTIONS, Option
 FEATURES = "features"
 EXECUTION = "execution"
 FIT_EXECUTION = "fit-execution"
+VIEW = "view"
 
 
 def _default(name: str) -> Any:
@@ -141,5 +143,23 @@ class FitPlan(_Recipe):
         _check_fields(self, FIT_EXECUTION)
 
 
+@dataclass(frozen=True)
+class ReportView(_Recipe):
+    """What a report shows of the runs, and how they are ranked (each field the option of that name, ``featcache
+    report --help``); ``title`` heads the page. It reads runs, so it names nothing."""
+
+    title: str = "featcache report"
+    metric: str = _default("metric")
+    ensemble: str | None = _default("ensemble")
+    top: int = _default("top")
+    best: int = _default("best")
+    gallery: int = _default("gallery")
+    max_mb: float = _default("max_mb")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, VIEW)
+
+
 # the fields that are no option: built by featcache, not given by a person
-NOT_OPTIONS = {FeatureRecipe: ("calibration",), ExecutionPlan: ("cluster",), FitPlan: ("jobs", "cluster")}
+NOT_OPTIONS = {FeatureRecipe: ("calibration",), ExecutionPlan: ("cluster",), FitPlan: ("jobs", "cluster"),
+               ReportView: ("title",)}

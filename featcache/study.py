@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from featcache.errors import FeatcacheError
 from featcache.option_checks import CHECKS
 from featcache.options import BY_NAME, TABLES, Option, OptionError, broken_rules, study_table
 from featcache.progress import Reporter
-from featcache.recipes import ExecutionPlan, FeatureRecipe, FitPlan
+from featcache.recipes import ExecutionPlan, FeatureRecipe, FitPlan, ReportView
 from featcache.store.runs import is_reusable
 
 if TYPE_CHECKING:
@@ -56,9 +57,9 @@ PATHS = ("data", "test_data", "images")
 def _study_relative(backbone: str, base: Path) -> str:
     """``hf:<folder>`` / ``open_clip:<folder>`` with a relative folder, made relative to the study file (a hub id,
     ``org/name``, stays one unless a folder of that name is beside the study)."""
-    from featcache.backbones.registry import HUB_PREFIXES
+    from featcache.backbones.registry import FAMILIES
 
-    for prefix in HUB_PREFIXES.values():
+    for prefix in (family.prefix for family in FAMILIES.values() if family.reads_folders):
         if backbone.startswith(prefix):
             raw = backbone[len(prefix):]
             target = Path(raw).expanduser()
@@ -449,11 +450,29 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
                              fit_plan, reporter, on_head=lambda: overall.advance(1))
     finally:
         overall.close()
-    report = write_report(study_report_path(cache_root, study.name), runs, title=f"featcache study: {study.name}",
-                          metric=study.compare["metric"], top=study.report["top"], best=study.report["best"],
-                          ensemble=study.compare["ensemble"])
+    view = ReportView.from_options({**study.compare, **study.report}, title=f"featcache study: {study.name}")
+    report = write_report(study_report_path(cache_root, study.name), view, runs)
     write_json_atomic(study_record_path(cache_root, study.name),
                       {"study": study.name, "runs": [str(run) for run in runs], "metric": study.compare["metric"],
                        "ensemble": study.compare["ensemble"]})
     return StudyResult(runs, report, steps)
 
+
+def run_study(study: str | os.PathLike | dict | Study, options: dict[str, Any], reporter: Reporter,
+              dry_run: bool = False) -> StudyResult:
+    """The run workflow: a study file, its content or a checked ``Study``, planned and (unless ``dry_run``) run
+    with the checked options of ``featcache run`` (cache, Ray, MLflow), each run tracked when asked."""
+    from featcache.workflow.common import cache_root, ray_cluster
+    from featcache.workflow.fit import track_runs
+
+    plan = study if isinstance(study, Study) else parse_study(study) if isinstance(study, dict) else load_study(study)
+    root = cache_root(options["cache"])
+    if not dry_run and (options["mlflow"] or options["mlflow_uri"]):
+        from featcache.net import check_tracking_uri
+
+        check_tracking_uri(options["mlflow_uri"], root)
+    cluster = None if dry_run else ray_cluster(options["ray"], reporter, plan.extract["ray_actors"])
+    result = execute_study(plan, root, reporter, dry_run=dry_run, cluster=cluster)
+    if not dry_run:
+        track_runs(result.runs, root, options["mlflow"], options["mlflow_uri"], reporter)
+    return result

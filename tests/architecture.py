@@ -94,12 +94,15 @@ def functions() -> list[tuple[str, int, int]]:
     """(where, lines, parameters) of every function and method."""
     found = []
     for name, path in modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        owner = {id(item): node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for item in node.body}
+        for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 args = node.args
                 count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
                 count -= 1 if args.args and args.args[0].arg in ("self", "cls") else 0
-                found.append((f"{name}:{node.name}", node.end_lineno - node.lineno + 1, count))
+                where = f"{owner[id(node)]}.{node.name}" if id(node) in owner else node.name
+                found.append((f"{name}:{where}", node.end_lineno - node.lineno + 1, count))
     return found
 
 

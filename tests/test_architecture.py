@@ -38,6 +38,17 @@ def test_no_module_imports_one_from_a_higher_layer() -> None:
     assert not upward, "\n".join(upward)
 
 
+def test_the_doors_call_the_workflow_layer_and_nothing_below_it() -> None:
+    """The API, the command line and the package's names are doors over one workflow layer: they may use the
+    foundation (options, recipes, errors) and the workflows, and no stage directly."""
+    doors = len(LAYERS) - 1
+    foundation, workflow = 0, doors - 1
+    reaching = [f"{module} imports {target} ({LAYERS[layer_of(target)][0]})"
+                for module, targets in import_graph().items() if layer_of(module) == doors
+                for target in sorted(targets) if layer_of(target) not in (foundation, workflow, doors)]
+    assert not reaching, "\n".join(reaching)
+
+
 def test_no_import_cycle_of_any_kind() -> None:
     assert cycles(import_graph()) == []
 
@@ -45,16 +56,19 @@ def test_no_import_cycle_of_any_kind() -> None:
 def test_the_layer_check_sees_imports_inside_functions_and_under_type_checking() -> None:
     graph = import_graph()
     assert "featcache.api" in graph["featcache"]  # under TYPE_CHECKING in featcache/__init__.py
-    assert "featcache.store.verify" in graph["featcache.cli"]  # inside a function of the CLI
+    assert "featcache.workflow.demo" in graph["featcache.api"]  # inside a function of the API
 
 
-# Issue 43's limits: no function over 90 lines and no file over 650 (both met); no signature over 10 parameters
-# is its target, and 24 (extraction's door, measured at 0fb023b) the ceiling that may only come down until then.
-LONGEST_FUNCTION, WIDEST_SIGNATURE, LONGEST_FILE = 90, 24, 650
+# Issue 43's limits: no function over 90 lines, no signature over 10 parameters, no file over 650 lines. A stage
+# door takes typed recipes (featcache.recipes), not loose scalars. A scikit-learn estimator is the exception: its
+# hyper-parameters are its constructor's keywords (get_params, clone and the grids read them there), and they
+# name its runs, so they stay one keyword each.
+LONGEST_FUNCTION, WIDEST_SIGNATURE, LONGEST_FILE = 90, 10, 650
+ESTIMATOR_CONSTRUCTORS = {"featcache.evaluation.heads:TorchMLPClassifier.__init__"}
 
 
 def test_functions_signatures_and_files_grow_no_larger() -> None:
     found = functions()
     assert [f for f in found if f[1] > LONGEST_FUNCTION] == []
-    assert [f for f in found if f[2] > WIDEST_SIGNATURE] == []
+    assert [f for f in found if f[2] > WIDEST_SIGNATURE and f[0] not in ESTIMATOR_CONSTRUCTORS] == []
     assert [name for name, lines in file_lines().items() if lines > LONGEST_FILE] == []

@@ -190,3 +190,31 @@ def test_resampler_torch_is_its_own_entry_and_test_data_follows_it(small_folder,
     assert like.manifest["fingerprint_inputs"] == fast.manifest["fingerprint_inputs"]
     with pytest.raises(FeatcacheError, match="--resampler 'cv2': not a valid value; choose one of pil, torch"):
         FeatureRecipe(resampler="cv2")
+
+
+def test_the_accelerator_driver_runs_on_the_cpu_with_bf16_autocast(small_folder, tmp_path):
+    """The accelerator path (the loader's pinning, the copy to the device, autocast at the entry's precision) is the
+    path every forward takes; on the CPU, bf16 autocast runs it here as it runs on a GPU."""
+    from dataclasses import replace
+
+    from featcache.extraction.device import Accelerator
+    from featcache.extraction.extract import _local_batches, name_entry
+
+    source = open_source(small_folder)
+    model = load_backbone("squeezenet1_1")
+    plan = ExecutionPlan(workers=0, batch_size=4)
+    named = name_entry(source, model, tmp_path, FeatureRecipe(engine="torch"), plan)
+    assert named.accelerator == Accelerator(torch.device("cpu"), "fp32") and not named.accelerator.pin_memory
+    assert Accelerator(torch.device("cuda"), "bf16").pin_memory  # what a GPU's loader pins
+
+    def features(entry) -> np.ndarray:
+        rows = [(item["index"], feats["gap"][k]) for items, feats in _local_batches(source.records, model, entry, plan,
+                                                                                    tmp_path)
+                for k, item in enumerate(items)]
+        return np.stack([f for _, f in sorted(rows, key=lambda r: r[0])])
+
+    fp32 = features(named)
+    bf16 = features(replace(named, precision="bf16"))
+    assert fp32.shape == bf16.shape == (12, 512)
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(fp32, bf16)  # autocast ran: close, not the same

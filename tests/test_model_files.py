@@ -19,6 +19,7 @@ from featcache.cli import app
 from featcache.errors import RunError
 from featcache.evaluation.head_registry import make_pipeline
 from featcache.evaluation.heads import ViewEnsemble
+from featcache.options import OptionError
 from featcache.progress import Reporter
 from featcache.store.model_files import LEGACY_PICKLE, MODEL_SKOPS, load_model, save_model, types_in
 
@@ -163,6 +164,10 @@ def test_fit_writes_no_pickle_and_refits_a_run_that_holds_one(small_folder, tmp_
     joblib.dump(model, run.path / LEGACY_PICKLE)
     with pytest.raises(RunError, match="pickle"):
         run.predict(str(small_folder / "nevus"))
+    trusted = api.load_run(run.path, trust_pickle=True).predict(str(small_folder / "nevus"))  # one's own old run
+    np.testing.assert_allclose(trusted.filter(like="p_").to_numpy(), before.filter(like="p_").to_numpy(), atol=1e-6)
+    with pytest.raises(OptionError, match="trust_pickle='yes': expected true or false"):
+        api.load_run(run.path, trust_pickle="yes")
     messages = []
 
     class Collect(Reporter):

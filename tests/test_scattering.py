@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from featcache.backbones.models import load_backbone
-from featcache.backbones.registry import get_spec, scattering_channels
+from featcache.backbones.registry import get_spec
+from featcache.backbones.scattering_family import scattering_channels
 from featcache.cli import app
 from featcache.data.images import decode_rgb
 from featcache.data.sources import open_source

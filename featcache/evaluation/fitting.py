@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featcache.backbones.registry import canonical_name
-from featcache.data.sources import ImageSource, column_key, open_source
+from featcache.data.sources import ImageSource, column_key
 from featcache.errors import RunError
 from featcache.evaluation.audit import leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
@@ -22,17 +20,11 @@ from featcache.evaluation.runner import HeldOut, fit_head
 from featcache.evaluation.splits import split_plan
 from featcache.evaluation.subgroups import add_subgroups, checked_columns, values_of
 from featcache.evaluation.zero_shot import zero_shot_text
-from featcache.extraction.extract import extract
 from featcache.options import OPTIONS, Grouping
 from featcache.progress import Reporter
 from featcache.recipes import FitPlan
 from featcache.store.entries import CacheEntry, find_entries
 from featcache.store.fusion import FusedEntry
-from featcache.store.naming import default_cache_root
-
-DEMO_BACKBONE = "efficientnet_lite0"
-DEMO_HEADS = ("logreg", "svm-linear", "knn", "mlp", "majority", "stratified")
-
 
 # the extract options that fit selects an entry by (each None: any entry), declared by the options (``selects``)
 SELECTING = tuple(option.name for option in OPTIONS if option.selects and option.name != "backbone")
@@ -177,29 +169,3 @@ def report_protocol(data: LabeledFeatures, protocol: Protocol, reporter: Reporte
                       "if every image is independent")
     message, serious = leakage_message(leakage_summary(data, folds), data.grouping)
     (reporter.warn if serious else reporter.info)(message)
-
-
-def demo_data_dir() -> Path:
-    return Path(str(resources.files("featcache") / "data" / "isic_cc0_demo200"))
-
-
-def run_demo(cache_root: Path | None = None, reporter: Reporter | None = None,
-             heads: tuple[str, ...] = DEMO_HEADS) -> tuple[CacheEntry, list[Path]]:
-    """Melanoma vs nevus on the 200 CC0 ISIC images shipped in the package."""
-    reporter = reporter or Reporter()
-    cache_root = Path(cache_root or default_cache_root())
-    source = open_source(demo_data_dir())
-    reporter.info(f"featcache demo: {len(source.records)} ISIC images (CC0), melanoma vs nevus, "
-                  f"backbone {DEMO_BACKBONE} (ImageNet weights, offline)")
-    result = extract(source, DEMO_BACKBONE, cache_root=cache_root, reporter=reporter)
-    if result.extracted == 0:
-        reporter.info(f"features reused from the cache ({result.skipped} images): {result.entry.path}")
-    else:
-        reporter.info(result.summary())
-    runs = fit_many(source, result.entry, RunRecipe(tuple(heads), Protocol(cv=5)), reporter=reporter)
-    return result.entry, runs
-
-
-def copy_demo_data(target: Path) -> Path:
-    shutil.copytree(demo_data_dir(), target, dirs_exist_ok=True)
-    return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,23 +138,47 @@ def similar_cases(run_dir: Path, saved: dict, train_entry: CacheEntry, entry: Ca
     return neighbour_rows(ids, predicted, found, similarity, train_ids, list(labels), groups)
 
 
-def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: Reporter | None = None,
-                  weights: str | None = None, group_col: str | None = None, test_align: str = "none",
-                  align_from: str | None = None, trust_pickle: bool = False,
-                  image_col: str | None = None, neighbours: int = DEFAULT_K) -> pd.DataFrame:
+@dataclass(frozen=True)
+class NewImages:
+    """Images to predict and how to read them: ``inputs`` are image files, folders (searched recursively) or a CSV
+    (with ``image_col`` and ``group_col`` when featcache does not find them by itself); their features go under
+    ``cache_root``, made with the local ``weights`` file given at extraction, if any."""
+
+    inputs: tuple[str, ...]
+    cache_root: Path
+    group_col: str | None = None
+    image_col: str | None = None
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How a saved run predicts a batch: ``test_align`` (``none``, ``moments``, ``coral``, ``auto``) with the
+    statistics of the batch or of ``align_from`` (images from the same clinic), ``neighbours`` similar training
+    cases per image (0: none), and ``trust_pickle`` to load a run made before featcache 0.3."""
+
+    test_align: str = "none"
+    align_from: str | None = None
+    neighbours: int = DEFAULT_K
+    trust_pickle: bool = False
+
+
+def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = PredictSettings(),
+                  reporter: Reporter | None = None) -> pd.DataFrame:
     """Class probabilities of new images with a saved run, a row per image indexed by id: ``predicted``,
     ``p_<class>`` per class, ``near_duplicate_of`` and ``similarity`` (the training image it is identical or
-    nearly identical to), ``neighbours_agree`` (the share of its ``neighbours`` most similar training images
-    labelled as predicted), ``ood_score`` and ``ood_percentile`` (how far it lies from the training images, and
-    the share of held-out training images that lie closer) with ``ood`` (True above the 95th percentile: about
+    nearly identical to), ``neighbours_agree`` (the share of its ``settings.neighbours`` most similar training
+    images labelled as predicted), ``ood_score`` and ``ood_percentile`` (how far it lies from the training images,
+    and the share of held-out training images that lie closer) with ``ood`` (True above the 95th percentile: about
     5 % of images like the training ones are flagged too), ``group``, and ``failed`` (why an image has no
-    prediction, else empty). The similar
-    cases themselves (id, rank, neighbour, label, group, similarity, agrees) are ``frame.attrs["neighbours"]``."""
+    prediction, else empty). The similar cases themselves (id, rank, neighbour, label, group, similarity, agrees)
+    are ``frame.attrs["neighbours"]``."""
     import pandas as pd
 
     reporter = reporter or Reporter(quiet=True)
-    saved = load_model(run_dir, trust_pickle)
-    source = images_source(inputs, group_col, image_col)
+    saved = load_model(run_dir, settings.trust_pickle)
+    source = images_source(list(images.inputs), images.group_col, images.image_col)
+    cache_root, weights = images.cache_root, images.weights
     train_entry = trained_entry(run_dir, saved)
     if isinstance(train_entry, FusedEntry):  # a fused run: the new images go through every backbone it read
         results = [extract_like(source, part, cache_root, weights, reporter) for part, _ in train_entry.parts]
@@ -169,8 +194,8 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
         first, reason = next(iter(failed.items()))
         raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted (first: {first}: "
                        f"{reason}); check that they are images featcache reads (JPEG, PNG, …)")
-    transform, choice = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter, test_align,
-                                         align_from)
+    transform, choice = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter,
+                                         settings.test_align, settings.align_from)
     proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location), transform)
     duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
@@ -182,7 +207,8 @@ def predict_frame(run_dir: Path, inputs: list[str], cache_root: Path, reporter: 
     classes = [str(c) for c in saved["pipeline"].classes_]
     predicted = [classes[int(np.argmax(p))] for p in proba]
     ood, percentile = out_of_distribution(saved, train_entry, entry, ids, reporter)
-    cases = similar_cases(run_dir, saved, train_entry, entry, ids, predicted, transform, neighbours, reporter)
+    cases = similar_cases(run_dir, saved, train_entry, entry, ids, predicted, transform, settings.neighbours,
+                          reporter)
     agree = agreement(cases, ids) if cases is not None else [np.nan] * len(ids)
     groups = {r.id: r.group or "" for r in source.records}
     rows = [{"id": image_id, "group": groups[image_id], "predicted": classes[int(np.argmax(p))],
@@ -285,18 +311,19 @@ def out_of_distribution(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
     return scores, percentile
 
 
-def predict_ensemble_frame(run_dirs: list[Path], spec: str, inputs: list[str], cache_root: Path,
-                           reporter: Reporter | None = None, **options: object) -> pd.DataFrame:
+def predict_ensemble_frame(run_dirs: list[Path], spec: str, images: NewImages,
+                           settings: PredictSettings = PredictSettings(),
+                           reporter: Reporter | None = None) -> pd.DataFrame:
     """Class probabilities of new images with an ensemble of saved runs, as ``featcache compare --ensemble``
     scored it: ``topN`` averages the runs' probabilities, ``stack`` applies the meta-learner fit on all of
     their out-of-fold probabilities (:func:`featcache.evaluation.stacking.final_meta_learner`). Each run
-    predicts as :func:`predict_frame` with ``options``; an image any run could not read has no prediction."""
+    predicts as :func:`predict_frame`; an image any run could not read has no prediction."""
     from featcache.evaluation.stacking import final_meta_learner, stacked_proba
     from featcache.store.runs import read_predictions
 
     if len(run_dirs) < 2:
         raise RunError(f"an ensemble needs two or more runs; got {len(run_dirs)}")
-    frames = [predict_frame(Path(run), inputs, cache_root, reporter, **options) for run in run_dirs]
+    frames = [predict_frame(Path(run), images, settings, reporter) for run in run_dirs]
     columns = [c for c in frames[0].columns if c.startswith("p_")]
     for run, frame in zip(run_dirs, frames, strict=True):
         if [c for c in frame.columns if c.startswith("p_")] != columns:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -28,6 +30,31 @@ def resolve_device(device: str) -> torch.device:
             raise FeatcacheError(f"--device {device}: this machine has {count} CUDA device(s); "
                                  "use --device cpu (or auto)")
     return dev
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """How batches reach the device the backbone runs on, and the precision it computes in: the one place that
+    knows a CUDA device's ways (host memory pinned by the loader, copies that do not wait, autocast at the entry's
+    precision). Every driver (one backbone, several from one decode, a Ray actor) runs its forwards through it, and
+    so does the CPU: there nothing is pinned and autocast runs where the entry's precision asks for it (bf16 works
+    on the CPU, so the test suite runs this path on every CI run, GPU or not)."""
+
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16 (int8 runs a quantized engine of its own)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the loader pins its batches in host memory (a copy from pinned memory need not wait)."""
+        return self.device.type == "cuda"
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=self.pin_memory)
+
+    def autocast(self) -> AbstractContextManager:
+        if self.precision not in ("bf16", "fp16"):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

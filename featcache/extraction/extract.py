@@ -36,7 +36,7 @@ from featcache.store.naming import default_cache_root, fingerprint
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
-from featcache.extraction.device import provenance, resolve_device, resolve_precision
+from featcache.extraction.device import Accelerator, provenance, resolve_device, resolve_precision
 from featcache.extraction.lean import EXPORTED_ENGINES, default_batch_size, default_workers, lean_recipe
 from featcache.extraction.loader import _collate, _ImageDataset, _quiet_worker_teardown, _worker_init, run_views
 from featcache.extraction.norm import _apply_dataset_norm, dataset_norm_known
@@ -194,6 +194,11 @@ class NamedEntry:
     dtype: str = Dtype.float16.value  # how the features are stored
     views: tuple[str, ...] = ("original",)  # the views computed of each image
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the backbone runs
+
+    @property
+    def accelerator(self) -> Accelerator:
+        """How batches reach the backbone's device, and the precision it computes in."""
+        return Accelerator(self.device, self.precision)
 
 
 def name_entry(source: ImageSource, model: LoadedBackbone, cache_root: Path, recipe: FeatureRecipe = FeatureRecipe(),
@@ -363,19 +368,18 @@ def _local_batches(todo: list[ImageRecord], model: LoadedBackbone, named: NamedE
 
     forward = make_forward(named.engine, model, cache_root, export=export)
     workers = default_workers() if plan.workers is None else plan.workers
-    dev = named.device
-    cuda = dev.type == "cuda"
-    batch_size = plan.batch_size or default_batch_size(cuda)
+    accelerator = named.accelerator
+    batch_size = plan.batch_size or default_batch_size(named.device.type == "cuda")
     memory_format = torch.channels_last if model.spec.is_cnn and named.engine == "torch" else torch.contiguous_format
     model.model.to(memory_format=memory_format)
     loader = DataLoader(_ImageDataset(todo, model.preprocess), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate, pin_memory=cuda,
+                        num_workers=workers, collate_fn=_collate, pin_memory=accelerator.pin_memory,
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     def features(batch: dict) -> dict[str, np.ndarray]:
         if batch["images"] is None:
             return {}
-        return run_views(forward, batch["images"].to(dev, non_blocking=cuda), named.views, dev, named.precision)
+        return run_views(forward, batch["images"], named.views, accelerator)
 
     for batch, feats in run_pipelined(forward, loader, features):  # the engine's streams run batches at once
         yield batch["items"], feats

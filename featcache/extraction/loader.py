@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -11,6 +10,7 @@ from torch.utils.data import Dataset
 
 from featcache.data.images import Preprocess, apply_view
 from featcache.data.sources import ImageRecord
+from featcache.extraction.device import Accelerator
 from featcache.extraction.engines import Forward
 from featcache.extraction.resume import read_item
 
@@ -72,16 +72,14 @@ def _quiet_worker_teardown() -> None:
     sys.excepthook = hook
 
 
-def run_views(forward: Forward, images: torch.Tensor, view_names: tuple[str, ...], dev: torch.device,
-              precision: str) -> dict[str, np.ndarray]:
-    """Every view of a batch of uint8 images through ``forward`` (one forward per view, at the batch size
-    measured best): ``{pool: (n, views, dim) float32}``."""
-    cuda = dev.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if cuda and precision != "fp32" else nullcontext())
+def run_views(forward: Forward, images: torch.Tensor, view_names: tuple[str, ...],
+              accelerator: Accelerator) -> dict[str, np.ndarray]:
+    """Every view of a batch of uint8 images through ``forward`` on the accelerator's device (one forward per view,
+    at the batch size measured best): ``{pool: (n, views, dim) float32}``."""
+    images = accelerator.to_device(images)
     outs = []
     with torch.inference_mode():
         for view in view_names:
-            with autocast:
+            with accelerator.autocast():
                 outs.append(forward(apply_view(images, view)))  # uint8: the forward normalises
     return {p: _views_axis(outs, p).float().cpu().numpy() for p in outs[0]}

@@ -144,14 +144,14 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
         return [0] * len(jobs)
     union = [r for r in source.records if r.id in wanted]  # source order, as each job's own plan keeps it
     needs = [{r.id for r in job.todo} for job in jobs]
-    cuda = dev.type == "cuda"
-    batch_size = plan.batch_size or default_batch_size(cuda)
+    batch_size = plan.batch_size or default_batch_size(dev.type == "cuda")
     workers = default_workers() if plan.workers is None else plan.workers
     for job in jobs:
         if job.model.spec.is_cnn and job.named.engine == "torch":
             job.model.model.to(memory_format=torch.channels_last)
     loader = DataLoader(_SharedDecodeDataset(union, transforms), batch_size=batch_size * GROUP_BATCHES,
-                        num_workers=workers, collate_fn=_collate_shared, pin_memory=cuda,
+                        num_workers=workers, collate_fn=_collate_shared,
+                        pin_memory=jobs[0].named.accelerator.pin_memory,
                         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
                         prefetch_factor=2 if workers else None)
     groups = iter(loader)  # the decode workers fork now, before the engines start their thread pools
@@ -176,8 +176,7 @@ def _run_many(source: ImageSource, jobs: list[_Job], transforms: list[Preprocess
                     if not rows:
                         return {}
                     images = stacks[job.transform][torch.tensor(rows)]
-                    return run_views(forward, images.to(dev, non_blocking=cuda), job.named.views, dev,
-                                     job.named.precision)
+                    return run_views(forward, images, job.named.views, job.named.accelerator)
 
                 for items, feats in run_pipelined(forwards[k], batches, features):
                     yield Batch([union[it["index"]] for it in items], items, feats, 0, k)

@@ -233,6 +233,7 @@ class BackboneActor:
         self.forward = make_forward(loader["engine"], model, Path(loader["cache_root"]))
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from featcache.extraction.device import Accelerator
         from featcache.extraction.engines import run_pipelined
         from featcache.extraction.loader import run_views
 
@@ -247,9 +248,9 @@ class BackboneActor:
                    if len(rows := np.flatnonzero(ok[start:start + size]) + start)]
 
         def compute(rows: np.ndarray) -> dict[str, np.ndarray]:
-            images = torch.from_numpy(np.ascontiguousarray(block["image"][rows])).to(self.device)
-            return run_views(self.forward, images, tuple(self.loader["views"]), self.device,
-                             self.loader["precision"])
+            images = torch.from_numpy(np.ascontiguousarray(block["image"][rows]))
+            return run_views(self.forward, images, tuple(self.loader["views"]),
+                             Accelerator(self.device, self.loader["precision"]))
 
         for rows, computed in run_pipelined(self.forward, batches, compute):
             for p in feats:

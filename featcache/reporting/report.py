@@ -19,6 +19,7 @@ import numpy as np
 from featcache.data.sources import in_reading_order
 from featcache.errors import CacheError, FeatcacheError
 from featcache.evaluation.head_registry import ZERO_SHOT
+from featcache.recipes import ReportView
 from featcache.reporting.compare import (
     Row,
     alignment_note,
@@ -155,12 +156,11 @@ img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display
 """
 
 
-def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | None = None,
-                 dataset: str | None = None, title: str = "featcache report", metric: str = "balanced_accuracy",
-                 top: int = 20, best: int = 3, ensemble: str | int | None = None, gallery: int = 1,
-                 max_mb: float = 5.0) -> Path:
+def write_report(path: Path, view: ReportView = ReportView(), runs: list[Path] | None = None,
+                 cache_root: Path | None = None, dataset: str | None = None) -> Path:
     """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
-    ``cache_root``. Returns the path."""
+    ``cache_root``, as ``view`` says (:class:`featcache.recipes.ReportView`). Returns the path."""
+    title, metric, ensemble, top, best = view.title, view.metric, view.ensemble, view.top, view.best
     roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]
     notes: list[str] = []
     rows = select_rows(roots, metric, dataset=dataset, runs=runs, ensemble=ensemble, notes=notes)
@@ -199,7 +199,7 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
         leading = [r for r in members if r.config and not is_baseline_head(r.head)]
         # heatmaps need one backbone and no metadata columns: a fused or --meta leader gives its gallery to the
         # best run that can have one, and the page says so
-        galleried = [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:gallery]
+        galleried = [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:view.gallery]
         def among(row: Row, rows: list[Row]) -> bool:
             return any(row is other for other in rows)
 
@@ -215,7 +215,7 @@ def write_report(path: Path, runs: list[Path] | None = None, cache_root: Path | 
                     body.append("<p class='muted'>The leading run reads several backbones' features or metadata "
                                 "columns, so a heatmap cannot show what drove it; the gallery is that of the best run "
                                 "of one backbone.</p>")
-                left = int(max_mb * 1e6) - sum(len(part) for part in body) - 200_000  # room for the rest
+                left = int(view.max_mb * 1e6) - sum(len(part) for part in body) - 200_000  # room for the rest
                 body.append(gallery_section(row.run, max(left, 0))[0])
     body += ["<h2>Runs</h2>", _runs_table(runs_listed), "<h2>Provenance of the features</h2>",
              "<div class='wide'>", _provenance(rows), "</div>"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console, ConsoleOptions, RenderResult
 
+    from featcache.evaluation.predict import NewImages, PredictSettings
     from featcache.reporting.compare import Row
+    from featcache.store.entries import CacheEntry as Entry  # noqa: F401 - named by __getattr__ below
 
 
 
@@ -37,6 +39,8 @@ class Run:
     """
 
     path: Path
+    # load a model saved as a pickle by featcache before 0.3 (it can run any code it holds): see load_run
+    trust_pickle: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from featcache.store.runs import is_finished
@@ -80,8 +84,7 @@ class Run:
 
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
-                image_col: str | None = None,
-                test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
+                image_col: str | None = None, test_align: str = "none", align_from: str | os.PathLike | None = None,
                 neighbours: int = 5, quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images (files, folders, or one CSV/.npz), their features made
         exactly like the training features (through the cache), with each image's most similar training
@@ -103,8 +106,6 @@ class Run:
             {test_align}
         align_from : path, optional
             {align_from}
-        trust_pickle : bool, default False
-            {trust_pickle}
         neighbours : int, default 5
             How many of the most similar training images to find for each image, in the run's own feature
             space (its scaler and PCA; cosine); 0 for none.
@@ -127,10 +128,10 @@ class Run:
         """
         from featcache.evaluation.predict import predict_frame
 
-        similar_cases_count(neighbours, "neighbours")
-        inputs, root, options = prediction_options(self.path, images, cache, weights, group_col, image_col,
-                                                    test_align, align_from, trust_pickle)
-        return predict_frame(self.path, inputs, root, reporter_for(quiet, reporter), neighbours=neighbours, **options)
+        new = new_images(self.path, images, cache, weights, group_col, image_col)
+        settings = predict_settings(test_align, align_from, self.trust_pickle, similar_cases_count(neighbours,
+                                                                                                   "neighbours"))
+        return predict_frame(self.path, new, settings, reporter_for(quiet, reporter))
 
     def explain(self, images: str | os.PathLike | Sequence[str | os.PathLike], *, k: int = 5, cls: str | None = None,
                 cache: str | os.PathLike | None = None, weights: str | None = None, quiet: bool = True,
@@ -166,9 +167,8 @@ class Run:
         """
         from featcache.evaluation.explain import explain_run
 
-        similar_cases_count(k, "k")
-        inputs, root, _ = prediction_options(self.path, images, cache, weights, None, None, "none", None, False)
-        return explain_run(self.path, inputs, root, k, cls, weights, reporter_for(quiet, reporter))
+        new = new_images(self.path, images, cache, weights)
+        return explain_run(self.path, new, similar_cases_count(k, "k"), cls, reporter_for(quiet, reporter))
 
     def __repr__(self) -> str:
         pooled = self.metrics["pooled"]
@@ -207,25 +207,30 @@ class Run:
         return f"<table><caption>featcache run</caption>{rows}</table>"
 
 
-for _name in ("test_align", "align_from", "trust_pickle"):
+for _name in ("test_align", "align_from"):
     Run.predict.__doc__ = Run.predict.__doc__.replace("{" + _name + "}", BY_NAME[_name].help)
 
 
-def prediction_options(run: Path, images: str | os.PathLike | Sequence[str | os.PathLike],
-                        cache: str | os.PathLike | None, weights: str | None, group_col: str | None,
-                        image_col: str | None, test_align: str, align_from: str | os.PathLike | None,
-                        trust_pickle: bool) -> tuple[list[str], Path, dict]:
-    """What ``Run.predict`` and ``Ensemble.predict`` take, checked: the inputs, the cache root (default:
-    the run's own) and the keywords of the prediction functions."""
+def new_images(run: Path, images: str | os.PathLike | Sequence[str | os.PathLike], cache: str | os.PathLike | None,
+               weights: str | None = None, group_col: str | None = None, image_col: str | None = None) -> NewImages:
+    """The images a run is asked to predict or explain, their features cached in ``cache`` (default: the run's
+    own cache)."""
+    from featcache.evaluation.predict import NewImages
     from featcache.store.naming import cache_root_of_run
 
     inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
     root = Path(cache) if cache else cache_root_of_run(Path(run).resolve())
-    options = {"weights": weights, "group_col": group_col, "image_col": image_col,
-               "test_align": BY_NAME["test_align"].checked(test_align, "test_align="),
-               "align_from": BY_NAME["align_from"].checked(align_from, "align_from="),
-               "trust_pickle": BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle=")}
-    return [str(i) for i in inputs], root, options
+    return NewImages(tuple(str(i) for i in inputs), root, group_col, image_col, weights)
+
+
+def predict_settings(test_align: str, align_from: str | os.PathLike | None, trust_pickle: bool,
+                     neighbours: int = 0) -> PredictSettings:
+    """How a batch is predicted, each value checked by its option, in the Python keywords' spelling."""
+    from featcache.evaluation.predict import PredictSettings
+
+    return PredictSettings(BY_NAME["test_align"].checked(test_align, "test_align="),
+                           BY_NAME["align_from"].checked(align_from, "align_from="), neighbours,
+                           BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle="))
 
 
 @dataclass(frozen=True)
@@ -256,24 +261,25 @@ class Ensemble:
 
     def predict(self, images: str | os.PathLike | Sequence[str | os.PathLike], *,
                 cache: str | os.PathLike | None = None, weights: str | None = None, group_col: str | None = None,
-                image_col: str | None = None,
-                test_align: str = "none", align_from: str | os.PathLike | None = None, trust_pickle: bool = False,
+                image_col: str | None = None, test_align: str = "none", align_from: str | os.PathLike | None = None,
                 quiet: bool = True, reporter: Reporter | None = None) -> pd.DataFrame:
         """Class probabilities for new images: every member predicts them (see ``Run.predict``, whose
         keywords these are), then they are averaged or stacked. Returns a row per image, indexed by id:
         ``predicted``, ``p_<class>`` per class, ``group`` and ``failed``."""
         from featcache.evaluation.predict import predict_ensemble_frame
 
-        inputs, root, options = prediction_options(self.runs[0].path, images, cache, weights, group_col, image_col,
-                                                    test_align, align_from, trust_pickle)
-        return predict_ensemble_frame([r.path for r in self.runs], self.spec, inputs, root,
-                                      reporter_for(quiet, reporter), **options)
+        new = new_images(self.runs[0].path, images, cache, weights, group_col, image_col)
+        # a pickle of featcache before 0.3 is loaded only when every member was loaded trusting it (load_run)
+        settings = predict_settings(test_align, align_from, all(r.trust_pickle for r in self.runs))
+        return predict_ensemble_frame([r.path for r in self.runs], self.spec, new, settings,
+                                      reporter_for(quiet, reporter))
 
     def __repr__(self) -> str:
         return f"Ensemble({self.spec} of {len(self.runs)} runs: {', '.join(r.head for r in self.runs)})"
 
 
-def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | None = None) -> Run | Ensemble:
+def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | None = None,
+               trust_pickle: bool = False) -> Run | Ensemble:
     """The best model of a study that ``featcache run`` finished: its first row in the report's ranking,
     a single run or the ensemble the study's ``[compare] ensemble`` asked for.
 
@@ -283,6 +289,8 @@ def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | No
         The study file (TOML), or its content as given to ``run_study``.
     cache : path, optional
         The cache root the study ran in (default ./cache, or $FEATCACHE_CACHE).
+    trust_pickle : bool, default False
+        As for :func:`load_run`.
 
     Returns
     -------
@@ -308,8 +316,8 @@ def best_model(study: str | os.PathLike | dict, *, cache: str | os.PathLike | No
                        ensemble=record["ensemble"])
     best = rows[0]
     if best.members:
-        return Ensemble(tuple(Run(path) for path in best.members), best.ensemble)
-    return Run(best.run)
+        return Ensemble(tuple(Run(path, trust_pickle) for path in best.members), best.ensemble)
+    return Run(best.run, trust_pickle)
 
 
 def predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:
@@ -328,19 +336,24 @@ def predictions_frame(run_dir: Path, which: str) -> pd.DataFrame:
     return frame
 
 
-def load_run(path: str | os.PathLike) -> Run:
+def load_run(path: str | os.PathLike, *, trust_pickle: bool = False) -> Run:
     """A finished run folder as a ``Run`` (its ``metrics``, ``oof`` and ``predict``).
 
     Parameters
     ----------
     path : path
         A run folder written by ``fit`` (``featcache compare --paths`` lists them).
+    trust_pickle : bool, default False
+        {trust_pickle}
 
     Returns
     -------
     Run
     """
-    return Run(Path(path))
+    return Run(Path(path), BY_NAME["trust_pickle"].checked(trust_pickle, "trust_pickle="))
+
+
+load_run.__doc__ = load_run.__doc__.replace("{trust_pickle}", BY_NAME["trust_pickle"].help)
 
 
 @dataclass
@@ -414,3 +427,13 @@ class Comparison:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def __getattr__(name: str) -> object:
+    """``Entry``: a cache entry (its features, ids and provenance), imported when first asked for, so that importing
+    this module stays light."""
+    if name == "Entry":
+        from featcache.store.entries import CacheEntry
+
+        return CacheEntry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
