@@ -233,3 +233,29 @@ def test_an_exported_shift_weighted_run_says_its_sets_are_unweighted(ham70_onnx_
         "conformal": {"level": 0.9, "mode": "marginal", "thresholds": thresholds, "shift": "weighted"}})
     frame = onnx_predict.predict_onnx_frame(model, [str(data / "mel")], Reporter())
     assert "needs the run's training features" in capfd.readouterr().err and "set_90" in frame.columns
+
+
+@pytest.mark.slow
+def test_an_exported_run_calibrated_by_group_gives_each_image_its_groups_set(ham70_onnx_entry, tmp_path, monkeypatch,
+                                                                             capfd):
+    """The ONNX path takes the one evidence path's sets: each image its --conformal-by group's thresholds."""
+    from featcache.deploy import onnx_predict
+    from featcache.progress import Reporter
+
+    data, cache = ham70_onnx_entry
+    (run,) = cache.glob("*/*/runs/logreg-gap-*")
+    model = tmp_path / "logreg.onnx"
+    assert CliRunner().invoke(app, ["export", str(run), "--out", str(model)]).exit_code == 0
+    read = onnx_predict.graph_info
+    classes = read(onnx_predict.onnx_session(model))["classes"]
+    every, none = [1.0] * len(classes), [-1.0] * len(classes)  # a set of every class; an empty set
+    monkeypatch.setattr(onnx_predict, "graph_info", lambda session: read(session) | {"conformal": {
+        "level": 0.9, "mode": "marginal", "thresholds": none,
+        "by": {"column": "Klinik", "groups": {"A": {"thresholds": every}}}}})
+    photos = sorted((data / "mel").glob("*.jpg"))[:4]
+    table = tmp_path / "batch.csv"
+    table.write_text("image,Klinik\n" + "".join(f"{p},{'A' if k % 2 else 'Z'}\n" for k, p in enumerate(photos)))
+    frame = onnx_predict.predict_onnx_frame(model, [str(table)], Reporter())
+    sets = frame["set_90"].tolist()  # in the CSV's order
+    assert [len(s.split("|")) if s else 0 for s in sets] == [0, len(classes), 0, len(classes)]
+    assert "2 of 4 images belong to no Klinik group" in " ".join(capfd.readouterr().err.split())

@@ -49,9 +49,10 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
     from featcache.data.images import Preprocess
     from featcache.data.sources import read_record
     from featcache.deploy.export import METADATA
-    from featcache.evaluation.conformal import prediction_sets, set_column, set_labels
+    from featcache.evaluation.conformal import set_column, set_labels
+    from featcache.evaluation.evidence import grouped_sets
     from featcache.evaluation.features import encode_meta
-    from featcache.evaluation.predict import images_source
+    from featcache.evaluation.predict import batch_strata, images_source
 
     reporter = reporter or Reporter(quiet=True)
     session = onnx_session(path)
@@ -95,12 +96,15 @@ def predict_onnx_frame(path: Path, inputs: list[str], reporter: Reporter | None 
     columns = ["id", "predicted", *[f"p_{c}" for c in classes], "near_duplicate_of", "similarity", "group", "failed"]
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     conformal = info.get("conformal")
-    if conformal:
-        column = set_column(conformal["level"])
+    if conformal:  # as predict with the run folder: each image its group's thresholds (--conformal-by)
         if conformal.get("shift") == "weighted":  # the graph carries no training features to weigh a batch against
             reporter.warn(f"{path.name}: the run's prediction sets were shift-weighted (--conformal-shift weighted), "
                           "which needs the run's training features; the exported model has only the unweighted "
                           "thresholds, so these sets use them. Predict with the run folder for weighted sets")
-        sets = set_labels(prediction_sets(proba, np.array(conformal["thresholds"])), classes)
-        frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
+        found, unseen = grouped_sets(proba, conformal, batch_strata(conformal, source, ids, reporter))
+        if unseen and conformal.get("by"):
+            reporter.warn(f"{unseen} of {len(ids)} images belong to no {conformal['by']['column']} group the run was "
+                          "calibrated on: their sets use the threshold calibrated on all training images")
+        sets = set_labels(found, classes)
+        frame.insert(len(classes) + 1, set_column(conformal["level"]), [*sets, *[""] * (len(frame) - len(sets))])
     return frame

@@ -14,22 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.evaluation.conformal import group_limits, prediction_sets, set_column, set_labels, shift_weighted
+from featcache.evaluation.conformal import set_column, set_labels
 from featcache.evaluation.conformal import summary as set_summary
-from featcache.evaluation.features import LabeledFeatures, with_meta
-from featcache.evaluation.metrics import MAIN_METRICS, _align, score_with_ci
+from featcache.evaluation.evidence import (
+    Batch,
+    Calibration,
+    Evidence,
+    Known,
+    batch_evidence,
+    grouped_sets,
+    plan_alignment,
+)
+from featcache.evaluation.features import LabeledFeatures
+from featcache.evaluation.metrics import MAIN_METRICS, score_with_ci
 from featcache.evaluation.model_card import model_card
 from featcache.evaluation.neighbours import COLUMNS as NEIGHBOUR_COLUMNS
-from featcache.evaluation.neighbours import DEFAULT_K, agreement, nearest, neighbour_rows, run_space
+from featcache.evaluation.neighbours import DEFAULT_K, agreement
 from featcache.evaluation.protocol import Protocol
-from featcache.evaluation.shift import (
-    CORAL_NEAR_MOMENTS,
-    align,
-    choose_alignment,
-    coral_shrinkage,
-    shift_audit,
-    shift_warning,
-)
+from featcache.evaluation.shift import CORAL_NEAR_MOMENTS, shift_audit, shift_warning
 from featcache.progress import Reporter
 from featcache.store.hashing import rows_hash
 from featcache.store.model_files import load_model
@@ -114,53 +116,40 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
         reporter.warn(f"{name}: {message}" if name else message)
 
     groups = test.groups
-
-    def predicted(X: np.ndarray) -> np.ndarray:
-        return _align(model.predict_proba(with_meta(X, test.meta)), list(model.classes_), data.classes)
-
-    plain = predicted(test.X)
-    method, choice = protocol.test_align, None
-    if method == "auto":  # moments or none, from evidence without the test labels (recorded in metrics.json)
-        choice = choose_alignment(data.X, test.X)
-        method = choice.method
-    # coral's shrinkage of each side, estimated once: for the alignment and for metrics.json
-    shrunk = (coral_shrinkage(test.X), coral_shrinkage(data.X)) if method == "coral" else None
-    aligned = test.X if method == "none" else align(test.X, data.X, method, shrunk)
-    proba = plain if method == "none" else predicted(aligned)
+    known = Known(data.X, data.ids, data.y.tolist(), None if data.groups is None else data.groups.tolist(),
+                  data.classes, bool(data.meta_spec))
+    alignment = plan_alignment(data.X, test.X, protocol.test_align)
+    method, choice, shrunk = alignment.method, alignment.choice, alignment.shrunk
+    weighted = conformal is not None and protocol.conformal_shift == "weighted"
+    found = batch_evidence(model, known, Batch(test.X, test.ids, test.meta, test.strata), alignment, conformal,
+                           Calibration(data.X[calibration], heldout[0], np.searchsorted(data.classes, heldout[1]),
+                                       [i for i, keep in zip(data.ids, calibration, strict=True) if keep])
+                           if weighted else None, DEFAULT_K, unaligned_sets=protocol.test_align != "none")
+    proba, plain = found.proba, found.plain
     scores = score_with_ci(test.y, proba, data.classes, groups)
     scores["n_images"] = len(test.y)
     sets = {}
     if conformal is not None:
         y_idx = np.searchsorted(data.classes, test.y)
-        limits, unseen = group_limits(conformal, test.strata)  # --conformal-by: each image its group's threshold
-        plain_limits = limits
-        if protocol.conformal_shift == "weighted":  # each test image its own threshold (Tibshirani et al. 2019)
-            cal_X, cal_y = data.X[calibration], np.searchsorted(data.classes, heldout[1])
-            ids = {"calibration_ids": [i for i, keep in zip(data.ids, calibration, strict=True) if keep],
-                   "test_ids": test.ids}
-            limits, weights, warning = shift_weighted(cal_X, heldout[0], cal_y, aligned, conformal, **ids)
-            if warning:
-                warn(warning)
-            plain_limits = limits if method == "none" else shift_weighted(cal_X, heldout[0], cal_y, test.X,
-                                                                          conformal, **ids)[0]
-        sets["test"] = prediction_sets(proba, limits)
+        if found.set_warning:
+            warn(found.set_warning)
+        sets["test"] = found.sets
         scores["conformal"] = set_summary(sets["test"], y_idx)
-        if protocol.conformal_shift == "weighted":
-            scores["conformal"]["weights"] = weights
-            scores["conformal"]["unweighted"] = set_summary(
-                prediction_sets(proba, group_limits(conformal, None)[0]), y_idx)
+        if weighted:
+            scores["conformal"]["weights"] = found.set_weights
+            scores["conformal"]["unweighted"] = set_summary(grouped_sets(proba, conformal, None)[0], y_idx)
         if conformal.get("by"):
-            scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, unseen)
-            if unseen:
-                warn(f"--conformal-by {conformal['by']['column']}: {unseen} of {len(test.y)} test images belong to "
-                     "groups the training images do not have (or to none): their sets use the threshold calibrated "
-                     "on all training images")
-    scores["neighbours"], rows = _similar_cases(model, data, test, aligned, proba)
+            scores["conformal"]["by"] = _coverage_by_group(sets["test"], y_idx, test.strata, found.unseen)
+            if found.unseen:
+                warn(f"--conformal-by {conformal['by']['column']}: {found.unseen} of {len(test.y)} test images belong "
+                     "to groups the training images do not have (or to none): their sets use the threshold "
+                     "calibrated on all training images")
+    scores["neighbours"] = _neighbour_summary(found, data, test)
     if protocol.test_align != "none":
         unaligned = score_with_ci(test.y, plain, data.classes, groups)
         scores["unaligned"] = {k: unaligned[k] for k in (*MAIN_METRICS, "ci95") if k in unaligned}
         if conformal is not None:
-            sets["test_unaligned"] = prediction_sets(plain, plain_limits)
+            sets["test_unaligned"] = found.plain_sets
             scores["unaligned"]["conformal"] = set_summary(sets["test_unaligned"], y_idx)
         scores["test_align"] = protocol.test_align
         if choice is not None:
@@ -180,23 +169,18 @@ def score_test(model, data: LabeledFeatures, test: LabeledFeatures, protocol: Pr
     if scores["shift"]["prevalence_degenerate"]:
         warn(f"label shift: {scores['shift']['prevalence_degenerate']} (metrics.json test.shift holds EM's "
              "and BBSE's estimates with their intervals)")
-    return scores, (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ()), sets, rows
+    predictions = (test.ids, test.y, proba) + ((plain,) if protocol.test_align != "none" else ())
+    return scores, predictions, sets, found.neighbours
 
 
-def _similar_cases(model, data: LabeledFeatures, test: LabeledFeatures, aligned: np.ndarray,  # noqa: ANN001
-                   proba: np.ndarray) -> tuple[dict, list]:
-    """Each test image's nearest training images in the model's own space (the features it was scored on):
-    how often they agree with its prediction, and the rows of ``test_neighbours.csv``."""
-    space = run_space(model, meta=bool(data.meta_spec))
-    index, similarity = nearest(space.transform(data.X), space.transform(aligned), DEFAULT_K)
-    predicted = [data.classes[i] for i in proba.argmax(axis=1)]
-    rows = neighbour_rows(test.ids, predicted, index, similarity, data.ids, data.y.tolist(),
-                          None if data.groups is None else data.groups.tolist())
-    agree = agreement(rows, test.ids)
-    summary = {"k": int(index.shape[1]), "space": space.description, "mean_agreement": float(np.mean(agree)),
-               "agreement_when_right": _mean_where(agree, np.array(predicted) == test.y),
-               "agreement_when_wrong": _mean_where(agree, np.array(predicted) != test.y)}
-    return summary, rows
+def _neighbour_summary(found: Evidence, data: LabeledFeatures, test: LabeledFeatures) -> dict:
+    """How often each test image's similar training cases agree with its prediction: overall, when right, when
+    wrong."""
+    agree = agreement(found.neighbours, test.ids)
+    predicted = np.array([data.classes[i] for i in found.proba.argmax(axis=1)])
+    return {"k": found.neighbour_k, "space": found.neighbour_space, "mean_agreement": float(np.mean(agree)),
+            "agreement_when_right": _mean_where(agree, predicted == test.y),
+            "agreement_when_wrong": _mean_where(agree, predicted != test.y)}
 
 
 def _coverage_by_group(sets: np.ndarray, y_idx: np.ndarray, strata: np.ndarray | None, unseen: int) -> dict:

@@ -12,19 +12,16 @@ import numpy as np
 
 from featcache.data.sources import IMAGE_SUFFIXES, ImageRecord, ImageSource, column_key, open_source, slug
 from featcache.errors import RunError
-from featcache.evaluation.conformal import group_limits, prediction_sets, set_column, set_labels, shift_weighted
+from featcache.evaluation.conformal import set_column, set_labels
+from featcache.evaluation.evidence import Alignment, Batch, Calibration, Evidence, Known, batch_evidence, plan_alignment
 from featcache.evaluation.features import encode_meta, with_meta
 from featcache.evaluation.leakage import nearest_known, normalised, threshold_for
-from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame, nearest, neighbour_rows, run_space
+from featcache.evaluation.neighbours import DEFAULT_K, agreement, as_frame
 from featcache.evaluation.shift import (
     DOMAIN_WARN_AUROC,
     MIN_ALIGN_IMAGES,
     OOD_QUANTILE,
     OOD_WARN_FRACTION,
-    AlignmentChoice,
-    align,
-    choose_alignment,
-    coral_shrinkage,
     domain_auroc,
     ood_per_image,
 )
@@ -112,32 +109,6 @@ def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry,
     return found
 
 
-def similar_cases(run_dir: Path, saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
-                  predicted: list[str], transform: Callable | None, k: int, reporter: Reporter) -> list[list] | None:
-    """Rows of :data:`featcache.evaluation.neighbours.COLUMNS`: each image's ``k`` most similar training
-    images in the run's own space (after ``transform``, the --test-align its predictions used); None when
-    ``k`` is 0."""
-    if k <= 0:
-        return None
-    train_ids, labels, groups = saved.get("train_ids") or [], saved.get("train_labels"), saved.get("train_groups")
-    if labels is None:  # a run made before its model kept the training labels: its out-of-fold rows have them
-        oof = read_predictions(run_dir)
-        by_id = {i: (label, group) for i, label, group in zip(oof.ids, oof.labels, oof.groups, strict=True)}
-        kept = [i for i in train_ids if i in by_id]
-        if len(kept) < len(train_ids):
-            reporter.warn(f"this run folder keeps the labels of {len(kept)} of its {len(train_ids)} training images "
-                          "(it predates featcache keeping them all): similar cases are searched among those; fit it "
-                          "again (--force) to search them all")
-        train_ids, labels, groups = kept, [by_id[i][0] for i in kept], [by_id[i][1] for i in kept]
-    if not train_ids:
-        raise RunError(f"{run_dir}: its model names no training images, so it has no similar cases; fit it again")
-    space = run_space(saved["pipeline"], meta=bool(saved["config"].get("meta_spec")))
-    X = entry.read(saved["pool"], ids)
-    found, similarity = nearest(space.transform(train_entry.read(saved["pool"], train_ids)),
-                                space.transform(transform(X) if transform is not None else X), k)
-    return neighbour_rows(ids, predicted, found, similarity, train_ids, list(labels), groups)
-
-
 @dataclass(frozen=True)
 class NewImages:
     """Images to predict and how to read them: ``inputs`` are image files, folders (searched recursively) or a CSV
@@ -173,7 +144,6 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
     5 % of images like the training ones are flagged too), ``group``, and ``failed`` (why an image has no
     prediction, else empty). The similar cases themselves (id, rank, neighbour, label, group, similarity, agrees)
     are ``frame.attrs["neighbours"]``."""
-    import pandas as pd
 
     reporter = reporter or Reporter(quiet=True)
     saved = load_model(run_dir, settings.trust_pickle)
@@ -194,9 +164,19 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
         first, reason = next(iter(failed.items()))
         raise RunError(f"none of the {len(failed)} images could be read, so nothing was predicted (first: {first}: "
                        f"{reason}); check that they are images featcache reads (JPEG, PNG, …)")
-    transform, choice = _batch_alignment(saved, train_entry, entry, ids, cache_root, weights, reporter,
-                                         settings.test_align, settings.align_from)
-    proba = predict_proba_from_entry(saved, entry, ids, source.records, str(source.location), transform)
+    _check_features(saved, entry)
+    known, legacy = _known(run_dir, saved, train_entry)
+    batch_X = entry.read(saved["pool"], ids)
+    alignment = _batch_alignment(saved, known, batch_X, train_entry, images, reporter, settings)
+    conformal = read_metrics(run_dir).get("conformal")
+    strata = batch_strata(conformal, source, ids, reporter) if conformal else None
+    calibration, weights_record, too_few = None, None, ""
+    if conformal and conformal.get("shift") == "weighted":
+        calibration, weights_record, too_few = _batch_calibration(run_dir, saved, train_entry, ids)
+    if settings.neighbours > 0 and known is None:
+        raise RunError(f"{run_dir}: its model names no training images, so it has no similar cases; fit it again")
+    found = batch_evidence(saved["pipeline"], known or _no_training(saved), Batch(batch_X, ids, _batch_meta(saved,
+                           source, ids), strata), alignment, conformal or None, calibration, settings.neighbours)
     duplicates = training_duplicates(saved, train_entry, entry, ids)
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
     if near:
@@ -204,11 +184,88 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
         reporter.warn(f"{len(near)} of {len(ids)} images are identical or nearly identical to a training image "
                       f"of this run (first: {image_id} ~ {train_id}, cosine {similarity:.3f}): their predictions "
                       "say little about new data; see the near_duplicate_of column")
-    classes = [str(c) for c in saved["pipeline"].classes_]
-    predicted = [classes[int(np.argmax(p))] for p in proba]
     ood, percentile = out_of_distribution(saved, train_entry, entry, ids, reporter)
-    cases = similar_cases(run_dir, saved, train_entry, entry, ids, predicted, transform, settings.neighbours,
-                          reporter)
+    if legacy and settings.neighbours > 0:
+        reporter.warn(legacy)
+    frame = _frame(found, [str(c) for c in saved["pipeline"].classes_], source, ids, failed, duplicates,
+                   (ood, percentile))
+    if alignment.choice is not None:  # what --test-align auto chose for this batch, and why
+        frame.attrs["test_align_choice"] = alignment.choice.record()
+    if conformal:  # each image's prediction set, at the run's coverage (--conformal-by: its group's)
+        if found.unseen and conformal.get("by") and strata is not None:
+            reporter.warn(f"{found.unseen} of {len(ids)} images belong to no {conformal['by']['column']} group the "
+                          "run was calibrated on: their sets use the threshold calibrated on all training images")
+        if too_few:
+            reporter.warn(too_few)
+        if calibration is not None:
+            weights_record = found.set_weights
+            if found.set_warning:
+                reporter.warn(found.set_warning)
+            else:
+                reporter.info(f"prediction sets weighted for this batch (--conformal-shift weighted): "
+                              f"{weights_record['effective_calibration_images']:.0f} of "
+                              f"{weights_record['calibration_images']} calibration images in effect, domain AUROC "
+                              f"{weights_record['domain_auroc']:.2f}")
+        if weights_record is not None:
+            frame.attrs["conformal_weights"] = weights_record
+        classes = [str(c) for c in saved["pipeline"].classes_]
+        sets = set_labels(found.sets, classes)
+        frame.insert(len(classes) + 1, set_column(conformal["level"]), [*sets, *[""] * (len(frame) - len(sets))])
+    return frame
+
+
+def _check_features(saved: dict, entry: CacheEntry) -> None:
+    """Features made unlike the training features are refused."""
+    if entry.fingerprint != saved["feature_fingerprint"]:
+        raise RunError(
+            f"the features in {entry.path} have fingerprint {entry.fingerprint} but this head was trained on "
+            f"{saved['feature_fingerprint']} (other backbone, weights or preprocessing); extract the images "
+            "with the same settings as the training data")
+
+
+def _known(run_dir: Path, saved: dict, train_entry: CacheEntry) -> tuple[Known | None, str]:
+    """What the run knows of its training images (None: a run made before featcache 0.2 records none), and, for a
+    run made before its model kept every label, what its similar cases cannot search (said when they are asked)."""
+    train_ids = saved.get("train_ids")
+    if not train_ids:
+        return None, ""
+    labels, groups, legacy = saved.get("train_labels"), saved.get("train_groups"), ""
+    if labels is None:  # a run made before its model kept the training labels: its out-of-fold rows have them
+        oof = read_predictions(run_dir)
+        by_id = {i: (label, group) for i, label, group in zip(oof.ids, oof.labels, oof.groups, strict=True)}
+        labels = [by_id[i][0] if i in by_id else None for i in train_ids]
+        groups = [by_id[i][1] if i in by_id else None for i in train_ids]
+        kept = sum(label is not None for label in labels)
+        if kept < len(train_ids):
+            legacy = (f"this run folder keeps the labels of {kept} of its {len(train_ids)} training images (it "
+                      "predates featcache keeping them all): similar cases are searched among those; fit it again "
+                      "(--force) to search them all")
+    return Known(train_entry.read(saved["pool"], train_ids), list(train_ids), list(labels), groups,
+                 [str(c) for c in saved["pipeline"].classes_], bool(saved["config"].get("meta_spec")), False), legacy
+
+
+def _no_training(saved: dict) -> Known:
+    """A run that records no training images: its head alone (no alignment, no similar cases)."""
+    return Known(np.empty((0, 0), np.float32), [], [], None, [str(c) for c in saved["pipeline"].classes_], False,
+                 False)
+
+
+def _batch_meta(saved: dict, source: ImageSource, ids: list[str]) -> np.ndarray | None:
+    """The images' metadata columns coded as at training, for a head trained with ``--meta``."""
+    spec = saved["config"].get("meta_spec")
+    if not spec:
+        return None
+    by_id = {r.id: r for r in source.records}
+    meta, _ = encode_meta([by_id[i] for i in ids], [c["name"] for c in spec], spec, str(source.location))
+    return meta
+
+
+def _frame(found: Evidence, classes: list[str], source: ImageSource, ids: list[str], failed: dict,
+           duplicates: list, ood: tuple[np.ndarray, np.ndarray]) -> pd.DataFrame:
+    """The prediction table: a row per image, failed ones last; the similar cases in ``attrs["neighbours"]``."""
+    import pandas as pd
+
+    cases = found.neighbours
     agree = agreement(cases, ids) if cases is not None else [np.nan] * len(ids)
     groups = {r.id: r.group or "" for r in source.records}
     rows = [{"id": image_id, "group": groups[image_id], "predicted": classes[int(np.argmax(p))],
@@ -216,7 +273,7 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
              "near_duplicate_of": dup[0] if dup else "", "similarity": dup[1] if dup else np.nan,
              "neighbours_agree": a, "ood_score": o, "ood_percentile": q, "ood": bool(q > OOD_PERCENTILE),
              "failed": ""}
-            for image_id, p, dup, a, o, q in zip(ids, proba, duplicates, agree, ood, percentile, strict=True)]
+            for image_id, p, dup, a, o, q in zip(ids, found.proba, duplicates, agree, *ood, strict=True)]
     rows += [{"id": image_id, "group": groups[image_id], "predicted": "",
               **{f"p_{c}": np.nan for c in classes}, "near_duplicate_of": "", "similarity": np.nan,
               "neighbours_agree": np.nan, "ood_score": np.nan, "ood_percentile": np.nan, "ood": False,
@@ -226,53 +283,27 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
                "neighbours_agree", "ood_score", "ood_percentile", "ood", "group", "failed"]
     frame = pd.DataFrame(rows, columns=columns).set_index("id")
     frame.attrs["neighbours"] = as_frame(cases or [])
-    if choice is not None:  # what --test-align auto chose for this batch, and why
-        frame.attrs["test_align_choice"] = choice.record()
-    conformal = read_metrics(run_dir).get("conformal")
-    if conformal:  # each image's prediction set, at the run's coverage (--conformal-by: its group's)
-        column = set_column(conformal["level"])
-        limits, unseen = group_limits(conformal, _strata(conformal, source, ids, reporter))
-        if unseen and len(np.shape(limits)) == 2:
-            reporter.warn(f"{unseen} of {len(ids)} images belong to no {conformal['by']['column']} group the run was "
-                          "calibrated on: their sets use the threshold calibrated on all training images")
-        if conformal.get("shift") == "weighted":
-            limits, frame.attrs["conformal_weights"] = _batch_weighted_limits(
-                run_dir, saved, train_entry, entry, ids, transform, conformal, limits, reporter)
-        sets = set_labels(prediction_sets(proba, limits), classes)
-        frame.insert(len(classes) + 1, column, [*sets, *[""] * (len(frame) - len(sets))])
     return frame
 
 
-def _batch_weighted_limits(run_dir: Path, saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
-                           transform: Callable | None, conformal: dict, limits: np.ndarray,
-                           reporter: Reporter) -> tuple[np.ndarray, dict]:
-    """A run fit with --conformal-shift weighted: the batch's sets weighted against the batch itself (its features
-    as the head sees them, after --test-align), from the run's seed-0 out-of-fold scores; the unweighted
-    ``limits``, said, when the batch is too small for a domain classifier."""
+def _batch_calibration(run_dir: Path, saved: dict, train_entry: CacheEntry,
+                       ids: list[str]) -> tuple[Calibration | None, dict | None, str]:
+    """A run fit with --conformal-shift weighted: the rows its sets were calibrated on (seed 0, out of fold), which
+    the batch's sets are weighted against; none, and why, when the batch is too small for a domain classifier."""
     if len(ids) < MIN_ALIGN_IMAGES:
-        reporter.warn(f"this run's prediction sets are weighted for the batch they are given (--conformal-shift "
-                      f"weighted), and {len(ids)} images are too few to weigh them (at least {MIN_ALIGN_IMAGES}): "
-                      "their sets use the unweighted thresholds; predict a larger batch of the same clinic")
-        return limits, {"method": "none", "reason": f"{len(ids)} images, fewer than {MIN_ALIGN_IMAGES}"}
+        return None, {"method": "none", "reason": f"{len(ids)} images, fewer than {MIN_ALIGN_IMAGES}"}, (
+            f"this run's prediction sets are weighted for the batch they are given (--conformal-shift weighted), and "
+            f"{len(ids)} images are too few to weigh them (at least {MIN_ALIGN_IMAGES}): their sets use the "
+            "unweighted thresholds; predict a larger batch of the same clinic")
     oof = read_predictions(run_dir)
     first = oof.seeds == 0
     cal_ids = [i for i, keep in zip(oof.ids, first, strict=True) if keep]
     classes = [str(c) for c in saved["pipeline"].classes_]
     cal_y = np.array([classes.index(str(label)) for label in oof.labels[first]])
-    X = entry.read(saved["pool"], ids)
-    weighted, record, warning = shift_weighted(train_entry.read(saved["pool"], cal_ids), oof.proba[first], cal_y,
-                                               transform(X) if transform is not None else X, conformal,
-                                               calibration_ids=cal_ids, test_ids=ids)
-    if warning:
-        reporter.warn(warning)
-    else:
-        reporter.info(f"prediction sets weighted for this batch (--conformal-shift weighted): "
-                      f"{record['effective_calibration_images']:.0f} of {record['calibration_images']} calibration "
-                      f"images in effect, domain AUROC {record['domain_auroc']:.2f}")
-    return weighted, record
+    return Calibration(train_entry.read(saved["pool"], cal_ids), oof.proba[first], cal_y, cal_ids), None, ""
 
 
-def _strata(conformal: dict, source: ImageSource, ids: list[str], reporter: Reporter) -> list[str] | None:
+def batch_strata(conformal: dict, source: ImageSource, ids: list[str], reporter: Reporter) -> list[str] | None:
     """Each image's value of the column a run's sets were calibrated by (--conformal-by), from the CSV it was
     given in; None (the overall threshold for all, said) when the images come without that column."""
     by = conformal.get("by")
@@ -357,34 +388,32 @@ def predict_ensemble_frame(run_dirs: list[Path], spec: str, images: NewImages,
     return frame
 
 
-def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str], cache_root: Path,
-                     weights: str | None, reporter: Reporter, method: str, align_from: str | None,
-                     ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, AlignmentChoice | None]:
+def _batch_alignment(saved: dict, known: Known | None, batch_X: np.ndarray, train_entry: CacheEntry,
+                     images: NewImages, reporter: Reporter, settings: PredictSettings) -> Alignment:
     """The shift audit of the new images against the training images (a warning when clear), and with
-    ``--test-align`` the function that aligns their features (statistics of the batch itself, or of
-    ``align_from``, images of the same clinic); with ``auto``, also what it chose and why."""
-    pool, train_ids = saved["pool"], saved.get("train_ids")
-    if not train_ids:
+    ``--test-align`` how their features are aligned (statistics of the batch itself, or of ``align_from``, images
+    of the same clinic); with ``auto``, also what it chose and why."""
+    method, align_from = settings.test_align, settings.align_from
+    if known is None:
         if method != "none":
             raise RunError(f"--test-align {method}: this run does not record its training images (made before "
                            "featcache 0.2); fit it again to align")
-        return None, None
-    train_X = train_entry.read(pool, train_ids)
-    batch_X = entry.read(pool, ids)
+        return Alignment()
     if method == "none" and align_from:
         raise RunError("--align-from gives the statistics for --test-align: pass --test-align auto, moments or coral")
     domain = None
     if align_from:
         same_clinic = images_source([align_from])
+        cache_root, weights, pool = images.cache_root, images.weights, saved["pool"]
         if isinstance(train_entry, FusedEntry):  # through every backbone of the fused run, each with its pooling
             domain = FusedEntry([(extract_like(same_clinic, part, cache_root, weights, reporter).entry, part_pool)
                                  for part, part_pool in train_entry.parts]).read()
         else:
             domain = extract_like(same_clinic, train_entry, cache_root, weights, reporter).entry.read(pool)
-    choice = choose_alignment(train_X, batch_X, domain=domain) if method == "auto" else None
-    shifted = False
-    if len(ids) >= MIN_ALIGN_IMAGES:
-        auroc, interval = domain_auroc(train_X, batch_X)
+    alignment = plan_alignment(known.X, batch_X, method, domain)
+    choice, shifted = alignment.choice, False
+    if len(batch_X) >= MIN_ALIGN_IMAGES:
+        auroc, interval = domain_auroc(known.X, batch_X)
         if auroc >= DOMAIN_WARN_AUROC:
             shifted = True
             advice = ("try --test-align auto (or moments)" if method == "none" else
@@ -393,19 +422,10 @@ def _batch_alignment(saved: dict, train_entry: CacheEntry, entry: CacheEntry, id
             reporter.warn(f"domain shift: a classifier tells these images' features from the training images' "
                           f"(AUROC {auroc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]); the model's threshold may "
                           f"not fit them: {advice}")
-    if choice is not None:
-        if not shifted:  # the warning above said it already; too few images to decide is a warning of its own
-            (reporter.info if choice.decided else reporter.warn)(f"--test-align auto chose {choice.method}: "
-                                                                 f"{choice.reason}")
-        method = choice.method
-    if method == "none":
-        return None, choice
-    # coral's shrinkages estimated once for every call (the check, the predictions, then the similar cases)
-    source_X = batch_X if domain is None else domain
-    enough = len(source_X.reshape(-1, source_X.shape[-1])) >= MIN_ALIGN_IMAGES  # else refused by align, below
-    shrunk = (coral_shrinkage(source_X), coral_shrinkage(train_X)) if method == "coral" and enough else None
-    align(source_X, train_X, method, shrunk)  # too few images: refused here, before any work
-    return (lambda X: align(X, train_X, method, shrunk, domain=domain)), choice
+    if choice is not None and not shifted:  # the warning above said it already; too few images to decide: a warning
+        (reporter.info if choice.decided else reporter.warn)(f"--test-align auto chose {choice.method}: "
+                                                             f"{choice.reason}")
+    return alignment
 
 
 def _cell(value: object) -> str:
