@@ -396,10 +396,10 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
     from featcache.evaluation.fitting import fit_many
     from featcache.evaluation.protocol import RunRecipe
     from featcache.extraction.extract import extract
-    from featcache.reporting.report import write_report
     from featcache.store.entries import write_json_atomic
     from featcache.store.fusion import FusedEntry
     from featcache.store.naming import study_record_path, study_report_path
+    from featcache.workflow.report import write_report_page
 
     protocol = _protocol(study)
     models: dict = {}
@@ -451,7 +451,7 @@ def execute_study(study: Study, cache_root: Path, reporter: Reporter, dry_run: b
     finally:
         overall.close()
     view = ReportView.from_options({**study.compare, **study.report}, title=f"featcache study: {study.name}")
-    report = write_report(study_report_path(cache_root, study.name), view, runs)
+    report = write_report_page(study_report_path(cache_root, study.name), view, runs, None, None, reporter)
     write_json_atomic(study_record_path(cache_root, study.name),
                       {"study": study.name, "runs": [str(run) for run in runs], "metric": study.compare["metric"],
                        "ensemble": study.compare["ensemble"]})

@@ -281,7 +281,7 @@ def test_explain_maps_evidence_and_names_similar_cases_from_the_api_and_the_cli(
 
 
 @pytest.mark.slow
-def test_the_report_shows_a_gallery_of_errors_with_heatmaps_and_similar_cases_within_its_size(tmp_path):
+def test_the_report_shows_a_gallery_of_errors_with_heatmaps_and_similar_cases_within_its_size(tmp_path, monkeypatch):
     def folder(name: str, start: int, count: int) -> Path:
         root = tmp_path / name
         for label in ("melanoma", "nevus"):
@@ -298,6 +298,12 @@ def test_the_report_shows_a_gallery_of_errors_with_heatmaps_and_similar_cases_wi
     assert "<h4>Out of fold</h4>" in gallery and "<h4>Test set (clinic_b)</h4>" in gallery
     assert gallery.count("class='case'") >= 8 and "evidence for" in gallery and "(cam)" in gallery
     assert len(page.encode()) <= 5_000_000
+    # the page renders the evidence the report workflow wrote into the run's folder: no backbone is loaded again
+    import featcache.extraction.extract as extraction
+
+    monkeypatch.setattr(extraction, "backbone_of", lambda *a, **k: pytest.fail("the report loaded a backbone"))
+    (evaluation,) = (tmp_path / "c").glob("train/*/runs/logreg-*/heldout/*/")
+    assert (evaluation / "gallery" / "gallery.json").is_file()
     small = fc.report(cache=tmp_path / "c", out=tmp_path / "small.html", max_mb=0.5).read_text()
     assert "The gallery stops here" in small and len(small.encode()) < len(page.encode())
     none = fc.report(cache=tmp_path / "c", out=tmp_path / "none.html", gallery=0).read_text()

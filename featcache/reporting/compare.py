@@ -103,14 +103,15 @@ def _entry_settings(entry_dir: Path, known: dict[Path, dict]) -> dict:
         try:
             known[entry_dir] = CacheEntry(entry_dir).settings
         except (CacheError, ValueError, KeyError):  # a run copied without its entry: label it as the default
-            known[entry_dir] = {"views": 1, "resize": "crop", "filters": (), "resampler": "pil", "engine": "torch",
+            known[entry_dir] = {"views": 1, "resize": "crop", "preprocess": (), "resampler": "pil", "engine": "torch",
                                 "own": {"resize": "crop", "resampler": "pil"}}
     return known[entry_dir]
 
 
 def _entry_notes(settings: dict) -> tuple[str, ...]:
     own = settings.get("own", {})
-    return tuple(note for note, on in ((f"--preprocess {','.join(settings['filters'])}", bool(settings["filters"])),
+    filters = settings["preprocess"]
+    return tuple(note for note, on in ((f"--preprocess {','.join(filters)}", bool(filters)),
                                        (f"resampler {settings['resampler']}",
                                         settings["resampler"] != own.get("resampler", "pil")),
                                        ("int8", settings.get("precision") == "int8")) if on)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -156,19 +157,43 @@ img.figure { max-width: 100%; display: block; margin: 0.6em 0; } .pair { display
 """
 
 
-def write_report(path: Path, view: ReportView = ReportView(), runs: list[Path] | None = None,
-                 cache_root: Path | None = None, dataset: str | None = None) -> Path:
-    """Write ``report.html`` for ``runs`` (run folders), or for every run of ``dataset`` in
-    ``cache_root``, as ``view`` says (:class:`featcache.recipes.ReportView`). Returns the path."""
-    title, metric, ensemble, top, best = view.title, view.metric, view.ensemble, view.top, view.best
+def report_rows(view: ReportView, runs: list[Path] | None = None, cache_root: Path | None = None,
+                dataset: str | None = None) -> tuple[list[Row], list[str]]:
+    """The rows a report shows, ranked (:func:`featcache.reporting.compare.select_rows`, as compare ranks them): of
+    ``runs`` (run folders), or of every run of ``dataset`` in ``cache_root``; and the notes of what was left out."""
     roots = sorted({cache_root_of_run(r) for r in runs}) if runs else [Path(cache_root or ".")]
     notes: list[str] = []
-    rows = select_rows(roots, metric, dataset=dataset, runs=runs, ensemble=ensemble, notes=notes)
+    rows = select_rows(roots, view.metric, dataset=dataset, runs=runs, ensemble=view.ensemble, notes=notes)
     if not rows:
         raise FeatcacheError("no finished runs to report; run `featcache fit` (or `featcache run`) first")
+    return rows, notes
+
+
+def _groups(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.dataset, row.protocol), []).append(row)
+    return groups
+
+
+def _leading_and_galleried(members: list[Row], view: ReportView) -> tuple[list[Row], list[Row]]:
+    """A protocol's runs in ranked order (no baselines, no ensembles), and those that get a gallery: heatmaps need
+    one backbone and no metadata columns, so a fused or --meta leader gives its gallery to the best run that can
+    have one."""
+    leading = [r for r in members if r.config and not is_baseline_head(r.head)]
+    return leading, [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:view.gallery]
+
+
+def gallery_runs(rows: list[Row], view: ReportView) -> list[Path]:
+    """The run folders whose gallery the page shows (their evidence is made before the page is written)."""
+    return [row.run for members in _groups(rows).values() for row in _leading_and_galleried(members, view)[1]]
+
+
+def write_report(path: Path, view: ReportView, rows: list[Row], notes: Sequence[str] = ()) -> Path:
+    """Write ``report.html`` of ``rows`` (:func:`report_rows`) as ``view`` says (:class:`featcache.recipes.ReportView`),
+    the galleries as their runs' folders hold them. Returns the path."""
+    title, metric, top, best = view.title, view.metric, view.top, view.best
+    groups = _groups(rows)
     runs_listed = [r for r in rows if r.config]
     ensembles = len(rows) - len(runs_listed)
     counted = f"{len(runs_listed)} runs" + (f" and {ensembles} ensemble(s) of them" if ensembles else "")
@@ -196,10 +221,7 @@ def write_report(path: Path, view: ReportView = ReportView(), runs: list[Path] |
                         "Nothing is learnt from the images, so it is the baseline a probe trained on the same features "
                         "must beat (its run's model card lists the prompts).</p>")
         body.append(_leaderboard_table(shown, metric))
-        leading = [r for r in members if r.config and not is_baseline_head(r.head)]
-        # heatmaps need one backbone and no metadata columns: a fused or --meta leader gives its gallery to the
-        # best run that can have one, and the page says so
-        galleried = [r for r in leading if "+" not in r.backbone and not r.config.get("meta_spec")][:view.gallery]
+        leading, galleried = _leading_and_galleried(members, view)
         def among(row: Row, rows: list[Row]) -> bool:
             return any(row is other for other in rows)
 

@@ -362,8 +362,8 @@ class CacheEntry:
     @property
     def settings(self) -> dict:
         """The extraction settings that set this entry's features apart from another entry of the same
-        backbone and images (what ``fit`` selects by and ``compare`` labels by)."""
-        return {"views": self.views, "resize": self.resize_mode, "filters": self.filters,
+        backbone and images (what ``fit`` selects by and ``compare`` labels by), each under its option's name."""
+        return {"views": self.views, "resize": self.resize_mode, "preprocess": self.filters,
                 "engine": self.engine, "resampler": self.resampler,
                 "precision": self.manifest["fingerprint_inputs"].get("precision", "fp32"),
                 "own": {"resize": "crop", "resampler": "pil", **self.manifest.get("backbone_preprocess", {})}}

@@ -7,6 +7,7 @@ those inputs into names and folders, and walks back from a run to its entry and 
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/          an entry (see featcache.store.entries)
     <cache root>/<dataset>/<backbone>-<entry fingerprint>/runs/<head>-<pool>-<run id>/   a run
     <run>/heldout/<test dataset>-<evaluation id>/                    one held-out evaluation of that run
+    <run or evaluation>/gallery/gallery.json, <n>-map.jpg             its gallery: what explain found (report)
     <cache root>/<dataset>/.dataset-norm-<key>.json                 a dataset's channel statistics
     <cache root>/.engines/<backbone>-<key>.onnx                      a backbone's ONNX export
     <cache root>/.engines/<backbone>-<key>.int8.xml (.bin)          that export quantized (--precision int8)
@@ -42,6 +43,8 @@ RUNS = "runs"
 # featcache 0.4 hold their one held-out evaluation in the run folder itself.
 HELDOUT = "heldout"
 METRICS = "metrics.json"  # a run is finished once this file exists
+# the report's gallery of a run (or evaluation): what explain found for the images a reviewer should look at
+GALLERY = "gallery"
 # --preprocess dataset-norm: a dataset's channel statistics, kept beside its entries in the dataset's folder
 # and named by the hash of the files and the preprocessing they were computed with.
 NORM_STATS_PREFIX = ".dataset-norm-"

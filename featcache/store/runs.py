@@ -26,7 +26,7 @@ import numpy as np
 from featcache.errors import RunError
 from featcache.store.entries import write_json_atomic
 from featcache.store.model_files import MODEL_JSON, holds_only_pickle, save_model
-from featcache.store.naming import HELDOUT, METRICS, trained_run
+from featcache.store.naming import GALLERY, HELDOUT, METRICS, trained_run
 
 CONFIG = "config.json"
 OOF = "oof_predictions.csv"
@@ -215,3 +215,34 @@ def update_run(run_dir: Path, result: dict, card: str | None = None) -> None:
         tmp.write_text(card)
         os.replace(tmp, Path(run_dir) / MODEL_CARD)
     write_json_atomic(Path(run_dir) / METRICS, result)
+
+
+GALLERY_RECORD = "gallery.json"
+
+
+def write_gallery(run_dir: Path, record: dict, images: dict[str, bytes]) -> Path:
+    """The gallery of a run or evaluation (``record``, and the image files it names), written whole: a kill leaves
+    the old gallery or the new one."""
+    folder = Path(run_dir) / GALLERY
+    tmp = folder.with_name(f".{GALLERY}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, content in images.items():
+            (tmp / name).write_bytes(content)
+        (tmp / GALLERY_RECORD).write_text(json.dumps(record, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_gallery(run_dir: Path) -> tuple[dict, Path] | None:
+    """The gallery ``write_gallery`` wrote for a run or evaluation (its record and its folder), or None."""
+    folder = Path(run_dir) / GALLERY
+    try:
+        return json.loads((folder / GALLERY_RECORD).read_text()), folder
+    except (OSError, ValueError):
+        return None

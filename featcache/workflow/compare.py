@@ -1,5 +1,5 @@
 """The compare and report workflows: finished runs ranked side by side (one ranking, :func:`select_rows`, for the
-screen and the page), and the self-contained HTML report."""
+screen and the page), and the self-contained HTML report (:mod:`featcache.workflow.report`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from featcache.errors import FeatcacheError
+from featcache.progress import Reporter
 from featcache.recipes import ReportView
 from featcache.workflow.common import cache_root, reporter_for
+from featcache.workflow.report import write_report_page
 from featcache.workflow.results import Comparison
 
 
@@ -42,11 +44,11 @@ def compare_runs(data: str | os.PathLike | None, backbone: str | None, head: str
 
 
 def report_runs(data: str | os.PathLike | None, out: str | os.PathLike | None,
-                runs: Sequence[str | os.PathLike] | None, view: ReportView, options: dict[str, Any]) -> Path:
+                runs: Sequence[str | os.PathLike] | None, view: ReportView, options: dict[str, Any],
+                reporter: Reporter | None = None) -> Path:
     """The report page of the cache's runs (or of ``data``, or only ``runs``), as ``view`` says; default place:
     ``<cache>/report.html``."""
-    from featcache.reporting.report import write_report
-
     root = cache_root(options["cache"])
-    return write_report(Path(out) if out else root / "report.html", view, runs=None if runs is None else list(runs),
-                        cache_root=root, dataset=dataset_of(data))
+    return write_report_page(Path(out) if out else root / "report.html", view,
+                             None if runs is None else [Path(r) for r in runs], root, dataset_of(data),
+                             reporter_for(options["quiet"], reporter))
