@@ -193,6 +193,45 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     return None
 
 
+def _group_column(columns: list[str], rows: list[dict], wanted: str | None,
+                  csv_path: Path) -> tuple[str | None, str | None]:
+    """The column that groups the images, and what to say of the choice. ``--group-col`` decides; else, of the
+    group-like columns (:data:`GROUP_COLUMNS`), the coarsest: the one whose groups contain every other's (a patient
+    column over a lesion column, so one patient's lesions stay on one side of every split). Where they cross, the
+    one with the fewest groups, said loudly: images of one group of another column can then sit on both sides."""
+    if wanted:
+        return _pick(columns, wanted, GROUP_COLUMNS, "group", csv_path), None
+    by_key = {column_key(c): c for c in columns}
+    found = list(dict.fromkeys(by_key[c] for c in GROUP_COLUMNS if c in by_key))
+    if len(found) < 2:
+        return (found[0] if found else None), None
+    values = {c: [(row.get(c) or "").strip() for row in rows] for c in found}
+    count = {c: len({v for v in values[c] if v}) for c in found}
+    found = [c for c in found if count[c]]  # an empty column groups nothing
+    if len(found) < 2:
+        return (found[0] if found else None), None
+
+    def contains(coarse: str, fine: str) -> bool:  # every group of ``fine`` within one group of ``coarse``
+        parent: dict[str, str] = {}
+        # an image without a coarse value is a group of its own there
+        return all(parent.setdefault(f, c or f"\0{k}") == (c or f"\0{k}")
+                   for k, (f, c) in enumerate(zip(values[fine], values[coarse], strict=True)) if f)
+
+    coarsest = [c for c in found if all(contains(c, other) for other in found if other != c)]
+    others = ", ".join(repr(c) for c in found if c != (coarsest or [None])[0])
+    if coarsest:
+        chosen = coarsest[0]
+        return chosen, (f"{csv_path.name}: grouped by {chosen!r} ({count[chosen]} groups), whose groups contain "
+                        f"those of {others}: images of one {chosen} stay on one side of every split "
+                        "(--group-col NAME to choose another)")
+    chosen = min(found, key=lambda c: count[c])
+    others = ", ".join(repr(c) for c in found if c != chosen)
+    return chosen, (f"{csv_path.name}: the group columns {', '.join(repr(c) for c in found)} cross (neither's groups "
+                    f"contain the other's); grouped by {chosen!r}, the one with the fewest groups "
+                    f"({count[chosen]}), so images of one group of {others} can sit on both sides of a split; pass "
+                    "--group-col NAME to choose")
+
+
 def _index_images(folder: Path) -> dict[str, Path]:
     """Map file stem -> path for every image below ``folder`` (HAM/ISIC forms list ids, not paths)."""
     index: dict[str, Path] = {}
@@ -268,7 +307,7 @@ def read_csv_source(
     image_column = _pick(columns, image_col, IMAGE_COLUMNS, "image", csv_path)
     id_column = _pick(columns, None, ID_COLUMNS, "id", csv_path)
     label_column = _pick(columns, label_col, LABEL_COLUMNS, "label", csv_path)
-    group_column = _pick(columns, group_col, GROUP_COLUMNS, "group", csv_path)
+    group_column, grouping_note = _group_column(columns, rows, group_col, csv_path)
     split_column = _pick(columns, None, SPLIT_COLUMNS, "split", csv_path)
 
     kind = "csv"
@@ -293,7 +332,7 @@ def read_csv_source(
                                                     group_column, split_column, *one_hot}]
 
     records: list[ImageRecord] = []
-    notes: list[str] = []
+    notes: list[str] = [grouping_note] if grouping_note else []
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         raw = (row.get(image_column) or "").strip()

@@ -40,3 +40,33 @@ def leakage_message(leak: dict, grouping: dict) -> tuple[str, bool]:
         return found + f" despite the groups ({grouping['by']}): check that the groups are right", True
     return (found + ": scores are likely inflated. Pass --group-col NAME if the data has a patient or lesion "
             "column, or --groups near-duplicates to keep such images together"), True
+
+
+# below this many groups (patients, lesions) a class's grouped folds each hold out one or two of them: its recall
+# rests on a handful of cases and its interval is wide (the clinical set's herpes simplex: 16 photos of 5 cases)
+FEW_GROUPS = 10
+
+
+def groups_per_class(data: LabeledFeatures) -> dict[str, int] | None:
+    """How many groups (patients, lesions) stand behind each class; None for ungrouped rows."""
+    if data.groups is None or not data.grouping.get("grouped"):
+        return None
+    return {str(c): len({g for g, y in zip(data.groups.tolist(), data.y.tolist(), strict=True) if y == c})
+            for c in data.classes}
+
+
+def few_groups_message(data: LabeledFeatures, folds: int) -> str | None:
+    """The warning of classes with fewer than :data:`FEW_GROUPS` groups, naming each with its counts, and what
+    that does to its scores; None when every class has enough."""
+    counts = groups_per_class(data)
+    few = {c: n for c, n in (counts or {}).items() if n < FEW_GROUPS}
+    if not few:
+        return None
+    images = {c: int((data.y == c).sum()) for c in few}
+    by = data.grouping.get("by", "groups")
+    named = "; ".join(f"{c}: {images[c]} images of {n} groups" for c, n in few.items())
+    fewest = min(few, key=few.get)
+    return (f"few groups behind {'a class' if len(few) == 1 else 'some classes'} ({by}): {named}. Each of the "
+            f"{folds} grouped folds holds out only a few of them ({fewest}: about {few[fewest] / folds:.1f} a fold), "
+            "so their recall and AUROC rest on a handful of cases and their intervals are wide; images of more "
+            "patients narrow them")

@@ -12,7 +12,7 @@ import numpy as np
 from featcache.backbones.registry import canonical_name
 from featcache.data.sources import ImageSource, column_key
 from featcache.errors import RunError
-from featcache.evaluation.audit import leakage_message, leakage_summary
+from featcache.evaluation.audit import few_groups_message, leakage_message, leakage_summary
 from featcache.evaluation.features import LabeledFeatures, check_test_classes, labeled_features
 from featcache.evaluation.head_registry import ZERO_SHOT
 from featcache.evaluation.protocol import Protocol, RunRecipe
@@ -169,3 +169,6 @@ def report_protocol(data: LabeledFeatures, protocol: Protocol, reporter: Reporte
                       "if every image is independent")
     message, serious = leakage_message(leakage_summary(data, folds), data.grouping)
     (reporter.warn if serious else reporter.info)(message)
+    few = few_groups_message(data, len(folds)) if protocol.split == "cv" else None
+    if few:
+        reporter.warn(few)

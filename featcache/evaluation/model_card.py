@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from featcache.data.sources import in_reading_order
+from featcache.evaluation.audit import FEW_GROUPS
 
 SKIN_TONE_WORDS = ("fitzpatrick", "skin_type", "skintype", "skin_tone", "skintone", "ita", "monk")
 
@@ -103,6 +104,7 @@ def model_card(result: dict, source: str | None = None, n_groups: int | None = N
              f"- Source: `{source or config['dataset']}`; {result['n_images']} labelled images"
              + (f" in {n_groups} groups" if n_groups else "") + f" ({result['grouping'].get('by', 'no groups')}).",
              "- Images per class: " + ", ".join(f"{c} {v['support']}" for c, v in per_class.items()) + ".",
+             *_groups_line(result),
              *( [f"- Labels: {config['labels']}."] if config.get("labels") else []),
              *( [f"- Notes on the data: {'; '.join(result['notes'][:5])}."] if result.get("notes") else []), "",
              "## Evaluation", "",
@@ -178,3 +180,14 @@ def _leakage(result: dict) -> list[str]:
     return [f"- Leakage audit: {leak['exact_duplicate_pairs']} identical and {leak['near_duplicate_pairs']} "
             f"near-identical image pairs{search}; {leak['held_out_with_duplicate_in_train']} of {leak['held_out']} "
             "held-out images had one on their training side."]
+
+
+def _groups_line(result: dict) -> list[str]:
+    """The groups (patients, lesions) behind each class, those with few named for what that means."""
+    counts = result.get("groups_per_class")
+    if not counts:
+        return []
+    few = [c for c, n in counts.items() if n < FEW_GROUPS]
+    return ["- Groups per class: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + "."
+            + (f" **{', '.join(few)}: fewer than {FEW_GROUPS} groups**, so each grouped fold held out only a few of "
+               "them and their scores rest on a handful of cases." if few else "")]

@@ -36,7 +36,7 @@ from featcache.version import __version__
 
 if TYPE_CHECKING:
     from featcache.extraction.ray import RayCluster
-from featcache.evaluation.audit import leakage_summary
+from featcache.evaluation.audit import groups_per_class, leakage_summary
 from featcache.evaluation.conformal import (
     by_group,
     cross_conformal,
@@ -366,6 +366,8 @@ def _cross_validate(data: LabeledFeatures, entry: CacheEntry, head: str, pool: s
               "cv_seconds": cv_seconds, "notes": data.notes, "featcache": __version__}
     if conformal is not None:
         result["conformal"] = conformal
+    if groups_per_class(data) is not None:  # what the card says of classes with few patients behind them
+        result["groups_per_class"] = groups_per_class(data)
     if without_copies:
         result["without_training_copies"] = without_copies
     if isinstance(final, BudgetedSearch):
