@@ -24,17 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
 from featcache.option_checks import CHECKS
-from featcache.options import (
-    BY_NAME,
-    DOOR,
-    Option,
-    OptionError,
-    broken_rules,
-    cli_spelling,
-    keyword_spelling,
-    options_for,
-    python_spelling,
-)
+from featcache.option_rules import broken_rules, cli_spelling, keyword_spelling
+from featcache.options import BY_NAME, DOOR, Option, OptionError, options_for, python_spelling
 from featcache.progress import Reporter
 from featcache.recipes import ReportView
 from featcache.workflow.audit import audit_data

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FeatcacheError
 from featcache.option_checks import CHECKS
-from featcache.options import BY_NAME, TABLES, Option, OptionError, broken_rules, study_table
+from featcache.option_rules import broken_rules
+from featcache.options import BY_NAME, TABLES, Option, OptionError, study_table
 from featcache.progress import Reporter
 from featcache.recipes import ExecutionPlan, FeatureRecipe, FitPlan, ReportView
 from featcache.store.runs import is_reusable

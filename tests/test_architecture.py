@@ -11,7 +11,7 @@ from .architecture import cycles, file_lines, functions, import_graph
 # bottom first; a module belongs to the longest prefix that names it
 LAYERS = (
     ("foundation", ("featcache.errors", "featcache.version", "featcache.progress", "featcache.net", "featcache.recipes",
-                    "featcache.options")),
+                    "featcache.options", "featcache.option_rules")),
     ("data", ("featcache.data",)),
     ("store", ("featcache.store",)),
     ("backbones", ("featcache.backbones",)),

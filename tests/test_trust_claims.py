@@ -1,11 +1,12 @@
 """Issue 47: trust claims that hold. Few patients behind a class are named (item 2); of several group columns, the
-coarsest groups the images (item 3)."""
+coarsest groups the images (item 3); nothing is said of what the user did not ask (item 7)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from featcache.data.sources import open_source
+from featcache.errors import RunError
 from featcache.evaluation.features import LabeledFeatures
 from featcache.evaluation.fitting import report_protocol
 from featcache.evaluation.protocol import Protocol
@@ -77,3 +78,52 @@ def test_of_a_lesion_and_a_patient_column_the_patient_groups_the_images_and_it_i
     source = open_source(str(crossing))
     assert source.group_column == "lesion_id"  # 3 groups against 3: the first of the fewest
     assert any("cross" in n and "can sit on both sides" in n for n in source.notes)
+
+
+def test_prompts_without_a_zero_shot_head_are_refused_at_every_door(tmp_path):
+    """Item 7: an option that would change nothing is refused, before any work, in each door's spelling."""
+    import pytest
+    from typer.testing import CliRunner
+
+    import featcache as fc
+    from featcache.cli import app
+    from featcache.evaluation.fitting import fit_many
+    from featcache.evaluation.protocol import RunRecipe
+    from featcache.options import OptionError
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("not json")  # never read: refused before
+    with pytest.raises(OptionError, match=rf"^prompts='{prompts}' gives the zero-shot head's prompts, and no zero-shot "
+                                          r"head is fit \(heads=\('logreg',\)\)"):
+        fc.fit(tmp_path, heads=["logreg"], prompts=prompts, cache=tmp_path / "cache")
+    out = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--head", "logreg,knn", "--prompt-template",
+                                   "a photo of {}", "--cache", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "--prompt-template a photo of {} writes the zero-shot head's prompts" in \
+        " ".join(out.output.split())
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(RunError, match="prompts='x.json' gives the zero-shot head's prompts"):  # the stage itself
+        fit_many(None, None, RunRecipe(("logreg",), Protocol(prompts="x.json")))
+
+
+def test_predict_reports_the_images_of_this_call_only(small_folder, tmp_path):
+    """Item 7: images that failed in an earlier call (into the same entry) are not this call's."""
+    import shutil
+
+    import featcache as fc
+
+    fc.extract(small_folder, cache=tmp_path / "cache", workers=0, quiet=True)
+    (run,) = fc.fit(small_folder, heads=["logreg"], cv=3, cache=tmp_path / "cache", quiet=True)
+    good = sorted(small_folder.rglob("*.jpg"))[0]
+    for clinic, bad in (("a", ["x.jpg", "y.jpg"]), ("b", ["z.jpg"])):
+        folder = tmp_path / clinic / "photos"  # the same folder name: the same entry of new images
+        folder.mkdir(parents=True)
+        shutil.copy(good, folder / "ok.jpg")
+        for name in bad:
+            (folder / name).write_bytes(b"not an image")
+    first = run.predict(str(tmp_path / "a" / "photos"), cache=tmp_path / "cache", neighbours=0)
+    assert (first["failed"] != "").sum() == 2
+    reporter = _Collect()
+    second = run.predict(str(tmp_path / "b" / "photos"), cache=tmp_path / "cache", neighbours=0, reporter=reporter)
+    assert len(second) == 2 and (second["failed"] != "").sum() == 1
+    said = " ".join(w for w in reporter.warnings if w.startswith("no prediction for"))
+    assert "z.jpg" in said and "x.jpg" not in said and "y.jpg" not in said

@@ -108,7 +108,7 @@ def fit_many(source: ImageSource, entry: CacheEntry, recipe: RunRecipe, test_sou
         check_test_classes(source, test_source, label_map, classes)
     if protocol.subgroups:  # a column that is not there is refused before any fitting
         checked_columns(source, protocol.subgroups)
-    if protocol.conformal_by:  # (the rules between the options were checked at the door: featcache.options.RULES)
+    if protocol.conformal_by:  # (the rules between the options were checked at the door: featcache.option_rules.RULES)
         by = checked_columns(source, [protocol.conformal_by], "--conformal-by")[0]
         protocol = replace(protocol, conformal_by=by)  # the column as the data spells it names the run
     if ZERO_SHOT in heads and (protocol.pca or protocol.meta):  # before any work

@@ -157,6 +157,8 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
     else:
         result = extract_like(source, train_entry, cache_root, weights, reporter)
         entry, failed = result.entry, result.failed
+    asked = {r.id for r in source.records}  # the entry also remembers images of earlier calls that failed
+    failed = {image_id: reason for image_id, reason in failed.items() if image_id in asked}
     ids = [r.id for r in source.records if r.id not in failed]
     for image_id, reason in failed.items():
         reporter.warn(f"no prediction for {image_id}: {reason}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from featcache.options import BY_NAME, broken_rules, keyword_spelling
+from featcache.option_rules import broken_rules, keyword_spelling
+from featcache.options import BY_NAME
 from featcache.recipes import named_settings
 
 if TYPE_CHECKING:
@@ -134,11 +135,12 @@ class RunRecipe:
                                     f"classes {self.classes}" if self.classes else "") if x)
 
     def broken_rule(self, tested: bool) -> str | None:
-        """The first rule between the options (:data:`featcache.options.RULES`) that this recipe breaks, in the
+        """The first rule between the options (:data:`featcache.option_rules.RULES`) that this recipe breaks, in the
         Python keywords' spelling, with a held-out set or without (``tested``); None when it breaks none. Every
         door checks the rules in its own spelling first; this is the stage's own check, for callers in Python."""
         p = self.protocol
         values = {"test_align": p.test_align, "conformal": p.conformal, "conformal_by": p.conformal_by,
-                  "conformal_shift": p.conformal_shift, "groups": p.groups, "test_data": "given" if tested else None}
+                  "conformal_shift": p.conformal_shift, "groups": p.groups, "test_data": "given" if tested else None,
+                  "heads": self.heads, "prompts": p.prompts, "prompt_template": p.prompt_template}
         broken = broken_rules("fit", values)
         return broken[0].message(values, keyword_spelling) if broken else None
