@@ -58,7 +58,7 @@ PATHS = ("data", "test_data", "images")
 def _study_relative(backbone: str, base: Path) -> str:
     """``hf:<folder>`` / ``open_clip:<folder>`` with a relative folder, made relative to the study file (a hub id,
     ``org/name``, stays one unless a folder of that name is beside the study)."""
-    from featcache.backbones.registry import FAMILIES
+    from featcache.backbones.catalog import FAMILIES
 
     for prefix in (family.prefix for family in FAMILIES.values() if family.reads_folders):
         if backbone.startswith(prefix):
@@ -204,7 +204,7 @@ def _study_spelling(option: Option, value: Any, with_value: bool) -> str:
 
 
 def _check_backbones(backbones: list[str], pools: tuple[str, ...] | None, where: str) -> None:
-    from featcache.backbones.registry import get_spec
+    from featcache.backbones.catalog import get_spec
 
     for name in backbones:
         try:

@@ -25,7 +25,7 @@ def modules() -> dict[str, Path]:
 
 def imports_of(path: Path, known: set[str]) -> set[str]:
     """The featcache modules ``path`` imports anywhere in its text (a name imported from a package that is a
-    module of it counts as that module)."""
+    module of it counts as that module), with the packages above each (Python runs them first)."""
     tree = ast.parse(path.read_text())
     own = module_name(path)
     package = own if path.name == "__init__.py" else own.rpartition(".")[0]
@@ -42,6 +42,9 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue
+        # importing a.b.c runs the packages a.b (and a) first: each is imported too. The top package is left out:
+        # its __init__ imports its names on first use only, so it runs nothing of the others
+        names += [".".join(name.split(".")[:k]) for name in names for k in range(2, name.count(".") + 1)]
         found.update(name for name in names if name in known and name != own)
     return found
 

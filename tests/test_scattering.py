@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from featcache.backbones.catalog import get_spec
 from featcache.backbones.models import load_backbone
-from featcache.backbones.registry import get_spec
 from featcache.backbones.scattering_family import scattering_channels
 from featcache.cli import app
 from featcache.data.images import decode_rgb

@@ -209,7 +209,7 @@ def test_backbones_lists_the_usable_ones_first_without_importing_torch():
     import subprocess
     import sys
 
-    probe = ("import sys, featcache.cli, featcache.backbones.registry as r; "
+    probe = ("import sys, featcache.cli, featcache.backbones.catalog as r; "
              "[r.weights_available(s) for s in r.REGISTRY.values()]; "
              "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", probe], check=True)

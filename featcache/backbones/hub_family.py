@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from featcache.backbones import timm_family  # noqa: F401 - PanDerm's specs, named here, are of the timm family
 from featcache.backbones import weights as W
 from featcache.backbones.registry import (
     HUB_HOST,
@@ -101,7 +102,7 @@ class HubFamily(BackboneFamily):
         import torch
 
         from featcache.backbones.hub import load_trunk, model_folder
-        from featcache.backbones.models import LoadedBackbone, PooledFeatures
+        from featcache.backbones.loaded import LoadedBackbone, PooledFeatures
 
         folder = model_folder(spec, weights)
         trunk, preprocess = load_trunk(spec, folder)
@@ -122,6 +123,7 @@ class HubFamily(BackboneFamily):
 class TransformersFamily(HubFamily):
     library = "transformers"
     prefix = "hf:"
+    name_form = "hf:<hub id or folder>"
     module = "transformers"
 
     def library_files(self, spec: BackboneSpec) -> str:
@@ -133,6 +135,7 @@ class TransformersFamily(HubFamily):
 class OpenClipFamily(HubFamily):
     library = "open_clip"
     prefix = "open_clip:"
+    name_form = "open_clip:<hub id or folder>"
     module = "open_clip"
 
     def library_files(self, spec: BackboneSpec) -> str:

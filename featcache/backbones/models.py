@@ -1,59 +1,23 @@
-"""The backbone registry: a name -> how to build it, its preprocessing, poolings and weights.
+"""Loading a backbone: the same steps for every family (:mod:`featcache.backbones.registry`), its network built,
+its weights found in the one order and checked, its own preprocessing and poolings asked of its family.
 
-Preprocessing is always resolved from the library that owns the weights (timm's
-``pretrained_cfg`` or torchvision's weight transforms), never copied by hand; the one exception
-is SqueezeNet 1.1 from the ``ndf`` package, whose Caffe-trained weights define their own input.
+Preprocessing is always resolved from the library that owns the weights (timm's ``pretrained_cfg`` or
+torchvision's weight transforms), never copied by hand; the one exception is SqueezeNet 1.1 from the ``ndf``
+package, whose Caffe-trained weights define their own input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from featcache.backbones import weights as W
-from featcache.backbones.registry import (  # noqa: F401 - re-exported: the registry is part of this module's API
-    POOLINGS,
-    REGISTRY,
-    BackboneSpec,
-    get_spec,
-    load_strict,
-    weights_available,
-)
-from featcache.data.images import Preprocess
+from featcache.backbones.catalog import REGISTRY, get_spec, weights_available  # noqa: F401 - part of this API
+from featcache.backbones.loaded import LoadedBackbone, PooledFeatures  # noqa: F401 - part of this module's API
+from featcache.backbones.registry import POOLINGS, BackboneSpec, load_strict  # noqa: F401 - part of this API
 from featcache.errors import WeightsUnavailable
-
-
-@dataclass
-class LoadedBackbone:
-    spec: BackboneSpec
-    model: PooledFeatures
-    preprocess: Preprocess
-    weights_sha256: str
-    weights_origin: str
-    dims: dict[str, int]
-
-
-class PooledFeatures(nn.Module):
-    """Runs a frozen trunk once and returns every requested pooling of its last features."""
-
-    def __init__(self, spec: BackboneSpec, net: nn.Module, pools: tuple[str, ...]):
-        super().__init__()
-        bad = [p for p in pools if p not in spec.poolings]
-        if bad:
-            raise WeightsUnavailable(f"--pool {','.join(bad)} is not available for {spec.name}; "
-                                     f"choose from {', '.join(spec.poolings)}")
-        self.spec, self.net, self.pools = spec, net, pools
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.spec.family.pool(self.spec, self.net, x, self.pools)
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The final CNN feature map (n, channels, h, w) whose spatial mean is the ``gap`` pooling: what a class
-        activation map weighs. A ViT or the scattering transform has none (an error says so)."""
-        return self.spec.family.feature_map(self.spec, self.net, x)
 
 
 def _load_weights(spec: BackboneSpec, net: nn.Module, weights: str | None) -> str:

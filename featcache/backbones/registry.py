@@ -4,9 +4,10 @@ without importing torch (so `featcache backbones` and option checks are fast).
 As timm's ``register_model`` does for its architectures, each library featcache builds backbones from is a
 :class:`BackboneFamily` that registers itself (:func:`register_family`) and the models it names
 (:func:`register_backbone`) in a module of its own (``timm_family``, ``torchvision_family``,
-``scattering_family``, ``hub_family``), imported by the package; a spec carries its own preprocessing overrides,
-weights source, licence and citation. Nothing outside a family's module branches on a library's name. Building a
-backbone is :mod:`featcache.backbones.models`, which asks the spec's family."""
+``scattering_family``, ``hub_family``), imported by :mod:`featcache.backbones.catalog`, where every lookup is
+made. A spec carries its own preprocessing overrides, weights source, licence and citation. Nothing outside a
+family's module branches on a library's name. Building a backbone is :mod:`featcache.backbones.models`, which
+asks the spec's family."""
 
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ class BackboneFamily:
 
     library = ""
     prefix = ""  # a name beginning so is any model of the family ("" : only the models it registers)
+    name_form = ""  # how such a name is written, for the message of an unknown name ("timm:<model name>")
     host = ""  # where its downloads come from ("": none)
     loads_itself = False  # it loads a whole backbone by :meth:`load` (a model folder), not by build + weights
     reads_folders = False  # a name after its prefix may be a folder (a study file's names are relative to it)
@@ -214,7 +216,9 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 def family_of(library: str) -> BackboneFamily:
     if library not in FAMILIES:
-        raise WeightsUnavailable(f"no backbone family {library!r} is registered; known: {', '.join(FAMILIES)}")
+        known = ", ".join(FAMILIES) or "none"
+        raise WeightsUnavailable(f"no backbone family {library!r} is registered (known: {known}); register it, or "
+                                 "look backbones up through featcache.backbones.catalog")
     return FAMILIES[library]
 
 
@@ -225,7 +229,7 @@ def get_spec(name: str) -> BackboneSpec:
     for family in FAMILIES.values():
         if family.prefix and name.startswith(family.prefix):
             return family.spec_for(name[len(family.prefix):])
-    prefixed = ", ".join(f"{f.prefix}<{f.library} name>" for f in FAMILIES.values() if f.prefix)
+    prefixed = ", ".join(f.name_form for f in FAMILIES.values() if f.prefix)
     raise WeightsUnavailable(f"--backbone {name}: unknown; choose one of {', '.join(REGISTRY)}, or {prefixed}")
 
 

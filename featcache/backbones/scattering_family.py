@@ -35,6 +35,7 @@ def scattering_spec(j: int, l: int) -> BackboneSpec:  # noqa: E741
 class ScatteringFamily(BackboneFamily):
     library = "kymatio"
     prefix = f"{SCATTERING}_"
+    name_form = "scattering_j<J>_l<L>"
 
     def spec_for(self, target: str) -> BackboneSpec:
         match = _NAME.fullmatch(target)

@@ -24,6 +24,7 @@ TIMM_PREFIX = "timm:"
 class TimmFamily(BackboneFamily):
     library = "timm"
     prefix = TIMM_PREFIX
+    name_form = "timm:<model name>"
     host = HUB_HOST
 
     def spec_for(self, target: str) -> BackboneSpec:

@@ -30,7 +30,7 @@ class NotExportable(RunError):
 
 def refusal(config: dict) -> str | None:
     """Why a run with this ``config.json`` cannot be exported, or None: checked before any work."""
-    from featcache.backbones.registry import get_spec
+    from featcache.backbones.catalog import get_spec
     from featcache.errors import WeightsUnavailable
 
     for name in str(config.get("backbone") or "").split("+"):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.backbones.registry import canonical_name
+from featcache.backbones.catalog import canonical_name
 from featcache.data.sources import ImageSource, column_key
 from featcache.errors import RunError
 from featcache.evaluation.audit import few_groups_message, leakage_message, leakage_summary

@@ -84,19 +84,19 @@ def images_source(inputs: list[str], group_col: str | None = None, image_col: st
                        kind="files", records=records)
 
 
-def training_duplicates(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str]
-                        ) -> list[tuple[str, float] | None]:
-    """For each of ``ids`` (in ``entry``): the training image it is identical (same SHA-256,
-    similarity 1.0) or nearly identical to, with the similarity; None when it is neither."""
-    train_ids = saved.get("train_ids")
-    if not train_ids or not ids:
+def training_duplicates(saved: dict, known: Known | None, batch_X: np.ndarray, entry: CacheEntry,
+                        ids: list[str]) -> list[tuple[str, float] | None]:
+    """For each of ``ids`` (in ``entry``, their features ``batch_X``): the training image it is identical (same
+    SHA-256, similarity 1.0) or nearly identical to, with the similarity; None when it is neither."""
+    if known is None or not ids:
         return [None] * len(ids)
-    pool = saved["pool"]
-    threshold, _ = threshold_for(saved["backbone"], pool, saved["config"]["protocol"].get("near_dup_threshold"))
+    train_ids = known.ids
+    protocol = saved["config"]["protocol"]
+    threshold, _ = threshold_for(saved["backbone"], saved["pool"], protocol.get("near_dup_threshold"))
     known_sha = {sha: i for i, sha in zip(train_ids, saved["train_sha256"], strict=True)}
     state = entry.state()
-    Z_train, center = normalised(train_entry.read(pool, train_ids))
-    Z_new, _ = normalised(entry.read(pool, ids), center)
+    Z_train, center = normalised(known.X)
+    Z_new, _ = normalised(batch_X, center)
     nearest, similarity = nearest_known(Z_new, Z_train)
     found: list[tuple[str, float] | None] = []
     for k, image_id in enumerate(ids):
@@ -179,14 +179,14 @@ def predict_frame(run_dir: Path, images: NewImages, settings: PredictSettings = 
         raise RunError(f"{run_dir}: its model names no training images, so it has no similar cases; fit it again")
     found = batch_evidence(saved["pipeline"], known or _no_training(saved), Batch(batch_X, ids, _batch_meta(saved,
                            source, ids), strata), alignment, conformal or None, calibration, settings.neighbours)
-    duplicates = training_duplicates(saved, train_entry, entry, ids)
+    duplicates = training_duplicates(saved, known, batch_X, entry, ids)  # the features read once, above
     near = [(i, d) for i, d in zip(ids, duplicates, strict=True) if d]
     if near:
         image_id, (train_id, similarity) = near[0]
         reporter.warn(f"{len(near)} of {len(ids)} images are identical or nearly identical to a training image "
                       f"of this run (first: {image_id} ~ {train_id}, cosine {similarity:.3f}): their predictions "
                       "say little about new data; see the near_duplicate_of column")
-    ood, percentile = out_of_distribution(saved, train_entry, entry, ids, reporter)
+    ood, percentile = out_of_distribution(known, batch_X, reporter)
     if legacy and settings.neighbours > 0:
         reporter.warn(legacy)
     frame = _frame(found, [str(c) for c in saved["pipeline"].classes_], source, ids, failed, duplicates,
@@ -325,18 +325,17 @@ def batch_strata(conformal: dict, source: ImageSource, ids: list[str], reporter:
 OOD_PERCENTILE = 100 * OOD_QUANTILE  # flagged: farther from the training images than 95 % of held-out ones are
 
 
-def out_of_distribution(saved: dict, train_entry: CacheEntry, entry: CacheEntry, ids: list[str],
+def out_of_distribution(known: Known | None, batch_X: np.ndarray,
                         reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
     """Each image's OOD score against the run's training images (on the features as extracted, before any
     --test-align: alignment would hide the very difference measured) and its percentile among held-out training
     images' scores; NaN for a run that does not record its training images. Says so when far more images are
     flagged than the 5 % an image like the training images would be."""
-    train_ids = saved.get("train_ids")
-    if not train_ids or not ids:
-        return np.full(len(ids), np.nan), np.full(len(ids), np.nan)
-    scores, percentile = ood_per_image(train_entry.read(saved["pool"], train_ids), entry.read(saved["pool"], ids))
+    if known is None or not len(batch_X):
+        return np.full(len(batch_X), np.nan), np.full(len(batch_X), np.nan)
+    scores, percentile = ood_per_image(known.X, batch_X)
     flagged = float(np.mean(percentile > OOD_PERCENTILE))
-    if len(ids) >= 20 and flagged >= OOD_WARN_FRACTION:
+    if len(batch_X) >= 20 and flagged >= OOD_WARN_FRACTION:
         reporter.warn(f"{flagged:.0%} of these images lie farther from the run's training images than 95 % of "
                       "held-out training images do (the ood column; about 5 % would for images like the training "
                       "ones): their probabilities are less trustworthy, and the set may come from another clinic, "

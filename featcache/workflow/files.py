@@ -41,7 +41,7 @@ def verify(where: Path, data: str | None, repair: bool, check_files: bool, break
 def backbone_availability() -> list[tuple[Any, str, int]]:
     """Every registered backbone with where its weights would come from here, and how usable it is (0: its weights
     are on this machine, 1: a download or an install away, 2: not loadable), usable first."""
-    from featcache.backbones.registry import NOT_LOADABLE, REGISTRY, weights_available
+    from featcache.backbones.catalog import NOT_LOADABLE, REGISTRY, weights_available
 
     found = []
     for spec in REGISTRY.values():

@@ -20,6 +20,8 @@ def write_report_page(path: Path, view: ReportView, runs: list[Path] | None, roo
 
     rows, notes = report_rows(view, runs, root, dataset)
     for run in gallery_runs(rows, view):
-        if read_gallery(run) is None:
+        found = read_gallery(run)
+        # a gallery is reused; why a run had none (its entry moved, its weights missing here) is asked again
+        if found is None or found[0].get("reason"):
             make_gallery(run, reporter)
     return write_report(path, view, rows, notes)
